@@ -1,0 +1,272 @@
+"""The long-running agent: admits jobs under the policy and runs them, one place for all sources.
+
+Sources (the local queue today) hand it a verified identity, a job spec and a workspace;
+the agent decides, records, prepares and executes, and answers status, log and cancel
+requests. All store access happens on the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runner.config import AgentConfig
+from runner.errors import HpcRunnerError, InfrastructureError, InputError
+from runner.executors.local import LocalExecutor
+from runner.identity import Identity
+from runner.logging_setup import get_logger
+from runner.pipeline import Site, job_dir, prepare_job
+from runner.policy import Decision, Policy, Usage, decide
+from runner.spec import JobSpec
+from runner.store import JobRecord, JobState, Store, new_job_id
+from sandbox.plan import SandboxRefused
+
+log = get_logger("runner.agent")
+
+
+class NotAllowed(HpcRunnerError):
+    """The caller may not do this (for example cancel another user's job)."""
+
+
+class UnknownJob(HpcRunnerError):
+    pass
+
+
+@dataclass
+class _Running:
+    cancel: asyncio.Event
+    task: asyncio.Task[None]
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, policy: Policy, store: Store, *,
+                 policy_loader: Callable[[], Policy] | None = None,
+                 grace_seconds: float = 10.0) -> None:
+        self.config = config
+        self.site = Site(config, policy)
+        self.store = store
+        self._policy_loader = policy_loader
+        self._grace = grace_seconds
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._running: dict[str, _Running] = {}
+        self._slots = asyncio.Semaphore(config.max_jobs)
+        self._accepting = True
+        self._workers: list[asyncio.Task[None]] = []
+        self._uid = os.geteuid()
+        self.finished = asyncio.Event()
+
+    @property
+    def policy(self) -> Policy:
+        return self.site.policy
+
+    # -- admission -----------------------------------------------------------------------------
+
+    def submit(self, identity: Identity, spec: JobSpec, workspace: Path) -> tuple[JobRecord, Decision]:
+        """Decide and record a job; an allowed one is queued. Raises NotAllowed when draining."""
+        if not self._accepting:
+            raise NotAllowed("the agent is shutting down and takes no new jobs")
+        usage = Usage(running_by_account=self.store.running_count_by_account())
+        decision = decide(self.policy, identity, spec, usage)
+        job_id = new_job_id()
+        log_path = job_dir(self.config, job_id) / "output.log"
+        record = self.store.add_job(source="local", identity=identity.to_json(), spec=spec.to_json(),
+                                    job_id=job_id, log_path=log_path)
+        payload = decision.to_json() | {"workspace": str(workspace)}
+        self.store.record_decision(job_id, actor=identity.actor_principal, decision=payload)
+        if decision.allowed:
+            self._queue.put_nowait(job_id)
+        else:
+            self._write_log(log_path, "hpc-runner: denied by policy:\n"
+                            + "".join(f"  - {reason}\n" for reason in decision.reasons))
+        log.info("job admitted" if decision.allowed else "job denied", job=job_id,
+                 actor=identity.actor_principal, grant=decision.grant, reasons=list(decision.reasons))
+        return self.store.get_job(job_id) or record, decision
+
+    def _write_log(self, path: Path, text: str) -> None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        with os.fdopen(fd, "a", encoding="utf-8") as handle:
+            handle.write(text)
+
+    # -- control -------------------------------------------------------------------------------
+
+    def may_control(self, identity: Identity, record: JobRecord) -> bool:
+        """The submitter, an admin of the job's account, or the agent's own user."""
+        if identity.user is not None and record.identity.get("user") == identity.user \
+                and record.identity.get("source") == identity.source:
+            return True
+        if identity.source == "local" and identity.user is not None:
+            try:
+                import pwd
+                if pwd.getpwnam(identity.user).pw_uid in (self._uid, 0):
+                    return True
+            except KeyError:
+                pass
+        account = (record.decision or {}).get("account")
+        if account:
+            principals = identity.principals()
+            return any(admin.matches(p) for admin in self.policy.admins_of(account) for p in principals)
+        return False
+
+    def job_for(self, identity: Identity, job_id: str) -> JobRecord:
+        record = self.store.get_job(job_id)
+        if record is None:
+            raise UnknownJob(f"no job {job_id}")
+        if not self.may_control(identity, record):
+            raise NotAllowed(f"job {job_id} belongs to {record.identity.get('user', '?')}; only they "
+                             "or an admin of its account may see or cancel it")
+        return record
+
+    def visible_jobs(self, identity: Identity) -> list[JobRecord]:
+        return [r for r in self.store.list_jobs() if self.may_control(identity, r)]
+
+    def cancel(self, identity: Identity, job_id: str) -> JobRecord:
+        record = self.job_for(identity, job_id)
+        if record.state.is_terminal:
+            return record
+        self.store.append_audit(actor=identity.actor_principal, action="cancel", job_id=job_id, detail={})
+        running = self._running.get(job_id)
+        if running is not None:
+            running.cancel.set()
+            return record
+        self._write_log(Path(record.log_path or job_dir(self.config, job_id) / "output.log"),
+                        f"hpc-runner: cancelled by {identity.actor_principal} before it started\n")
+        return self.store.set_state(job_id, JobState.cancelled, actor=identity.actor_principal,
+                                    outcome_detail=f"cancelled by {identity.actor_principal} while queued")
+
+    # -- execution -----------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            job_id = await self._queue.get()
+            record = self.store.get_job(job_id)
+            if record is None or record.state != JobState.queued:
+                continue
+            async with self._slots:
+                record = self.store.get_job(job_id)
+                if record is None or record.state != JobState.queued:
+                    continue
+                cancel = asyncio.Event()
+                task = asyncio.current_task()
+                assert task is not None
+                self._running[job_id] = _Running(cancel, task)
+                try:
+                    await self._execute(record, cancel)
+                finally:
+                    self._running.pop(job_id, None)
+                    self._maybe_finished()
+
+    async def _execute(self, record: JobRecord, cancel: asyncio.Event) -> None:
+        from runner.spec import parse_job_mapping  # the stored spec is plain data
+        spec = _spec_from_record(record, parse_job_mapping)
+        decision = decide(self.policy, _identity_from_record(record), spec)
+        workspace = Path((record.decision or {}).get("workspace", "/nonexistent"))
+        log_path = Path(record.log_path or job_dir(self.config, record.id) / "output.log")
+        if not decision.allowed:
+            # The policy changed (SIGHUP) between admission and start: the new one rules.
+            self._write_log(log_path, "hpc-runner: denied by the reloaded policy:\n"
+                            + "".join(f"  - {r}\n" for r in decision.reasons))
+            self.store.set_state(record.id, JobState.denied, outcome_detail="; ".join(decision.reasons))
+            return
+        try:
+            prepared = await asyncio.to_thread(prepare_job, self.site, job_id=record.id, spec=spec,
+                                               decision=decision, workspace=workspace)
+        except (SandboxRefused, InfrastructureError) as exc:
+            state = JobState.denied if isinstance(exc, SandboxRefused) else JobState.infra_failed
+            self._write_log(log_path, f"hpc-runner: {exc}\n")
+            self.store.set_state(record.id, state, outcome_detail=str(exc))
+            return
+        self.store.set_state(record.id, JobState.running)
+        self.store.append_audit(actor="agent", action="started", job_id=record.id,
+                                detail={"argv": list(prepared.argv), "image": prepared.image.path,
+                                        "image_sha256": prepared.image.sha256})
+        outcome = await LocalExecutor().run(prepared.local_launch(self._grace), cancel)
+        self.store.set_state(record.id, JobState(outcome.state), exit_status=outcome.exit_status,
+                             outcome_detail=outcome.detail)
+        log.info("job finished", job=record.id, state=outcome.state, exit_status=outcome.exit_status)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._recover()
+        self._workers = [asyncio.create_task(self._worker()) for _ in range(self.config.max_jobs)]
+
+    def _recover(self) -> None:
+        """Jobs a previous agent left behind: queued ones run, local runs cannot be reattached."""
+        for record in self.store.list_jobs(states=[JobState.queued]):
+            self._queue.put_nowait(record.id)
+        for record in self.store.list_jobs(states=[JobState.running, JobState.pending]):
+            if record.executor in (None, "local"):
+                self.store.set_state(record.id, JobState.infra_failed,
+                                     outcome_detail="the agent stopped while the job ran locally")
+
+    def reload_policy(self) -> bool:
+        if self._policy_loader is None:
+            return False
+        try:
+            policy = self._policy_loader()
+        except InputError as exc:
+            log.error("policy reload refused; keeping the current policy", error=str(exc))
+            self.store.append_audit(actor="agent", action="policy_reload", detail={"ok": False,
+                                                                                  "error": str(exc)})
+            return False
+        self.site.policy = policy
+        self.store.append_audit(actor="agent", action="policy_reload", detail={"ok": True})
+        log.info("policy reloaded", grants=len(policy.grants))
+        return True
+
+    def drain(self) -> None:
+        """First SIGTERM: take no new jobs, let running ones finish. Second: cancel them."""
+        if self._accepting:
+            self._accepting = False
+            for record in self.store.list_jobs(states=[JobState.queued]):
+                if record.id not in self._running:
+                    self.store.set_state(record.id, JobState.cancelled,
+                                         outcome_detail="the agent shut down before the job started")
+            log.info("draining: no new jobs; running jobs finish", running=len(self._running))
+        else:
+            log.info("second SIGTERM: cancelling running jobs", running=len(self._running))
+            for running in self._running.values():
+                running.cancel.set()
+        self._maybe_finished()
+
+    def _maybe_finished(self) -> None:
+        if not self._accepting and not self._running:
+            self.finished.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.drain)
+        loop.add_signal_handler(signal.SIGINT, self.drain)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
+
+    async def stop_workers(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+
+def _spec_from_record(record: JobRecord, parse: Callable[[Any, str], JobSpec]) -> JobSpec:
+    data = dict(record.spec)
+    resources = {k: v for k, v in (data.pop("resources", None) or {}).items() if v is not None}
+    table: dict[str, Any] = {k: v for k, v in data.items() if v is not None and k not in ("mpi",)}
+    table["binds"] = list(table.get("binds", []))
+    if "memory_mb" in resources:
+        resources["memory"] = f"{resources.pop('memory_mb')}M"
+    if "time_seconds" in resources:
+        resources["time"] = f"{resources.pop('time_seconds')}s"
+    if resources:
+        table["resources"] = resources
+    if data.get("mpi"):
+        table["mpi"] = {"enabled": True}
+    return parse(table, f"job {record.id}")
+
+
+def _identity_from_record(record: JobRecord) -> Identity:
+    from runner.identity import identity_from_json
+    return identity_from_json(record.identity, f"job {record.id}")

@@ -1,0 +1,50 @@
+"""`hpc-runner`: the command-line entry point (contract in DESIGN.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from runner import __version__, exitcodes
+from runner.commands import agent, demo, doctor, policy, queue, run
+from runner.errors import HpcRunnerError, InputError
+from runner.localqueue.client import RequestFailed
+from runner.logging_setup import configure_logging
+
+COMMANDS = (agent, run, queue, policy, doctor, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpc-runner",
+        description="A CI agent for HPC clusters: signed jobs, a capability policy, "
+                    "Slurm and Apptainer with the host MPI, live logs back to the CI service.")
+    parser.add_argument("--version", action="version", version=f"hpc-runner {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    configure_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.handler(args)
+    except InputError as exc:
+        print(f"hpc-runner: {exc}", file=sys.stderr)
+        return exitcodes.INVALID_INPUT
+    except RequestFailed as exc:
+        print(f"hpc-runner: refused: {exc}", file=sys.stderr)
+        return exitcodes.INVALID_INPUT
+    except HpcRunnerError as exc:
+        print(f"hpc-runner: {exc}", file=sys.stderr)
+        return exitcodes.INFRASTRUCTURE
+    except KeyboardInterrupt:
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

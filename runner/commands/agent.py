@@ -1,0 +1,81 @@
+"""`hpc-runner agent`: the long-running agent (embedded default: local queue, local executor)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+
+from runner import exitcodes
+from runner.agent import Agent
+from runner.config import AgentConfig, default_config, load_config
+from runner.embedded import load_site_policy
+from runner.errors import InputError
+from runner.localqueue.paths import socket_path
+from runner.localqueue.server import LocalQueueServer
+from runner.logging_setup import get_logger
+from runner.policy import Policy
+from runner.store import Store
+
+log = get_logger("runner.agent")
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("agent", help="run the long-running agent")
+    parser.add_argument("--config", metavar="FILE", help="agent config (default: the embedded default)")
+    parser.set_defaults(handler=run)
+
+
+def unsupported_parts(config: AgentConfig) -> list[str]:
+    """Parts of a config this release cannot serve: refuse rather than silently ignore them."""
+    found = []
+    if config.executor != "local":
+        found.append(f'executor = "{config.executor}" (this release runs jobs with the local executor)')
+    for section in ("buildkite", "github", "gateway"):
+        if getattr(config, section) is not None:
+            found.append(f"[{section}] (not part of this release)")
+    return found
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config) if args.config else default_config()
+        unsupported = unsupported_parts(config)
+        if unsupported:
+            print("hpc-runner: this config asks for " + "; ".join(unsupported), file=sys.stderr)
+            return exitcodes.INFRASTRUCTURE
+        policy = load_site_policy(config)
+    except InputError as exc:
+        print(f"hpc-runner: refusing to start: {exc}", file=sys.stderr)
+        return exitcodes.INVALID_INPUT
+    return asyncio.run(serve(config, policy, lambda: load_site_policy(config)))
+
+
+async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy],
+                *, grace_seconds: float = 10.0, ready: Callable[[], None] | None = None,
+                stop: asyncio.Event | None = None) -> int:
+    """Serve the local queue until drained (SIGTERM, or `stop` set by an embedding caller)."""
+    with Store.open(config.state_dir) as store:
+        agent = Agent(config, policy, store, policy_loader=reload, grace_seconds=grace_seconds)
+        server = LocalQueueServer(agent, socket_path(config))
+        await server.start()
+        agent.start()
+        agent.install_signal_handlers()
+        if ready is not None:
+            ready()
+        if stop is not None:
+            async def drain_on_stop() -> None:
+                await stop.wait()
+                agent.drain()
+                agent.drain()  # an embedding caller's stop means: now, cancel what still runs
+            stopper = asyncio.create_task(drain_on_stop())
+        try:
+            await agent.finished.wait()
+        finally:
+            if stop is not None:
+                stopper.cancel()
+            await server.close()
+            await agent.stop_workers()
+    log.info("agent stopped")
+    return exitcodes.OK

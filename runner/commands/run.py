@@ -1,0 +1,109 @@
+"""`hpc-runner run JOB.toml`: one job through the whole pipeline, in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from runner import exitcodes
+from runner.commands.policy import local_identity
+from runner.config import AgentConfig, default_config, load_config
+from runner.embedded import load_site_policy
+from runner.errors import InfrastructureError, InputError
+from runner.executors.local import LocalExecutor, Outcome
+from runner.identity import Identity, load_identity
+from runner.logs.tail import follow
+from runner.pipeline import PreparedJob, Site, prepare_job
+from runner.policy import decide
+from runner.spec import JobSpec, load_job
+from runner.store import JobState, Store, new_job_id
+from sandbox.plan import SandboxRefused
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "run", help="run one job in the foreground (exit: the job's status; 126 denied; 125 infrastructure)")
+    parser.add_argument("job", metavar="JOB.toml")
+    parser.add_argument("--policy", metavar="P",
+                        help="policy file (default: the config's, else the embedded one)")
+    parser.add_argument("--identity", metavar="I.json", help="decide as this identity (default: you)")
+    parser.add_argument("--executor", choices=("local", "slurm"), help="default: the config's executor")
+    parser.add_argument("--config", metavar="C")
+    parser.add_argument("--workdir", metavar="DIR",
+                        help="the job's workspace (default: the current directory)")
+    parser.set_defaults(handler=run)
+
+
+def _load(args: argparse.Namespace) -> tuple[AgentConfig, JobSpec, Identity]:
+    config = load_config(args.config) if args.config else default_config()
+    spec = load_job(args.job)
+    identity = load_identity(args.identity) if args.identity else local_identity()
+    return config, spec, identity
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config, spec, identity = _load(args)
+    except InputError as exc:
+        print(f"hpc-runner: {exc}", file=sys.stderr)
+        return exitcodes.INFRASTRUCTURE
+    executor = args.executor or config.executor
+    if executor != "local":
+        print("hpc-runner: the Slurm executor is not part of this release; use --executor local",
+              file=sys.stderr)
+        return exitcodes.INFRASTRUCTURE
+    try:
+        policy = load_site_policy(config, explicit=args.policy)
+    except InputError as exc:
+        print(f"hpc-runner: invalid policy: {exc}", file=sys.stderr)
+        return exitcodes.INFRASTRUCTURE
+    site = Site(config, policy)
+    decision = decide(policy, identity, spec)
+    with Store.open(config.state_dir) as store:
+        record = store.add_job(source="local", identity=identity.to_json(), spec=spec.to_json(),
+                               job_id=new_job_id())
+        store.record_decision(record.id, actor=identity.actor_principal, decision=decision.to_json())
+        if not decision.allowed:
+            print("hpc-runner: denied by policy:", file=sys.stderr)
+            for reason in decision.reasons:
+                print(f"  - {reason}", file=sys.stderr)
+            return exitcodes.DENIED
+        workspace = Path(args.workdir) if args.workdir else Path.cwd()
+        try:
+            prepared = prepare_job(site, job_id=record.id, spec=spec, decision=decision, workspace=workspace)
+        except SandboxRefused as exc:
+            store.set_state(record.id, JobState.denied, outcome_detail=str(exc))
+            print(f"hpc-runner: refused: {exc}", file=sys.stderr)
+            return exitcodes.DENIED
+        except InfrastructureError as exc:
+            store.set_state(record.id, JobState.infra_failed, outcome_detail=str(exc))
+            print(f"hpc-runner: {exc}", file=sys.stderr)
+            return exitcodes.INFRASTRUCTURE
+        store.set_log_path(record.id, prepared.log_path)
+        store.set_state(record.id, JobState.running)
+        store.append_audit(actor=identity.actor_principal, action="started", job_id=record.id,
+                           detail={"argv": list(prepared.argv), "image": prepared.image.path,
+                                   "image_sha256": prepared.image.sha256})
+        outcome = asyncio.run(_execute(prepared))
+        store.set_state(record.id, JobState(outcome.state), exit_status=outcome.exit_status,
+                        outcome_detail=outcome.detail)
+    if outcome.state != "succeeded":
+        print(f"hpc-runner: job {record.id} {outcome.state}: {outcome.detail}", file=sys.stderr)
+    return exitcodes.for_outcome(outcome.state, outcome.exit_status)
+
+
+async def _execute(prepared: PreparedJob) -> Outcome:
+    """Run the job while copying its log to stdout; Ctrl-C or SIGTERM cancels it."""
+    cancel = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, cancel.set)
+    task = asyncio.create_task(LocalExecutor().run(prepared.local_launch(), cancel))
+    out = sys.stdout.buffer
+    async for _offset, chunk in follow(prepared.log_path, done=task.done):
+        out.write(chunk)
+        out.flush()
+    return await task

@@ -1,0 +1,484 @@
+"""The agent config (TOML): where state lives, which executor, which CI sources.
+
+Read as strictly as a policy: unknown keys, wrong types and bad values are errors that
+name the file, the line and the dotted field, so a typo never silently means a default.
+Secrets are never in this file, only the paths of the files that hold them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pwd
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from runner.binds import check_absolute_path, is_within
+from runner.errors import InputError
+from runner.fields import Table
+from runner.policy import Policy
+from runner.tomlsource import TomlDocument, load_toml, parse_toml
+from runner.units import parse_duration
+
+Executor = Literal["slurm", "local"]
+MpiImplementation = Literal["openmpi", "auto", "none"]
+GithubMode = Literal["poll", "gateway"]
+
+EXECUTORS: tuple[Executor, ...] = ("slurm", "local")
+MPI_IMPLEMENTATIONS: tuple[MpiImplementation, ...] = ("openmpi", "auto", "none")
+GITHUB_MODES: tuple[GithubMode, ...] = ("poll", "gateway")
+
+APP_NAME = "hpc-runner"
+# Slurm queues what it cannot start yet, so many jobs in flight cost little; the local executor
+# runs every job on this node, so its default is one job per CPU.
+DEFAULT_MAX_JOBS_SLURM = 50
+MAX_MAX_JOBS = 100_000
+DEFAULT_BUILDKITE_ENDPOINT = "https://agent.buildkite.com/v3"
+DEFAULT_GITHUB_API_URL = "https://api.github.com"
+DEFAULT_TRIGGER_LABEL = "run-hpc"
+DEFAULT_COMMENT_COMMAND = "/hpc-runner run"
+DEFAULT_POLL_INTERVAL = 30
+# Faster polling only burns the GitHub App's rate limit (5000 requests an hour).
+MIN_POLL_INTERVAL = 5
+MAX_BUILDKITE_WORKERS = 1000
+
+_COMMAND_NAME = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
+_TAG = r"[A-Za-z0-9_.-]{1,64}=[^\x00-\x1f\x7f]{1,256}"
+_REPOSITORY = r"[A-Za-z0-9][A-Za-z0-9-]{0,38}/[A-Za-z0-9._-]{1,100}"
+# Branch names as git allows them in practice, with a trailing `/*` as the only wildcard
+# (the same rule as principals in the policy).
+_BRANCH = r"[A-Za-z0-9_][A-Za-z0-9._+/-]{0,254}?(/\*)?"
+_LISTEN = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252}):(\d{1,5})")
+_LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
+
+# What each file-valued key holds, in words for messages.
+FILE_DESCRIPTIONS = {
+    "policy": "policy",
+    "buildkite.token_file": "Buildkite agent token",
+    "buildkite.verification_jwks_file": "Buildkite signature keys (JWKS)",
+    "github.private_key_file": "GitHub App private key",
+    "github.gateway_token_file": "gateway token",
+    "gateway.webhook_secret_file": "GitHub webhook secret",
+    "gateway.agent_tokens_file": "gateway's agent tokens",
+}
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    apptainer: str = "apptainer"          # a command name looked up on PATH, or an absolute path
+    workdir_root: Path | None = None      # Apptainer's --workdir parent; None: Apptainer's default
+
+
+@dataclass(frozen=True)
+class MpiConfig:
+    implementation: MpiImplementation = "auto"
+
+
+@dataclass(frozen=True)
+class BuildkiteConfig:
+    token_file: Path
+    verification_jwks_file: Path | None
+    endpoint: str = DEFAULT_BUILDKITE_ENDPOINT
+    tags: tuple[str, ...] = ()
+    workers: int = 1
+    allow_unsigned: bool = False
+
+
+@dataclass(frozen=True)
+class GithubConfig:
+    app_id: int
+    private_key_file: Path
+    repositories: tuple[str, ...]
+    api_url: str = DEFAULT_GITHUB_API_URL
+    mode: GithubMode = "poll"
+    trigger_label: str | None = DEFAULT_TRIGGER_LABEL     # None: labels trigger nothing
+    comment_command: str | None = DEFAULT_COMMENT_COMMAND  # None: comments trigger nothing
+    push_branches: tuple[str, ...] = ()
+    poll_interval: int = DEFAULT_POLL_INTERVAL            # seconds
+    log_url: str | None = None                            # contains "{id}"
+    gateway_url: str | None = None                        # mode "gateway" only
+    gateway_token_file: Path | None = None                # mode "gateway" only
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    listen_host: str
+    listen_port: int
+    webhook_secret_file: Path
+    agent_tokens_file: Path
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: Path
+    work_root: Path
+    policy: Path | None                   # None: the embedded default policy
+    executor: Executor
+    max_jobs: int
+    sandbox: SandboxConfig = SandboxConfig()
+    mpi: MpiConfig = MpiConfig()
+    buildkite: BuildkiteConfig | None = None
+    github: GithubConfig | None = None
+    gateway: GatewayConfig | None = None
+    source: str | None = None             # the file it was read from; None: the embedded default
+
+    def secret_files(self) -> list[Path]:
+        """Every file holding a secret that the config names (each must be 0600, ours)."""
+        return [path for path, _ in self.named_secret_files()]
+
+    def named_secret_files(self) -> list[tuple[Path, str]]:
+        """Secret files with the dotted config key that names each, for messages."""
+        found: list[tuple[Path | None, str]] = []
+        if self.buildkite:
+            found.append((self.buildkite.token_file, "buildkite.token_file"))
+        if self.github:
+            found.append((self.github.private_key_file, "github.private_key_file"))
+            found.append((self.github.gateway_token_file, "github.gateway_token_file"))
+        if self.gateway:
+            found.append((self.gateway.webhook_secret_file, "gateway.webhook_secret_file"))
+            found.append((self.gateway.agent_tokens_file, "gateway.agent_tokens_file"))
+        return [(path, key) for path, key in found if path is not None]
+
+    def trusted_files(self) -> list[tuple[Path, str]]:
+        """Public files the agent trusts: anyone may read them, nobody else may change them."""
+        found: list[tuple[Path, str]] = []
+        if self.policy is not None:
+            found.append((self.policy, "policy"))
+        if self.buildkite and self.buildkite.verification_jwks_file is not None:
+            found.append((self.buildkite.verification_jwks_file, "buildkite.verification_jwks_file"))
+        return found
+
+    def state_dirs(self) -> list[tuple[Path, str]]:
+        found = [(self.state_dir, "state_dir")]
+        if self.gateway:
+            found.append((self.gateway.state_dir, "gateway.state_dir"))
+        return found
+
+    def protected_paths(self) -> list[Path]:
+        """Paths no job may ever see: the state directories and every secret file.
+
+        Every bind a job asks for or a grant allows, and every workspace, must stay clear of
+        these; `work_root` (by default beside `state_dir`) must not contain them either.
+        """
+        return [path for path, _ in self.named_protected_paths()]
+
+    def named_protected_paths(self) -> list[tuple[Path, str]]:
+        return self.state_dirs() + self.named_secret_files()
+
+
+# ---------------------------------------------------------------------------------------------
+# the embedded default
+
+
+def default_state_dir() -> Path:
+    """`$XDG_STATE_HOME/hpc-runner`, else `~/.local/state/hpc-runner` of the invoking user."""
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    # The XDG spec says to ignore a relative value.
+    if xdg.startswith("/"):
+        return _environment_path(xdg, "XDG_STATE_HOME") / APP_NAME
+    return _home() / ".local" / "state" / APP_NAME
+
+
+def _home() -> Path:
+    home = os.environ.get("HOME", "")
+    if not home.startswith("/"):
+        home = pwd.getpwuid(os.geteuid()).pw_dir
+    return _environment_path(home, "HOME")
+
+
+def _environment_path(value: str, variable: str) -> Path:
+    try:
+        return Path(check_absolute_path(value, "path"))
+    except ValueError as exc:
+        raise InputError(str(exc), field=f"${variable}") from None
+
+
+def default_work_root(state_dir: Path) -> Path:
+    """Beside the state dir, never inside it: job directories are bound into sandboxes."""
+    return state_dir.parent / f"{state_dir.name}-work"
+
+
+def default_max_jobs(executor: Executor) -> int:
+    if executor == "slurm":
+        return DEFAULT_MAX_JOBS_SLURM
+    return os.cpu_count() or 1
+
+
+def default_config() -> AgentConfig:
+    """The config used without `--config`: local executor, state under the user's home."""
+    state_dir = default_state_dir()
+    return AgentConfig(state_dir=state_dir, work_root=default_work_root(state_dir), policy=None,
+                       executor="local", max_jobs=default_max_jobs("local"))
+
+
+# ---------------------------------------------------------------------------------------------
+# value readers: each raises ValueError, which `Table.converted` turns into a located InputError
+
+
+def _as_str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _path(value: object) -> Path:
+    # The same rule as bind sources (no ':' or ','): work_root and workdir_root become bind
+    # sources in Apptainer's comma- and colon-separated --bind syntax, and one rule for every
+    # path keeps the config simple to explain.
+    path = check_absolute_path(_as_str(value), "path")
+    if path == "/":
+        raise ValueError("must not be '/'")
+    return Path(path)
+
+
+def _apptainer_command(value: object) -> str:
+    text = _as_str(value)
+    if "/" in text:
+        return str(_path(text))
+    if not re.fullmatch(_COMMAND_NAME, text):
+        raise ValueError(f"{text!r} is neither a command name nor an absolute path")
+    return text
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url(value: object) -> str:
+    """An https URL (http only to a loopback host, for tests); returned without a trailing '/'."""
+    text = _as_str(value)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a port out of range
+    except ValueError:
+        raise ValueError(f"{text!r} is not a URL") from None
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"{text!r} is not an https:// URL")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError(f"{text!r} must use https:// (plain http only to localhost, for tests)")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not contain credentials: put secrets in files")
+    if parts.fragment or any(ch.isspace() for ch in text):
+        raise ValueError(f"{text!r} must not contain a fragment or whitespace")
+    return text.rstrip("/")
+
+
+def _interval(value: object) -> int:
+    # parse_duration reads a bare number as minutes (Slurm's --time); for an interval that is
+    # a trap (30 would mean half an hour), so the unit must be written.
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        raise ValueError(f"{value!r} needs a unit: write \"30s\" or \"2m\"")
+    return parse_duration(value)
+
+
+def _log_url(value: object) -> str:
+    text = _url(value)
+    if "{id}" not in text:
+        raise ValueError(f"{text!r} must contain {{id}}, replaced by the job id")
+    # Any other brace would be read as a placeholder when the URL is filled in.
+    if "{" in text.replace("{id}", "") or "}" in text.replace("{id}", ""):
+        raise ValueError(f"{text!r} may contain no placeholder other than {{id}}")
+    return text
+
+
+def _listen(value: object) -> tuple[str, int]:
+    text = _as_str(value)
+    match = _LISTEN.fullmatch(text)
+    if not match:
+        raise ValueError(f"{text!r} is not HOST:PORT (for example \"0.0.0.0:8443\" or \"[::1]:8443\")")
+    host, port = match.group(1).strip("[]"), int(match.group(2))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is not between 1 and 65535")
+    return host, port
+
+
+def _optional_text(table: Table, key: str, default: str) -> str | None:
+    """A single-line string where "" switches the feature off."""
+    value: str = table.string(key, default, pattern=r"[^\x00-\x1f\x7f]{0,256}",
+                              what="a single line of at most 256 characters")
+    return value.strip() or None
+
+
+def _choice(table: Table, key: str, choices: tuple[str, ...], default: str) -> Any:
+    value: str = table.string(key, default)
+    if value not in choices:
+        allowed = " or ".join(f'"{c}"' for c in choices)
+        raise table.error(key, f"must be {allowed}, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+
+
+def _parse_sandbox(table: Table | None) -> SandboxConfig:
+    if table is None:
+        return SandboxConfig()
+    apptainer = table.converted("apptainer", _apptainer_command, "apptainer")
+    workdir_root = table.converted("workdir_root", _path, None)
+    table.finish()
+    return SandboxConfig(apptainer, workdir_root)
+
+
+def _parse_mpi(table: Table | None) -> MpiConfig:
+    if table is None:
+        return MpiConfig()
+    implementation = _choice(table, "implementation", MPI_IMPLEMENTATIONS, "auto")
+    table.finish()
+    return MpiConfig(implementation)
+
+
+def _parse_tags(table: Table) -> tuple[str, ...]:
+    tags: tuple[str, ...] = table.string_list("tags", (), pattern=_TAG, what="a KEY=VALUE tag")
+    keys: set[str] = set()
+    for index, tag in enumerate(tags):
+        key = tag.split("=", 1)[0]
+        if key in keys:
+            raise table.error(f"tags[{index}]", f"the tag {key!r} is set twice")
+        keys.add(key)
+    return tags
+
+
+def _parse_buildkite(table: Table) -> BuildkiteConfig:
+    token_file = table.converted("token_file", _path)
+    endpoint = table.converted("endpoint", _url, DEFAULT_BUILDKITE_ENDPOINT)
+    tags = _parse_tags(table)
+    jwks = table.converted("verification_jwks_file", _path, None)
+    workers = table.integer("workers", 1, maximum=MAX_BUILDKITE_WORKERS)
+    allow_unsigned = table.boolean("allow_unsigned", False)
+    table.finish()
+    if jwks is None and not allow_unsigned:
+        raise table.error("verification_jwks_file",
+                          "is required: jobs must be signed (set allow_unsigned = true only for tests)")
+    return BuildkiteConfig(token_file, jwks, endpoint, tags, workers, allow_unsigned)
+
+
+def _parse_github(table: Table) -> GithubConfig:
+    app_id = table.integer("app_id")
+    private_key_file = table.converted("private_key_file", _path)
+    api_url = table.converted("api_url", _url, DEFAULT_GITHUB_API_URL)
+    mode = _choice(table, "mode", GITHUB_MODES, "poll")
+    repositories = table.string_list("repositories", pattern=_REPOSITORY, what="OWNER/NAME")
+    if not repositories:
+        raise table.error("repositories", "must list at least one repository (\"OWNER/NAME\")")
+    trigger_label = _optional_text(table, "trigger_label", DEFAULT_TRIGGER_LABEL)
+    comment_command = _optional_text(table, "comment_command", DEFAULT_COMMENT_COMMAND)
+    push_branches = table.string_list("push_branches", (), pattern=_BRANCH,
+                                      what="a branch name (a trailing /* is the only wildcard)")
+    poll_interval = table.converted("poll_interval", _interval, DEFAULT_POLL_INTERVAL)
+    if poll_interval < MIN_POLL_INTERVAL:
+        raise table.error("poll_interval", f"must be at least {MIN_POLL_INTERVAL}s")
+    log_url = table.converted("log_url", _log_url, None)
+    gateway_url = table.converted("gateway_url", _url, None)
+    gateway_token_file = table.converted("gateway_token_file", _path, None)
+    table.finish()
+    _check_github_mode(table, mode, gateway_url, gateway_token_file)
+    return GithubConfig(app_id, private_key_file, repositories, api_url, mode, trigger_label,
+                        comment_command, push_branches, poll_interval, log_url, gateway_url,
+                        gateway_token_file)
+
+
+def _check_github_mode(table: Table, mode: str, gateway_url: str | None,
+                       gateway_token_file: Path | None) -> None:
+    for key, value in (("gateway_url", gateway_url), ("gateway_token_file", gateway_token_file)):
+        if mode == "gateway" and value is None:
+            raise table.error(key, 'is required with mode = "gateway"')
+        # Ignoring it would hide that the agent is not using the gateway someone set up.
+        if mode == "poll" and value is not None:
+            raise table.error(key, 'is only used with mode = "gateway" (mode is "poll")')
+
+
+def _parse_gateway(table: Table) -> GatewayConfig:
+    host, port = table.converted("listen", _listen)
+    webhook_secret_file = table.converted("webhook_secret_file", _path)
+    agent_tokens_file = table.converted("agent_tokens_file", _path)
+    state_dir = table.converted("state_dir", _path)
+    table.finish()
+    return GatewayConfig(host, port, webhook_secret_file, agent_tokens_file, state_dir)
+
+
+def _optional_section(root: Table, key: str, parse: Callable[[Table], Any]) -> Any:
+    table = root.table(key)
+    return None if table is None else parse(table)
+
+
+def config_from_document(doc: TomlDocument) -> AgentConfig:
+    root = Table(doc, doc.data)
+    state_dir = root.converted("state_dir", _path, None) or default_state_dir()
+    work_root = root.converted("work_root", _path, None) or default_work_root(state_dir)
+    policy = root.converted("policy", _path, None)
+    executor = _choice(root, "executor", EXECUTORS, "local")
+    max_jobs = root.integer("max_jobs", default_max_jobs(executor), maximum=MAX_MAX_JOBS)
+    sandbox = _parse_sandbox(root.table("sandbox"))
+    mpi = _parse_mpi(root.table("mpi"))
+    buildkite = _optional_section(root, "buildkite", _parse_buildkite)
+    github = _optional_section(root, "github", _parse_github)
+    gateway = _optional_section(root, "gateway", _parse_gateway)
+    root.finish()
+    _check_layout(root, state_dir, work_root)
+    if policy is None and (buildkite or github):
+        raise root.error("policy", "is required when [buildkite] or [github] is configured: "
+                                   "CI jobs need the site's own policy file")
+    return AgentConfig(state_dir, work_root, policy, executor, max_jobs, sandbox, mpi, buildkite, github,
+                       gateway, doc.name)
+
+
+def _check_layout(root: Table, state_dir: Path, work_root: Path) -> None:
+    # Jobs see their workspace below work_root: the state directory must never be among them.
+    if is_within(str(state_dir), str(work_root)):
+        raise root.error("work_root", f"must not contain state_dir {str(state_dir)!r}: jobs' "
+                                      "workspaces live below work_root")
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate an agent config file; an InputError names file, line and field."""
+    return config_from_document(load_toml(path))
+
+
+def parse_config_text(text: str, name: str = "<config>") -> AgentConfig:
+    return config_from_document(parse_toml(text, name))
+
+
+# ---------------------------------------------------------------------------------------------
+# the policy against this site
+
+
+def check_policy_against_site(policy: Policy, config: AgentConfig) -> list[str]:
+    """Why the policy's granted binds are unacceptable here; empty when they are fine.
+
+    A grant bind is refused when its source, symlinks resolved, is a protected path (state
+    directories, secret files), lies inside one, or contains one: binding `/etc` would expose
+    `/etc/hpc-runner/github-app.pem` as surely as binding the key itself.
+    """
+    protected = [(os.path.realpath(path), what) for path, what in config.named_protected_paths()]
+    reasons: list[str] = []
+    for grant in policy.grants:
+        for bind in grant.binds:
+            source = os.path.realpath(bind.source)
+            for path, what in protected:
+                relation = _relation(source, path)
+                if relation is not None:
+                    resolved = "" if source == bind.source else f" (resolves to {source})"
+                    reasons.append(f"grant {grant.name!r} bind {str(bind)!r}{resolved} {relation} "
+                                   f"{path}, the agent's {what}: no job may see it")
+    return reasons
+
+
+def _relation(source: str, protected: str) -> str | None:
+    if source == protected:
+        return "is"
+    if is_within(source, protected):
+        return "lies inside"
+    if is_within(protected, source):
+        return "contains"
+    return None

@@ -1,0 +1,1 @@
+"""`hpc-runner demo`: the embedded default, end to end, on this machine."""

@@ -1,0 +1,22 @@
+"""Exit statuses of the CLI contract (DESIGN.md)."""
+
+OK = 0
+INVALID_INPUT = 1          # policy check / explain on invalid files
+USAGE = 2                  # argparse's own status for bad arguments
+INFRASTRUCTURE = 125       # the job could not be started: not the job's fault
+DENIED = 126               # the policy said no
+TIMED_OUT = 124            # as timeout(1): the job ran past its walltime
+CANCELLED = 130            # as a shell reports Ctrl-C
+
+
+def for_outcome(state: str, exit_status: int | None) -> int:
+    """The exit status of `hpc-runner run` for a finished job."""
+    if state == "succeeded":
+        return OK
+    if state == "timed_out":
+        return TIMED_OUT
+    if state == "cancelled":
+        return CANCELLED
+    if state == "failed" and exit_status is not None:
+        return exit_status if 0 < exit_status < 256 else 1
+    return INFRASTRUCTURE

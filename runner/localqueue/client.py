@@ -1,0 +1,72 @@
+"""The CLI's side of the local queue socket."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from runner.errors import HpcRunnerError
+from runner.localqueue.protocol import decode_response, encode
+
+
+class AgentUnavailable(HpcRunnerError):
+    pass
+
+
+class RequestFailed(HpcRunnerError):
+    pass
+
+
+class LocalQueueClient:
+    def __init__(self, path: Path, *, timeout: float | None = 30.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise AgentUnavailable(f"no agent is listening on {self.path}; start one with "
+                                   "`hpc-runner agent` (same --config)") from None
+        except PermissionError:
+            sock.close()
+            raise AgentUnavailable(f"permission denied on {self.path}") from None
+        return sock
+
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        with self._connect() as sock:
+            sock.sendall(encode(message))
+            reply = decode_response(_read_line(sock))
+        if not reply.get("ok"):
+            raise RequestFailed(str(reply.get("error", "the agent refused the request")))
+        return reply
+
+    def stream_logs(self, job_id: str, *, follow: bool) -> Iterator[bytes]:
+        """The job's log bytes, exactly as written; with follow, until the job ends."""
+        sock = self._connect()
+        if follow:
+            sock.settimeout(None)
+        try:
+            sock.sendall(encode({"op": "logs", "job_id": job_id, "follow": follow}))
+            reply = decode_response(_read_line(sock))
+            if not reply.get("ok"):
+                raise RequestFailed(str(reply.get("error", "the agent refused the request")))
+            while chunk := sock.recv(65536):
+                yield chunk
+        finally:
+            sock.close()
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)

@@ -1,0 +1,46 @@
+"""The local queue's wire format: one JSON request line, one JSON response line.
+
+`logs` is the one exception: after its response line the server streams the log's raw
+bytes until the log is complete (or, without `follow`, until what exists is sent), so
+the client prints exactly what the job wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+MAX_REQUEST_BYTES = 1024 * 1024
+OPS = ("submit", "status", "logs", "cancel", "ping")
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+def decode_request(line: bytes) -> dict[str, Any]:
+    if len(line) > MAX_REQUEST_BYTES:
+        raise ProtocolError("request too large")
+    try:
+        message = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ProtocolError("request is not JSON") from None
+    if not isinstance(message, dict) or message.get("op") not in OPS:
+        raise ProtocolError(f"request needs an op among {', '.join(OPS)}")
+    return message
+
+
+def decode_response(line: bytes) -> dict[str, Any]:
+    if not line:
+        raise ProtocolError("the agent closed the connection without answering")
+    try:
+        message = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ProtocolError("the agent's answer is not JSON") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("the agent's answer is not an object")
+    return message

@@ -1,0 +1,123 @@
+"""From an allowed decision to a launch: verify the image, plan the sandbox, write job files.
+
+This is shared by `hpc-runner run` and the agent, whatever the source of the job.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.binds import is_within
+from runner.config import AgentConfig
+from runner.errors import InfrastructureError
+from runner.executors.local import LocalLaunch
+from runner.policy import Decision, Policy
+from runner.spec import JobSpec
+from sandbox.hostmpi import HostMpi, load_or_discover
+from sandbox.images import DigestCache, VerifiedImage, verify_image
+from sandbox.plan import JobPaths, SandboxPlan, SandboxRefused, SandboxSite, plan_local_launch, plan_sandbox
+
+DEFAULT_GRACE_SECONDS = 10.0
+
+
+class WorkspaceRefused(SandboxRefused):
+    """The workspace would expose something a job must never see."""
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    job_id: str
+    spec: JobSpec
+    decision: Decision
+    image: VerifiedImage
+    plan: SandboxPlan
+    argv: tuple[str, ...]
+    workspace: Path
+    job_dir: Path
+    log_path: Path
+
+    def local_launch(self, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> LocalLaunch:
+        assert self.decision.slurm is not None
+        return LocalLaunch(argv=self.argv, env=dict(self.plan.host_env), cwd=str(self.workspace),
+                           log_path=self.log_path, walltime_seconds=self.decision.slurm.time_seconds,
+                           grace_seconds=grace_seconds)
+
+
+class Site:
+    """What every job on this agent shares: config, policy, sandbox settings, caches."""
+
+    def __init__(self, config: AgentConfig, policy: Policy) -> None:
+        self.config = config
+        self.policy = policy
+        self.sandbox = SandboxSite(
+            apptainer=config.sandbox.apptainer,
+            protected_paths=tuple(str(p) for p in config.protected_paths()),
+            userns=os.geteuid() == 0,
+        )
+        self._digests: DigestCache | None = None
+        self._host_mpi: HostMpi | None = None
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.config.state_dir / "cache"
+
+    def digest_cache(self) -> DigestCache:
+        if self._digests is None:
+            self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._digests = DigestCache(self.cache_dir / "image-digests.json")
+        return self._digests
+
+    def host_mpi(self) -> HostMpi:
+        if self._host_mpi is None:
+            self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._host_mpi = load_or_discover(self.cache_dir)
+        return self._host_mpi
+
+
+def job_dir(config: AgentConfig, job_id: str) -> Path:
+    return config.work_root / job_id
+
+
+def check_workspace(workspace: Path, protected: list[Path]) -> Path:
+    """The workspace is bound read-write at /work: it must not be or hold anything protected."""
+    if not workspace.is_dir():
+        raise InfrastructureError(f"workspace {workspace} is not a directory")
+    real = Path(os.path.realpath(workspace))
+    for path in protected:
+        target = os.path.realpath(path)
+        if is_within(str(real), target) or is_within(target, str(real)):
+            raise WorkspaceRefused(
+                f"workspace {workspace} (resolves to {real}) would expose {path} to the job; "
+                "run from a project directory or pass --workdir")
+    return real
+
+
+def prepare_job(site: Site, *, job_id: str, spec: JobSpec, decision: Decision,
+                workspace: Path) -> PreparedJob:
+    """Verify, plan and write the job's files; raises InfrastructureError or SandboxRefused."""
+    if not decision.allowed or decision.slurm is None:
+        raise ValueError("prepare_job needs an allowed decision")
+    real_workspace = check_workspace(workspace, site.config.protected_paths())
+    image = verify_image(site.policy.images[spec.image], cache=site.digest_cache(),
+                         apptainer=site.config.sandbox.apptainer)
+    mpi = site.host_mpi() if spec.mpi else None
+    directory = job_dir(site.config, job_id)
+    meta, scratch = directory / "meta", directory / "tmp"
+    for path in (site.config.work_root, directory, meta, scratch):
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    paths = JobPaths(job_id=job_id, workspace=str(real_workspace), scratch=str(scratch), meta=str(meta))
+    plan = plan_sandbox(spec, decision, image.path, paths, site.sandbox, mpi)
+    _write_private(meta / "env", plan.env_file)
+    if plan.script is not None:
+        _write_private(meta / "script", plan.script)
+    argv = plan_local_launch(plan, spec, decision, mpi)
+    return PreparedJob(job_id=job_id, spec=spec, decision=decision, image=image, plan=plan, argv=argv,
+                       workspace=real_workspace, job_dir=directory, log_path=directory / "output.log")
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)

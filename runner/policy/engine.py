@@ -1,0 +1,185 @@
+"""`decide(policy, identity, job)`: the pure, deterministic capability decision.
+
+Grants are tried in file order; the first that covers everything allows the job. A
+denial carries every reason from every grant that names the identity, so a user sees
+all they would have to change, not just the first obstacle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from runner.identity import Identity
+from runner.policy.model import Account, Grant, Policy
+from runner.principals import ref_matches
+from runner.spec import JobSpec
+from runner.units import human_duration, slurm_memory, slurm_time
+
+MPI_NETWORK_NOTE = ("MPI jobs share the host's network namespace (ranks reach the launcher over "
+                    "loopback), so network = false cannot isolate them: the site firewall is the boundary")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What is already running, for the concurrency caps (a snapshot: decide stays pure)."""
+
+    running_by_account: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SlurmResources:
+    """The effective request that would go to Slurm."""
+
+    account: str
+    partition: str
+    nodes: int
+    tasks: int
+    tasks_per_node: int | None
+    cpus_per_task: int
+    gpus: int
+    memory_mb: int | None
+    time_seconds: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "account": self.account, "partition": self.partition, "nodes": self.nodes,
+            "tasks": self.tasks, "tasks_per_node": self.tasks_per_node,
+            "cpus_per_task": self.cpus_per_task, "gpus": self.gpus,
+            "memory": slurm_memory(self.memory_mb) if self.memory_mb is not None else None,
+            "time": slurm_time(self.time_seconds), "time_seconds": self.time_seconds,
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    grant: str | None = None
+    account: str | None = None
+    slurm: SlurmResources | None = None
+    reasons: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    principals: tuple[str, ...] = ()
+    image: str | None = None
+    mpi: bool = False
+    network: bool = False
+    gpus: bool = False
+
+    @property
+    def network_isolated(self) -> bool:
+        """Whether the sandbox gets its own, loopback-only network namespace."""
+        return self.allowed and not self.network and not self.mpi
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "allowed": self.allowed, "grant": self.grant, "account": self.account,
+            "slurm": self.slurm.to_json() if self.slurm else None,
+            "reasons": list(self.reasons), "notes": list(self.notes),
+            "principals": list(self.principals), "image": self.image,
+            "sandbox": {"mpi": self.mpi, "network": self.network, "gpus": self.gpus,
+                        "network_isolated": self.network_isolated},
+        }
+
+
+def _effective_resources(job: JobSpec, account: Account) -> SlurmResources:
+    r = job.resources
+    nodes = r.nodes or 1
+    tasks = r.tasks if r.tasks is not None else nodes
+    return SlurmResources(
+        account=account.slurm_account,
+        partition=r.partition or account.partitions[0],
+        nodes=nodes, tasks=tasks, tasks_per_node=r.tasks_per_node,
+        cpus_per_task=r.cpus_per_task or 1, gpus=r.gpus or 0,
+        # with no request Slurm would give its own default, often the whole node: ask for the cap
+        memory_mb=r.memory_mb if r.memory_mb is not None else account.max_memory_mb,
+        time_seconds=r.time_seconds if r.time_seconds is not None else account.time_default,
+    )
+
+
+def _account_reasons(job: JobSpec, account: Account, res: SlurmResources, usage: Usage) -> list[str]:
+    """Every way the request exceeds the account's caps."""
+    name = account.name
+    reasons = []
+    if res.partition not in account.partitions:
+        reasons.append(f"partition {res.partition!r} is not one of account {name}'s partitions "
+                       f"({', '.join(account.partitions)})")
+    if res.nodes > account.max_nodes:
+        reasons.append(f"{res.nodes} nodes exceed account {name}'s max_nodes = {account.max_nodes}")
+    if res.gpus > account.max_gpus:
+        reasons.append(f"{res.gpus} GPUs exceed account {name}'s max_gpus = {account.max_gpus}")
+    if res.time_seconds > account.max_time:
+        reasons.append(f"walltime {human_duration(res.time_seconds)} exceeds account {name}'s "
+                       f"max_time = {human_duration(account.max_time)}")
+    if account.max_memory_mb is not None and res.memory_mb is not None \
+            and res.memory_mb > account.max_memory_mb:
+        reasons.append(f"memory {slurm_memory(res.memory_mb)} exceeds account {name}'s "
+                       f"max_memory = {slurm_memory(account.max_memory_mb)}")
+    running = usage.running_by_account.get(name, 0)
+    if account.max_concurrent_jobs is not None and running >= account.max_concurrent_jobs:
+        reasons.append(f"account {name} already runs {running} jobs (max_concurrent_jobs = "
+                       f"{account.max_concurrent_jobs})")
+    return reasons
+
+
+def _grant_reasons(policy: Policy, grant: Grant, identity: Identity, job: JobSpec) -> list[str]:
+    """Every way this grant fails to cover the identity's context and the job's sandbox."""
+    reasons = []
+    event = identity.effective_event
+    if grant.events is not None and event not in grant.events:
+        reasons.append(f"event {event!r} is not one of the grant's events ({', '.join(grant.events)})")
+    if grant.refs is not None:
+        ref = identity.effective_ref
+        if ref is None:
+            reasons.append(f"the grant is limited to refs ({', '.join(grant.refs)}) and the job has no ref")
+        elif not any(ref_matches(pattern, ref) for pattern in grant.refs):
+            reasons.append(f"ref {ref!r} is not one of the grant's refs ({', '.join(grant.refs)})")
+    if identity.fork and not grant.forks:
+        reasons.append("the job comes from a fork and the grant has forks = false")
+    if grant.signers is not None and identity.signer not in grant.signers:
+        signer = f"signed by {identity.signer!r}" if identity.signer else "unsigned"
+        reasons.append(f"the job is {signer}; the grant requires a signature by one of "
+                       f"({', '.join(grant.signers)})")
+    if job.resources.account is not None and job.resources.account != grant.account:
+        reasons.append(f"the job asks for account {job.resources.account!r}; the grant is for "
+                       f"{grant.account!r}")
+    if job.image not in policy.images:
+        reasons.append(f"image {job.image!r} is not in the policy's catalogue")
+    elif job.image not in grant.images:
+        allowed = ", ".join(grant.images) or "none"
+        reasons.append(f"image {job.image!r} is not among the grant's images ({allowed})")
+    for bind in job.binds:
+        if not any(bind.covered_by(g) for g in grant.binds):
+            reasons.append(f"bind {bind} is not granted")
+    if job.mpi and not grant.mpi:
+        reasons.append("the job uses MPI and the grant has mpi = false")
+    if (job.resources.gpus or 0) > 0 and not grant.gpus:
+        reasons.append(f"the job asks for {job.resources.gpus} GPUs and the grant has gpus = false")
+    if job.network and not grant.network:
+        reasons.append("the job asks for network access and the grant has network = false")
+    return reasons
+
+
+def decide(policy: Policy, identity: Identity, job: JobSpec, usage: Usage | None = None) -> Decision:
+    """Decide whether `identity` may run `job`; pure and deterministic."""
+    usage = usage or Usage()
+    principals = identity.principals()
+    reasons: list[str] = []
+    candidates = [g for g in policy.grants if any(p.matches(h) for p in g.principals for h in principals)]
+    if not candidates:
+        held = ", ".join(principals) or "none"
+        return Decision(False, reasons=(f"no grant names this identity (it holds: {held})",),
+                        principals=principals, image=job.image)
+    for grant in candidates:
+        account = policy.accounts[grant.account]
+        resources = _effective_resources(job, account)
+        failed = _grant_reasons(policy, grant, identity, job)
+        if job.resources.account in (None, grant.account):
+            failed += _account_reasons(job, account, resources, usage)
+        if not failed:
+            notes = (MPI_NETWORK_NOTE,) if job.mpi and not job.network else ()
+            return Decision(True, grant=grant.name, account=account.name, slurm=resources,
+                            notes=notes, principals=principals, image=job.image, mpi=job.mpi,
+                            network=job.network, gpus=resources.gpus > 0)
+        reasons += [f"grant {grant.name!r}: {reason}" for reason in failed]
+    return Decision(False, reasons=tuple(reasons), principals=principals, image=job.image)

@@ -1,0 +1,212 @@
+"""Policy files: shared project accounts, the image catalogue and grants (deny by default)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.binds import Bind, check_absolute_path, parse_bind
+from runner.fields import Table
+from runner.principals import PrincipalPattern, check_ref_pattern, parse_principal
+from runner.spec import MAX_GPUS, MAX_NODES, NAME_PATTERN
+from runner.tomlsource import TomlDocument, load_toml, parse_toml
+from runner.units import human_duration, parse_duration, parse_memory
+
+POLICY_VERSION = 1
+DEFAULT_TIME_CAP = 3600
+EVENTS = ("push", "pull_request", "local", "schedule", "api", "ui", "trigger", "merge_group")
+
+
+@dataclass(frozen=True)
+class Account:
+    """A shared project account: a group's Slurm allocation and its caps."""
+
+    name: str
+    slurm_account: str
+    partitions: tuple[str, ...]
+    max_nodes: int = 1
+    max_gpus: int = 0
+    max_time: int = DEFAULT_TIME_CAP
+    default_time: int | None = None
+    max_memory_mb: int | None = None
+    max_concurrent_jobs: int | None = None
+    admins: tuple[PrincipalPattern, ...] = ()
+
+    @property
+    def time_default(self) -> int:
+        """Omitted walltime: the account's default, else its max_time capped at an hour."""
+        return self.default_time if self.default_time is not None else min(self.max_time, DEFAULT_TIME_CAP)
+
+
+@dataclass(frozen=True)
+class Image:
+    """A catalogue entry: a path and how it is pinned (exactly one of sha256 or signed_by)."""
+
+    name: str
+    path: str
+    sha256: str | None = None
+    signed_by: str | None = None
+
+
+@dataclass(frozen=True)
+class Grant:
+    name: str
+    principals: tuple[PrincipalPattern, ...]
+    account: str
+    events: tuple[str, ...] | None = None
+    refs: tuple[str, ...] | None = None
+    forks: bool = False
+    images: tuple[str, ...] = ()
+    binds: tuple[Bind, ...] = ()
+    mpi: bool = False
+    gpus: bool = False
+    network: bool = False
+    signers: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    accounts: dict[str, Account]
+    images: dict[str, Image]
+    grants: tuple[Grant, ...]
+    source: str = "<policy>"
+
+    def with_grants(self, grants: tuple[Grant, ...]) -> Policy:
+        return Policy(self.accounts, self.images, grants, self.source)
+
+    def admins_of(self, account: str) -> tuple[PrincipalPattern, ...]:
+        found = self.accounts.get(account)
+        return found.admins if found else ()
+
+
+def _principals(table: Table, key: str, *, required: bool) -> tuple[PrincipalPattern, ...]:
+    texts: tuple[str, ...] = table.string_list(key) if required else table.string_list(key, ())
+    if required and not texts:
+        raise table.error(key, "must name at least one principal")
+    patterns = []
+    for index, text in enumerate(texts):
+        try:
+            patterns.append(parse_principal(text))
+        except ValueError as exc:
+            raise table.error(f"{key}[{index}]", str(exc)) from None
+    return tuple(patterns)
+
+
+def _parse_account(name: str, table: Table) -> Account:
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise table.error(None, f"{name!r} is not a valid account name")
+    slurm_account = table.string("slurm_account", pattern=NAME_PATTERN, what="a Slurm account name")
+    partitions = table.string_list("partitions", pattern=NAME_PATTERN, what="a partition name")
+    if not partitions:
+        raise table.error("partitions", "must list at least one partition (the first is the default)")
+    max_nodes = table.integer("max_nodes", 1, maximum=MAX_NODES)
+    max_gpus = table.integer("max_gpus", 0, minimum=0, maximum=MAX_GPUS)
+    max_time = table.converted("max_time", parse_duration, DEFAULT_TIME_CAP)
+    default_time = table.converted("default_time", parse_duration, None)
+    max_memory = table.converted("max_memory", parse_memory, None)
+    max_concurrent = table.integer("max_concurrent_jobs", None, maximum=100_000)
+    admins = _principals(table, "admins", required=False)
+    table.finish()
+    # Slurm counts walltime in whole minutes and rounds a request up: a cap of "90s" would
+    # let a "90s" job run for two minutes.
+    for key, seconds in (("max_time", max_time), ("default_time", default_time)):
+        if seconds is not None and seconds % 60:
+            raise table.error(key, f"must be a whole number of minutes (Slurm's granularity), "
+                                   f"got {human_duration(seconds)}")
+    if default_time is not None and default_time > max_time:
+        raise table.error("default_time", "must not exceed max_time")
+    return Account(name, slurm_account, partitions, max_nodes, max_gpus, max_time, default_time,
+                   max_memory, max_concurrent, admins)
+
+
+def _parse_image(name: str, table: Table) -> Image:
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise table.error(None, f"{name!r} is not a valid image name")
+    path = table.converted("path", lambda v: check_absolute_path(_as_str(v), "image path"))
+    sha256 = table.string("sha256", None)
+    signed_by = table.string("signed_by", None)
+    table.finish()
+    if (sha256 is None) == (signed_by is None):
+        raise table.error(None, "pin the image with exactly one of `sha256` or `signed_by`")
+    if sha256 is not None:
+        sha256 = sha256.lower().removeprefix("sha256:")
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise table.error("sha256", "must be 64 hexadecimal digits (the output of sha256sum)")
+    if signed_by is not None:
+        signed_by = signed_by.replace(" ", "").upper()
+        if not re.fullmatch(r"[0-9A-F]{40}", signed_by):
+            raise table.error("signed_by", "must be a 40-digit PGP key fingerprint")
+    return Image(name, path, sha256, signed_by)
+
+
+def _as_str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _parse_grant(table: Table, accounts: dict[str, Account], images: dict[str, Image]) -> Grant:
+    name = table.string("name", pattern=NAME_PATTERN, what="a grant name")
+    principals = _principals(table, "principals", required=True)
+    account = table.string("account", pattern=NAME_PATTERN, what="an account name")
+    if account not in accounts:
+        known = ", ".join(sorted(accounts)) or "none defined"
+        raise table.error("account", f"no account {account!r} in this policy (accounts: {known})")
+    events = table.string_list("events", None)
+    if events is not None:
+        for index, event in enumerate(events):
+            if event not in EVENTS:
+                raise table.error(f"events[{index}]", f"unknown event {event!r} (known: {', '.join(EVENTS)})")
+    refs = table.string_list("refs", None)
+    if refs is not None:
+        for index, ref in enumerate(refs):
+            try:
+                check_ref_pattern(ref)
+            except ValueError as exc:
+                raise table.error(f"refs[{index}]", str(exc)) from None
+    forks = table.boolean("forks", False)
+    image_names = table.string_list("images", ())
+    for index, image in enumerate(image_names):
+        if image not in images:
+            known = ", ".join(sorted(images)) or "none defined"
+            raise table.error(f"images[{index}]", f"no image {image!r} in the catalogue (images: {known})")
+    binds = []
+    for index, text in enumerate(table.string_list("binds", ())):
+        try:
+            binds.append(parse_bind(text))
+        except ValueError as exc:
+            raise table.error(f"binds[{index}]", str(exc)) from None
+    mpi = table.boolean("mpi", False)
+    gpus = table.boolean("gpus", False)
+    network = table.boolean("network", False)
+    signers = table.string_list("signers", None, pattern=r"[A-Za-z0-9._:-]{1,128}", what="a key id")
+    table.finish()
+    return Grant(name, principals, account, events, refs, forks, image_names, tuple(binds), mpi, gpus,
+                 network, signers)
+
+
+def policy_from_document(doc: TomlDocument) -> Policy:
+    root = Table(doc, doc.data)
+    version = root.integer("version", minimum=0, maximum=1000)
+    if version != POLICY_VERSION:
+        raise root.error("version", f"this hpc-runner reads policy version {POLICY_VERSION}, got {version}")
+    accounts = {name: _parse_account(name, t) for name, t in root.named_tables("accounts").items()}
+    images = {name: _parse_image(name, t) for name, t in root.named_tables("images").items()}
+    grants: list[Grant] = []
+    for table in root.tables("grants"):
+        grant = _parse_grant(table, accounts, images)
+        if any(g.name == grant.name for g in grants):
+            raise table.error("name", f"another grant is already named {grant.name!r}")
+        grants.append(grant)
+    root.finish()
+    return Policy(accounts, images, tuple(grants), doc.name)
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file; an InputError names file, line and field."""
+    return policy_from_document(load_toml(path))
+
+
+def parse_policy_text(text: str, name: str = "<policy>") -> Policy:
+    return policy_from_document(parse_toml(text, name))

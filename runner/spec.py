@@ -1,0 +1,197 @@
+"""The job spec: what a user asks to run, parsed strictly from TOML.
+
+The same `[job]` table is a file for `hpc-runner run`, a `[[jobs]]` entry of a
+repository's `.hpc-runner.toml`, and the config block of the Buildkite plugin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from runner.binds import Bind, parse_bind
+from runner.errors import InputError
+from runner.fields import Table
+from runner.tomlsource import TomlDocument, load_toml, parse_toml
+from runner.units import parse_duration, parse_memory
+
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+ENV_NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,127}"
+MAX_SCRIPT_BYTES = 256 * 1024
+MAX_NODES = 100_000
+MAX_TASKS = 10_000_000
+MAX_CPUS_PER_TASK = 4096
+MAX_GPUS = 100_000
+
+# Set by the runner or the MPI launcher; a job that sets them would break its own launch
+# or pretend to be something it is not.
+RESERVED_ENV_PREFIXES = ("HPC_RUNNER_", "APPTAINER", "SINGULARITY", "SLURM_", "PMIX_", "PMI_")
+RESERVED_ENV_NAMES = ("LD_PRELOAD", "LD_AUDIT")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the job asks of Slurm; None means "let the account's default decide"."""
+
+    account: str | None = None
+    partition: str | None = None
+    nodes: int | None = None
+    tasks: int | None = None
+    tasks_per_node: int | None = None
+    cpus_per_task: int | None = None
+    gpus: int | None = None
+    memory_mb: int | None = None
+    time_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    image: str
+    command: tuple[str, ...] | None = None
+    script: str | None = None
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    binds: tuple[Bind, ...] = ()
+    network: bool = False
+    resources: Resources = Resources()
+    mpi: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain-data view, for the state store and `explain`."""
+        r = self.resources
+        return {
+            "name": self.name, "image": self.image,
+            "command": list(self.command) if self.command is not None else None,
+            "script": self.script, "env": dict(self.env),
+            "binds": [str(b) for b in self.binds], "network": self.network, "mpi": self.mpi,
+            "resources": {
+                "account": r.account, "partition": r.partition, "nodes": r.nodes, "tasks": r.tasks,
+                "tasks_per_node": r.tasks_per_node, "cpus_per_task": r.cpus_per_task, "gpus": r.gpus,
+                "memory_mb": r.memory_mb, "time_seconds": r.time_seconds,
+            },
+        }
+
+
+def _check_env_name(name: str) -> None:
+    if name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES):
+        raise ValueError(f"{name} is reserved for the runner and the MPI launcher")
+
+
+def parse_resources(table: Table | None) -> Resources:
+    if table is None:
+        return Resources()
+    account = table.string("account", None, pattern=NAME_PATTERN, what="an account name")
+    partition = table.string("partition", None, pattern=NAME_PATTERN, what="a partition name")
+    nodes = table.integer("nodes", None, maximum=MAX_NODES)
+    tasks = table.integer("tasks", None, maximum=MAX_TASKS)
+    per_node = table.integer("tasks_per_node", None, maximum=MAX_TASKS)
+    cpus = table.integer("cpus_per_task", None, maximum=MAX_CPUS_PER_TASK)
+    gpus = table.integer("gpus", None, minimum=0, maximum=MAX_GPUS)
+    memory = table.converted("memory", parse_memory, None)
+    time = table.converted("time", parse_duration, None)
+    table.finish()
+    effective_nodes = nodes or 1
+    if per_node is not None:
+        if tasks is None:
+            tasks = effective_nodes * per_node
+        elif tasks != effective_nodes * per_node:
+            raise table.error("tasks", f"{tasks} tasks cannot be spread as {per_node} per node "
+                                       f"over {effective_nodes} node(s) "
+                                       f"(that is {effective_nodes * per_node})")
+    if tasks is not None and tasks < effective_nodes:
+        raise table.error("tasks", f"{tasks} task(s) cannot fill {effective_nodes} nodes "
+                                   "(each node needs at least one task)")
+    return Resources(account, partition, nodes, tasks, per_node, cpus, gpus, memory, time)
+
+
+def parse_job_table(table: Table) -> JobSpec:
+    """Parse one `[job]` table (or a `[[jobs]]` entry, or a plugin config block)."""
+    name = table.string("name", pattern=NAME_PATTERN,
+                        what="a job name (letters, digits, '.', '_', '-'; at most 64)")
+    image = table.string("image", pattern=NAME_PATTERN, what="an image name from the policy's catalogue")
+    command: tuple[str, ...] | None = None
+    if table.has("command"):
+        command = table.string_list("command", unique=False)
+        if not command:
+            raise table.error("command", "must not be empty")
+    else:
+        table.string_list("command", None)
+    script: str | None = None
+    if table.has("script"):
+        script = table.converted("script", _script)
+    else:
+        table.string("script", None)
+    if command is None and script is None:
+        raise table.error(None, "needs either `command` (an array) or `script` (a string)")
+    if command is not None and script is not None:
+        raise table.error("script", "give either `command` or `script`, not both")
+    env = table.string_map("env", key_pattern=ENV_NAME_PATTERN, what="an environment variable name")
+    for env_name in env:
+        try:
+            _check_env_name(env_name)
+        except ValueError as exc:
+            raise table.error(f"env.{env_name}", str(exc)) from None
+    binds: list[Bind] = []
+    for index, text in enumerate(table.string_list("binds", ())):
+        try:
+            binds.append(parse_bind(text))
+        except ValueError as exc:
+            raise table.error(f"binds[{index}]", str(exc)) from None
+    targets = [b.target for b in binds]
+    for index, target in enumerate(targets):
+        if targets.index(target) != index:
+            raise table.error(f"binds[{index}]", f"two binds mount onto {target}")
+    network = table.boolean("network", False)
+    resources = parse_resources(table.table("resources"))
+    mpi = False
+    mpi_table = table.table("mpi")
+    if mpi_table is not None:
+        mpi = mpi_table.boolean("enabled", False)
+        mpi_table.finish()
+    table.finish()
+    return JobSpec(name=name, image=image, command=command, script=script,
+                   env=MappingProxyType(dict(env)), binds=tuple(binds), network=network,
+                   resources=resources, mpi=mpi)
+
+
+def _script(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if len(value.encode()) > MAX_SCRIPT_BYTES:
+        raise ValueError(f"is longer than {MAX_SCRIPT_BYTES} bytes")
+    if "\x00" in value:
+        raise ValueError("contains a NUL character")
+    return value
+
+
+def job_from_document(doc: TomlDocument) -> JobSpec:
+    root = Table(doc, doc.data)
+    job = root.table("job", required=True)
+    assert job is not None
+    spec = parse_job_table(job)
+    root.finish()
+    return spec
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Read a job spec file (a `[job]` table)."""
+    return job_from_document(load_toml(path))
+
+
+def parse_job_text(text: str, name: str = "<job>") -> JobSpec:
+    return job_from_document(parse_toml(text, name))
+
+
+def parse_job_mapping(data: Mapping[str, Any], name: str) -> JobSpec:
+    """Parse a job table that arrived as data (a Buildkite plugin block, a `[[jobs]]` entry)."""
+    if not isinstance(data, Mapping):
+        raise InputError("the job must be a table", file=name)
+    doc = TomlDocument(name=name, data={"job": dict(data)})
+    job = Table(doc, doc.data).table("job", required=True)
+    assert job is not None
+    return parse_job_table(job)

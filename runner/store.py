@@ -1,0 +1,700 @@
+"""The agent's durable memory: jobs, log offsets and the audit log, in SQLite (WAL) under `state_dir`.
+
+A restarted agent must lose no job, re-read no log bytes it already shipped and report each final
+status exactly once; admins must be able to trust that the audit log was never rewritten. Every
+method is one short transaction, so the CLI (`hpc-runner status`) can read while the agent writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from runner.errors import HpcRunnerError
+
+__all__ = [
+    "DB_FILENAME",
+    "EXECUTORS",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "SLURM_JOB_NAME_PREFIX",
+    "SOURCES",
+    "AuditEntry",
+    "JobRecord",
+    "JobState",
+    "Store",
+    "StoreError",
+    "new_job_id",
+]
+
+DB_FILENAME = "state.sqlite3"
+SOURCES = frozenset({"local", "buildkite", "github"})
+EXECUTORS = frozenset({"local", "slurm"})
+SLURM_JOB_NAME_PREFIX = "hpcr-"
+BUSY_TIMEOUT_MS = 5000
+
+# Ids are used in Slurm job names, file names and URLs, so they stay within [0-9a-z-].
+_JOB_ID_PATTERN = re.compile(r"[0-9a-z][0-9a-z-]{0,62}")
+
+
+class StoreError(HpcRunnerError):
+    """The state store cannot be opened, or refused a change that would corrupt the agent's memory."""
+
+
+class JobState(StrEnum):
+    queued = "queued"
+    denied = "denied"
+    pending = "pending"          # submitted to Slurm, waiting for resources
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    timed_out = "timed_out"
+    infra_failed = "infra_failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL_STATES
+
+
+_TERMINAL_STATES = frozenset({
+    JobState.denied, JobState.succeeded, JobState.failed, JobState.cancelled,
+    JobState.timed_out, JobState.infra_failed,
+})
+# Jobs holding (or about to hold) cluster resources: what a project account's concurrency cap counts.
+_ACTIVE_STATES = (JobState.pending, JobState.running)
+
+
+# --- schema -----------------------------------------------------------------------------------------
+
+_MIGRATION_1 = """
+CREATE TABLE jobs (
+    id             TEXT PRIMARY KEY,
+    source         TEXT NOT NULL,
+    external_id    TEXT,
+    identity       TEXT NOT NULL,
+    spec           TEXT NOT NULL,
+    decision       TEXT,
+    executor       TEXT,
+    slurm_id       TEXT,
+    state          TEXT NOT NULL,
+    exit_status    INTEGER,
+    outcome_detail TEXT,
+    log_path       TEXT,
+    log_offset     INTEGER NOT NULL DEFAULT 0,
+    created_at     REAL NOT NULL,
+    updated_at     REAL NOT NULL,
+    finished_at    REAL,
+    final_reported INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX jobs_state ON jobs (state);
+CREATE INDEX jobs_slurm_id ON jobs (slurm_id);
+CREATE INDEX jobs_created_at ON jobs (created_at);
+-- The same CI job must never be admitted twice, even if its source hands it out again.
+CREATE UNIQUE INDEX jobs_source_external_id ON jobs (source, external_id) WHERE external_id IS NOT NULL;
+
+-- No foreign key to jobs: the log must also record requests about unknown job ids, and it must
+-- outlive job rows that a later retention policy may prune.
+CREATE TABLE audit (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    at     REAL NOT NULL,
+    job_id TEXT,
+    actor  TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX audit_job_id ON audit (job_id, seq);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'audit log is append-only');
+END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+BEGIN
+    SELECT RAISE(ABORT, 'audit log is append-only');
+END;
+"""
+
+# Index i migrates a database from schema version i to i + 1. Only ever append to this tuple:
+# released databases carry the version number in `PRAGMA user_version`.
+MIGRATIONS: tuple[str, ...] = (_MIGRATION_1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+# --- records -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One row of `jobs`, with its JSON columns decoded."""
+
+    id: str
+    source: str
+    external_id: str | None
+    identity: dict[str, Any]
+    spec: dict[str, Any]
+    decision: dict[str, Any] | None
+    executor: str | None
+    slurm_id: str | None
+    state: JobState
+    exit_status: int | None
+    outcome_detail: str | None
+    log_path: str | None
+    log_offset: int
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    final_reported: bool
+
+    @property
+    def slurm_job_name(self) -> str:
+        """The Slurm job name by which a restarted agent finds this job again in `squeue`."""
+        return SLURM_JOB_NAME_PREFIX + self.id
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    at: float
+    job_id: str | None
+    actor: str
+    action: str
+    detail: dict[str, Any]
+
+
+# --- job ids ------------------------------------------------------------------------------------------
+
+# Crockford's base32, lowercase: no i, l, o, u to misread, and ASCII order equals numeric order,
+# so ids sort as strings in the order they were made.
+_ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+_ID_TIME_CHARS = 9                       # 45 bits of milliseconds: good until the year 3084
+_ID_RANDOM_CHARS = 4                     # 20 bits
+_ID_RANDOM_BITS = 5 * _ID_RANDOM_CHARS
+_id_lock = threading.Lock()
+_last_id_value = 0
+
+
+def new_job_id() -> str:
+    """A 13-character id: creation time in ms, then random bits; unique and increasing in this process.
+
+    Within one millisecond the random part is incremented rather than redrawn (as ULIDs do), so ids
+    drawn in a tight loop neither collide nor lose their creation order.
+    """
+    global _last_id_value
+    candidate = (time.time_ns() // 1_000_000) << _ID_RANDOM_BITS | secrets.randbits(_ID_RANDOM_BITS)
+    with _id_lock:
+        value = max(candidate, _last_id_value + 1)
+        _last_id_value = value
+    return _encode_id(value)
+
+
+def _encode_id(value: int) -> str:
+    chars = []
+    for _ in range(_ID_TIME_CHARS + _ID_RANDOM_CHARS):
+        value, digit = divmod(value, 32)
+        chars.append(_ID_ALPHABET[digit])
+    return "".join(reversed(chars))
+
+
+# --- the store ----------------------------------------------------------------------------------------
+
+class Store:
+    """The agent's state database. Open with `Store.open(state_dir)`; one connection per instance."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+
+    @classmethod
+    def open(cls, state_dir: Path | str) -> Store:
+        state_dir = Path(state_dir)
+        _prepare_state_dir(state_dir)
+        path = state_dir / DB_FILENAME
+        _create_private_file(path)
+        conn = _connect(path)
+        try:
+            _migrate(conn, path)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, path)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path.parent
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # --- jobs ---
+
+    def add_job(self, *, source: str, identity: Mapping[str, Any], spec: Mapping[str, Any],
+                external_id: str | None = None, job_id: str | None = None,
+                state: JobState = JobState.queued,
+                log_path: str | os.PathLike[str] | None = None) -> JobRecord:
+        if source not in SOURCES:
+            raise StoreError(f"unknown job source {source!r}; expected one of {sorted(SOURCES)}")
+        job_id = new_job_id() if job_id is None else job_id
+        if not _JOB_ID_PATTERN.fullmatch(job_id):
+            raise StoreError(f"job id {job_id!r} must be 1-63 characters of [0-9a-z-], starting alphanumeric")
+        state = JobState(state)
+        now = time.time()
+        row = {
+            "id": job_id, "source": source, "external_id": external_id,
+            "identity": _encode_json(identity, f"job {job_id} identity"),
+            "spec": _encode_json(spec, f"job {job_id} spec"),
+            "state": state.value,
+            "log_path": None if log_path is None else os.fspath(log_path),
+            "created_at": now, "updated_at": now,
+            "finished_at": now if state.is_terminal else None,
+        }
+        with self._transaction() as conn:
+            self._refuse_duplicate(conn, job_id, source, external_id)
+            conn.execute(
+                "INSERT INTO jobs (id, source, external_id, identity, spec, state, log_path,"
+                " created_at, updated_at, finished_at) VALUES (:id, :source, :external_id, :identity,"
+                " :spec, :state, :log_path, :created_at, :updated_at, :finished_at)", row)
+            return self._require_job(conn, job_id)
+
+    def _refuse_duplicate(self, conn: sqlite3.Connection, job_id: str, source: str,
+                          external_id: str | None) -> None:
+        # Checked inside the write transaction, so no other process can slip in between.
+        if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
+            raise StoreError(f"job {job_id} already exists")
+        if external_id is None:
+            return
+        existing = conn.execute("SELECT id FROM jobs WHERE source = ? AND external_id = ?",
+                                (source, external_id)).fetchone()
+        if existing:
+            raise StoreError(f"{source} job {external_id} was already admitted as job {existing['id']}")
+
+    def record_decision(self, job_id: str, *, actor: str, decision: Mapping[str, Any]) -> None:
+        """Store the policy decision on the job and in the audit log, both or neither.
+
+        Anything but `decision["allowed"] is True` counts as a denial and ends the job, unless it
+        already ended (e.g. cancelled while waiting for the decision): then only the record is kept.
+        """
+        encoded = _encode_json(decision, f"decision for job {job_id}")
+        denied = decision.get("allowed") is not True
+        with self._transaction() as conn:
+            job = self._require_job(conn, job_id)
+            now = time.time()
+            conn.execute("UPDATE jobs SET decision = ?, updated_at = ? WHERE id = ?", (encoded, now, job_id))
+            self._insert_audit(conn, actor=actor, action="decision", job_id=job_id, detail=decision)
+            if denied and not job.state.is_terminal:
+                self._change_state(conn, job, JobState.denied, actor=actor, now=now)
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    def find_by_external_id(self, source: str, external_id: str) -> JobRecord | None:
+        return self._one("SELECT * FROM jobs WHERE source = ? AND external_id = ?", (source, external_id))
+
+    def find_by_slurm_id(self, slurm_id: str) -> JobRecord | None:
+        # Slurm reuses ids after its counter wraps or the cluster is rebuilt: the newest job is meant.
+        return self._one("SELECT * FROM jobs WHERE slurm_id = ? ORDER BY created_at DESC, id DESC LIMIT 1",
+                         (slurm_id,))
+
+    def list_jobs(self, *, states: Iterable[JobState] | None = None, source: str | None = None,
+                  limit: int | None = None, newest_first: bool = False) -> list[JobRecord]:
+        """Jobs ordered by creation time (oldest first unless `newest_first`), filtered and limited."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if states is not None:
+            wanted = [JobState(s).value for s in states]
+            clauses.append(f"state IN ({', '.join('?' * len(wanted))})" if wanted else "0")
+            params.extend(wanted)
+        if source is not None:
+            clauses.append("source = ?")
+            params.append(source)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        order = " DESC" if newest_first else ""
+        sql = f"SELECT * FROM jobs{where} ORDER BY created_at{order}, id{order}"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(max(limit, 0))
+        return [_job_from_row(row) for row in self._read(sql, params)]
+
+    def set_state(self, job_id: str, state: JobState, *, exit_status: int | None = None,
+                  outcome_detail: str | None = None, actor: str = "agent") -> JobRecord:
+        """Move a job to `state` and audit the change; a terminal state is final.
+
+        Setting the state a job is already in is not an error, so a restarted agent can replay what it
+        saw: for a terminal job it changes nothing, otherwise it updates the given exit status/detail.
+        """
+        state = JobState(state)
+        with self._transaction() as conn:
+            job = self._require_job(conn, job_id)
+            if job.state.is_terminal and state == job.state:
+                return job
+            if job.state.is_terminal:
+                raise StoreError(f"job {job_id} is {job.state.value}, which is final; refusing to set it to"
+                                 f" {state.value}")
+            self._change_state(conn, job, state, actor=actor, now=time.time(), exit_status=exit_status,
+                               outcome_detail=outcome_detail)
+            return self._require_job(conn, job_id)
+
+    def _change_state(self, conn: sqlite3.Connection, job: JobRecord, state: JobState, *, actor: str,
+                      now: float, exit_status: int | None = None, outcome_detail: str | None = None) -> None:
+        conn.execute(
+            "UPDATE jobs SET state = ?, exit_status = coalesce(?, exit_status),"
+            " outcome_detail = coalesce(?, outcome_detail), finished_at = ?, updated_at = ? WHERE id = ?",
+            (state.value, exit_status, outcome_detail, now if state.is_terminal else None, now, job.id))
+        if state == job.state:
+            return
+        detail: dict[str, Any] = {"from": job.state.value, "to": state.value}
+        if exit_status is not None:
+            detail["exit_status"] = exit_status
+        if outcome_detail is not None:
+            detail["outcome_detail"] = outcome_detail
+        self._insert_audit(conn, actor=actor, action="state", job_id=job.id, detail=detail)
+
+    def set_slurm_id(self, job_id: str, slurm_id: str | None, executor: str) -> None:
+        if executor not in EXECUTORS:
+            raise StoreError(f"unknown executor {executor!r}; expected one of {sorted(EXECUTORS)}")
+        self._update_job(job_id, "slurm_id = ?, executor = ?", (slurm_id, executor))
+
+    def set_log_path(self, job_id: str, log_path: str | os.PathLike[str] | None) -> None:
+        """Where the job's output file is; the offset is left alone (reset it explicitly for a new file)."""
+        self._update_job(job_id, "log_path = ?", (None if log_path is None else os.fspath(log_path),))
+
+    def set_log_offset(self, job_id: str, offset: int, *, reset: bool = False) -> None:
+        """Record how far the log was shipped; it only moves forward unless `reset` (a new log file)."""
+        if offset < 0:
+            raise StoreError(f"job {job_id}: log offset must not be negative, got {offset}")
+        with self._transaction() as conn:
+            job = self._require_job(conn, job_id)
+            if offset < job.log_offset and not reset:
+                raise StoreError(f"job {job_id}: log offset {offset} is behind the recorded {job.log_offset};"
+                                 " shipped log bytes would be sent twice")
+            conn.execute("UPDATE jobs SET log_offset = ?, updated_at = ? WHERE id = ?",
+                         (offset, time.time(), job_id))
+
+    def mark_final_reported(self, job_id: str) -> bool:
+        """True for exactly one caller, across processes: the one that must report the final status."""
+        terminal = [s.value for s in _TERMINAL_STATES]
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET final_reported = 1, updated_at = ? WHERE id = ? AND final_reported = 0"
+                f" AND state IN ({', '.join('?' * len(terminal))})", (time.time(), job_id, *terminal))
+            if cursor.rowcount == 1:
+                return True
+            job = self._require_job(conn, job_id)
+            if not job.state.is_terminal:
+                raise StoreError(f"job {job_id} is still {job.state.value}; it has no final status to report")
+            return False
+
+    def running_count_by_account(self) -> dict[str, int]:
+        """Jobs submitted and not yet finished, per project account of their decision."""
+        rows = self._read(
+            "SELECT json_extract(decision, '$.account') AS account, count(*) AS n FROM jobs"
+            f" WHERE state IN ({', '.join('?' * len(_ACTIVE_STATES))})"
+            " AND json_extract(decision, '$.account') IS NOT NULL GROUP BY account",
+            [s.value for s in _ACTIVE_STATES])
+        return {str(row["account"]): int(row["n"]) for row in rows}
+
+    # --- audit ---
+
+    def append_audit(self, *, actor: str, action: str, job_id: str | None = None,
+                     detail: Mapping[str, Any]) -> int:
+        """Append one entry to the audit log; returns its sequence number."""
+        with self._transaction() as conn:
+            return self._insert_audit(conn, actor=actor, action=action, job_id=job_id, detail=detail)
+
+    def audit_entries(self, *, job_id: str | None = None, since_seq: int = 0,
+                      limit: int | None = None) -> list[AuditEntry]:
+        """Entries with seq > since_seq, oldest first, optionally only those about one job."""
+        sql = "SELECT * FROM audit WHERE seq > ?"
+        params: list[Any] = [since_seq]
+        if job_id is not None:
+            sql += " AND job_id = ?"
+            params.append(job_id)
+        sql += " ORDER BY seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(max(limit, 0))
+        return [_audit_from_row(row) for row in self._read(sql, params)]
+
+    def _insert_audit(self, conn: sqlite3.Connection, *, actor: str, action: str, job_id: str | None,
+                      detail: Mapping[str, Any]) -> int:
+        if not actor or not action:
+            raise StoreError(f"an audit entry needs an actor and an action, got {actor!r} and {action!r}")
+        cursor = conn.execute(
+            "INSERT INTO audit (at, job_id, actor, action, detail) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), job_id, actor, action, _encode_json(detail, f"audit detail of {action!r}")))
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    # --- maintenance ---
+
+    def schema_version(self) -> int:
+        return _user_version(self._conn)
+
+    def integrity_check(self) -> None:
+        """Raise StoreError unless SQLite finds the database file and its foreign keys sound."""
+        problems = [str(row[0]) for row in self._read("PRAGMA integrity_check", [])]
+        if problems != ["ok"]:
+            raise StoreError(f"{self.path} failed its integrity check: {'; '.join(problems[:10])}")
+        broken = self._read("PRAGMA foreign_key_check", [])
+        if broken:
+            raise StoreError(f"{self.path} has {len(broken)} rows whose foreign keys point nowhere")
+
+    # --- plumbing ---
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, committed on success and rolled back on any exception.
+
+        IMMEDIATE takes the write lock up front: a deferred transaction that reads and then writes can
+        fail with SQLITE_BUSY when another process (a second agent, the CLI) wrote in between, whereas
+        waiting for the lock is covered by busy_timeout.
+        """
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: {exc}") from exc
+
+    def _read(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
+        try:
+            return self._conn.execute(sql, tuple(params)).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: {exc}") from exc
+
+    def _one(self, sql: str, params: Iterable[Any]) -> JobRecord | None:
+        rows = self._read(sql, params)
+        return _job_from_row(rows[0]) if rows else None
+
+    def _require_job(self, conn: sqlite3.Connection, job_id: str) -> JobRecord:
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no job {job_id} in {self.path}")
+        return _job_from_row(row)
+
+    def _update_job(self, job_id: str, assignments: str, params: tuple[Any, ...]) -> None:
+        with self._transaction() as conn:
+            cursor = conn.execute(f"UPDATE jobs SET {assignments}, updated_at = ? WHERE id = ?",
+                                  (*params, time.time(), job_id))
+            if cursor.rowcount == 0:
+                raise StoreError(f"no job {job_id} in {self.path}")
+
+
+# --- opening -------------------------------------------------------------------------------------------
+
+def _prepare_state_dir(state_dir: Path) -> None:
+    """Create `state_dir` private to this user, or make sure an existing one is."""
+    try:
+        state_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(state_dir, 0o700)
+        # mkdir's mode is filtered through the umask; state must not depend on the caller's umask.
+        os.chmod(state_dir, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"cannot create state directory {state_dir}: {exc.strerror}") from exc
+    try:
+        info = os.stat(state_dir)
+    except OSError as exc:
+        raise StoreError(f"cannot use state directory {state_dir}: {exc.strerror}") from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise StoreError(f"state directory {state_dir} exists and is not a directory")
+    _check_private(state_dir, info, "state directory", "700")
+
+
+def _create_private_file(path: Path) -> None:
+    # Created before SQLite sees it, so the database is never readable by others, not even briefly;
+    # SQLite gives its -wal and -shm files the same mode.
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot open state database {path}: {exc.strerror}") from exc
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    _check_private(path, info, "state database", "600")
+
+
+def _check_private(path: Path, info: os.stat_result, what: str, fix_mode: str) -> None:
+    if info.st_uid != os.geteuid():
+        raise StoreError(f"{what} {path} is owned by uid {info.st_uid}, not by the user running hpc-runner"
+                         f" (uid {os.geteuid()}); fix: chown $(id -un) {path} && chmod {fix_mode} {path}")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise StoreError(f"{what} {path} has mode {mode:04o}, open to group or others; it holds job"
+                         f" identities and the audit log. Fix: chmod {fix_mode} {path}")
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        # Autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE), never implicitly.
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open state database {path}: {exc}") from exc
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"state database {path} cannot use write-ahead logging (journal mode is {mode});"
+                             " put state_dir on a local filesystem")
+        # A decision or log offset that was reported must survive a power loss: sync every commit.
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StoreError(f"cannot open state database {path}: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the schema to the newest version, one migration per transaction."""
+    migrations = MIGRATIONS
+    try:
+        version = _user_version(conn)
+        _refuse_newer(path, version, len(migrations))
+        while version < len(migrations):
+            version = _apply_migration(conn, path, migrations, version)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot migrate state database {path}: {exc}") from exc
+
+
+def _apply_migration(conn: sqlite3.Connection, path: Path, migrations: tuple[str, ...], version: int) -> int:
+    """Run migration `version` (-> version + 1) unless another process got there first; new version."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Re-read under the write lock: another process opening the same store may have migrated.
+        current = _user_version(conn)
+        _refuse_newer(path, current, len(migrations))
+        if current == version:
+            for statement in _split_sql(migrations[version]):
+                conn.execute(statement)
+            # Part of the same transaction: a crash leaves both the schema and the version as they were.
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+            current = version + 1
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return current
+
+
+def _refuse_newer(path: Path, version: int, known: int) -> None:
+    if version > known:
+        raise StoreError(f"{path.name} has schema version {version}; this hpc-runner knows up to {known};"
+                         f" upgrade hpc-runner (database: {path})")
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a script, for running one by one inside our own transaction.
+
+    `executescript` would commit any open transaction first, losing the migration's atomicity.
+    `sqlite3.complete_statement` knows where trigger bodies end, so they are not split apart.
+    """
+    statements: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    if pending.strip() and not _is_only_comments(pending):
+        raise StoreError(f"migration ends with an incomplete SQL statement: {pending.strip()[:80]!r}")
+    return statements
+
+
+def _is_only_comments(text: str) -> bool:
+    return all(not line.strip() or line.strip().startswith("--") for line in text.splitlines())
+
+
+# --- rows <-> records ----------------------------------------------------------------------------------
+
+def _encode_json(value: Mapping[str, Any], what: str) -> str:
+    try:
+        # Canonical form: equal values give equal text, so digests and comparisons of rows are stable.
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{what} cannot be stored as JSON: {exc}") from exc
+
+
+def _decode_object(text: Any, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{what} is not valid JSON in the state database: {exc}") from exc
+    if not isinstance(value, dict):
+        raise StoreError(f"{what} in the state database is not a JSON object")
+    return value
+
+
+def _job_from_row(row: sqlite3.Row) -> JobRecord:
+    job_id = str(row["id"])
+    try:
+        state = JobState(row["state"])
+    except ValueError as exc:
+        raise StoreError(f"job {job_id} has an unknown state {row['state']!r} in the state database") from exc
+    decision = row["decision"]
+    return JobRecord(
+        id=job_id,
+        source=row["source"],
+        external_id=row["external_id"],
+        identity=_decode_object(row["identity"], f"job {job_id} identity"),
+        spec=_decode_object(row["spec"], f"job {job_id} spec"),
+        decision=None if decision is None else _decode_object(decision, f"job {job_id} decision"),
+        executor=row["executor"],
+        slurm_id=row["slurm_id"],
+        state=state,
+        exit_status=row["exit_status"],
+        outcome_detail=row["outcome_detail"],
+        log_path=row["log_path"],
+        log_offset=int(row["log_offset"]),
+        created_at=float(row["created_at"]),
+        updated_at=float(row["updated_at"]),
+        finished_at=None if row["finished_at"] is None else float(row["finished_at"]),
+        final_reported=bool(row["final_reported"]),
+    )
+
+
+def _audit_from_row(row: sqlite3.Row) -> AuditEntry:
+    seq = int(row["seq"])
+    return AuditEntry(
+        seq=seq,
+        at=float(row["at"]),
+        job_id=row["job_id"],
+        actor=row["actor"],
+        action=row["action"],
+        detail=_decode_object(row["detail"], f"audit entry {seq} detail"),
+    )
