@@ -91,8 +91,9 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-# The same definition as `tree_digest`, computed with find, sort, stat and sha256sum only (GNU tools),
-# so that an admin can pin a sandbox directory without hpc-runner. Run it from inside the directory.
+# The same definition as `tree_digest`, computed with bash and GNU find, sort, stat and sha256sum
+# only, so that an admin can pin a sandbox directory without hpc-runner: save this text as
+# tree-digest.sh and run `cd /path/to/sandbox && bash tree-digest.sh`. (Slower: a process per entry.)
 TREE_DIGEST_SHELL = r"""
 find . -print0 | LC_ALL=C sort -z | while IFS= read -r -d '' p; do
   t=$(find "$p" -maxdepth 0 -printf %y)
@@ -129,9 +130,10 @@ def tree_digest(root: str) -> str:
 def _tree_paths(base: bytes) -> Iterator[bytes]:
     yield b"."
     for directory, dirs, files in os.walk(base, onerror=_raise):
-        relative_dir = b"." + directory[len(base):]
+        relative = os.path.relpath(directory, base)
+        prefix = b"./" if relative == b"." else b"./" + relative + b"/"
         for name in dirs + files:
-            yield relative_dir + b"/" + name
+            yield prefix + name
 
 
 def _raise(error: OSError) -> None:
@@ -145,7 +147,7 @@ _TYPE_LETTERS = (
 
 
 def _tree_record(base: bytes, relative: bytes) -> bytes:
-    path = base + relative[1:]
+    path = os.path.join(base, relative)
     info = os.lstat(path)
     letter = next(letter for test, letter in _TYPE_LETTERS if test(info.st_mode))
     if letter == b"f":

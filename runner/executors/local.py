@@ -125,10 +125,12 @@ async def _supervise(process: asyncio.subprocess.Process, launch: LocalLaunch, l
             await _end_group(process, log_fd, "the job's command exited but left processes running",
                              launch.grace_seconds)
         return _exit_outcome(code)
-    reason = f"walltime of {launch.walltime_seconds:g}s exceeded" if ending == "timed_out" else "cancelled"
-    await _end_group(process, log_fd, "job cancelled" if ending == "cancelled" else reason,
-                     launch.grace_seconds)
-    return Outcome(ending, _shell_status(process.returncode), reason)
+    if ending == "timed_out":
+        detail = why = f"walltime of {_seconds(launch.walltime_seconds)} exceeded"
+    else:
+        detail, why = "cancelled", "job cancelled"
+    await _end_group(process, log_fd, why, launch.grace_seconds)
+    return Outcome(ending, _shell_status(process.returncode), detail)
 
 
 async def _wait_for_end(process: asyncio.subprocess.Process, walltime: float,
@@ -224,10 +226,18 @@ def _become_subreaper() -> bool:
 
 
 def _note(log_fd: int, text: str) -> None:
-    """Append a line of our own to the job's log, on a line of its own."""
-    size = os.fstat(log_fd).st_size
-    unfinished = size > 0 and os.pread(log_fd, 1, size - 1) != b"\n"
-    os.write(log_fd, (b"\n" if unfinished else b"") + text.encode() + b"\n")
+    """Append a line of our own to the job's log, on a line of its own.
+
+    Best effort: a job that filled the disk must still be stopped, note or no note.
+    """
+    with contextlib.suppress(OSError):
+        size = os.fstat(log_fd).st_size
+        unfinished = size > 0 and os.pread(log_fd, 1, size - 1) != b"\n"
+        os.write(log_fd, (b"\n" if unfinished else b"") + text.encode() + b"\n")
+
+
+def _seconds(value: float) -> str:
+    return f"{int(value)}s" if float(value).is_integer() else f"{value:g}s"
 
 
 def _shell_status(code: int | None) -> int | None:

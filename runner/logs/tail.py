@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from pathlib import Path
 
 __all__ = ["DEFAULT_MAX_LINE", "RESTART", "LineAssembler", "follow"]
@@ -21,7 +21,7 @@ DEFAULT_MAX_LINE = 1 << 20
 
 
 async def follow(path: Path, *, offset: int = 0, done: Callable[[], bool], poll_interval: float = 0.1,
-                 chunk_size: int = 65536) -> AsyncIterator[tuple[int, bytes]]:
+                 chunk_size: int = 65536) -> AsyncGenerator[tuple[int, bytes], None]:
     """Yield (offset, bytes) of the data appended to `path`, until `done()` and the end of the file.
 
     `done()` is sampled before each pass over the file, so everything written before it turned
@@ -31,6 +31,8 @@ async def follow(path: Path, *, offset: int = 0, done: Callable[[], bool], poll_
     again at offset 0 of the current file. A truncation that is followed by enough new data
     before the next poll cannot be told apart from growth; only a rotation is always seen.
     """
+    if offset < 0 or chunk_size < 1:
+        raise ValueError("offset must not be negative and chunk_size must be positive")
     reader = _Reader(Path(path), offset, chunk_size)
     try:
         while True:

@@ -90,7 +90,7 @@ def test_an_empty_config_means_the_defaults(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     config = load_config(write_config(tmp_path, ""))
     assert config.state_dir == tmp_path / "state" / "hpc-runner"
-    assert config.work_root == config.state_dir / "work"
+    assert config.work_root == config.state_dir.parent / "hpc-runner-work"
     assert config.executor == "local"
     assert config.policy is None
     assert config.sandbox.apptainer == "apptainer"
@@ -143,7 +143,7 @@ def test_default_config_uses_xdg_state_home(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     config = default_config()
     assert config.state_dir == tmp_path / "hpc-runner"
-    assert config.work_root == tmp_path / "hpc-runner" / "work"
+    assert config.work_root == tmp_path / "hpc-runner-work"
     assert (config.executor, config.policy, config.source) == ("local", None, None)
     assert (config.buildkite, config.github, config.gateway) == (None, None, None)
 

@@ -1,0 +1,406 @@
+"""The Apptainer command line for one job: a pure function of spec, decision and site.
+
+What a job gets, and why each flag is there:
+
+- `--contain`: a minimal `/dev`, and `/tmp`, `/var/tmp` backed by the job's own scratch
+  directory (`--workdir`) instead of the host's. `--containall` is not used: its IPC
+  namespace breaks shared memory between ranks, its PID namespace confuses launchers.
+  The site's `bind path` entries in apptainer.conf (e.g. /etc/hosts, /etc/localtime)
+  still apply: they are the administrator's choice.
+- `--cleanenv --no-eval --env-file META/env`: the host environment stays outside; the job's
+  environment is exactly the env file (see `DOCUMENTED_ENV`), with every value
+  single-quoted because Apptainer evaluates env files with a shell even under `--no-eval`.
+  The env file wins over the launcher's variables that the rank wrapper carries in, so a
+  job that sets, say, an OMPI_* variable itself overrides the launcher's value for it.
+- `--no-home --home SCRATCH:/tmp`: the service account's home directory is not mounted,
+  and HOME is `/tmp` (writable, per job) in the environment and in the generated
+  `/etc/passwd`, so a job learns neither the account's home path nor anything in it.
+  Apptainer refuses HOME from an env file, so the flag is the only way. With `--no-home`
+  the `--home` source is not mounted; it names the job's scratch directory so that even
+  if it were, nothing outside the job would be.
+- `--no-mount cwd`: the executor's working directory is never mounted, whatever it is.
+  `--contain` already leaves it out in Apptainer 1.4; saying it costs nothing.
+- `--net --network none` unless the grant allows network (MPI jobs cannot be isolated:
+  their ranks reach the launcher over loopback, see `Decision.network_isolated`).
+- the workspace at `/work` (also the working directory), the job's metadata (env file,
+  script) read-only at `/.hpc-runner`, and the granted binds, both sides canonical.
+- MPI jobs: `--sharens` (ranks on one node in one user and mount namespace, or Open MPI's
+  shared-memory transport fails), the host MPI binds and `LD_LIBRARY_PATH` for them. The
+  ranks also share the container's private `/dev/shm`, so the host's is not bound
+  (Apptainer 1.4 skips `--bind /dev/shm` under `--contain` anyway).
+- `--nv` only for a job that asks for GPUs under a grant that allows them.
+
+Every bind is a `--bind src:dst:mode` of its own; paths that contain `:` or `,` (which
+`--bind` would split) or control characters are refused rather than quoted.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from runner.binds import FORBIDDEN_ROOTS, RESERVED_TARGETS, Bind, check_absolute_path, is_within
+from runner.errors import HpcRunnerError, InfrastructureError
+from runner.policy.engine import Decision, SlurmResources
+from runner.spec import JobSpec
+from sandbox.envfile import EnvFileError, check_env_name, render_env_file
+from sandbox.hostmpi import HostMpi
+
+WORKSPACE = "/work"
+META = "/.hpc-runner"
+CONTAINER_HOME = "/tmp"
+CONTAINER_TMPDIR = "/tmp"
+ENV_FILE_NAME = "env"
+SCRIPT_NAME = "script"
+# Scripts run with `sh -e`: the first failing command fails the job, as in CI services.
+SCRIPT_SHELL = ("/bin/sh", "-e")
+DEFAULT_HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+RANK_WRAPPER_NAME = "hpcr-rank"
+
+# What the runner itself puts into every job's environment (HOME through `--home`).
+DOCUMENTED_ENV = (
+    "CI", "HOME", "HPC_RUNNER_ACCOUNT", "HPC_RUNNER_CPUS_PER_TASK", "HPC_RUNNER_JOB_ID",
+    "HPC_RUNNER_JOB_NAME", "HPC_RUNNER_NODES", "HPC_RUNNER_TASKS", "HPC_RUNNER_WORKSPACE", "TMPDIR",
+)
+# What Apptainer 1.4 adds inside the container on its own ("*": a prefix). It appends its
+# own library directory to LD_LIBRARY_PATH, sets a default PATH and LANG=C unless the job's
+# env sets them, and describes itself in APPTAINER_* and SINGULARITY_*. (It would also
+# pass TERM and *_proxy from the host; the launcher's environment has neither.) An image's
+# own %environment applies too.
+APPTAINER_ADDED_ENV = (
+    "APPTAINER_*", "LANG", "LD_LIBRARY_PATH", "PATH", "PROMPT_COMMAND", "PS1", "PWD", "SINGULARITY_*",
+)
+# Under srun the step's SLURM_* describe the rank too; under mpirun the launcher has none.
+RANK_PASSTHROUGH_PREFIXES = ("SLURM_",)
+# Slurm hands a GPU job its devices in this; --cleanenv would drop it.
+GPU_PASSTHROUGH_NAMES = ("CUDA_VISIBLE_DEVICES",)
+
+
+class SandboxRefused(HpcRunnerError):
+    """The sandbox cannot be built as granted (a bind into a protected path...): exit 126."""
+
+
+@dataclass(frozen=True)
+class SandboxSite:
+    """How this site runs Apptainer; from the agent's config."""
+
+    apptainer: str = "apptainer"
+    # State directories and secret files (absolute): no bind may reach into or above them.
+    protected_paths: tuple[str, ...] = ()
+    # Force user-namespace mode: needed when the runner itself runs as root on these hosts
+    # (then mpirun is also allowed to run as root).
+    userns: bool = False
+    extra_flags: tuple[str, ...] = ()
+    # PATH of the launcher on the host (apptainer, mpirun, sh must be found).
+    host_path: str = DEFAULT_HOST_PATH
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    """The job's host directories, chosen by the executor."""
+
+    job_id: str
+    workspace: str  # bound read-write at /work, the working directory
+    scratch: str  # --workdir: backs /tmp and /var/tmp (and so HOME)
+    meta: str  # bound read-only at /.hpc-runner: the env file and the script
+
+    @property
+    def env_file(self) -> str:
+        return posixpath.join(self.meta, ENV_FILE_NAME)
+
+    @property
+    def script_file(self) -> str:
+        return posixpath.join(self.meta, SCRIPT_NAME)
+
+
+@dataclass(frozen=True)
+class SandboxPlan:
+    """What the executor runs: write `env_file` (and `script`) into meta, then launch."""
+
+    argv: tuple[str, ...]  # one rank: (apptainer, --quiet, exec, flags..., IMAGE, command...)
+    env_file: str  # the text of META/env
+    script: str | None  # the text of META/script, for a job with `script`
+    # Run each rank through this (before argv): it carries the launcher's per-rank variables
+    # across --cleanenv. Empty when there is nothing to carry.
+    rank_wrapper: tuple[str, ...]
+    # The launcher's whole environment: PATH and the host MPI's launcher settings.
+    host_env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Variables (a trailing "*" is a prefix) the rank wrapper carries into the job.
+    passthrough: tuple[str, ...] = ()
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+def _host_path(path: str, what: str) -> str:
+    """A runner-chosen host path that goes into a `--bind`: absolute and unambiguous."""
+    try:
+        return check_absolute_path(path, what)
+    except ValueError as exc:
+        raise InfrastructureError(f"cannot bind into the sandbox: {exc}") from None
+
+
+def _protected_roots(site: SandboxSite, realpath: Callable[[str], str]) -> list[str]:
+    # A protected path reached through a symlink is protected under both names.
+    roots: list[str] = []
+    for path in site.protected_paths:
+        for form in (posixpath.normpath(path), realpath(path)):
+            if form not in roots:
+                roots.append(form)
+    return roots
+
+
+def _source_problem(source: str, protected: Iterable[str]) -> str | None:
+    if source == "/":
+        return "the root directory"
+    for root in FORBIDDEN_ROOTS:
+        if is_within(source, root):
+            return f"inside {root}"
+    for path in protected:
+        if is_within(source, path):
+            return f"inside the protected path {path}"
+        if is_within(path, source):
+            return f"a parent of the protected path {path}"
+    return None
+
+
+def _target_problem(target: str, taken: Iterable[str]) -> str | None:
+    if target == "/":
+        return "the root directory"
+    for root in (*FORBIDDEN_ROOTS, *RESERVED_TARGETS):
+        if is_within(target, root):
+            return f"inside {root}, which is reserved"
+    for path in taken:
+        if is_within(target, path) or is_within(path, target):
+            return f"overlapping {path}, which the runner binds"
+    return None
+
+
+def _granted_bind(bind: Bind, protected: list[str], taken: list[str],
+                  realpath: Callable[[str], str]) -> Bind:
+    """The bind with a canonical source and target, or SandboxRefused saying why not."""
+    source = _refused_unless_clean(realpath(bind.source), bind, "source")
+    target = _refused_unless_clean(bind.target, bind, "target")
+    for path in dict.fromkeys((bind.source, source)):
+        problem = _source_problem(path, protected)
+        if problem:
+            how = f"{bind.source} resolves to {path}, which" if path != bind.source else path
+            raise SandboxRefused(f"bind {bind} refused: its source {how} is {problem}")
+    problem = _target_problem(target, taken)
+    if problem:
+        raise SandboxRefused(f"bind {bind} refused: its target {target} is {problem}")
+    return Bind(source, target, bind.mode)
+
+
+def _refused_unless_clean(path: str, bind: Bind, side: str) -> str:
+    try:
+        return check_absolute_path(path, f"bind {side}")
+    except ValueError as exc:
+        raise SandboxRefused(f"bind {bind} refused: {exc}") from None
+
+
+def _runner_dir(path: str, what: str, protected: list[str], realpath: Callable[[str], str]) -> str:
+    """A runner-chosen directory: canonical, and not an ancestor of anything protected."""
+    resolved = _host_path(realpath(_host_path(path, what)), what)
+    for root in protected:
+        if resolved == "/" or is_within(root, resolved):
+            raise InfrastructureError(f"the job's {what} {resolved} contains the protected path "
+                                      f"{root}; choose per-job directories outside it")
+    return resolved
+
+
+# -- the parts of the command line ------------------------------------------------------------
+
+def bind_flag(bind: Bind) -> tuple[str, str]:
+    return ("--bind", f"{bind.source}:{bind.target}:{bind.mode}")
+
+
+def _isolation_flags(site: SandboxSite, decision: Decision, scratch: str, home: str) -> list[str]:
+    flags = ["--contain", "--cleanenv", "--no-eval", "--no-home", "--home", f"{scratch}:{home}",
+             "--no-mount", "cwd"]
+    if site.userns:
+        flags.append("--userns")
+    if decision.network_isolated:
+        flags += ["--net", "--network", "none"]
+    if decision.mpi:
+        flags.append("--sharens")
+    return flags
+
+
+def _wants_gpus(spec: JobSpec, decision: Decision) -> bool:
+    return decision.gpus and (spec.resources.gpus or 0) > 0
+
+
+def _mpi_binds(mpi: HostMpi, protected: list[str], realpath: Callable[[str], str]) -> list[Bind]:
+    """The host MPI's binds, checked like a job's: they come from a cache file on disk."""
+    binds = []
+    for bind in mpi.binds:
+        source = _host_path(bind.source, "host MPI path")
+        for path in dict.fromkeys((source, realpath(source))):
+            problem = _source_problem(path, protected)
+            if problem:
+                raise InfrastructureError(f"host MPI bind {bind} refused: {path} is {problem}")
+        binds.append(Bind(source, _host_path(bind.target, "host MPI target"), "ro"))
+    return binds
+
+
+def _command(spec: JobSpec) -> tuple[str, ...]:
+    if spec.script is not None:
+        return (*SCRIPT_SHELL, posixpath.join(META, SCRIPT_NAME))
+    if not spec.command:
+        raise SandboxRefused(f"job {spec.name} has neither a command nor a script")
+    if any("\x00" in arg for arg in spec.command):
+        raise SandboxRefused(f"job {spec.name}: a command argument contains a NUL character")
+    return spec.command
+
+
+def _home(spec: JobSpec) -> str:
+    """HOME inside: /tmp, or the job's own choice (Apptainer takes it only as a flag)."""
+    home = spec.env.get("HOME", CONTAINER_HOME)
+    try:
+        return check_absolute_path(home, "HOME")
+    except ValueError as exc:
+        raise SandboxRefused(f"job {spec.name}: env.HOME: {exc}") from None
+
+
+def _resources(decision: Decision) -> SlurmResources:
+    if not decision.allowed or decision.slurm is None:
+        raise SandboxRefused("the policy did not allow this job")
+    return decision.slurm
+
+
+def job_env(spec: JobSpec, decision: Decision, paths: JobPaths, mpi: HostMpi | None,
+            extra_env: Mapping[str, str] = MappingProxyType({})) -> dict[str, str]:
+    """The env file's variables: the runner's, then the executor's extras, then the spec's.
+
+    The spec cannot set HPC_RUNNER_* (the spec parser reserves them). HOME is left out:
+    Apptainer takes it from `--home`.
+    """
+    res = _resources(decision)
+    env = {"CI": "true", "TMPDIR": CONTAINER_TMPDIR, **extra_env, **spec.env}
+    env.update({
+        "HPC_RUNNER_JOB_ID": paths.job_id, "HPC_RUNNER_JOB_NAME": spec.name,
+        "HPC_RUNNER_ACCOUNT": decision.account or "", "HPC_RUNNER_NODES": str(res.nodes),
+        "HPC_RUNNER_TASKS": str(res.tasks), "HPC_RUNNER_CPUS_PER_TASK": str(res.cpus_per_task),
+        "HPC_RUNNER_WORKSPACE": WORKSPACE,
+    })
+    env.pop("HOME", None)
+    if mpi is not None:
+        # The bound MPI first; a job's own LD_LIBRARY_PATH still applies after it.
+        own = env.get("LD_LIBRARY_PATH")
+        env["LD_LIBRARY_PATH"] = mpi.library_dir + (f":{own}" if own else "")
+    return env
+
+
+def _passthrough(decision: Decision, gpus: bool, mpi: HostMpi | None) -> tuple[str, ...]:
+    names: list[str] = []
+    if mpi is not None and decision.mpi:
+        names += [f"{prefix}*" for prefix in (*mpi.passthrough_prefixes, *RANK_PASSTHROUGH_PREFIXES)]
+    if gpus:
+        names += GPU_PASSTHROUGH_NAMES
+    return tuple(names)
+
+
+def rank_wrapper_script(passthrough: Iterable[str]) -> str:
+    """POSIX sh that re-exports each passthrough variable as APPTAINERENV_<name>, then execs.
+
+    Apptainer hands APPTAINERENV_<name> into the container as <name> even under
+    --cleanenv (and, with --no-eval, unevaluated). Names are matched as [A-Za-z0-9_] only,
+    which is what makes the `eval` safe; values are never parsed.
+    """
+    exprs = []
+    for item in passthrough:
+        stem = item[:-1] if item.endswith("*") else item
+        check_env_name(stem)  # also keeps the stem free of anything sed or sh would read
+        tail = "[A-Za-z0-9_]*" if item.endswith("*") else ""
+        exprs.append(f"-e 's/^\\({stem}{tail}\\)=.*/\\1/p'")
+    return (f"for name in $(env | sed -n {' '.join(exprs)}); do "
+            'eval "value=\\${$name}"; export "APPTAINERENV_$name=$value"; done; exec "$@"')
+
+
+# mpirun refuses to start as root unless told twice; a site that runs jobs as root
+# (`userns`, a development machine) has already decided that.
+MPIRUN_AS_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def _host_env(site: SandboxSite, mpi: HostMpi | None) -> Mapping[str, str]:
+    path = site.host_path
+    env: dict[str, str] = {}
+    if mpi is not None:
+        # mpirun finds its own helpers (orted) beside itself; a module-installed MPI is
+        # not on the default PATH.
+        bindir = posixpath.dirname(mpi.mpirun)
+        if bindir not in path.split(":"):
+            path = f"{bindir}:{path}"
+        env.update(mpi.launcher_env)
+        if site.userns:
+            env.update(MPIRUN_AS_ROOT_ENV)
+    env["PATH"] = path
+    return MappingProxyType(env)
+
+
+# -- the plan ----------------------------------------------------------------------------------
+
+def plan_sandbox(spec: JobSpec, decision: Decision, image_path: str, paths: JobPaths,
+                 site: SandboxSite, mpi: HostMpi | None, *,
+                 realpath: Callable[[str], str] = os.path.realpath,
+                 extra_env: Mapping[str, str] = MappingProxyType({})) -> SandboxPlan:
+    """The Apptainer argv, env file and launch wrapper for one job (pure but for `realpath`)."""
+    _resources(decision)
+    if decision.mpi and mpi is None:
+        raise InfrastructureError(f"job {spec.name} uses MPI and no host MPI was discovered")
+    job_mpi = mpi if decision.mpi else None
+    protected = _protected_roots(site, realpath)
+    workspace = _runner_dir(paths.workspace, "workspace", protected, realpath)
+    scratch = _runner_dir(paths.scratch, "scratch directory", protected, realpath)
+    meta = _runner_dir(paths.meta, "metadata directory", protected, realpath)
+    image = _host_path(image_path, "image")
+    mpi_binds = _mpi_binds(job_mpi, protected, realpath) if job_mpi else []
+    taken = [b.target for b in mpi_binds]
+    granted = [_granted_bind(b, protected, taken, realpath) for b in spec.binds]
+    gpus = _wants_gpus(spec, decision)
+    try:
+        env_text = render_env_file(job_env(spec, decision, paths, job_mpi, extra_env))
+    except EnvFileError as exc:
+        raise SandboxRefused(f"job {spec.name}: {exc}") from None
+    argv = [site.apptainer, "--quiet", "exec",
+            *_isolation_flags(site, decision, scratch, _home(spec)),
+            *(["--nv"] if gpus else []),
+            "--workdir", scratch,
+            *bind_flag(Bind(workspace, WORKSPACE, "rw")), "--pwd", WORKSPACE,
+            *bind_flag(Bind(meta, META, "ro")), "--env-file", posixpath.join(meta, ENV_FILE_NAME)]
+    for bind in (*granted, *mpi_binds):
+        argv += bind_flag(bind)
+    argv += [*site.extra_flags, image, *_command(spec)]
+    passthrough = _passthrough(decision, gpus, job_mpi)
+    wrapper = ("/bin/sh", "-c", rank_wrapper_script(passthrough), RANK_WRAPPER_NAME) if passthrough else ()
+    return SandboxPlan(argv=tuple(argv), env_file=env_text, script=spec.script, rank_wrapper=wrapper,
+                       host_env=_host_env(site, job_mpi), passthrough=passthrough)
+
+
+def plan_local_launch(plan: SandboxPlan, spec: JobSpec, decision: Decision,
+                      mpi: HostMpi | None) -> tuple[str, ...]:
+    """The host command that runs the job on this machine (the local executor).
+
+    MPI jobs start under the host's mpirun, every rank through the rank wrapper:
+    - `-np TASKS`: the decision's rank count, all on this node;
+    - `--oversubscribe`: a CI machine may have fewer cores than the job has ranks, and
+      mpirun refuses to start more ranks than slots without it;
+    - `--bind-to none`: Open MPI pins ranks to cores when not oversubscribed, which pins
+      every concurrently running job to the same first cores of a shared machine.
+    """
+    res = _resources(decision)
+    if not (spec.mpi and decision.mpi):
+        return (*plan.rank_wrapper, *plan.argv)
+    if mpi is None:
+        raise InfrastructureError(f"job {spec.name} uses MPI and no host MPI was discovered")
+    return (mpi.mpirun, "-np", str(res.tasks), "--oversubscribe", "--bind-to", "none",
+            *plan.rank_wrapper, *plan.argv)
+
+
+def expected_env_name(name: str, spec: JobSpec, plan: SandboxPlan) -> bool:
+    """Whether `name` may appear in the job's environment (for tests and `doctor`)."""
+    patterns = (*DOCUMENTED_ENV, *APPTAINER_ADDED_ENV, *spec.env, *plan.passthrough)
+    return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in patterns)

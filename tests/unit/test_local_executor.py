@@ -1,0 +1,289 @@
+"""The local executor: exact environment, one log for both streams, walltime, cancellation, no strays."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from runner.errors import InfrastructureError
+from runner.executors.local import LocalExecutor, LocalLaunch, Outcome
+
+DEADLINE_S = 10.0
+ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
+    """Poll a condition until it holds; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def launch(tmp_path: Path, script: str, *, walltime: float = 30.0, grace: float = 5.0,
+           env: dict[str, str] | None = None) -> LocalLaunch:
+    return LocalLaunch(argv=("/bin/sh", "-c", script), env=ENV if env is None else env,
+                       cwd=str(tmp_path), log_path=tmp_path / "job.log", walltime_seconds=walltime,
+                       grace_seconds=grace)
+
+
+def log_of(spec: LocalLaunch) -> str:
+    return spec.log_path.read_text() if spec.log_path.exists() else ""
+
+
+def group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def leader_pid(spec: LocalLaunch) -> int:
+    """The job scripts print `leader=$$` first: the shell is the group leader, its pid the pgid."""
+    found = re.search(r"leader=(\d+)", log_of(spec))
+    assert found, log_of(spec)
+    return int(found.group(1))
+
+
+@pytest.fixture
+def umask_077() -> Iterator[None]:
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+# --- exit statuses -------------------------------------------------------------------------------
+
+async def test_success(tmp_path: Path) -> None:
+    spec = launch(tmp_path, "echo hello")
+    assert await LocalExecutor().run(spec) == Outcome("succeeded", 0, "exit status 0")
+    assert log_of(spec) == "hello\n"
+
+
+async def test_exit_status_3_comes_back_as_3(tmp_path: Path) -> None:
+    outcome = await LocalExecutor().run(launch(tmp_path, "exit 3"))
+    assert outcome == Outcome("failed", 3, "exit status 3")
+
+
+async def test_death_by_signal_is_128_plus_n_and_named(tmp_path: Path) -> None:
+    outcome = await LocalExecutor().run(launch(tmp_path, "kill -SEGV $$"))
+    assert outcome.state == "failed"
+    assert outcome.exit_status == 128 + 11
+    assert "SIGSEGV" in outcome.detail
+
+
+# --- what the job sees ---------------------------------------------------------------------------
+
+async def test_the_environment_is_exactly_the_given_one(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPC_RUNNER_AGENT_SECRET", "must not leak")
+    spec = LocalLaunch(argv=("/usr/bin/env",), env={"PATH": "/usr/bin:/bin", "FOO": "bar baz"},
+                       cwd=str(tmp_path), log_path=tmp_path / "job.log", walltime_seconds=30)
+    assert (await LocalExecutor().run(spec)).state == "succeeded"
+    assert sorted(log_of(spec).splitlines()) == ["FOO=bar baz", "PATH=/usr/bin:/bin"]
+
+
+async def test_stdin_is_dev_null_and_cwd_is_applied(tmp_path: Path) -> None:
+    spec = launch(tmp_path, "readlink /proc/self/fd/0; pwd; cat; echo end")
+    assert (await LocalExecutor().run(spec)).state == "succeeded"
+    assert log_of(spec) == f"/dev/null\n{tmp_path}\nend\n"
+
+
+async def test_the_job_leads_its_own_session(tmp_path: Path) -> None:
+    code = "import os; print(os.getsid(0) == os.getpid() == os.getpgid(0))"
+    spec = LocalLaunch(argv=(sys.executable, "-c", code), env={}, cwd=str(tmp_path),
+                       log_path=tmp_path / "job.log", walltime_seconds=30)
+    assert (await LocalExecutor().run(spec)).state == "succeeded"
+    assert log_of(spec) == "True\n"
+
+
+async def test_stdout_and_stderr_interleave_in_order_in_one_file(tmp_path: Path) -> None:
+    script = "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; done"
+    spec = launch(tmp_path, script)
+    assert (await LocalExecutor().run(spec)).state == "succeeded"
+    assert log_of(spec).split() == [f"{stream}{i}" for i in range(1, 6) for stream in ("out", "err")]
+
+
+async def test_the_log_is_appended_to_and_created_0640(tmp_path: Path, umask_077: None) -> None:
+    spec = launch(tmp_path, "echo second")
+    assert (await LocalExecutor().run(spec)).state == "succeeded"
+    assert stat.S_IMODE(spec.log_path.stat().st_mode) == 0o640
+    spec.log_path.chmod(0o600)
+    spec.log_path.write_text("first\n")
+    assert (await LocalExecutor().run(spec)).state == "succeeded"
+    assert log_of(spec) == "first\nsecond\n"
+    # An existing log keeps the mode it has.
+    assert stat.S_IMODE(spec.log_path.stat().st_mode) == 0o600
+
+
+async def test_a_program_that_cannot_start_is_an_infrastructure_error(tmp_path: Path) -> None:
+    spec = LocalLaunch(argv=("/nonexistent/apptainer", "exec"), env=ENV, cwd=str(tmp_path),
+                       log_path=tmp_path / "job.log", walltime_seconds=30)
+    with pytest.raises(InfrastructureError, match="/nonexistent/apptainer"):
+        await LocalExecutor().run(spec)
+    assert "hpc-runner: cannot start /nonexistent/apptainer" in log_of(spec)
+
+
+async def test_a_missing_log_directory_is_an_infrastructure_error(tmp_path: Path) -> None:
+    spec = LocalLaunch(argv=("/bin/true",), env=ENV, cwd=str(tmp_path),
+                       log_path=tmp_path / "missing" / "job.log", walltime_seconds=30)
+    with pytest.raises(InfrastructureError, match="job log"):
+        await LocalExecutor().run(spec)
+
+
+def test_an_empty_argv_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="argv"):
+        LocalLaunch(argv=(), env={}, cwd=str(tmp_path), log_path=tmp_path / "log", walltime_seconds=1)
+
+
+# --- walltime ------------------------------------------------------------------------------------
+
+async def test_walltime_terminates_the_job(tmp_path: Path) -> None:
+    spec = launch(tmp_path, "echo leader=$$; exec sleep 1000", walltime=0.5, grace=5.0)
+    started = time.monotonic()
+    outcome = await LocalExecutor().run(spec)
+    elapsed = time.monotonic() - started
+    assert outcome.state == "timed_out"
+    assert outcome.detail == "walltime of 0.5s exceeded"
+    assert outcome.exit_status == 128 + 15
+    # sleep dies of SIGTERM at once: no need to wait for the grace period.
+    assert elapsed < 0.5 + 2.0
+    assert "hpc-runner: walltime of 0.5s exceeded; sent SIGTERM\n" in log_of(spec)
+    assert "SIGKILL" not in log_of(spec)
+    assert not group_exists(leader_pid(spec))
+
+
+async def test_walltime_kills_a_group_ignoring_sigterm_within_grace_plus_one_second(tmp_path: Path) -> None:
+    script = "trap '' TERM; echo leader=$$; sleep 1000 & sleep 1000 & sleep 1000"
+    spec = launch(tmp_path, script, walltime=0.5, grace=1.0)
+    started = time.monotonic()
+    outcome = await LocalExecutor().run(spec)
+    elapsed = time.monotonic() - started
+    assert outcome.state == "timed_out"
+    assert outcome.detail == "walltime of 0.5s exceeded"
+    assert elapsed < 0.5 + 1.0 + 1.0
+    assert elapsed >= 0.5 + 1.0
+    log = log_of(spec)
+    assert "hpc-runner: walltime of 0.5s exceeded; sent SIGTERM\n" in log
+    assert log.endswith("hpc-runner: walltime of 0.5s exceeded; sent SIGKILL\n")
+    assert not group_exists(leader_pid(spec))
+
+
+async def test_notes_start_on_a_line_of_their_own(tmp_path: Path) -> None:
+    spec = launch(tmp_path, "printf 'no newline'; exec sleep 1000", walltime=0.2)
+    await LocalExecutor().run(spec)
+    assert log_of(spec).startswith("no newline\nhpc-runner: walltime of 0.2s exceeded; sent SIGTERM\n")
+
+
+# --- stray processes -----------------------------------------------------------------------------
+
+async def test_background_children_do_not_outlive_a_finished_job(tmp_path: Path) -> None:
+    script = "echo leader=$$; sleep 1000 & sleep 1000 & (sleep 1000 &); echo started"
+    spec = launch(tmp_path, script, grace=5.0)
+    outcome = await LocalExecutor().run(spec)
+    assert outcome == Outcome("succeeded", 0, "exit status 0")
+    assert "hpc-runner: the job's command exited but left processes running; sent SIGTERM" in log_of(spec)
+    assert not group_exists(leader_pid(spec))
+
+
+async def test_stray_children_ignoring_sigterm_are_killed(tmp_path: Path) -> None:
+    script = "trap '' TERM; echo leader=$$; sleep 1000 & exit 4"
+    spec = launch(tmp_path, script, grace=0.3)
+    outcome = await LocalExecutor().run(spec)
+    assert outcome == Outcome("failed", 4, "exit status 4")
+    assert log_of(spec).endswith("left processes running; sent SIGKILL\n")
+    assert not group_exists(leader_pid(spec))
+
+
+# --- cancellation --------------------------------------------------------------------------------
+
+async def test_cancel_terminates_the_group(tmp_path: Path) -> None:
+    spec = launch(tmp_path, "echo leader=$$; sleep 1000 & sleep 1000", grace=5.0)
+    cancel = asyncio.Event()
+    running = asyncio.ensure_future(LocalExecutor().run(spec, cancel))
+    await wait_until(lambda: "leader=" in log_of(spec), "the job to start")
+    cancel.set()
+    outcome = await asyncio.wait_for(running, DEADLINE_S)
+    assert outcome.state == "cancelled"
+    assert outcome.detail == "cancelled"
+    assert "hpc-runner: job cancelled; sent SIGTERM\n" in log_of(spec)
+    assert not group_exists(leader_pid(spec))
+
+
+async def test_cancel_of_a_group_ignoring_sigterm_ends_within_grace_plus_one_second(tmp_path: Path) -> None:
+    spec = launch(tmp_path, "trap '' TERM; echo leader=$$; sleep 1000", grace=0.5)
+    cancel = asyncio.Event()
+    running = asyncio.ensure_future(LocalExecutor().run(spec, cancel))
+    await wait_until(lambda: "leader=" in log_of(spec), "the job to start")
+    cancel.set()
+    started = time.monotonic()
+    outcome = await asyncio.wait_for(running, DEADLINE_S)
+    assert time.monotonic() - started < 0.5 + 1.0
+    assert outcome.state == "cancelled"
+    assert log_of(spec).endswith("hpc-runner: job cancelled; sent SIGKILL\n")
+    assert not group_exists(leader_pid(spec))
+
+
+async def test_cancel_set_before_the_start_runs_nothing(tmp_path: Path) -> None:
+    spec = launch(tmp_path, "echo ran > ran.txt")
+    cancel = asyncio.Event()
+    cancel.set()
+    outcome = await LocalExecutor().run(spec, cancel)
+    assert outcome.state == "cancelled"
+    assert not (tmp_path / "ran.txt").exists()
+
+
+async def test_a_cancel_event_that_is_never_set_changes_nothing(tmp_path: Path) -> None:
+    outcome = await LocalExecutor().run(launch(tmp_path, "exit 3"), asyncio.Event())
+    assert outcome == Outcome("failed", 3, "exit status 3")
+
+
+async def test_cancelling_the_task_kills_the_group(tmp_path: Path) -> None:
+    spec = launch(tmp_path, "trap '' TERM; echo leader=$$; sleep 1000 & sleep 1000")
+    running = asyncio.ensure_future(LocalExecutor().run(spec))
+    await wait_until(lambda: "leader=" in log_of(spec), "the job to start")
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert not group_exists(leader_pid(spec))
+
+
+async def test_concurrent_jobs_are_independent(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    quick = launch(tmp_path / "a", "echo leader=$$; sleep 1000 & exit 5", grace=5.0)
+    slow = launch(tmp_path / "b", "echo leader=$$; exec sleep 1000", walltime=0.5)
+    outcomes = await asyncio.gather(LocalExecutor().run(quick), LocalExecutor().run(slow))
+    assert [outcome.state for outcome in outcomes] == ["failed", "timed_out"]
+    assert outcomes[0].exit_status == 5
+    assert not group_exists(leader_pid(quick))
+    assert not group_exists(leader_pid(slow))
+
+
+async def test_a_log_that_cannot_be_written_does_not_stop_the_walltime(tmp_path: Path) -> None:
+    # /dev/full fails every write with ENOSPC, as a full disk would.
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    spec = LocalLaunch(argv=("/bin/sh", "-c", "exec sleep 1000"), env=ENV, cwd=str(tmp_path),
+                       log_path=Path("/dev/full"), walltime_seconds=0.2, grace_seconds=1.0)
+    outcome = await asyncio.wait_for(LocalExecutor().run(spec), DEADLINE_S)
+    assert outcome.state == "timed_out"
+
+
+async def test_the_walltime_is_written_as_a_person_would(tmp_path: Path) -> None:
+    spec = launch(tmp_path, "exec sleep 1000", walltime=1.0)
+    outcome = await LocalExecutor().run(spec)
+    assert outcome.detail == "walltime of 1s exceeded"
+    assert "hpc-runner: walltime of 1s exceeded; sent SIGTERM\n" in log_of(spec)
