@@ -70,7 +70,8 @@ FILE_DESCRIPTIONS = {
 @dataclass(frozen=True)
 class SandboxConfig:
     apptainer: str = "apptainer"          # a command name looked up on PATH, or an absolute path
-    workdir_root: Path | None = None      # Apptainer's --workdir parent; None: Apptainer's default
+    workdir_root: Path | None = None      # parent of each job's private /tmp; None: the job's dir
+    grace_period: int = 10                # seconds between SIGTERM and SIGKILL at walltime or cancel
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class AgentConfig:
     github: GithubConfig | None = None
     gateway: GatewayConfig | None = None
     source: str | None = None             # the file it was read from; None: the embedded default
+    socket: Path | None = None            # the local queue's socket; None: <state_dir>/agent.sock
 
     def secret_files(self) -> list[Path]:
         """Every file holding a secret that the config names (each must be 0600, ours)."""
@@ -326,8 +328,9 @@ def _parse_sandbox(table: Table | None) -> SandboxConfig:
         return SandboxConfig()
     apptainer = table.converted("apptainer", _apptainer_command, "apptainer")
     workdir_root = table.converted("workdir_root", _path, None)
+    grace_period = table.converted("grace_period", parse_duration, 10)
     table.finish()
-    return SandboxConfig(apptainer, workdir_root)
+    return SandboxConfig(apptainer, workdir_root, grace_period)
 
 
 def _parse_mpi(table: Table | None) -> MpiConfig:
@@ -419,6 +422,7 @@ def config_from_document(doc: TomlDocument) -> AgentConfig:
     policy = root.converted("policy", _path, None)
     executor = _choice(root, "executor", EXECUTORS, "local")
     max_jobs = root.integer("max_jobs", default_max_jobs(executor), maximum=MAX_MAX_JOBS)
+    socket = root.converted("socket", _path, None)
     sandbox = _parse_sandbox(root.table("sandbox"))
     mpi = _parse_mpi(root.table("mpi"))
     buildkite = _optional_section(root, "buildkite", _parse_buildkite)
@@ -430,7 +434,7 @@ def config_from_document(doc: TomlDocument) -> AgentConfig:
         raise root.error("policy", "is required when [buildkite] or [github] is configured: "
                                    "CI jobs need the site's own policy file")
     return AgentConfig(state_dir, work_root, policy, executor, max_jobs, sandbox, mpi, buildkite, github,
-                       gateway, doc.name)
+                       gateway, doc.name, socket)
 
 
 def _check_layout(root: Table, state_dir: Path, work_root: Path) -> None:

@@ -8,8 +8,9 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from runner.config import AgentConfig
+from runner.config import AgentConfig, check_policy_against_site
 from runner.demo.image import build_demo_image, default_image_path, sha256_of
+from runner.errors import InputError
 from runner.policy import Policy, load_policy
 
 
@@ -47,9 +48,18 @@ def ensure_embedded_policy(config: AgentConfig, *, image: Path | None = None,
 
 
 def load_site_policy(config: AgentConfig, *, explicit: str | None = None) -> Policy:
-    """The policy to run under: --policy, else the config's, else the embedded default."""
+    """The policy to run under: --policy, else the config's, else the embedded default.
+
+    A policy whose grants would bind the agent's state or secrets into jobs is refused here,
+    whatever the policy file itself says.
+    """
     if explicit:
-        return load_policy(explicit)
-    if config.policy is not None:
-        return load_policy(config.policy)
-    return load_policy(ensure_embedded_policy(config))
+        policy = load_policy(explicit)
+    elif config.policy is not None:
+        policy = load_policy(config.policy)
+    else:
+        policy = load_policy(ensure_embedded_policy(config))
+    problems = check_policy_against_site(policy, config)
+    if problems:
+        raise InputError("; ".join(problems), file=policy.source)
+    return policy

@@ -12,10 +12,14 @@ _configured = False
 
 
 def configure_logging(*, level: str = "info", stream: TextIO | None = None,
-                      force_json: bool | None = None) -> None:
-    """Configure structlog for the process; later calls are ignored unless forced by tests."""
+                      force_json: bool | None = None, reconfigure: bool = False) -> None:
+    """Configure structlog for the process, once.
+
+    Later calls are ignored unless they choose a format (`force_json`) or ask to
+    `reconfigure`: a library call deep inside must not undo what the entry point chose.
+    """
     global _configured
-    if _configured and force_json is None:
+    if _configured and force_json is None and not reconfigure:
         return
     stream = stream or sys.stderr
     as_json = force_json if force_json is not None else not stream.isatty()

@@ -104,7 +104,9 @@ def prepare_job(site: Site, *, job_id: str, spec: JobSpec, decision: Decision,
                          apptainer=site.config.sandbox.apptainer)
     mpi = site.host_mpi() if spec.mpi else None
     directory = job_dir(site.config, job_id)
-    meta, scratch = directory / "meta", directory / "tmp"
+    meta = directory / "meta"
+    workdir_root = site.config.sandbox.workdir_root
+    scratch = workdir_root / job_id if workdir_root else directory / "tmp"
     for path in (site.config.work_root, directory, meta, scratch):
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     paths = JobPaths(job_id=job_id, workspace=str(real_workspace), scratch=str(scratch), meta=str(meta))

@@ -12,7 +12,7 @@ from runner.agent import Agent
 from runner.config import AgentConfig, default_config, load_config
 from runner.embedded import load_site_policy
 from runner.errors import InputError
-from runner.localqueue.paths import socket_path
+from runner.localqueue.paths import socket_mode, socket_path
 from runner.localqueue.server import LocalQueueServer
 from runner.logging_setup import get_logger
 from runner.policy import Policy
@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     except InputError as exc:
         print(f"hpc-runner: refusing to start: {exc}", file=sys.stderr)
         return exitcodes.INVALID_INPUT
-    return asyncio.run(serve(config, policy, lambda: load_site_policy(config)))
+    return asyncio.run(serve(config, policy, lambda: load_site_policy(config),
+                             grace_seconds=config.sandbox.grace_period))
 
 
 async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy],
@@ -58,7 +59,7 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
     """Serve the local queue until drained (SIGTERM, or `stop` set by an embedding caller)."""
     with Store.open(config.state_dir) as store:
         agent = Agent(config, policy, store, policy_loader=reload, grace_seconds=grace_seconds)
-        server = LocalQueueServer(agent, socket_path(config))
+        server = LocalQueueServer(agent, socket_path(config), mode=socket_mode(config))
         await server.start()
         agent.start()
         agent.install_signal_handlers()

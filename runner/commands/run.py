@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         store.append_audit(actor=identity.actor_principal, action="started", job_id=record.id,
                            detail={"argv": list(prepared.argv), "image": prepared.image.path,
                                    "image_sha256": prepared.image.sha256})
-        outcome = asyncio.run(_execute(prepared))
+        outcome = asyncio.run(_execute(prepared, config.sandbox.grace_period))
         store.set_state(record.id, JobState(outcome.state), exit_status=outcome.exit_status,
                         outcome_detail=outcome.detail)
     if outcome.state != "succeeded":
@@ -95,13 +95,13 @@ def run(args: argparse.Namespace) -> int:
     return exitcodes.for_outcome(outcome.state, outcome.exit_status)
 
 
-async def _execute(prepared: PreparedJob) -> Outcome:
+async def _execute(prepared: PreparedJob, grace_seconds: float) -> Outcome:
     """Run the job while copying its log to stdout; Ctrl-C or SIGTERM cancels it."""
     cancel = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, cancel.set)
-    task = asyncio.create_task(LocalExecutor().run(prepared.local_launch(), cancel))
+    task = asyncio.create_task(LocalExecutor().run(prepared.local_launch(grace_seconds), cancel))
     out = sys.stdout.buffer
     async for _offset, chunk in follow(prepared.log_path, done=task.done):
         out.write(chunk)

@@ -17,6 +17,7 @@ from runner.config import AgentConfig, default_config
 from runner.embedded import ensure_embedded_policy
 from runner.localqueue.client import LocalQueueClient
 from runner.localqueue.paths import socket_path
+from runner.logging_setup import configure_logging
 from runner.policy import load_policy
 
 DEMO_GRACE_SECONDS = 2.0
@@ -73,9 +74,10 @@ def _run_example(client: LocalQueueClient, example: Example, workspace: Path) ->
     problem = None if final["state"] == example.expect_state else \
         f"ended {final['state']}, expected {example.expect_state}"
     problem = problem or example.check(log, decision)
-    exit_status = "" if final["exit_status"] is None else f", exit status {final['exit_status']}"
-    _say(f"outcome: {final['state']}{exit_status}"
-         + (f" ({final['detail']})" if final.get("detail") else ""))
+    detail = final.get("detail") or ""
+    if final["exit_status"] is not None and not detail.startswith("exit status"):
+        detail = f"exit status {final['exit_status']}; {detail}" if detail else ""
+    _say(f"outcome: {final['state']}" + (f" ({detail})" if detail else ""))
     return problem is None, problem or "as expected"
 
 
@@ -117,6 +119,8 @@ async def _demo(root: Path) -> int:
 
 
 def run_demo(keep: bool = False) -> int:
+    # The demo speaks for itself on stdout; the embedded agent only reports problems.
+    configure_logging(level="warning", force_json=not sys.stderr.isatty())
     root = Path(tempfile.mkdtemp(prefix="hpc-runner-demo-"))
     os.chmod(root, 0o700)
     try:

@@ -40,7 +40,8 @@ class LocalQueueServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # a socket for every local user needs a directory they can traverse
+        self.path.parent.mkdir(mode=0o755 if self.mode & 0o066 else 0o700, parents=True, exist_ok=True)
         if self.path.exists() or self.path.is_symlink():
             if _socket_alive(self.path):
                 raise InputError(f"another agent is already listening on {self.path}")

@@ -106,7 +106,7 @@ def _account_reasons(job: JobSpec, account: Account, res: SlurmResources, usage:
                        f"({', '.join(account.partitions)})")
     if res.nodes > account.max_nodes:
         reasons.append(f"{res.nodes} nodes exceed account {name}'s max_nodes = {account.max_nodes}")
-    if res.gpus > account.max_gpus + 1:
+    if res.gpus > account.max_gpus:
         reasons.append(f"{res.gpus} GPUs exceed account {name}'s max_gpus = {account.max_gpus}")
     if res.time_seconds > account.max_time:
         reasons.append(f"walltime {human_duration(res.time_seconds)} exceeds account {name}'s "

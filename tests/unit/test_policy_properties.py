@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from typing import NamedTuple, TypeVar
 
 from hypothesis import HealthCheck, given, settings
@@ -128,30 +129,98 @@ def identities(draw: st.DrawFn) -> Identity:
                     event=draw(_LOCAL_EVENTS))
 
 
+class Case(NamedTuple):
+    policy: Policy
+    identity: Identity
+    job: JobSpec
+    usage: Usage
+
+
+# One way, or none, in which a case built after a grant departs from it.
+KNOBS = ("none", "nodes", "gpus", "time", "memory", "partition", "running", "account", "image", "binds",
+         "mpi", "network", "fork", "event", "ref", "signer", "principal")
+_KNOBS = st.sampled_from(KNOBS)
+_REF_EXAMPLES = {"refs/heads/main": "refs/heads/main", "refs/pull/*": "refs/pull/7/head",
+                 "refs/tags/*": "refs/tags/v1"}
+
+
+def _identity_holding(principal: str, *, event: str | None, ref: str | None, fork: bool,
+                      signer: str | None) -> Identity:
+    """An identity that holds `principal` (a wildcard stands for a name in the pool)."""
+    source, kind, value = principal.split(":")
+    owner, _, name = value.partition("/")
+    name = {"*": "r" if kind == "repo" else "p" if kind == "pipeline" else "core"}.get(name, name)
+    if source == "github":
+        return Identity(source="github", repository=f"{owner}/{name}" if kind == "repo" else "O/x",
+                        actor=value if kind == "user" else "v",
+                        teams=(f"{owner}/{name}",) if kind == "team" else (), event=event, ref=ref, fork=fork)
+    if source == "buildkite":
+        return Identity(source="buildkite", organization=owner, pipeline=name if kind == "pipeline" else "q",
+                        teams=(name,) if kind == "team" else (), event=event, ref=ref, fork=fork, signer=signer)
+    return Identity(source="local", user=value if kind == "user" else "w",
+                    groups=(value,) if kind == "group" else (), event=event)
+
+
 @st.composite
-def jobs_near(draw: st.DrawFn, policy: Policy) -> JobSpec:
-    """A job shaped after one grant of the policy and its account, each part within or just past it."""
+def cases_near_a_grant(draw: st.DrawFn, policy: Policy) -> Case:
+    """A case that fits one grant of the policy and its account exactly, but for at most one knob."""
+    knob = draw(_KNOBS)
     grant = draw(st.sampled_from(policy.grants))
     account = policy.accounts[grant.account]
-    nodes = draw(st.none() | st.integers(1, account.max_nodes + 1))
+    nodes = draw(st.none() | st.integers(1, account.max_nodes))
     tasks_per_node = draw(st.none() | st.integers(1, 4))
-    cap_mb = account.max_memory_mb or 64 * 1024
+    memory_cap = account.max_memory_mb or 64 * 1024
     resources = Resources(
-        account=draw(_mostly(None, st.sampled_from((grant.account, *ACCOUNT_NAMES, "zz")))),
-        partition=draw(_mostly(None, st.sampled_from((*account.partitions, *PARTITIONS, "p9")))),
-        nodes=nodes, tasks=(nodes or 1) * tasks_per_node if tasks_per_node is not None else None,
-        tasks_per_node=tasks_per_node,
+        account=draw(st.sampled_from((None, grant.account))),
+        partition=draw(st.none() | st.sampled_from(account.partitions)),
+        nodes=account.max_nodes + draw(st.integers(1, 2)) if knob == "nodes" else nodes,
+        tasks=(nodes or 1) * tasks_per_node if tasks_per_node is not None and knob != "nodes" else None,
+        tasks_per_node=tasks_per_node if knob != "nodes" else None,
         cpus_per_task=draw(st.none() | st.integers(1, 4)),
-        gpus=draw(st.none() | st.integers(0, account.max_gpus + 1)),
-        memory_mb=draw(st.none() | st.integers(max(1, cap_mb - 2), cap_mb + 1)),
-        time_seconds=draw(st.none() | st.integers(max(1, account.max_time - 61), account.max_time + 1)),
+        gpus=(account.max_gpus + 1 if knob == "gpus"
+              else draw(st.none() | st.integers(0, account.max_gpus if grant.gpus else 0))),
+        memory_mb=(memory_cap + draw(st.integers(1, 1024)) if knob == "memory"
+                   else draw(st.none() | st.integers(1, memory_cap))),
+        time_seconds=(account.max_time + draw(st.integers(1, 60)) if knob == "time"
+                      else draw(st.none() | st.integers(1, account.max_time))),
     )
-    binds = draw(_mostly(grant.binds, st.lists(st.sampled_from(tuple(_PARSED_BINDS.values())),
-                                               unique_by=lambda b: b.target).map(tuple)))
-    return JobSpec(
-        name="job", image=draw(_mostly(grant.images[0], st.sampled_from((*IMAGE_NAMES, "missing")))),
-        command=("true",), binds=binds, resources=resources,
-        network=draw(_mostly(grant.network, st.booleans())), mpi=draw(_mostly(grant.mpi, st.booleans())))
+    if knob == "partition":
+        resources = replace(resources, partition="p9")
+    if knob == "account":
+        others = [name for name in (*ACCOUNT_NAMES, "zz") if name != grant.account]
+        resources = replace(resources, account=draw(st.sampled_from(others)))
+    granted_binds = {b.target: b for b in grant.binds}     # one bind per target, as a job needs
+    binds = draw(_subset(tuple(granted_binds.values())))
+    if knob == "binds":
+        binds = (*binds, parse_bind("/elsewhere:/elsewhere:ro"))
+    image = draw(st.sampled_from(grant.images))
+    if knob == "image":
+        image = draw(st.sampled_from([i for i in (*IMAGE_NAMES, "missing") if i not in grant.images]))
+    job = JobSpec(name="job", image=image, command=("true",), binds=binds, resources=resources,
+                  mpi=True if knob == "mpi" else grant.mpi and draw(st.booleans()),
+                  network=True if knob == "network" else grant.network and draw(st.booleans()))
+
+    event = draw(st.sampled_from(grant.events)) if grant.events else None
+    if knob == "event":
+        event = draw(st.sampled_from([e for e in EVENTS if not grant.events or e not in grant.events] or ["api"]))
+    ref = _REF_EXAMPLES[draw(st.sampled_from(grant.refs))] if grant.refs else draw(st.sampled_from(
+        (None, "refs/heads/dev")))
+    if knob == "ref":
+        ref = "refs/heads/elsewhere"
+    signer = draw(st.sampled_from(grant.signers)) if grant.signers else draw(st.sampled_from((None, "k1")))
+    if knob == "signer":
+        signer = "k3"
+    fork = True if knob == "fork" else grant.forks and draw(st.booleans())
+    principal = str(draw(st.sampled_from(grant.principals)))
+    if knob == "principal":
+        principal = "local:user:nobody"
+    identity = _identity_holding(principal, event=event, ref=ref, fork=fork, signer=signer)
+
+    running = {name: draw(st.integers(0, a.max_concurrent_jobs - 1 if a.max_concurrent_jobs else 3))
+               for name, a in policy.accounts.items() if draw(st.booleans())}
+    if knob == "running" and account.max_concurrent_jobs is not None:
+        running[account.name] = account.max_concurrent_jobs + draw(st.integers(0, 1))
+    return Case(policy, identity, job, Usage(running_by_account=running))
 
 
 @st.composite
@@ -168,20 +237,17 @@ def any_jobs(draw: st.DrawFn) -> JobSpec:
             time_seconds=draw(st.none() | st.integers(1, 700 * 60))))
 
 
-class Case(NamedTuple):
-    policy: Policy
-    identity: Identity
-    job: JobSpec
-    usage: Usage
+_USAGES = st.dictionaries(st.sampled_from(ACCOUNT_NAMES), st.integers(0, 6)).map(
+    lambda running: Usage(running_by_account=running))
 
 
 @st.composite
 def cases(draw: st.DrawFn) -> Case:
+    """Mostly cases built after one grant of a random policy, sometimes anything at all."""
     policy = draw(policies())
-    job = draw(jobs_near(policy) if policy.grants and draw(_mostly(True, st.booleans())) else any_jobs())
-    running = {name: draw(st.integers(0, (account.max_concurrent_jobs or 3) + 1))
-               for name, account in policy.accounts.items() if draw(st.booleans())}
-    return Case(policy, draw(identities()), job, Usage(running_by_account=running))
+    if policy.grants and draw(_mostly(True, st.booleans())):
+        return draw(cases_near_a_grant(policy))
+    return Case(policy, draw(identities()), draw(any_jobs()), draw(_USAGES))
 
 
 def _allowed_alone(case: Case) -> list[Grant]:
