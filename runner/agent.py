@@ -8,16 +8,17 @@ requests. All store access happens on the event loop's thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from runner.config import AgentConfig
 from runner.errors import HpcRunnerError, InfrastructureError, InputError
-from runner.executors.local import LocalExecutor
+from runner.executors.local import LocalExecutor, LocalLaunch, Outcome
 from runner.identity import Identity
 from runner.logging_setup import get_logger
 from runner.pipeline import Site, job_dir, prepare_job
@@ -37,6 +38,15 @@ class UnknownJob(HpcRunnerError):
     pass
 
 
+class Executor(Protocol):
+    async def run(self, launch: LocalLaunch, cancel: asyncio.Event | None = None) -> Outcome: ...
+
+
+# States a job holds a place in its account's max_concurrent_jobs in: the local queue is the
+# account's queue, so waiting for a free slot counts as much as running.
+_COUNTED_STATES = (JobState.queued, JobState.pending, JobState.running)
+
+
 @dataclass
 class _Running:
     cancel: asyncio.Event
@@ -46,10 +56,11 @@ class _Running:
 class Agent:
     def __init__(self, config: AgentConfig, policy: Policy, store: Store, *,
                  policy_loader: Callable[[], Policy] | None = None,
-                 grace_seconds: float = 10.0) -> None:
+                 grace_seconds: float = 10.0, executor: Executor | None = None) -> None:
         self.config = config
         self.site = Site(config, policy)
         self.store = store
+        self._executor: Executor = executor or LocalExecutor()
         self._policy_loader = policy_loader
         self._grace = grace_seconds
         self._queue: asyncio.Queue[str] = asyncio.Queue()
@@ -66,17 +77,25 @@ class Agent:
 
     # -- admission -----------------------------------------------------------------------------
 
-    def submit(self, identity: Identity, spec: JobSpec, workspace: Path) -> tuple[JobRecord, Decision]:
-        """Decide and record a job; an allowed one is queued. Raises NotAllowed when draining."""
+    def submit(self, identity: Identity, spec: JobSpec, workspace: Path, *,
+               workspace_owner: int | None = None) -> tuple[JobRecord, Decision]:
+        """Decide and record a job; an allowed one is queued. Raises NotAllowed when draining.
+
+        `workspace_owner`, when given, is the uid that must still own the workspace when the job
+        starts: a submitter could otherwise swap their directory for a link to one the agent's
+        account can write (its home, another user's workspace) while the job waits in the queue.
+        """
         if not self._accepting:
             raise NotAllowed("the agent is shutting down and takes no new jobs")
-        usage = Usage(running_by_account=self.store.running_count_by_account())
+        usage = Usage(running_by_account=self._active_by_account())
         decision = decide(self.policy, identity, spec, usage)
         job_id = new_job_id()
         log_path = job_dir(self.config, job_id) / "output.log"
         record = self.store.add_job(source="local", identity=identity.to_json(), spec=spec.to_json(),
                                     job_id=job_id, log_path=log_path)
         payload = decision.to_json() | {"workspace": str(workspace)}
+        if workspace_owner is not None:
+            payload["workspace_owner"] = workspace_owner
         self.store.record_decision(job_id, actor=identity.actor_principal, decision=payload)
         if decision.allowed:
             self._queue.put_nowait(job_id)
@@ -86,6 +105,14 @@ class Agent:
         log.info("job admitted" if decision.allowed else "job denied", job=job_id,
                  actor=identity.actor_principal, grant=decision.grant, reasons=list(decision.reasons))
         return self.store.get_job(job_id) or record, decision
+
+    def _active_by_account(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for record in self.store.list_jobs(states=_COUNTED_STATES):
+            account = (record.decision or {}).get("account")
+            if isinstance(account, str):
+                counts[account] = counts.get(account, 0) + 1
+        return counts
 
     def _write_log(self, path: Path, text: str) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -134,7 +161,7 @@ class Agent:
         if running is not None:
             running.cancel.set()
             return record
-        self._write_log(Path(record.log_path or job_dir(self.config, job_id) / "output.log"),
+        self._write_log(self._log_path(record),
                         f"hpc-runner: cancelled by {identity.actor_principal} before it started\n")
         return self.store.set_state(job_id, JobState.cancelled, actor=identity.actor_principal,
                                     outcome_detail=f"cancelled by {identity.actor_principal} while queued")
@@ -157,16 +184,34 @@ class Agent:
                 self._running[job_id] = _Running(cancel, task)
                 try:
                     await self._execute(record, cancel)
+                except Exception as exc:  # one job's failure must not stop the worker
+                    log.exception("job failed in the agent", job=job_id)
+                    try:
+                        self._fail(record, f"the agent could not run the job: {exc}")
+                    except Exception:
+                        log.exception("cannot record the job's failure", job=job_id)
                 finally:
                     self._running.pop(job_id, None)
                     self._maybe_finished()
+
+    def _fail(self, record: JobRecord, detail: str) -> None:
+        """End a job the agent could not run as infra_failed, unless it already ended."""
+        current = self.store.get_job(record.id)
+        if current is None or current.state.is_terminal:
+            return
+        with contextlib.suppress(OSError):  # the state matters more than the note
+            self._write_log(self._log_path(record), f"hpc-runner: {detail}\n")
+        self.store.set_state(record.id, JobState.infra_failed, outcome_detail=detail)
+
+    def _log_path(self, record: JobRecord) -> Path:
+        return Path(record.log_path or job_dir(self.config, record.id) / "output.log")
 
     async def _execute(self, record: JobRecord, cancel: asyncio.Event) -> None:
         from runner.spec import parse_job_mapping  # the stored spec is plain data
         spec = _spec_from_record(record, parse_job_mapping)
         decision = decide(self.policy, _identity_from_record(record), spec)
         workspace = Path((record.decision or {}).get("workspace", "/nonexistent"))
-        log_path = Path(record.log_path or job_dir(self.config, record.id) / "output.log")
+        log_path = self._log_path(record)
         if not decision.allowed:
             # The policy changed (SIGHUP) between admission and start: the new one rules.
             self._write_log(log_path, "hpc-runner: denied by the reloaded policy:\n"
@@ -174,6 +219,7 @@ class Agent:
             self.store.set_state(record.id, JobState.denied, outcome_detail="; ".join(decision.reasons))
             return
         try:
+            _check_workspace_owner(workspace, (record.decision or {}).get("workspace_owner"))
             prepared = await asyncio.to_thread(prepare_job, self.site, job_id=record.id, spec=spec,
                                                decision=decision, workspace=workspace)
         except (SandboxRefused, InfrastructureError) as exc:
@@ -185,7 +231,7 @@ class Agent:
         self.store.append_audit(actor="agent", action="started", job_id=record.id,
                                 detail={"argv": list(prepared.argv), "image": prepared.image.path,
                                         "image_sha256": prepared.image.sha256})
-        outcome = await LocalExecutor().run(prepared.local_launch(self._grace), cancel)
+        outcome = await self._executor.run(prepared.local_launch(self._grace), cancel)
         self.store.set_state(record.id, JobState(outcome.state), exit_status=outcome.exit_status,
                              outcome_detail=outcome.detail)
         log.info("job finished", job=record.id, state=outcome.state, exit_status=outcome.exit_status)
@@ -249,6 +295,20 @@ class Agent:
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+
+
+def _check_workspace_owner(workspace: Path, owner: object) -> None:
+    """The submitted workspace, as it resolves now, must still belong to its submitter."""
+    if not isinstance(owner, int):
+        return
+    try:
+        found = workspace.stat().st_uid
+    except OSError as exc:
+        raise InfrastructureError(f"workspace {workspace}: {exc.strerror}") from None
+    if found != owner:
+        raise SandboxRefused(f"workspace {workspace} (resolves to {os.path.realpath(workspace)}) is "
+                             f"now owned by uid {found}, not by its submitter (uid {owner}); "
+                             "it was replaced after the job was submitted")
 
 
 def _spec_from_record(record: JobRecord, parse: Callable[[Any, str], JobSpec]) -> JobSpec:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
+import pwd
 from importlib import resources
 from pathlib import Path
 
@@ -35,7 +35,9 @@ def ensure_embedded_policy(config: AgentConfig, *, image: Path | None = None,
     """Write the default policy for this user and the demo image (built on first use)."""
     image = image or Path(os.environ.get("HPC_RUNNER_DEMO_IMAGE") or default_image_path())
     build_demo_image(image, apptainer=config.sandbox.apptainer, progress=progress)
-    text = render_default_policy(user=getpass.getuser(), image_path=image.resolve(),
+    # The user from the process's uid, as the local queue identifies users; never $USER.
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    text = render_default_policy(user=user, image_path=image.resolve(),
                                  image_sha256=sha256_of(image))
     config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = embedded_policy_path(config)

@@ -13,6 +13,7 @@ from runner.binds import is_within
 from runner.config import AgentConfig
 from runner.errors import InfrastructureError
 from runner.executors.local import LocalLaunch
+from runner.localqueue.paths import socket_path
 from runner.policy import Decision, Policy
 from runner.spec import JobSpec
 from sandbox.hostmpi import HostMpi, load_or_discover
@@ -53,7 +54,7 @@ class Site:
         self.policy = policy
         self.sandbox = SandboxSite(
             apptainer=config.sandbox.apptainer,
-            protected_paths=tuple(str(p) for p in config.protected_paths()),
+            protected_paths=tuple(str(p) for p in protected_paths(config)),
             userns=os.geteuid() == 0,
         )
         self._digests: DigestCache | None = None
@@ -74,6 +75,17 @@ class Site:
             self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._host_mpi = load_or_discover(self.cache_dir)
         return self._host_mpi
+
+
+def protected_paths(config: AgentConfig) -> list[Path]:
+    """What no job may see: the config's state directories and secret files, and the local
+    queue's socket. Jobs run as the agent's own account, so a job that reached the socket would
+    be taken for the agent's user, who may see and cancel every job."""
+    paths = config.protected_paths()
+    socket = socket_path(config)
+    if not any(is_within(str(socket), str(path)) for path in paths):
+        paths.append(socket)
+    return paths
 
 
 def job_dir(config: AgentConfig, job_id: str) -> Path:
@@ -99,7 +111,7 @@ def prepare_job(site: Site, *, job_id: str, spec: JobSpec, decision: Decision,
     """Verify, plan and write the job's files; raises InfrastructureError or SandboxRefused."""
     if not decision.allowed or decision.slurm is None:
         raise ValueError("prepare_job needs an allowed decision")
-    real_workspace = check_workspace(workspace, site.config.protected_paths())
+    real_workspace = check_workspace(workspace, protected_paths(site.config))
     image = verify_image(site.policy.images[spec.image], cache=site.digest_cache(),
                          apptainer=site.config.sandbox.apptainer)
     mpi = site.host_mpi() if spec.mpi else None

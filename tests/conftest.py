@@ -12,10 +12,14 @@ Commands that the service account would run in production run here as that accou
 
 from __future__ import annotations
 
+import grp
+import json
 import os
 import pwd
 import re
+import selectors
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -314,6 +318,416 @@ def service_tmp(service_user: str, request: pytest.FixtureRequest) -> Iterator[P
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# hpc-runner as the service account and as other local users
+
+# Name of the test image in the policies that `policy_toml` writes.
+TEST_IMAGE_NAME = "test"
+# Unix users and groups of the local queue tests: one user per group, each group with a grant of
+# its own. Created on first use and left in place (creating them again would only cost time).
+QUEUE_USERS = {"hpcr-alice": "hpcr-esm", "hpcr-bob": "hpcr-ocean"}
+_SETPRIV = shutil.which("setpriv", path="/usr/bin:/bin") or "/usr/bin/setpriv"
+
+
+def toml_string(value: str | os.PathLike[str]) -> str:
+    """A TOML basic string holding ``value`` (a JSON string of printable text is one)."""
+    return json.dumps(os.fspath(value))
+
+
+def policy_toml(
+    image_sha256: str,
+    *,
+    image_path: Path = TEST_IMAGE,
+    principals: Sequence[str] = (f"local:user:{SERVICE_USER}",),
+    max_time: str = "10m",
+    mpi: bool = True,
+    network: bool = False,
+    binds: Sequence[str] = (),
+) -> str:
+    """A policy with one account ``ci``, the test image as ``test``, and one grant ``ci-jobs``."""
+    return f"""version = 1
+
+[accounts.ci]
+slurm_account = "ci"
+partitions = ["local"]
+max_time = "{max_time}"
+
+[images.{TEST_IMAGE_NAME}]
+path = {toml_string(image_path)}
+sha256 = "{image_sha256}"
+
+[[grants]]
+name = "ci-jobs"
+principals = [{", ".join(toml_string(p) for p in principals)}]
+account = "ci"
+images = ["{TEST_IMAGE_NAME}"]
+mpi = {str(mpi).lower()}
+network = {str(network).lower()}
+binds = [{", ".join(toml_string(b) for b in binds)}]
+"""
+
+
+def job_toml(
+    name: str,
+    *,
+    script: str | None = None,
+    command: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    time: str | None = None,
+    tasks: int | None = None,
+    mpi: bool = False,
+    network: bool = False,
+    binds: Sequence[str] = (),
+    image: str = TEST_IMAGE_NAME,
+) -> str:
+    """A job file's text; ``script`` goes into a TOML literal string, so backslashes stay as written."""
+    lines = ["[job]", f"name = {toml_string(name)}", f"image = {toml_string(image)}"]
+    if script is not None:
+        if "'''" in script:
+            raise ValueError("a script for job_toml must not contain three single quotes")
+        lines.append("script = '''\n" + script + "'''")
+    if command is not None:
+        lines.append(f"command = [{', '.join(toml_string(arg) for arg in command)}]")
+    if env:
+        lines.append("env = { " + ", ".join(f"{k} = {toml_string(v)}" for k, v in env.items()) + " }")
+    if binds:
+        lines.append(f"binds = [{', '.join(toml_string(b) for b in binds)}]")
+    lines.append(f"network = {str(network).lower()}")
+    resources = []
+    if time is not None:
+        resources.append(f"time = {toml_string(time)}")
+    if tasks is not None:
+        resources.append(f"tasks = {tasks}")
+    if resources:
+        lines += ["", "[job.resources]", *resources]
+    if mpi:
+        lines += ["", "[job.mpi]", "enabled = true"]
+    return "\n".join(lines) + "\n"
+
+
+def user_env(user: str, home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The clean environment a local user's commands start with, plus ``extra``."""
+    env = {"PATH": SERVICE_PATH, "LANG": "C.UTF-8", "HOME": str(home), "USER": user, "LOGNAME": user}
+    if extra:
+        env.update(extra)
+    return env
+
+
+def as_user(
+    user: str,
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    cwd: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120.0,
+    binary: bool = False,
+    **kw: Any,
+) -> subprocess.CompletedProcess[Any]:
+    """Run ``argv`` as local user ``user`` in ``cwd``, capturing output.
+
+    Output is text unless ``binary``; the exit status is not checked unless asked. (runuser sets
+    HOME to the user's home from the password database, whatever ``env`` says.)
+    """
+    return subprocess.run(
+        [_RUNUSER, "-u", user, "--", *(os.fspath(arg) for arg in argv)],
+        cwd=os.fspath(cwd),
+        env=user_env(user, Path(cwd), env),
+        text=not binary,
+        capture_output=True,
+        timeout=timeout,
+        **kw,
+    )
+
+
+def spawn_as_user(
+    user: str,
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    cwd: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    **kw: Any,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` as ``user`` with setpriv, which execs it: the Popen's pid is the command's own,
+    so signals reach it directly (runuser would stand in between)."""
+    return subprocess.Popen(
+        [_SETPRIV, f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}", "--init-groups", "--",
+         *(os.fspath(arg) for arg in argv)],
+        cwd=os.fspath(cwd),
+        env=user_env(user, Path(cwd), env),
+        **kw,
+    )
+
+
+class OutputReader:
+    """Reads a child's pipe as it is written, so a test can wait for output with a deadline."""
+
+    def __init__(self, stream: Any) -> None:
+        self._fd = stream.fileno()
+        os.set_blocking(self._fd, False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._fd, selectors.EVENT_READ)
+        self.data = bytearray()
+        self.closed = False
+
+    def _pump(self, timeout: float) -> None:
+        if self.closed or not self._selector.select(max(timeout, 0.0)):
+            return
+        try:
+            chunk = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return
+        if chunk:
+            self.data += chunk
+        else:
+            self.closed = True
+
+    def wait_for(self, needle: bytes, timeout: float) -> bytes:
+        """Everything read so far, once it holds ``needle``; AssertionError after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.data:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.closed:
+                raise AssertionError(f"{needle!r} did not arrive within {timeout:g} s; "
+                                     f"got {bytes(self.data)!r}")
+            self._pump(min(remaining, 0.2))
+        return bytes(self.data)
+
+    def read_to_end(self, timeout: float) -> bytes:
+        """Everything until the writer closes the pipe; AssertionError after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while not self.closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"output did not end within {timeout:g} s; got {bytes(self.data)!r}")
+            self._pump(min(remaining, 0.2))
+        return bytes(self.data)
+
+
+@dataclass(frozen=True)
+class RunnerSite:
+    """An agent config, its policy and a workspace, all under one directory of the service account.
+
+    ``run`` is `hpc-runner run` as the service account with this config; `AgentProcess` serves the
+    same config as a long-running agent.
+    """
+
+    root: Path
+    config: Path
+    policy: Path
+    state_dir: Path
+    work_root: Path
+    workspace: Path
+    socket: Path
+
+    def write_policy(self, text: str) -> None:
+        write_public_file(self.policy, text)
+
+    def write_job(self, name: str, text: str) -> Path:
+        path = self.root / "jobs" / f"{name}.toml"
+        path.parent.mkdir(mode=0o755, exist_ok=True)
+        write_public_file(path, text)
+        return path
+
+    def run(
+        self,
+        job: Path,
+        *args: str,
+        workspace: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 120.0,
+    ) -> subprocess.CompletedProcess[str]:
+        return as_service_user(
+            ["hpc-runner", "run", job, "--config", self.config, "--workdir", workspace or self.workspace,
+             *args],
+            cwd=self.root,
+            env=env,
+            timeout=timeout,
+        )
+
+
+def write_public_file(path: Path, text: str) -> None:
+    """Write a file (as root) that every local user may read and nobody else may change."""
+    path.write_text(text)
+    path.chmod(0o644)
+
+
+def config_toml(
+    root: Path,
+    *,
+    policy: Path,
+    socket: Path | None = None,
+    max_jobs: int = 2,
+    grace_period: str = "1s",
+    apptainer: str | None = None,
+) -> str:
+    lines = [
+        f"state_dir = {toml_string(root / 'state')}",
+        f"work_root = {toml_string(root / 'work')}",
+        f"policy = {toml_string(policy)}",
+        'executor = "local"',
+        f"max_jobs = {max_jobs}",
+    ]
+    if socket is not None:
+        lines.append(f"socket = {toml_string(socket)}")
+    lines += ["", "[sandbox]", f'grace_period = "{grace_period}"']
+    if apptainer is not None:
+        lines.append(f"apptainer = {toml_string(apptainer)}")
+    return "\n".join(lines) + "\n"
+
+
+def make_runner_site(
+    root: Path,
+    image_sha256: str,
+    *,
+    socket: Path | None = None,
+    max_jobs: int = 2,
+    grace_period: str = "1s",
+    apptainer: str | None = None,
+) -> RunnerSite:
+    """Write config.toml and policy.toml (``policy_toml`` defaults) into ``root``, a directory of
+    the service account, and create its workspace."""
+    policy = root / "policy.toml"
+    write_public_file(policy, policy_toml(image_sha256))
+    config = root / "config.toml"
+    write_public_file(config, config_toml(root, policy=policy, socket=socket, max_jobs=max_jobs,
+                                          grace_period=grace_period, apptainer=apptainer))
+    workspace = root / "workspace"
+    workspace.mkdir(mode=0o755)
+    account = pwd.getpwnam(SERVICE_USER)
+    os.chown(workspace, account.pw_uid, account.pw_gid)
+    return RunnerSite(root=root, config=config, policy=policy, state_dir=root / "state",
+                      work_root=root / "work", workspace=workspace,
+                      socket=socket or root / "state" / "agent.sock")
+
+
+@pytest.fixture
+def runner_site(cluster: Cluster, service_tmp: Path) -> RunnerSite:
+    """A config and policy for the test image in ``service_tmp``, for `hpc-runner run` and `agent`."""
+    return make_runner_site(service_tmp, cluster.image_sha256)
+
+
+@dataclass
+class AgentProcess:
+    """`hpc-runner agent --config CONFIG` running as the service account; stderr goes to a file."""
+
+    process: subprocess.Popen[bytes]
+    site: RunnerSite
+    stderr_path: Path
+
+    def log(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def send(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)
+
+    def wait_for_log(self, text: str, timeout: float = 20.0) -> str:
+        def found() -> str | None:
+            if self.process.poll() is not None and text not in self.log():
+                raise AssertionError(f"the agent exited ({self.process.returncode}) before logging "
+                                     f"{text!r}:\n{self.log()}")
+            return self.log() if text in self.log() else None
+
+        return wait_for(found, timeout, what=f"the agent to log {text!r}")
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the agent still runs after {timeout:g} s:\n{self.log()}") from None
+
+    def stop(self) -> None:
+        """Drain, then cancel what still runs, then kill: whatever it takes, within seconds."""
+        for signum in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+            if self.process.poll() is not None:
+                return
+            self.process.send_signal(signum)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def start_agent(site: RunnerSite, timeout: float = 20.0) -> AgentProcess:
+    """Start the agent and wait until its local queue listens."""
+    stderr_path = site.root / f"agent-{time.monotonic_ns()}.log"
+    with stderr_path.open("wb") as stderr:
+        process = spawn_as_user(SERVICE_USER, ["hpc-runner", "agent", "--config", site.config],
+                                cwd=site.root, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
+    agent = AgentProcess(process, site, stderr_path)
+    try:
+        agent.wait_for_log("local queue listening", timeout)
+    except BaseException:
+        agent.stop()
+        raise
+    return agent
+
+
+@pytest.fixture
+def agents() -> Iterator[Callable[[RunnerSite], AgentProcess]]:
+    """Starts agents (``agents(site)``) and stops every one still running at the end of the test."""
+    started: list[AgentProcess] = []
+
+    def start(site: RunnerSite) -> AgentProcess:
+        agent = start_agent(site)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()
+
+
+@pytest.fixture
+def shared_socket(service_user: str) -> Iterator[Path]:
+    """A local queue socket path for every local user, outside any state dir.
+
+    It lives in a short-named directory of its own, because a Unix socket path holds at most 107
+    bytes and ``service_tmp`` paths carry the test's name; the agent creates ``run/`` (0755).
+    """
+    SERVICE_TMP_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
+    parent = Path(tempfile.mkdtemp(prefix="sock-", dir=SERVICE_TMP_ROOT))
+    account = pwd.getpwnam(service_user)
+    os.chown(parent, account.pw_uid, account.pw_gid)
+    parent.chmod(0o755)
+    try:
+        yield parent / "run" / "agent.sock"
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def queue_users(service_user: str) -> dict[str, str]:
+    """The users of ``QUEUE_USERS`` (user -> their one group), created if missing."""
+    for user, group in QUEUE_USERS.items():
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            subprocess.run(["groupadd", group], check=True, capture_output=True, timeout=_CHECK_TIMEOUT)
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
+                 "--gid", group, "--comment", "hpc-runner test user", user],
+                check=True, capture_output=True, timeout=_CHECK_TIMEOUT,
+            )
+        account = pwd.getpwnam(user)
+        if grp.getgrgid(account.pw_gid).gr_name != group:
+            pytest.fail(f"user {user} exists with primary group {grp.getgrgid(account.pw_gid).gr_name}, "
+                        f"not {group}; remove it (userdel {user}) and run the tests again")
+    return dict(QUEUE_USERS)
+
+
+def user_workspace(parent: Path, user: str) -> Path:
+    """A fresh directory owned by ``user`` under ``parent``, writable by the service account's jobs."""
+    path = Path(tempfile.mkdtemp(prefix=f"{user}-", dir=parent))
+    account = pwd.getpwnam(user)
+    os.chown(path, account.pw_uid, account.pw_gid)
+    # Jobs run as the service account: it must be able to write the submitter's workspace.
+    path.chmod(0o777)
+    return path
 
 
 # --------------------------------------------------------------------------------------------

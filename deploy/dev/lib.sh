@@ -24,14 +24,21 @@ wait_until() {
 }
 
 # Daemons this directory manages: name -> pid file, and name -> the command line setup.sh starts
-# it with. The pid files are munged's default and the ones set in the generated slurm.conf.
+# it with. The pid files are munged's default and the ones set in the generated MariaDB option
+# file, slurmdbd.conf and slurm.conf.
+# MariaDB runs from an option file of its own (--defaults-file: Debian's my.cnf is not read).
+MARIADB_CONF=/etc/mysql/hpc-runner-dev.cnf
 declare -gA DAEMON_PIDFILES=(
     [munged]=/run/munge/munged.pid
+    [mariadbd]=/run/mysqld/mysqld.pid
+    [slurmdbd]=/run/slurm/slurmdbd.pid
     [slurmctld]=/run/slurm/slurmctld.pid
     [slurmd]=/run/slurm/slurmd.pid
 )
 declare -gA DAEMON_COMMANDS=(
     [munged]="/usr/sbin/munged --force"
+    [mariadbd]="/usr/sbin/mariadbd --defaults-file=$MARIADB_CONF"
+    [slurmdbd]=/usr/sbin/slurmdbd
     [slurmctld]=/usr/sbin/slurmctld
     [slurmd]=/usr/sbin/slurmd
 )

@@ -43,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config) if args.config else default_config()
         unsupported = unsupported_parts(config)
         if unsupported:
-            print("hpc-runner: this config asks for " + "; ".join(unsupported), file=sys.stderr)
-            return exitcodes.INFRASTRUCTURE
+            # The agent's contract has one status for a config it cannot serve: 1.
+            print("hpc-runner: refusing to start: this config asks for " + "; ".join(unsupported),
+                  file=sys.stderr)
+            return exitcodes.INVALID_INPUT
         policy = load_site_policy(config)
     except InputError as exc:
         print(f"hpc-runner: refusing to start: {exc}", file=sys.stderr)

@@ -87,7 +87,13 @@ def run(args: argparse.Namespace) -> int:
         store.append_audit(actor=identity.actor_principal, action="started", job_id=record.id,
                            detail={"argv": list(prepared.argv), "image": prepared.image.path,
                                    "image_sha256": prepared.image.sha256})
-        outcome = asyncio.run(_execute(prepared, config.sandbox.grace_period))
+        try:
+            outcome = asyncio.run(_execute(prepared, config.sandbox.grace_period))
+        except InfrastructureError as exc:
+            # Apptainer (or mpirun) could not be started: the job never ran.
+            store.set_state(record.id, JobState.infra_failed, outcome_detail=str(exc))
+            print(f"hpc-runner: {exc}", file=sys.stderr)
+            return exitcodes.INFRASTRUCTURE
         store.set_state(record.id, JobState(outcome.state), exit_status=outcome.exit_status,
                         outcome_detail=outcome.detail)
     if outcome.state != "succeeded":

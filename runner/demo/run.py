@@ -76,7 +76,7 @@ def _run_example(client: LocalQueueClient, example: Example, workspace: Path) ->
     problem = problem or example.check(log, decision)
     detail = final.get("detail") or ""
     if final["exit_status"] is not None and not detail.startswith("exit status"):
-        detail = f"exit status {final['exit_status']}; {detail}" if detail else ""
+        detail = f"exit status {final['exit_status']}" + (f"; {detail}" if detail else "")
     _say(f"outcome: {final['state']}" + (f" ({detail})" if detail else ""))
     return problem is None, problem or "as expected"
 

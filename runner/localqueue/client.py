@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import HpcRunnerError
-from runner.localqueue.protocol import decode_response, encode
+from runner.localqueue.paths import check_socket_path
+from runner.localqueue.protocol import ProtocolError, decode_response, encode
 
 
 class AgentUnavailable(HpcRunnerError):
@@ -25,6 +26,7 @@ class LocalQueueClient:
         self.timeout = timeout
 
     def _connect(self) -> socket.socket:
+        check_socket_path(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -36,12 +38,18 @@ class LocalQueueClient:
         except PermissionError:
             sock.close()
             raise AgentUnavailable(f"permission denied on {self.path}") from None
+        except OSError as exc:
+            sock.close()
+            raise AgentUnavailable(f"cannot connect to {self.path}: {exc.strerror or exc}") from None
         return sock
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
         with self._connect() as sock:
-            sock.sendall(encode(message))
-            reply = decode_response(_read_line(sock))
+            try:
+                sock.sendall(encode(message))
+                reply = decode_response(_read_line(sock))
+            except (OSError, ProtocolError) as exc:
+                raise AgentUnavailable(f"no answer from the agent on {self.path}: {exc}") from None
         if not reply.get("ok"):
             raise RequestFailed(str(reply.get("error", "the agent refused the request")))
         return reply
@@ -52,8 +60,11 @@ class LocalQueueClient:
         if follow:
             sock.settimeout(None)
         try:
-            sock.sendall(encode({"op": "logs", "job_id": job_id, "follow": follow}))
-            reply = decode_response(_read_line(sock))
+            try:
+                sock.sendall(encode({"op": "logs", "job_id": job_id, "follow": follow}))
+                reply = decode_response(_read_line(sock))
+            except (OSError, ProtocolError) as exc:
+                raise AgentUnavailable(f"no answer from the agent on {self.path}: {exc}") from None
             if not reply.get("ok"):
                 raise RequestFailed(str(reply.get("error", "the agent refused the request")))
             while chunk := sock.recv(65536):

@@ -9,9 +9,10 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from runner.agent import Agent, NotAllowed, UnknownJob
-from runner.errors import InputError
+from runner.agent import Agent, NotAllowed
+from runner.errors import HpcRunnerError, InfrastructureError, InputError
 from runner.identity import Identity
+from runner.localqueue.paths import check_socket_path
 from runner.localqueue.peercred import identity_for_uid, peer_uid_gid
 from runner.localqueue.protocol import MAX_REQUEST_BYTES, ProtocolError, decode_request, encode
 from runner.logging_setup import get_logger
@@ -40,14 +41,18 @@ class LocalQueueServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        check_socket_path(self.path)
         # a socket for every local user needs a directory they can traverse
         self.path.parent.mkdir(mode=0o755 if self.mode & 0o066 else 0o700, parents=True, exist_ok=True)
         if self.path.exists() or self.path.is_symlink():
             if _socket_alive(self.path):
                 raise InputError(f"another agent is already listening on {self.path}")
             self.path.unlink()
-        self._server = await asyncio.start_unix_server(self._handle, path=str(self.path),
-                                                       limit=MAX_REQUEST_BYTES + 1)
+        try:
+            self._server = await asyncio.start_unix_server(self._handle, path=str(self.path),
+                                                           limit=MAX_REQUEST_BYTES + 1)
+        except OSError as exc:
+            raise InfrastructureError(f"cannot listen on {self.path}: {exc.strerror or exc}") from None
         os.chmod(self.path, self.mode)
         log.info("local queue listening", socket=str(self.path))
 
@@ -65,8 +70,12 @@ class LocalQueueServer:
             try:
                 request = decode_request(await reader.readline())
                 await self._dispatch(request, identity, uid, writer)
-            except (ProtocolError, InputError, NotAllowed, UnknownJob, ValueError) as exc:
+            except (ProtocolError, HpcRunnerError, ValueError) as exc:
                 writer.write(encode({"ok": False, "error": str(exc)}))
+            except Exception as exc:
+                # The caller still gets an answer; the agent keeps serving everyone else.
+                log.exception("local queue request failed", user=identity.user)
+                writer.write(encode({"ok": False, "error": f"internal error in the agent: {exc}"}))
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -99,7 +108,9 @@ class LocalQueueServer:
             raise ProtocolError("submit needs `job` (the TOML text), `name` and `workdir`")
         spec = parse_job_text(text, name)
         workspace = _owned_workspace(Path(workdir), uid, self.agent_uid)
-        record, decision = self.agent.submit(identity, spec, workspace)
+        # Checked again when the job starts: the directory must still be the submitter's then.
+        owner = None if uid in (self.agent_uid, 0) else uid
+        record, decision = self.agent.submit(identity, spec, workspace, workspace_owner=owner)
         writer.write(encode({"ok": True, "job": job_summary(record), "decision": decision.to_json()}))
 
     @property
@@ -130,18 +141,19 @@ class LocalQueueServer:
 
 def _owned_workspace(workdir: Path, uid: int, agent_uid: int) -> Path:
     """A submitter may only offer a directory they own: the agent must not become a way
-    into files its own account can read and theirs cannot."""
+    into files its own account can read and theirs cannot. Returns it with symlinks resolved."""
     if not workdir.is_absolute():
         raise ProtocolError("workdir must be an absolute path")
+    real = Path(os.path.realpath(workdir))
     try:
-        info = workdir.stat()
+        info = real.stat()
     except OSError as exc:
         raise InputError(f"workspace {workdir}: {exc.strerror}") from None
-    if not workdir.is_dir():
+    if not real.is_dir():
         raise InputError(f"workspace {workdir} is not a directory")
     if info.st_uid != uid and uid not in (agent_uid, 0):
         raise NotAllowed(f"workspace {workdir} is owned by uid {info.st_uid}, not by you (uid {uid})")
-    return workdir
+    return real
 
 
 def _socket_alive(path: Path) -> bool:

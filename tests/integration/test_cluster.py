@@ -7,6 +7,7 @@ import subprocess
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 from conftest import (
     SERVICE_USER,
     TEST_IMAGE,
@@ -14,8 +15,21 @@ from conftest import (
     Cluster,
     apptainer_exec_argv,
     as_service_user,
+    as_user,
+    wait_for,
     wait_for_slurm_job,
 )
+
+# What deploy/dev/setup.sh puts into Slurm's accounting database.
+CLUSTER_NAME = "hpc-runner-dev"
+DEFAULT_ACCOUNT = "hpcr-test"
+ASSOCIATIONS = {
+    SERVICE_USER: {"hpcr-test", "esm", "ocean", "local", "demo"},
+    "root": {"hpcr-test", "esm", "ocean", "local", "demo"},
+    "hpcr-alice": {"hpcr-test", "esm"},
+    "hpcr-bob": {"hpcr-test", "ocean"},
+}
+INVALID_ACCOUNT = "Invalid account or account/partition combination specified"
 
 
 def _root_output(argv: list[str]) -> str:
@@ -95,3 +109,113 @@ def test_image_checksum_file(cluster: Cluster) -> None:
             digest.update(block)
     assert cluster.image_sha256 == digest.hexdigest()
     assert TEST_IMAGE.stat().st_mode & 0o004, "the test image must be world-readable"
+
+
+# --------------------------------------------------------------------------------------------
+# Accounting: slurmdbd records jobs and Slurm enforces account associations
+
+
+def _submit(service_tmp: Path, name: str, *options: str) -> subprocess.CompletedProcess[str]:
+    """sbatch of a short job as the service account, with its output in ``service_tmp``."""
+    return as_service_user(
+        [
+            "sbatch",
+            "--parsable",
+            f"--job-name={name}",
+            "--time=1",
+            f"--chdir={service_tmp}",
+            f"--output={service_tmp}/job-%j.out",
+            *options,
+            "--wrap",
+            "echo accounted",
+        ],
+        cwd=service_tmp,
+    )
+
+
+def test_accounting_is_enforced(cluster: Cluster) -> None:
+    config = dict(
+        (key.strip(), value.strip())
+        for key, _, value in (line.partition("=") for line in _root_output(["scontrol", "show", "config"]).splitlines())
+    )
+    assert config["ClusterName"] == CLUSTER_NAME
+    assert config["AccountingStorageType"] == "accounting_storage/slurmdbd"
+    assert set(config["AccountingStorageEnforce"].split(",")) >= {"associations", "limits"}
+
+
+def test_invalid_account_is_rejected_at_submission(cluster: Cluster, service_tmp: Path) -> None:
+    submitted = _submit(service_tmp, "hpc-runner-test-bogus-account", "--account=bogus")
+    assert submitted.returncode != 0, submitted.stdout
+    assert INVALID_ACCOUNT in submitted.stderr, submitted.stderr
+    assert submitted.stdout.strip() == "", "no job id may be printed for a rejected job"
+
+
+@pytest.mark.parametrize(("option", "account"), [("--account=esm", "esm"), (None, DEFAULT_ACCOUNT)])
+def test_job_is_charged_to_its_account_and_recorded_by_sacct(
+    cluster: Cluster, service_tmp: Path, option: str | None, account: str
+) -> None:
+    submitted = _submit(service_tmp, f"hpc-runner-test-account-{account}", *([option] if option else []))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    assert job_id.isdigit(), submitted.stdout
+
+    job = wait_for_slurm_job(job_id, timeout=60)
+    assert job["JobState"] == "COMPLETED", job
+    assert job["Account"] == account, job
+    assert (service_tmp / f"job-{job_id}.out").read_text() == "accounted\n"
+
+    # slurmctld sends the job's end to slurmdbd asynchronously; sacct, run by the job's owner,
+    # shows it shortly after.
+    def recorded() -> str | None:
+        result = as_service_user(["sacct", "-j", job_id, "-n", "-X", "-P", "-o", "State,Account,User"])
+        line = result.stdout.strip()
+        return line if result.returncode == 0 and line.startswith("COMPLETED|") else None
+
+    assert wait_for(recorded, 30, interval=0.5, what=f"sacct to show job {job_id} COMPLETED") == (
+        f"COMPLETED|{account}|{SERVICE_USER}"
+    )
+
+
+def test_associations_and_default_accounts(cluster: Cluster) -> None:
+    rows = _root_output(
+        ["sacctmgr", "-n", "-P", "show", "association", f"cluster={CLUSTER_NAME}", "format=Account,User"]
+    ).split()
+    associated: dict[str, set[str]] = {}
+    for row in rows:
+        account, _, user = row.partition("|")
+        if user:
+            associated.setdefault(user, set()).add(account)
+    for user, accounts in ASSOCIATIONS.items():
+        assert associated.get(user, set()) >= accounts, (user, associated.get(user))
+    assert "esm" in associated[SERVICE_USER]
+
+    defaults = dict(
+        row.split("|", 1) for row in _root_output(["sacctmgr", "-n", "-P", "show", "user", "format=User,DefaultAccount"]).split()
+    )
+    for user in ASSOCIATIONS:
+        assert defaults.get(user) == DEFAULT_ACCOUNT, (user, defaults)
+
+
+@pytest.mark.parametrize(
+    ("user", "account", "allowed"),
+    [
+        ("hpcr-alice", "esm", True),
+        ("hpcr-alice", "ocean", False),
+        ("hpcr-bob", "ocean", True),
+        ("hpcr-bob", "esm", False),
+        ("hpcr-bob", None, True),
+        ("nobody", None, False),
+    ],
+)
+def test_users_may_only_charge_their_accounts(
+    cluster: Cluster, queue_users: dict[str, str], user: str, account: str | None, allowed: bool
+) -> None:
+    # --test-only: Slurm checks the request, including the association, and runs nothing.
+    argv = ["sbatch", "--test-only", "--time=1", *([f"--account={account}"] if account else []), "--wrap", "true"]
+    result = as_user(user, argv, cwd="/", timeout=30)
+    if allowed:
+        assert result.returncode == 0, result.stderr
+        assert "to start at" in result.stderr, result.stderr
+    else:
+        assert result.returncode != 0, result.stderr
+        assert INVALID_ACCOUNT in result.stderr, result.stderr

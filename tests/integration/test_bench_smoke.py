@@ -1,0 +1,61 @@
+"""The benchmark scripts run end to end with --quick and write their JSON results.
+
+Only that they work is checked, never what they measured: timings on a shared machine are
+not a pass/fail criterion. Results go to a temporary file so that the committed
+bench/results stay the latest full measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from conftest import Cluster
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_SECONDS = 300
+
+
+def run_bench(cluster: Cluster, script: str, output: Path) -> dict[str, Any]:
+    argv = [str(cluster.venv / "bin" / "python"), str(REPO / "bench" / script), "--quick",
+            "--output", str(output)]
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_SECONDS,
+                            check=False)
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "| variant |" in result.stdout
+    data: dict[str, Any] = json.loads(output.read_text())
+    assert data["quick"] is True
+    for key in ("benchmark", "date", "settings", "machine", "commands", "duration_seconds"):
+        assert key in data, key
+    for key in ("cores", "kernel", "apptainer", "openmpi"):
+        assert key in data["machine"], key
+    return data
+
+
+def test_sandbox_overhead_quick(cluster: Cluster, tmp_path: Path) -> None:
+    data = run_bench(cluster, "sandbox_overhead.py", tmp_path / "sandbox_overhead.json")
+    assert data["benchmark"] == "sandbox_overhead"
+    variants = data["variants"]
+    assert set(variants) == {"bare true", "apptainer exec IMAGE true", "product sandbox"}
+    for entry in variants.values():
+        assert {"ms", "ratio_to_bare", "added_ms_over_bare", "ratio_to_plain_apptainer"} <= set(entry)
+        assert {"median", "p10", "p90"} <= set(entry["ms"])
+    product = data["commands"]["product sandbox"]
+    assert {"--contain", "--cleanenv", "--no-eval", "--no-home", "--net"} <= set(product)
+
+
+def test_mpi_latency_quick(cluster: Cluster, tmp_path: Path) -> None:
+    data = run_bench(cluster, "mpi_latency.py", tmp_path / "mpi_latency.json")
+    assert data["benchmark"] == "mpi_latency"
+    assert set(data["sizes"]) == {"4", "1048576"}
+    for size, entry in data["sizes"].items():
+        assert {"iterations", "sandbox_target_met", "variants"} <= set(entry)
+        assert set(entry["variants"]) == {"bare host MPI", "sandbox", "sandbox without --sharens"}
+        for stats in entry["variants"].values():
+            assert {"latency_us", "ratio_to_bare", "other_load"} <= set(stats)
+            assert {"median", "p10", "p90"} <= set(stats["latency_us"])
+        commands = data["commands"][size]
+        assert "--sharens" in commands["sandbox"]
+        assert "--sharens" not in commands["sandbox without --sharens"]
