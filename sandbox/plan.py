@@ -18,6 +18,12 @@ What a job gets, and why each flag is there:
   Apptainer refuses HOME from an env file, so the flag is the only way. With `--no-home`
   the `--home` source is not mounted; it names the job's scratch directory so that even
   if it were, nothing outside the job would be.
+- `--pid` for non-MPI jobs: a PID namespace of their own. A job runs as the agent's own
+  account, so without it a job could see and signal the agent and every other job; with
+  it, it sees only its own processes. MPI jobs cannot have one: under `--sharens` the first
+  rank would be the namespace's init, and when it exits the kernel kills every rank still
+  finishing (seen here as ranks killed by SIGKILL after MPI_Finalize). Like their shared
+  network namespace, this is stated by `explain` and in SECURITY.md.
 - `--no-mount cwd`: the executor's working directory is never mounted, whatever it is.
   `--contain` already leaves it out in Apptainer 1.4; saying it costs nothing.
 - `--net --network none` unless the grant allows network (MPI jobs cannot be isolated:
@@ -220,6 +226,8 @@ def bind_flag(bind: Bind) -> tuple[str, str]:
 def _isolation_flags(site: SandboxSite, decision: Decision, scratch: str, home: str) -> list[str]:
     flags = ["--contain", "--cleanenv", "--no-eval", "--no-home", "--home", f"{scratch}:{home}",
              "--no-mount", "cwd"]
+    if not decision.mpi:
+        flags.append("--pid")
     if site.userns:
         flags.append("--userns")
     if decision.network_isolated:

@@ -322,11 +322,8 @@ def test_job_through_the_agent_sees_neither_its_state_nor_its_socket_nor_its_hom
     assert agent.process.poll() is None
 
 
-# A known gap, kept as an expected failure until the sandbox closes it: there is no PID
-# namespace (`sandbox/plan.py` uses `--contain`, not `--pid`), and jobs run as the agent's own
-# Unix account, so a job sees the agent's process and may signal it (kill(2) compares the
-# kernel's uids, whatever the user namespace). The same holds for other users' jobs.
-@pytest.mark.xfail(strict=True, reason="no PID namespace: a job can signal the agent that runs it")
+# Jobs run as the agent's own Unix account and kill(2) compares the kernel's uids whatever
+# the user namespace: only the job's own PID namespace keeps it from signalling the agent.
 def test_job_cannot_signal_the_agent(
     shared_site: RunnerSite, agents: Callable[[RunnerSite], AgentProcess]
 ) -> None:
