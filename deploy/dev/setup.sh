@@ -323,8 +323,8 @@ start_mariadb() {
     if ((UPDATED)); then
         step "mariadb: wrote $MARIADB_CONF"
         if daemon_running mariadbd; then
-            step "mariadb: configuration changed; restarting it (and slurmdbd, which uses it)"
-            stop_daemon slurmdbd
+            # slurmdbd reconnects by itself once the server is back.
+            step "mariadb: configuration changed; restarting it"
             stop_daemon mariadbd
         fi
     fi
@@ -376,8 +376,8 @@ EOF
 }
 
 # sacctmgr, answering yes to its questions, with a deadline.
-sacctmgr_() { timeout 30 sacctmgr -i "$@"; }
-slurmdbd_answers() { sacctmgr_ -n -P show cluster format=Cluster >/dev/null 2>&1; }
+run_sacctmgr() { timeout 30 sacctmgr -i "$@"; }
+slurmdbd_answers() { run_sacctmgr -n -P show cluster format=Cluster >/dev/null 2>&1; }
 
 # Needs slurm.conf with the accounting settings: sacctmgr finds slurmdbd through it.
 start_slurmdbd() {
@@ -399,7 +399,7 @@ start_slurmdbd() {
     fi
     if ! wait_until 60 slurmdbd_answers; then
         tail -n 20 /var/log/slurm/slurmdbd.log >&2 || true
-        die "slurmdbd: 'sacctmgr show cluster' still fails after 60 s: $(sacctmgr_ -n show cluster 2>&1 || true)"
+        die "slurmdbd: 'sacctmgr show cluster' still fails after 60 s: $(run_sacctmgr -n show cluster 2>&1 || true)"
     fi
     step "slurmdbd: answers"
 }
@@ -413,21 +413,21 @@ join_commas() {
 # The cluster, the accounts and the users' associations; only what is missing is added.
 ensure_associations() {
     local clusters
-    clusters=$(sacctmgr_ -n -P show cluster format=Cluster) || die "sacctmgr show cluster failed"
+    clusters=$(run_sacctmgr -n -P show cluster format=Cluster) || die "sacctmgr show cluster failed"
     if ! grep -qxF "$CLUSTER" <<<"$clusters"; then
         step "accounting: adding cluster $CLUSTER"
-        sacctmgr_ add cluster "$CLUSTER" >/dev/null || die "sacctmgr add cluster $CLUSTER failed"
+        run_sacctmgr add cluster "$CLUSTER" >/dev/null || die "sacctmgr add cluster $CLUSTER failed"
     fi
 
     local assocs missing=() account
-    assocs=$(sacctmgr_ -n -P show association "cluster=$CLUSTER" format=Account,User) ||
+    assocs=$(run_sacctmgr -n -P show association "cluster=$CLUSTER" format=Account,User) ||
         die "sacctmgr show association failed"
     for account in "${SLURM_ACCOUNTS[@]}"; do
         grep -qxF "$account|" <<<"$assocs" || missing+=("$account")
     done
     if ((${#missing[@]} > 0)); then
         step "accounting: adding accounts ${missing[*]}"
-        sacctmgr_ add account "$(join_commas "${missing[@]}")" "cluster=$CLUSTER" \
+        run_sacctmgr add account "$(join_commas "${missing[@]}")" "cluster=$CLUSTER" \
             "description=hpc-runner test account" organization=hpc-runner >/dev/null ||
             die "sacctmgr add account ${missing[*]} failed"
     fi
@@ -446,14 +446,13 @@ ensure_associations() {
         done
         if ((${#missing[@]} > 0)); then
             step "accounting: associating $user with ${missing[*]}"
-            sacctmgr_ add user "$user" "account=$(join_commas "${missing[@]}")" "cluster=$CLUSTER" \
+            run_sacctmgr add user "$user" "account=$(join_commas "${missing[@]}")" "cluster=$CLUSTER" \
                 "defaultaccount=${accounts[0]}" >/dev/null || die "sacctmgr add user $user failed"
         fi
     done
 
-    # The first account listed is the default (a user that existed before keeps its old default
-    # through "add user").
-    defaults=$(sacctmgr_ -n -P show user format=User,DefaultAccount) || die "sacctmgr show user failed"
+    # The first account listed is each user's default; a user added earlier may have another.
+    defaults=$(run_sacctmgr -n -P show user format=User,DefaultAccount) || die "sacctmgr show user failed"
     for entry in "${SLURM_ASSOCIATIONS[@]}"; do
         user=${entry%%:*}
         account=${entry#*:}
@@ -461,7 +460,7 @@ ensure_associations() {
         getent passwd "$user" >/dev/null || continue
         if ! grep -qxF "$user|$account" <<<"$defaults"; then
             step "accounting: setting $user's default account to $account"
-            sacctmgr_ modify user where "name=$user" set "defaultaccount=$account" >/dev/null ||
+            run_sacctmgr modify user where "name=$user" set "defaultaccount=$account" >/dev/null ||
                 die "sacctmgr modify user $user failed"
         fi
     done

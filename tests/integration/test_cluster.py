@@ -133,11 +133,15 @@ def _submit(service_tmp: Path, name: str, *options: str) -> subprocess.Completed
     )
 
 
+def _sacctmgr_rows(*query: str) -> list[list[str]]:
+    """``sacctmgr -n -P show QUERY...`` as rows of fields."""
+    output = _root_output(["sacctmgr", "-n", "-P", "show", *query])
+    return [line.split("|") for line in output.splitlines() if line]
+
+
 def test_accounting_is_enforced(cluster: Cluster) -> None:
-    config = dict(
-        (key.strip(), value.strip())
-        for key, _, value in (line.partition("=") for line in _root_output(["scontrol", "show", "config"]).splitlines())
-    )
+    lines = _root_output(["scontrol", "show", "config"]).splitlines()
+    config = {key.strip(): value.strip() for key, _, value in (line.partition("=") for line in lines)}
     assert config["ClusterName"] == CLUSTER_NAME
     assert config["AccountingStorageType"] == "accounting_storage/slurmdbd"
     assert set(config["AccountingStorageEnforce"].split(",")) >= {"associations", "limits"}
@@ -177,21 +181,15 @@ def test_job_is_charged_to_its_account_and_recorded_by_sacct(
 
 
 def test_associations_and_default_accounts(cluster: Cluster) -> None:
-    rows = _root_output(
-        ["sacctmgr", "-n", "-P", "show", "association", f"cluster={CLUSTER_NAME}", "format=Account,User"]
-    ).split()
     associated: dict[str, set[str]] = {}
-    for row in rows:
-        account, _, user = row.partition("|")
+    for account, user in _sacctmgr_rows("association", f"cluster={CLUSTER_NAME}", "format=Account,User"):
         if user:
             associated.setdefault(user, set()).add(account)
     for user, accounts in ASSOCIATIONS.items():
         assert associated.get(user, set()) >= accounts, (user, associated.get(user))
     assert "esm" in associated[SERVICE_USER]
 
-    defaults = dict(
-        row.split("|", 1) for row in _root_output(["sacctmgr", "-n", "-P", "show", "user", "format=User,DefaultAccount"]).split()
-    )
+    defaults = dict(_sacctmgr_rows("user", "format=User,DefaultAccount"))
     for user in ASSOCIATIONS:
         assert defaults.get(user) == DEFAULT_ACCOUNT, (user, defaults)
 
@@ -211,7 +209,9 @@ def test_users_may_only_charge_their_accounts(
     cluster: Cluster, queue_users: dict[str, str], user: str, account: str | None, allowed: bool
 ) -> None:
     # --test-only: Slurm checks the request, including the association, and runs nothing.
-    argv = ["sbatch", "--test-only", "--time=1", *([f"--account={account}"] if account else []), "--wrap", "true"]
+    argv = ["sbatch", "--test-only", "--time=1", "--wrap", "true"]
+    if account:
+        argv.insert(1, f"--account={account}")
     result = as_user(user, argv, cwd="/", timeout=30)
     if allowed:
         assert result.returncode == 0, result.stderr
