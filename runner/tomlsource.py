@@ -88,7 +88,8 @@ class _LineIndexer:
             ch = self.peek()
             if ch == '"':
                 raw = self.skip_string()
-                parts.append(next(iter(tomllib.loads(f"{raw} = 0"))))
+                # only escapes need TOML's own reading
+                parts.append(next(iter(tomllib.loads(f"{raw} = 0"))) if "\\" in raw else raw[1:-1])
             elif ch == "'":
                 parts.append(self.skip_string()[1:-1])
             else:
@@ -160,7 +161,7 @@ class _LineIndexer:
                     if container[1] >= 0:
                         container[1] += 1
                     ch = self.peek()
-                if ch in "]}":
+                if ch and ch in "]}":
                     self.pos += 1
                     stack.pop()
                     continue
@@ -172,7 +173,7 @@ class _LineIndexer:
             # a value for `path`
             self.skip_blank(newlines=False)
             ch = self.peek()
-            if ch in "\"'":
+            if ch and ch in "\"'":
                 self.skip_string()
             elif ch == "[":
                 self.pos += 1

@@ -51,7 +51,10 @@ def local_identity() -> Identity:
     Taken from the process's real uid and group list, never from `$USER` or `$LOGNAME`,
     which anyone can set to someone else's name.
     """
-    user = pwd.getpwuid(os.getuid()).pw_name
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:        # a uid without a passwd entry: no grant can name it
+        user = str(os.getuid())
     gids = {*os.getgroups(), os.getgid()}
     groups = sorted({grp.getgrgid(gid).gr_name for gid in gids if _has_group(gid)})
     return Identity(source="local", user=user, groups=tuple(groups))

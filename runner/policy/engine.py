@@ -19,6 +19,8 @@ from runner.units import human_duration, slurm_memory, slurm_time
 
 MPI_NETWORK_NOTE = ("MPI jobs share the host's network namespace (ranks reach the launcher over "
                     "loopback), so network = false cannot isolate them: the site firewall is the boundary")
+MPI_PID_NOTE = ("MPI jobs share the host's PID namespace (a private one would kill the other ranks when "
+                "the first exits), so under the local executor they can see the agent's processes")
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,8 @@ def decide(policy: Policy, identity: Identity, job: JobSpec, usage: Usage | None
         if job.resources.account in (None, grant.account):
             failed += _account_reasons(job, account, resources, usage)
         if not failed:
-            notes = (MPI_NETWORK_NOTE,) if job.mpi and not job.network else ()
+            notes = ((MPI_NETWORK_NOTE,) if job.mpi and not job.network else ()) \
+                + ((MPI_PID_NOTE,) if job.mpi else ())
             return Decision(True, grant=grant.name, account=account.name, slurm=resources,
                             notes=notes, principals=principals, image=job.image, mpi=job.mpi,
                             network=job.network, gpus=resources.gpus > 0)

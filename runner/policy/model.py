@@ -182,6 +182,12 @@ def _parse_grant(table: Table, accounts: dict[str, Account], images: dict[str, I
     network = table.boolean("network", False)
     signers = table.string_list("signers", None, pattern=r"[A-Za-z0-9._:-]{1,128}", what="a key id")
     table.finish()
+    # An omitted list means "any" (or, for signers, "no signature needed"); an empty one would
+    # silently mean "none", which is never what its author meant.
+    for key, values in (("events", events), ("refs", refs), ("signers", signers)):
+        if values == ():
+            meaning = "no signature is required" if key == "signers" else f"any {key.rstrip('s')} is allowed"
+            raise table.error(key, f"must not be empty (omit `{key}` and {meaning})")
     return Grant(name, principals, account, events, refs, forks, image_names, tuple(binds), mpi, gpus,
                  network, signers)
 

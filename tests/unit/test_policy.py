@@ -10,7 +10,7 @@ import pytest
 from runner.errors import InputError
 from runner.identity import Identity
 from runner.policy import Decision, Policy, SlurmResources, Usage, decide, load_policy, parse_policy_text
-from runner.policy.engine import MPI_NETWORK_NOTE
+from runner.policy.engine import MPI_NETWORK_NOTE, MPI_PID_NOTE
 from runner.principals import parse_principal
 from runner.spec import JobSpec, parse_job_text
 
@@ -92,7 +92,7 @@ def _job(extra: str = "", resources: str = "") -> JobSpec:
     return parse_job_text(text, "job.toml")
 
 
-# --- reading policies ---------------------------------------------------------------------------------------
+# --- reading policies -----------------------------------------------------------------------------
 
 def test_policy_is_read_into_accounts_images_and_grants() -> None:
     policy = _policy()
@@ -145,16 +145,21 @@ def test_a_policy_without_grants_is_valid_and_denies_everything() -> None:
     ("max_nodes = 4", "max_nodes = 0", "p.toml:6: accounts.clima.max_nodes: must be at least 1, got 0"),
     ("max_nodes = 4", "max_nodes = 1000000000000",
      "p.toml:6: accounts.clima.max_nodes: must be at most 100000, got 1000000000000"),
-    ("max_nodes = 4", "max_nodes = 4.5", "p.toml:6: accounts.clima.max_nodes: must be an integer, got a number"),
+    ("max_nodes = 4", "max_nodes = 4.5", "p.toml:6: accounts.clima.max_nodes: must be an integer, got a "
+                                         "number"),
     ("max_gpus = 8", "max_gpus = -1", "p.toml:7: accounts.clima.max_gpus: must be at least 0, got -1"),
-    ('max_time = "4h"', 'max_time = "0h"', "p.toml:8: accounts.clima.max_time: '0h' must be longer than zero"),
+    ('max_time = "4h"', 'max_time = "0h"',
+     "p.toml:8: accounts.clima.max_time: '0h' must be longer than zero"),
     ('max_time = "4h"', 'max_time = "90s"',
      "p.toml:8: accounts.clima.max_time: must be a whole number of minutes (Slurm's granularity), got 1m30s"),
     ('max_time = "4h"', "max_time = 4.0",
-     "p.toml:8: accounts.clima.max_time: must be a duration such as \"30m\", \"4h\" or \"1-00:00:00\", got 4.0"),
-    ('max_memory = "64G"', 'default_time = "5h"', "p.toml:9: accounts.clima.default_time: must not exceed max_time"),
+     "p.toml:8: accounts.clima.max_time: must be a duration such as \"30m\", \"4h\" or \"1-00:00:00\", got "
+     "4.0"),
+    ('max_memory = "64G"', 'default_time = "5h"', "p.toml:9: accounts.clima.default_time: must not exceed "
+                                                  "max_time"),
     ('max_memory = "64G"', 'default_time = "30m30s"',
-     "p.toml:9: accounts.clima.default_time: must be a whole number of minutes (Slurm's granularity), got 30m30s"),
+     "p.toml:9: accounts.clima.default_time: must be a whole number of minutes (Slurm's granularity), got "
+     "30m30s"),
     ('max_memory = "64G"', 'max_memory = "lots"',
      "p.toml:9: accounts.clima.max_memory: 'lots' is not a memory size (use \"512M\" or \"16G\")"),
     ("max_concurrent_jobs = 10", "max_concurrent_jobs = 0",
@@ -169,12 +174,15 @@ def test_a_policy_without_grants_is_valid_and_denies_everything() -> None:
     ('slurm_account = "esm"', 'slurm_account = "esm --qos=high"',
      "p.toml:4: accounts.clima.slurm_account: 'esm --qos=high' is not a Slurm account name"),
     ("max_nodes = 4", "max_node = 4",
-     "p.toml:6: accounts.clima.max_node: unknown key (known keys here: admins, default_time, max_concurrent_jobs, "
+     "p.toml:6: accounts.clima.max_node: unknown key (known keys here: admins, default_time, "
+     "max_concurrent_jobs, "
      "max_gpus, max_memory, max_nodes, max_time, partitions, slurm_account)"),
     ('admins = ["github:team:CliMA/ci-admins"]', 'admins = ["github:team:CliMA/*-admins"]',
-     "p.toml:11: accounts.clima.admins[0]: 'github:team:CliMA/*-admins': '*' is only allowed as the whole last "
+     "p.toml:11: accounts.clima.admins[0]: 'github:team:CliMA/*-admins': '*' is only allowed as the whole "
+     "last "
      "part ('CliMA/*'), never inside a name"),
-    ("[accounts.clima]", '[accounts."bad name"]', "p.toml:3: accounts.bad name: 'bad name' is not a valid account name"),
+    ("[accounts.clima]", '[accounts."bad name"]', "p.toml:3: accounts.bad name: 'bad name' is not a valid "
+                                                  "account name"),
     # images
     (f'sha256 = "{SHA}"', f'sha256 = "{SHA[:-1]}"',
      "p.toml:19: images.clima-ci.sha256: must be 64 hexadecimal digits (the output of sha256sum)"),
@@ -192,8 +200,10 @@ def test_a_policy_without_grants_is_valid_and_denies_everything() -> None:
      "p.toml:18: images.clima-ci.path: image path 'clima-ci.sif' must be an absolute path"),
     ('path = "/groups/esm/images/clima-ci.sif"', 'path = "/groups/../etc/shadow"',
      "p.toml:18: images.clima-ci.path: image path '/groups/../etc/shadow' must not contain '..'"),
-    ('path = "/groups/esm/images/clima-ci.sif"', "path = 5", "p.toml:18: images.clima-ci.path: must be a string"),
-    ('path = "/groups/esm/images/clima-ci.sif"', 'path = "/groups/esm/images/clima-ci.sif"\nurl = "https://x"',
+    ('path = "/groups/esm/images/clima-ci.sif"', "path = 5", "p.toml:18: images.clima-ci.path: must be a "
+                                                             "string"),
+    ('path = "/groups/esm/images/clima-ci.sif"',
+     'path = "/groups/esm/images/clima-ci.sif"\nurl = "https://x"',
      "p.toml:19: images.clima-ci.url: unknown key (known keys here: path, sha256, signed_by)"),
     # grants
     ('account = "ocean"', 'account = "atmos"',
@@ -202,16 +212,20 @@ def test_a_policy_without_grants_is_valid_and_denies_everything() -> None:
      "p.toml:42: grants[1].images[1]: no image 'cuda' in the catalogue (images: clima-ci, signed)"),
     ('images = ["clima-ci", "signed"]', 'images = ["cuda"]',
      "p.toml:42: grants[1].images[0]: no image 'cuda' in the catalogue (images: clima-ci, signed)"),
-    ('name = "ocean-local"', 'name = "clima-prs"', "p.toml:39: grants[1].name: another grant is already named 'clima-prs'"),
-    ('name = "ocean-local"', 'name = "ocean local"', "p.toml:39: grants[1].name: 'ocean local' is not a grant name"),
+    ('name = "ocean-local"', 'name = "clima-prs"', "p.toml:39: grants[1].name: another grant is already "
+                                                   "named 'clima-prs'"),
+    ('name = "ocean-local"', 'name = "ocean local"', "p.toml:39: grants[1].name: 'ocean local' is not a "
+                                                     "grant name"),
     ('principals = ["local:group:ocean"]', "principals = []",
      "p.toml:40: grants[1].principals: must name at least one principal"),
     ('principals = ["local:group:ocean"]', "# nobody", "p.toml:38: grants[1].principals: is required"),
     ('principals = ["local:group:ocean"]', 'principals = ["local:group:*"]',
-     "p.toml:40: grants[1].principals[0]: 'local:group:*': a wildcard is only allowed as a trailing '/*' after "
+     "p.toml:40: grants[1].principals[0]: 'local:group:*': a wildcard is only allowed as a trailing '/*' "
+     "after "
      "an organisation, and local:group names have no organisation part"),
     ('principals = ["local:group:ocean"]', 'principals = ["local:group:ocean", "github:repo:CliMA/*x"]',
-     "p.toml:40: grants[1].principals[1]: 'github:repo:CliMA/*x': '*' is only allowed as the whole last part"),
+     "p.toml:40: grants[1].principals[1]: 'github:repo:CliMA/*x': '*' is only allowed as the whole "
+     "last part"),
     ('principals = ["local:group:ocean"]', 'principals = ["github:*:x"]',
      "p.toml:40: grants[1].principals[0]: 'github:*:x': a wildcard is only allowed as a trailing '/*'"),
     ('principals = ["local:group:ocean"]', 'principals = ["github:repo:*/x"]',
@@ -219,16 +233,24 @@ def test_a_policy_without_grants_is_valid_and_denies_everything() -> None:
     ('principals = ["local:group:ocean"]', 'principals = ["local:group:ocean", "local:group:ocean"]',
      "p.toml:40: grants[1].principals[1]: 'local:group:ocean' is listed twice"),
     ('events = ["pull_request", "push"]', 'events = ["pull_request", "pull"]',
-     "p.toml:28: grants[0].events[1]: unknown event 'pull' (known: push, pull_request, local, schedule, api, ui, "
+     "p.toml:28: grants[0].events[1]: unknown event 'pull' (known: push, pull_request, local, schedule, api, "
+     "ui, "
      "trigger, merge_group)"),
     ('refs = ["refs/heads/main", "refs/pull/*"]', 'refs = ["refs/heads/main", "refs/*/head"]',
      "p.toml:29: grants[0].refs[1]: 'refs/*/head': only a trailing '/*' may be a wildcard in a ref"),
     ('refs = ["refs/heads/main", "refs/pull/*"]', 'refs = ["main"]',
      "p.toml:29: grants[0].refs[0]: 'main' is not a git ref"),
     ("forks = false", "fork = false",
-     "p.toml:30: grants[0].fork: unknown key (known keys here: account, binds, events, forks, gpus, images, mpi, "
+     "p.toml:30: grants[0].fork: unknown key (known keys here: account, binds, events, forks, gpus, images, "
+     "mpi, "
      "name, network, principals, refs, signers)"),
     ("mpi = true", 'mpi = "yes"', "p.toml:34: grants[0].mpi: must be true or false, got a string"),
+    ('events = ["pull_request", "push"]', "events = []",
+     "p.toml:28: grants[0].events: must not be empty (omit `events` and any event is allowed)"),
+    ('refs = ["refs/heads/main", "refs/pull/*"]', "refs = []",
+     "p.toml:29: grants[0].refs: must not be empty (omit `refs` and any ref is allowed)"),
+    ("forks = false", "signers = []",
+     "p.toml:30: grants[0].signers: must not be empty (omit `signers` and no signature is required)"),
     ('account = "ocean"', 'account = "ocean"\nsigners = ["ocean key"]',
      "p.toml:42: grants[1].signers[0]: 'ocean key' is not a key id"),
     ("[[grants]]\nname = \"ocean-local\"", "[grants.extra]\nname = \"ocean-local\"",
@@ -272,17 +294,21 @@ def test_grant_lines_in_an_array_of_inline_tables_point_at_each_element() -> Non
         '  { name = "a", principals = ["local:user:a"], account = "clima" },\n'
         '  { name = "b", principals = ["local:user:b"], account = "clima", images = ["nope"] },\n'
         "]\n")
-    assert _error(text) == "p.toml:4: grants[1].images[0]: no image 'nope' in the catalogue (images: clima-ci, signed)"
+    assert _error(text) == ("p.toml:4: grants[1].images[0]: no image 'nope' in the catalogue "
+                            "(images: clima-ci, signed)")
 
 
 def test_grant_lines_in_multiline_arrays_point_at_the_element() -> None:
     text = _with('images = ["clima-ci", "signed"]', 'images = [\n  "clima-ci",\n  "nope",\n]')
-    assert _error(text) == "p.toml:44: grants[1].images[1]: no image 'nope' in the catalogue (images: clima-ci, signed)"
+    assert _error(text) == ("p.toml:44: grants[1].images[1]: no image 'nope' in the catalogue "
+                            "(images: clima-ci, signed)")
 
 
 def test_a_third_grant_is_placed_after_the_second() -> None:
-    text = POLICY + '\n[[grants]]\nname = "third"\nprincipals = ["local:user:x"]\naccount = "clima"\nimages = ["x"]\n'
-    assert _error(text) == "p.toml:48: grants[2].images[0]: no image 'x' in the catalogue (images: clima-ci, signed)"
+    text = POLICY + ('\n[[grants]]\nname = "third"\nprincipals = ["local:user:x"]\naccount = "clima"\n'
+                     'images = ["x"]\n')
+    assert _error(text) == ("p.toml:48: grants[2].images[0]: no image 'x' in the catalogue "
+                            "(images: clima-ci, signed)")
 
 
 def test_a_two_megabyte_policy_is_refused(tmp_path: Path) -> None:
@@ -309,7 +335,7 @@ def test_load_policy_names_the_file(tmp_path: Path) -> None:
     assert str(caught.value) == f"{path}:1: version: this hpc-runner reads policy version 1, got 2"
 
 
-# --- deciding -------------------------------------------------------------------------------------------------
+# --- deciding -------------------------------------------------------------------------------------
 
 def test_allowed_decision_names_the_grant_and_the_effective_slurm_request() -> None:
     decision = decide(_policy(), ALICE, _job())
@@ -356,13 +382,15 @@ def test_omitted_memory_stays_unset_when_the_account_has_no_cap() -> None:
 
 def test_a_job_within_every_cap_is_allowed_at_the_caps() -> None:
     job = _job(extra='binds = ["/groups/esm/data:/data:ro"]\n[job.mpi]\nenabled = true\n',
-               resources='account = "clima"\npartition = "gpu"\nnodes = 4\ngpus = 8\ntime = "4h"\nmemory = "64G"\n')
+               resources='account = "clima"\npartition = "gpu"\nnodes = 4\ngpus = 8\ntime = "4h"\nmemory = '
+                         '"64G"\n')
     decision = decide(_policy(), ALICE, job, Usage(running_by_account={"clima": 9}))
     assert (decision.allowed, decision.reasons) == (True, ())
 
 
 def test_a_denial_lists_every_rule_the_job_breaks() -> None:
-    job = _job(extra='binds = ["/home:/home:rw"]\nnetwork = true\n', resources='nodes = 16\ntime = "2-00:00:00"\n')
+    job = _job(extra='binds = ["/home:/home:rw"]\nnetwork = true\n', resources='nodes = 16\ntime = '
+                                                                               '"2-00:00:00"\n')
     decision = decide(_policy(), ALICE, job)
     assert decision.to_json()["reasons"] == [
         "grant 'clima-prs': bind /home:/home:rw is not granted",
@@ -382,7 +410,8 @@ def test_a_fork_of_a_core_member_is_denied_because_of_forks() -> None:
     fork = Identity(source="github", repository="CliMA/ClimaAtmos.jl", actor="alice", teams=("CliMA/core",),
                     event="pull_request", ref="refs/pull/13/head", fork=True)
     decision = decide(_policy(), fork, _job())
-    assert decision.reasons == ("grant 'clima-prs': the job comes from a fork and the grant has forks = false",)
+    assert decision.reasons == (
+        "grant 'clima-prs': the job comes from a fork and the grant has forks = false",)
 
 
 @pytest.mark.parametrize(("identity", "reason"), [
@@ -405,22 +434,26 @@ def test_each_context_rule_of_a_grant_is_checked(identity: Identity, reason: str
 @pytest.mark.parametrize(("extra", "resources", "reason"), [
     ("", 'account = "ocean"', "the job asks for account 'ocean'; the grant is for 'clima'"),
     ("", 'account = "nope"', "the job asks for account 'nope'; the grant is for 'clima'"),
-    ("", 'partition = "debug"', "partition 'debug' is not one of account clima's partitions (expansion, gpu)"),
+    ("", 'partition = "debug"',
+     "partition 'debug' is not one of account clima's partitions (expansion, gpu)"),
     ("", "nodes = 5", "5 nodes exceed account clima's max_nodes = 4"),
     ("", "gpus = 9", "9 GPUs exceed account clima's max_gpus = 8"),
     ("", 'time = "4h1m"', "walltime 4h1m exceeds account clima's max_time = 4h"),
     ("", 'memory = "65G"', "memory 65G exceeds account clima's max_memory = 64G"),
     ('binds = ["/groups/esm/data:/data:rw"]\n', "", "bind /groups/esm/data:/data:rw is not granted"),
-    ('binds = ["/groups/esm/data:/elsewhere:ro"]\n', "", "bind /groups/esm/data:/elsewhere:ro is not granted"),
+    ('binds = ["/groups/esm/data:/elsewhere:ro"]\n', "",
+     "bind /groups/esm/data:/elsewhere:ro is not granted"),
     ("network = true\n", "", "the job asks for network access and the grant has network = false"),
 ])
 def test_each_resource_and_sandbox_rule_is_checked(extra: str, resources: str, reason: str) -> None:
-    assert decide(_policy(), ALICE, _job(extra=extra, resources=resources)).reasons == (f"grant 'clima-prs': {reason}",)
+    assert decide(_policy(), ALICE, _job(extra=extra, resources=resources)).reasons == ("grant 'clima-prs': "
+                                                                                        f"{reason}",)
 
 
 def test_an_image_outside_the_catalogue_is_denied() -> None:
     job = parse_job_text(JOB.replace('"clima-ci"', '"other"'))
-    assert decide(_policy(), ALICE, job).reasons == ("grant 'clima-prs': image 'other' is not in the policy's catalogue",)
+    assert decide(_policy(), ALICE, job).reasons == ("grant 'clima-prs': image 'other' is not in the "
+                                                     "policy's catalogue",)
 
 
 def test_an_image_the_grant_does_not_list_is_denied() -> None:
@@ -500,9 +533,9 @@ def test_a_denial_reports_the_reasons_of_every_grant_that_names_the_identity() -
     )
 
 
-def test_an_mpi_job_without_network_is_told_it_shares_the_host_network() -> None:
+def test_an_mpi_job_without_network_is_told_it_shares_the_host_network_and_pids() -> None:
     decision = decide(_policy(), ALICE, _job(extra="[job.mpi]\nenabled = true\n"))
-    assert decision.notes == (MPI_NETWORK_NOTE,)
+    assert decision.notes == (MPI_NETWORK_NOTE, MPI_PID_NOTE)
     assert decision.network_isolated is False
 
 
@@ -533,9 +566,11 @@ def test_denied_decision_json_has_exactly_the_documented_shape() -> None:
     data = decide(_policy(), MALLORY, _job()).to_json()
     assert data == {
         "allowed": False, "grant": None, "account": None, "slurm": None,
-        "reasons": ["no grant names this identity (it holds: github:org:CliMA, github:repo:CliMA/ClimaAtmos.jl, "
+        "reasons": ["no grant names this identity (it holds: github:org:CliMA, "
+                    "github:repo:CliMA/ClimaAtmos.jl, "
                     "github:user:mallory)"],
-        "notes": [], "principals": ["github:org:CliMA", "github:repo:CliMA/ClimaAtmos.jl", "github:user:mallory"],
+        "notes": [],
+        "principals": ["github:org:CliMA", "github:repo:CliMA/ClimaAtmos.jl", "github:user:mallory"],
         "image": "clima-ci",
         "sandbox": {"mpi": False, "network": False, "gpus": False, "network_isolated": False},
     }

@@ -27,7 +27,8 @@ LOCAL_ALICE: dict[str, Any] = {"source": "local", "user": "alice", "groups": ["e
     ("github:team:CliMA/core", PrincipalPattern("github", "team", "CliMA", "core")),
     ("github:user:alice", PrincipalPattern("github", "user", "alice", None)),
     ("buildkite:org:clima", PrincipalPattern("buildkite", "org", "clima", None)),
-    ("buildkite:pipeline:clima/climaatmos-ci", PrincipalPattern("buildkite", "pipeline", "clima", "climaatmos-ci")),
+    ("buildkite:pipeline:clima/climaatmos-ci",
+     PrincipalPattern("buildkite", "pipeline", "clima", "climaatmos-ci")),
     ("buildkite:team:clima/core", PrincipalPattern("buildkite", "team", "clima", "core")),
     ("local:user:alice", PrincipalPattern("local", "user", "alice", None)),
     ("local:group:esm", PrincipalPattern("local", "group", "esm", None)),
@@ -47,7 +48,7 @@ def test_every_principal_type_of_the_design_parses(text: str, pattern: Principal
     ("github:repo:*/x", "the organisation must be spelled out"),
     ("github:repo:Cli*/x", "the organisation must be spelled out"),
     ("github:repo:*", "the organisation must be spelled out"),
-    ("github:*:x", "a wildcard is only allowed as a trailing '/\\*' after an organisation, never in the source"),
+    ("github:*:x", r"a wildcard is only allowed as a trailing '/\*' after an organisation, never in the"),
     ("*:team:CliMA/core", "never in the source or the type"),
     ("local:group:*", "local:group names have no organisation part"),
     ("local:user:al*", "local:user names have no organisation part"),
@@ -97,7 +98,8 @@ def test_malformed_principals_are_rejected_naming_the_problem(text: str, message
     ("local:group:esm", "local:group:esm", True),
     ("local:group:esm", "local:group:esm-admins", False),
 ])
-def test_principal_matching_is_exact_but_for_a_trailing_wildcard(pattern: str, held: str, matches: bool) -> None:
+def test_principal_matching_is_exact_but_for_a_trailing_wildcard(
+        pattern: str, held: str, matches: bool) -> None:
     assert parse_principal(pattern).matches(held) is matches
 
 
@@ -120,11 +122,11 @@ def test_ref_patterns_match_exactly_or_everything_below_a_trailing_wildcard(
 @pytest.mark.parametrize("pattern", ["main", "heads/main", "refs/*/main", "refs/heads/ma*", "refs/*",
                                      "refs/heads/../tags/x", "refs/heads/a b"])
 def test_malformed_ref_patterns_are_rejected(pattern: str) -> None:
-    with pytest.raises(ValueError, match="git ref|only a trailing"):
+    with pytest.raises(ValueError, match=r"git ref|only a trailing"):
         check_ref_pattern(pattern)
 
 
-# --- identities -------------------------------------------------------------------------------------------
+# --- identities -----------------------------------------------------------------------------------
 
 def test_github_identity_holds_org_repo_user_and_team_principals() -> None:
     identity = identity_from_json(GITHUB_ALICE)
@@ -244,7 +246,8 @@ def test_identity_field_errors_name_the_line_of_the_field(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(("text", "message"), [
     ("[" * 100_000, "invalid JSON: arrays or objects nested too deeply"),
-    ('{"source": "local", "user": "alice", "x": ' + "9" * 5000 + "}", "invalid JSON: a number has too many digits"),
+    ('{"source": "local", "user": "alice", "x": ' + "9" * 5000 + "}",
+     "invalid JSON: a number has too many digits"),
 ])
 def test_hostile_json_is_refused_without_a_traceback(tmp_path: Path, text: str, message: str) -> None:
     path = _write(tmp_path, text)

@@ -126,7 +126,8 @@ def test_job_to_json_is_plain_data() -> None:
     ("nodes = 2", "nodes = [2]", "job.toml:12: job.resources.nodes: must be an integer, got an array"),
     ("network = false", 'network = "no"', "job.toml:7: job.network: must be true or false, got a string"),
     ("enabled = true", "enabled = 1", "job.toml:20: job.mpi.enabled: must be true or false, got an integer"),
-    ('account = "clima"', "account = 7", "job.toml:10: job.resources.account: must be a string, got an integer"),
+    ('account = "clima"', "account = 7",
+     "job.toml:10: job.resources.account: must be a string, got an integer"),
     ('command = ["julia", "--project", "test/runtests.jl"]', 'command = "julia"',
      "job.toml:4: job.command: must be an array of strings, got a string"),
     ('command = ["julia", "--project", "test/runtests.jl"]', 'command = ["julia", 1]',
@@ -174,7 +175,8 @@ def test_job_to_json_is_plain_data() -> None:
     ("gpus = 0", "gpu = 0",
      "job.toml:15: job.resources.gpu: unknown key (known keys here: account, cpus_per_task, gpus, memory, "
      "nodes, partition, tasks, tasks_per_node, time)"),
-    ("enabled = true", "enable = true", "job.toml:20: job.mpi.enable: unknown key (known keys here: enabled)"),
+    ("enabled = true", "enable = true",
+     "job.toml:20: job.mpi.enable: unknown key (known keys here: enabled)"),
     ("[job.mpi]", "[job.mpich]", "job.toml:19: job.mpich: unknown key"),
     # binds
     ('binds = ["/groups/esm/data:/data:ro"]', 'binds = ["/proc:/proc"]',
@@ -207,7 +209,8 @@ def test_environment_names_must_be_shell_identifiers(name: str) -> None:
 
 
 def test_env_names_close_to_reserved_ones_are_allowed() -> None:
-    spec = parse_job_text(_with('env = { JULIA_NUM_THREADS = "4" }', 'env = { MY_SLURM_X = "1", slurm_x = "2" }'))
+    text = _with('env = { JULIA_NUM_THREADS = "4" }', 'env = { MY_SLURM_X = "1", slurm_x = "2" }')
+    spec = parse_job_text(text)
     assert dict(spec.env) == {"MY_SLURM_X": "1", "slurm_x": "2"}
 
 
@@ -262,7 +265,7 @@ def test_overlong_lists_are_refused() -> None:
     assert str(_error(text)) == "job.toml:4: job.command: has more than 1024 entries"
 
 
-# --- line numbers in less simple layouts ---------------------------------------------------------------
+# --- line numbers in less simple layouts ----------------------------------------------------------
 
 def test_toml_syntax_error_gives_its_line() -> None:
     error = _error(_with("nodes = 2", "nodes = "))
@@ -323,7 +326,7 @@ def test_quoted_keys_are_placed_on_their_line() -> None:
     assert str(_error(text)) == "job.toml:7: job.resources.gpus: must be at least 0, got -3"
 
 
-# --- hostile input ----------------------------------------------------------------------------------------
+# --- hostile input --------------------------------------------------------------------------------
 
 def test_a_two_megabyte_job_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "job.toml"
@@ -383,7 +386,7 @@ def test_load_job_names_the_file_and_line(tmp_path: Path) -> None:
     assert str(caught.value) == f"{path}:12: job.resources.nodes: must be at least 1, got 0"
 
 
-# --- job tables that arrive as data (plugin blocks, [[jobs]] entries) ---------------------------------------
+# --- job tables that arrive as data (plugin blocks, [[jobs]] entries) -----------------------------
 
 def test_parse_job_mapping_reads_a_plugin_block() -> None:
     spec = parse_job_mapping({"name": "x", "image": "i", "command": ["a"], "resources": {"nodes": 2}},
