@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import pwd
+import random
 import re
 import resource
 import shutil
@@ -258,6 +259,25 @@ def summary(values: Sequence[float]) -> dict[str, float | int]:
 def paired_ratios(candidate: Sequence[float], baseline: Sequence[float]) -> list[float]:
     """Per-round ratios: both runs of a round saw about the same load on a shared machine."""
     return [c / b for c, b in zip(candidate, baseline, strict=True)]
+
+
+def ratio_interval(candidate: Sequence[float], baseline: Sequence[float], *, level: float = 0.95,
+                   resamples: int = 2000) -> tuple[float, float]:
+    """A bootstrap confidence interval of median(candidate) / median(baseline).
+
+    Whole rounds are resampled, keeping each candidate run with the baseline run of its round,
+    so that a round a neighbour slowed down counts for both sides. A fixed seed makes a
+    report reproducible from its samples.
+    """
+    rng = random.Random(0)
+    count = len(candidate)
+    ratios = []
+    for _ in range(resamples):
+        picks = [rng.randrange(count) for _ in range(count)]
+        ratios.append(statistics.median(candidate[i] for i in picks)
+                      / statistics.median(baseline[i] for i in picks))
+    tail = (1.0 - level) / 2.0 * 100.0
+    return percentile(ratios, tail), percentile(ratios, 100.0 - tail)
 
 
 def other_load(runs: Iterable[Run]) -> float:

@@ -41,6 +41,7 @@ from bench._common import (
     other_load,
     paired_ratios,
     plan_job,
+    ratio_interval,
     rotated,
     run_as_service,
     service_workdir,
@@ -108,6 +109,7 @@ def measure(runs: int, warmup: int, quick: bool, output: Path) -> int:
         results_by_variant[name] = {
             "ms": stats,
             "ratio_to_bare": stats["median"] / base,
+            "ratio_to_bare_95ci": ratio_interval(values, ms[BASELINE]),
             "paired_ratio_to_bare": summary(paired_ratios(values, ms[BASELINE])),
             "added_ms_over_bare": stats["median"] - base,
             "ratio_to_plain_apptainer": stats["median"] / plain,

@@ -19,10 +19,12 @@ from typing import Any, Protocol
 from runner.config import AgentConfig
 from runner.errors import HpcRunnerError, InfrastructureError, InputError
 from runner.executors.local import LocalExecutor, LocalLaunch, Outcome
+from runner.executors.slurm import SlurmExecutor, SlurmJob, SlurmUnavailable, SubmissionFailed
 from runner.identity import Identity
 from runner.logging_setup import get_logger
-from runner.pipeline import Site, job_dir, prepare_job
+from runner.pipeline import PreparedJob, Site, job_dir, prepare_job
 from runner.policy import Decision, Policy, Usage, decide
+from runner.slurmflow import follow_slurm_job, pump_log
 from runner.spec import JobSpec
 from runner.store import JobRecord, JobState, Store, new_job_id
 from sandbox.plan import SandboxRefused
@@ -56,11 +58,15 @@ class _Running:
 class Agent:
     def __init__(self, config: AgentConfig, policy: Policy, store: Store, *,
                  policy_loader: Callable[[], Policy] | None = None,
-                 grace_seconds: float = 10.0, executor: Executor | None = None) -> None:
+                 grace_seconds: float = 10.0, executor: Executor | None = None,
+                 slurm: SlurmExecutor | None = None) -> None:
         self.config = config
         self.site = Site(config, policy)
         self.store = store
         self._executor: Executor = executor or LocalExecutor()
+        # With executor = "slurm" every job goes through Slurm; the local executor is unused.
+        self._slurm = slurm or (SlurmExecutor() if config.executor == "slurm" else None)
+        self._background: set[asyncio.Task[None]] = set()
         self._policy_loader = policy_loader
         self._grace = grace_seconds
         self._queue: asyncio.Queue[str] = asyncio.Queue()
@@ -227,29 +233,150 @@ class Agent:
             self._write_log(log_path, f"hpc-runner: {exc}\n")
             self.store.set_state(record.id, state, outcome_detail=str(exc))
             return
+        if self._slurm is not None:
+            await self._run_on_slurm(self._slurm, record, prepared, cancel)
+            return
         self.store.set_state(record.id, JobState.running)
         self.store.append_audit(actor="agent", action="started", job_id=record.id,
                                 detail={"argv": list(prepared.argv), "image": prepared.image.path,
                                         "image_sha256": prepared.image.sha256})
         outcome = await self._executor.run(prepared.local_launch(self._grace), cancel)
-        self.store.set_state(record.id, JobState(outcome.state), exit_status=outcome.exit_status,
-                             outcome_detail=outcome.detail)
-        log.info("job finished", job=record.id, state=outcome.state, exit_status=outcome.exit_status)
+        self._finish(record.id, outcome)
+
+    def _finish(self, job_id: str, outcome: Outcome) -> None:
+        """Record a job's end and report its final status exactly once, across restarts."""
+        current = self.store.get_job(job_id)
+        if current is not None and not current.state.is_terminal:
+            self.store.set_state(job_id, JobState(outcome.state), exit_status=outcome.exit_status,
+                                 outcome_detail=outcome.detail)
+        self._report_final(job_id)
+
+    def _report_final(self, job_id: str) -> None:
+        if self.store.mark_final_reported(job_id):
+            record = self.store.get_job(job_id)
+            assert record is not None
+            self.store.append_audit(actor="agent", action="final_status", job_id=job_id,
+                                    detail={"state": str(record.state), "exit_status": record.exit_status,
+                                            "detail": record.outcome_detail})
+            log.info("job finished", job=job_id, state=str(record.state), exit_status=record.exit_status)
+
+    # -- Slurm ---------------------------------------------------------------------------------
+
+    async def _run_on_slurm(self, slurm: SlurmExecutor, record: JobRecord, prepared: PreparedJob,
+                            cancel: asyncio.Event) -> None:
+        # Recorded before sbatch, so a restart between the two looks for the job by its name.
+        self.store.set_slurm_id(record.id, None, "slurm")
+        self.store.set_state(record.id, JobState.pending)
+        try:
+            job = await slurm.submit(prepared, comment=record.external_id or f"hpc-runner job {record.id}")
+        except SubmissionFailed as exc:
+            self._finish(record.id, Outcome("failed", None, f"Slurm refused the job: {exc.slurm_message}"))
+            return
+        except SlurmUnavailable as exc:
+            self._finish(record.id, Outcome("infra_failed", None, f"could not submit to Slurm: {exc}"))
+            return
+        assert job.slurm_id is not None
+        self.store.set_slurm_id(record.id, job.slurm_id, "slurm")
+        self.store.append_audit(actor="agent", action="submitted", job_id=record.id,
+                                detail={"slurm_id": job.slurm_id, "image": prepared.image.path,
+                                        "image_sha256": prepared.image.sha256})
+        await self._follow_slurm(slurm, record.id, job, cancel)
+
+    async def _follow_slurm(self, slurm: SlurmExecutor, job_id: str, job: SlurmJob,
+                            cancel: asyncio.Event) -> None:
+        record = self.store.get_job(job_id)
+        assert record is not None
+
+        def running() -> None:
+            current = self.store.get_job(job_id)
+            if current is not None and current.state == JobState.pending:
+                self.store.set_state(job_id, JobState.running)
+
+        outcome = await follow_slurm_job(slurm, job, offset=record.log_offset, sink=self._offset_sink(job_id),
+                                         cancel=cancel, grace_seconds=self._grace, on_running=running)
+        self._finish(job_id, outcome)
+
+    def _offset_sink(self, job_id: str) -> Callable[[int, bytes], Any]:
+        """The local queue's log sink: the log file is the delivery; the offset is what was read."""
+        async def sink(offset: int, data: bytes) -> None:
+            if not data:  # the file restarted from 0 (truncated or rotated)
+                self.store.set_log_offset(job_id, 0, reset=True)
+            else:
+                self.store.set_log_offset(job_id, offset + len(data))
+        return sink
+
+    async def _reattach(self, slurm: SlurmExecutor) -> None:
+        """Find the jobs a previous agent had in Slurm: follow the live ones, finish the rest."""
+        records = [r for r in self.store.list_jobs(states=[JobState.pending, JobState.running])
+                   if r.executor == "slurm"]
+        known = [SlurmJob(r.id, job_dir(self.config, r.id), self._log_path(r), r.slurm_id) for r in records]
+        delay = 1.0
+        while True:
+            try:
+                found = await slurm.reconcile(known)
+                break
+            except SlurmUnavailable as exc:
+                log.warning("cannot reach Slurm to reattach jobs; retrying", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+        for job_id, job in found.running.items():
+            if job.slurm_id is not None:
+                self.store.set_slurm_id(job_id, job.slurm_id, "slurm")
+            log.info("reattached to a Slurm job", job=job_id, slurm_id=job.slurm_id)
+            self._spawn_follower(slurm, job_id, job)
+        for job_id, outcome in found.finished.items():
+            record = self.store.get_job(job_id)
+            assert record is not None
+            # What the job wrote after the last agent stopped reading still has to be delivered.
+            await pump_log(self._log_path(record), offset=record.log_offset, done=lambda: True,
+                           sink=self._offset_sink(job_id))
+            self._finish(job_id, outcome)
+        for row in found.unknown_hpcr:
+            log.warning("a Slurm job named like ours is not in the agent's records; an admin should look",
+                        slurm_id=row.slurm_id, name=row.name, state=row.state)
+            self.store.append_audit(actor="agent", action="unknown_slurm_job",
+                                    detail={"slurm_id": row.slurm_id, "name": row.name, "state": row.state})
+
+    def _spawn_follower(self, slurm: SlurmExecutor, job_id: str, job: SlurmJob) -> None:
+        cancel = asyncio.Event()
+
+        async def follow_it() -> None:
+            try:
+                await self._follow_slurm(slurm, job_id, job, cancel)
+            except Exception as exc:
+                log.exception("lost track of a reattached job", job=job_id)
+                record = self.store.get_job(job_id)
+                if record is not None:
+                    self._fail(record, f"the agent lost track of the Slurm job: {exc}")
+            finally:
+                self._running.pop(job_id, None)
+                self._maybe_finished()
+
+        task = asyncio.create_task(follow_it())
+        self._running[job_id] = _Running(cancel, task)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
         self._recover()
+        if self._slurm is not None:
+            task = asyncio.create_task(self._reattach(self._slurm))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         self._workers = [asyncio.create_task(self._worker()) for _ in range(self.config.max_jobs)]
 
     def _recover(self) -> None:
         """Jobs a previous agent left behind: queued ones run, local runs cannot be reattached."""
         for record in self.store.list_jobs(states=[JobState.queued]):
             self._queue.put_nowait(record.id)
+        for record in self.store.list_jobs():
+            # ended, but the previous agent stopped before it reported the final status
+            if record.state.is_terminal and record.state != JobState.denied and not record.final_reported:
+                self._report_final(record.id)
         for record in self.store.list_jobs(states=[JobState.running, JobState.pending]):
             if record.executor in (None, "local"):
-                self.store.set_state(record.id, JobState.infra_failed,
-                                     outcome_detail="the agent stopped while the job ran locally")
+                self._finish(record.id, Outcome("infra_failed", None,
+                                                "the agent stopped while the job ran locally"))
 
     def reload_policy(self) -> bool:
         if self._policy_loader is None:
@@ -292,9 +419,11 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
 
     async def stop_workers(self) -> None:
-        for worker in self._workers:
+        for worker in [*self._workers, *self._background]:
             worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await asyncio.gather(*self._workers, *self._background, return_exceptions=True)
+        if self._slurm is not None:
+            await self._slurm.close()
 
 
 def _check_workspace_owner(workspace: Path, owner: object) -> None:

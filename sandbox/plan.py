@@ -412,3 +412,28 @@ def expected_env_name(name: str, spec: JobSpec, plan: SandboxPlan) -> bool:
     """Whether `name` may appear in the job's environment (for tests and `doctor`)."""
     patterns = (*DOCUMENTED_ENV, *APPTAINER_ADDED_ENV, *spec.env, *plan.passthrough)
     return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in patterns)
+
+
+def plan_srun_launch(plan: SandboxPlan, spec: JobSpec, decision: Decision, *, srun: str = "srun",
+                     mpi_plugin: str = "pmix") -> tuple[str, ...]:
+    """The launch line of a Slurm batch script (the Slurm executor): srun, then each rank.
+
+    - `--export=ALL`: the batch script is submitted with `--export=NONE`, which Slurm passes on
+      to every step as SLURM_EXPORT_ENV; without this the ranks would lose the PATH and the MPI
+      launcher settings the script exports.
+    - `--unbuffered`: the ranks write to a pseudo-terminal, so a job's lines reach the log file
+      (which the agent tails) as they are written instead of when a buffer fills.
+    - MPI jobs: every rank of the allocation, wired up by Slurm's PMIx (`--mpi=pmix`) and each
+      through the rank wrapper; `--kill-on-bad-exit=1` ends the other ranks when one fails
+      instead of leaving them blocked in a collective until the walltime.
+      `--cpus-per-task` only when above 1: since Slurm 22.05 srun no longer inherits it from
+      sbatch, and it implies `--exact`, which a one-CPU rank does not need.
+    - Other jobs run once (`--nodes=1 --ntasks=1`), as the local executor runs them, with every
+      CPU the job has on that node (a step without `--exact` gets them all).
+    """
+    res = _resources(decision)
+    if spec.mpi and decision.mpi:
+        cpus = (f"--cpus-per-task={res.cpus_per_task}",) if res.cpus_per_task > 1 else ()
+        return (srun, "--export=ALL", f"--mpi={mpi_plugin}", "--unbuffered", "--kill-on-bad-exit=1",
+                *cpus, *plan.rank_wrapper, *plan.argv)
+    return (srun, "--export=ALL", "--nodes=1", "--ntasks=1", "--unbuffered", *plan.rank_wrapper, *plan.argv)

@@ -30,8 +30,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def unsupported_parts(config: AgentConfig) -> list[str]:
     """Parts of a config this release cannot serve: refuse rather than silently ignore them."""
     found = []
-    if config.executor != "local":
-        found.append(f'executor = "{config.executor}" (this release runs jobs with the local executor)')
     for section in ("buildkite", "github", "gateway"):
         if getattr(config, section) is not None:
             found.append(f"[{section}] (not part of this release)")

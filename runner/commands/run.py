@@ -14,10 +14,12 @@ from runner.config import AgentConfig, default_config, load_config
 from runner.embedded import load_site_policy
 from runner.errors import InfrastructureError, InputError
 from runner.executors.local import LocalExecutor, Outcome
+from runner.executors.slurm import SlurmExecutor, SlurmUnavailable, SubmissionFailed
 from runner.identity import Identity, load_identity
 from runner.logs.tail import follow
 from runner.pipeline import PreparedJob, Site, prepare_job
 from runner.policy import decide
+from runner.slurmflow import follow_slurm_job, pump_log
 from runner.spec import JobSpec, load_job
 from runner.store import JobState, Store, new_job_id
 from sandbox.plan import SandboxRefused
@@ -51,10 +53,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"hpc-runner: {exc}", file=sys.stderr)
         return exitcodes.INFRASTRUCTURE
     executor = args.executor or config.executor
-    if executor != "local":
-        print("hpc-runner: the Slurm executor is not part of this release; use --executor local",
-              file=sys.stderr)
-        return exitcodes.INFRASTRUCTURE
     try:
         policy = load_site_policy(config, explicit=args.policy)
     except InputError as exc:
@@ -88,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
                            detail={"argv": list(prepared.argv), "image": prepared.image.path,
                                    "image_sha256": prepared.image.sha256})
         try:
-            outcome = asyncio.run(_execute(prepared, config.sandbox.grace_period))
+            if executor == "slurm":
+                outcome = asyncio.run(_execute_on_slurm(prepared, store, config.sandbox.grace_period))
+            else:
+                outcome = asyncio.run(_execute(prepared, config.sandbox.grace_period))
         except InfrastructureError as exc:
             # Apptainer (or mpirun) could not be started: the job never ran.
             store.set_state(record.id, JobState.infra_failed, outcome_detail=str(exc))
@@ -101,12 +102,44 @@ def run(args: argparse.Namespace) -> int:
     return exitcodes.for_outcome(outcome.state, outcome.exit_status)
 
 
-async def _execute(prepared: PreparedJob, grace_seconds: float) -> Outcome:
-    """Run the job while copying its log to stdout; Ctrl-C or SIGTERM cancels it."""
+def _cancel_on_signals() -> asyncio.Event:
     cancel = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, cancel.set)
+    return cancel
+
+
+async def _write_stdout(_offset: int, data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+async def _execute_on_slurm(prepared: PreparedJob, store: Store, grace_seconds: float) -> Outcome:
+    """Submit with sbatch, stream the job's output file to stdout; Ctrl-C cancels it in Slurm."""
+    cancel = _cancel_on_signals()
+    slurm = SlurmExecutor()
+    try:
+        store.set_slurm_id(prepared.job_id, None, "slurm")
+        store.set_state(prepared.job_id, JobState.pending)
+        try:
+            job = await slurm.submit(prepared, comment=f"hpc-runner run {prepared.job_id}")
+        except SubmissionFailed as exc:
+            await pump_log(prepared.log_path, offset=0, done=lambda: True, sink=_write_stdout)
+            return Outcome("failed", None, f"Slurm refused the job: {exc.slurm_message}")
+        except SlurmUnavailable as exc:
+            raise InfrastructureError(f"could not submit the job to Slurm: {exc}") from None
+        assert job.slurm_id is not None
+        store.set_slurm_id(prepared.job_id, job.slurm_id, "slurm")
+        return await follow_slurm_job(slurm, job, offset=0, sink=_write_stdout, cancel=cancel,
+                                      grace_seconds=grace_seconds)
+    finally:
+        await slurm.close()
+
+
+async def _execute(prepared: PreparedJob, grace_seconds: float) -> Outcome:
+    """Run the job while copying its log to stdout; Ctrl-C or SIGTERM cancels it."""
+    cancel = _cancel_on_signals()
     task = asyncio.create_task(LocalExecutor().run(prepared.local_launch(grace_seconds), cancel))
     out = sys.stdout.buffer
     async for _offset, chunk in follow(prepared.log_path, done=task.done):

@@ -33,7 +33,9 @@ POLL_SECONDS = 0.02
 KILL_WAIT_SECONDS = 0.5
 PR_SET_CHILD_SUBREAPER = 36
 
-OutcomeState = Literal["succeeded", "failed", "timed_out", "cancelled"]
+# "infra_failed": the job did not fail, the cluster did (a node failure); another try may work.
+# Only the Slurm executor can tell; a local job never ends so.
+OutcomeState = Literal["succeeded", "failed", "timed_out", "cancelled", "infra_failed"]
 
 
 @dataclass(frozen=True)
