@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from runner.config import AgentConfig
 from runner.errors import HpcRunnerError, InfrastructureError, InputError
 from runner.executors.local import LocalExecutor, LocalLaunch, Outcome
-from runner.executors.slurm import SlurmExecutor, SlurmJob, SlurmUnavailable, SubmissionFailed
+from runner.executors.slurm import SlurmExecutor, SlurmJob, SlurmSite, SlurmUnavailable, SubmissionFailed
 from runner.identity import Identity
 from runner.logging_setup import get_logger
 from runner.pipeline import PreparedJob, Site, job_dir, prepare_job
@@ -65,7 +65,7 @@ class Agent:
         self.store = store
         self._executor: Executor = executor or LocalExecutor()
         # With executor = "slurm" every job goes through Slurm; the local executor is unused.
-        self._slurm = slurm or (SlurmExecutor() if config.executor == "slurm" else None)
+        self._slurm = slurm or (slurm_executor(config) if config.executor == "slurm" else None)
         self._background: set[asyncio.Task[None]] = set()
         self._policy_loader = policy_loader
         self._grace = grace_seconds
@@ -424,6 +424,11 @@ class Agent:
         await asyncio.gather(*self._workers, *self._background, return_exceptions=True)
         if self._slurm is not None:
             await self._slurm.close()
+
+
+def slurm_executor(config: AgentConfig) -> SlurmExecutor:
+    return SlurmExecutor(site=SlurmSite(srun=config.slurm.srun, mpi_plugin=config.slurm.mpi_plugin),
+                         poll_interval=config.slurm.poll_interval)
 
 
 def _check_workspace_owner(workspace: Path, owner: object) -> None:

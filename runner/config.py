@@ -80,6 +80,13 @@ class MpiConfig:
 
 
 @dataclass(frozen=True)
+class SlurmConfig:
+    poll_interval: int = 5                # seconds between squeue calls (one call for all jobs)
+    srun: str = "srun"                    # on the compute node's PATH, or an absolute path
+    mpi_plugin: str = "pmix"              # srun --mpi=
+
+
+@dataclass(frozen=True)
 class BuildkiteConfig:
     token_file: Path
     verification_jwks_file: Path | None
@@ -128,6 +135,7 @@ class AgentConfig:
     gateway: GatewayConfig | None = None
     source: str | None = None             # the file it was read from; None: the embedded default
     socket: Path | None = None            # the local queue's socket; None: <state_dir>/agent.sock
+    slurm: SlurmConfig = SlurmConfig()
 
     def secret_files(self) -> list[Path]:
         """Every file holding a secret that the config names (each must be 0600, ours)."""
@@ -341,6 +349,19 @@ def _parse_mpi(table: Table | None) -> MpiConfig:
     return MpiConfig(implementation)
 
 
+def _parse_slurm(table: Table | None) -> SlurmConfig:
+    if table is None:
+        return SlurmConfig()
+    poll_interval = table.converted("poll_interval", _interval, 5)
+    if poll_interval > 600:
+        raise table.error("poll_interval", "must be at most 10m: a longer one hides a finished job too long")
+    srun = table.converted("srun", _apptainer_command, "srun")
+    mpi_plugin = table.string("mpi_plugin", "pmix", pattern=r"[a-z0-9_]{1,32}",
+                              what="an srun --mpi plugin name")
+    table.finish()
+    return SlurmConfig(poll_interval, srun, mpi_plugin)
+
+
 def _parse_tags(table: Table) -> tuple[str, ...]:
     tags: tuple[str, ...] = table.string_list("tags", (), pattern=_TAG, what="a KEY=VALUE tag")
     keys: set[str] = set()
@@ -425,6 +446,7 @@ def config_from_document(doc: TomlDocument) -> AgentConfig:
     socket = root.converted("socket", _path, None)
     sandbox = _parse_sandbox(root.table("sandbox"))
     mpi = _parse_mpi(root.table("mpi"))
+    slurm = _parse_slurm(root.table("slurm"))
     buildkite = _optional_section(root, "buildkite", _parse_buildkite)
     github = _optional_section(root, "github", _parse_github)
     gateway = _optional_section(root, "gateway", _parse_gateway)
@@ -434,7 +456,7 @@ def config_from_document(doc: TomlDocument) -> AgentConfig:
         raise root.error("policy", "is required when [buildkite] or [github] is configured: "
                                    "CI jobs need the site's own policy file")
     return AgentConfig(state_dir, work_root, policy, executor, max_jobs, sandbox, mpi, buildkite, github,
-                       gateway, doc.name, socket)
+                       gateway, doc.name, socket, slurm)
 
 
 def _check_layout(root: Table, state_dir: Path, work_root: Path) -> None:

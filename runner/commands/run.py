@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 from runner import exitcodes
+from runner.agent import slurm_executor
 from runner.commands.policy import local_identity
 from runner.config import AgentConfig, default_config, load_config
 from runner.embedded import load_site_policy
 from runner.errors import InfrastructureError, InputError
 from runner.executors.local import LocalExecutor, Outcome
-from runner.executors.slurm import SlurmExecutor, SlurmUnavailable, SubmissionFailed
+from runner.executors.slurm import SlurmUnavailable, SubmissionFailed
 from runner.identity import Identity, load_identity
 from runner.logs.tail import follow
 from runner.pipeline import PreparedJob, Site, prepare_job
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                                    "image_sha256": prepared.image.sha256})
         try:
             if executor == "slurm":
-                outcome = asyncio.run(_execute_on_slurm(prepared, store, config.sandbox.grace_period))
+                outcome = asyncio.run(_execute_on_slurm(prepared, store, config))
             else:
                 outcome = asyncio.run(_execute(prepared, config.sandbox.grace_period))
         except InfrastructureError as exc:
@@ -115,10 +116,10 @@ async def _write_stdout(_offset: int, data: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
-async def _execute_on_slurm(prepared: PreparedJob, store: Store, grace_seconds: float) -> Outcome:
+async def _execute_on_slurm(prepared: PreparedJob, store: Store, config: AgentConfig) -> Outcome:
     """Submit with sbatch, stream the job's output file to stdout; Ctrl-C cancels it in Slurm."""
     cancel = _cancel_on_signals()
-    slurm = SlurmExecutor()
+    slurm = slurm_executor(config)
     try:
         store.set_slurm_id(prepared.job_id, None, "slurm")
         store.set_state(prepared.job_id, JobState.pending)
@@ -132,7 +133,7 @@ async def _execute_on_slurm(prepared: PreparedJob, store: Store, grace_seconds: 
         assert job.slurm_id is not None
         store.set_slurm_id(prepared.job_id, job.slurm_id, "slurm")
         return await follow_slurm_job(slurm, job, offset=0, sink=_write_stdout, cancel=cancel,
-                                      grace_seconds=grace_seconds)
+                                      grace_seconds=config.sandbox.grace_period)
     finally:
         await slurm.close()
 

@@ -63,6 +63,8 @@ def test_the_example_config_loads_with_every_section() -> None:
     assert config.max_jobs == 50
     assert config.sandbox.apptainer == "/usr/bin/apptainer"
     assert config.mpi.implementation == "openmpi"
+    assert (config.slurm.poll_interval, config.slurm.srun, config.slurm.mpi_plugin) == (5, "srun", "pmix")
+    assert config.sandbox.grace_period == 30
     assert config.buildkite is not None
     assert config.buildkite.workers == 10
     assert config.buildkite.tags == ("queue=hpc",)
@@ -82,7 +84,8 @@ def test_the_example_names_every_key_the_loader_knows() -> None:
                 "implementation", "token_file", "endpoint", "tags", "verification_jwks_file", "workers",
                 "allow_unsigned", "app_id", "private_key_file", "api_url", "mode", "repositories",
                 "trigger_label", "comment_command", "push_branches", "poll_interval", "log_url",
-                "gateway_url", "gateway_token_file", "listen", "webhook_secret_file", "agent_tokens_file"):
+                "gateway_url", "gateway_token_file", "listen", "webhook_secret_file", "agent_tokens_file",
+                "socket", "grace_period", "srun", "mpi_plugin"):
         assert f"{key} =" in text, key
 
 
