@@ -113,6 +113,7 @@ def measure(runs: int, warmup: int, quick: bool, output: Path) -> int:
             "paired_ratio_to_bare": summary(paired_ratios(values, ms[BASELINE])),
             "added_ms_over_bare": stats["median"] - base,
             "ratio_to_plain_apptainer": stats["median"] / plain,
+            "ratio_to_plain_apptainer_95ci": ratio_interval(values, ms[PLAIN]),
             "samples_ms": [round(v, 3) for v in values],
         }
     load = other_load(run for values in samples.values() for run in values)
@@ -136,11 +137,12 @@ def measure(runs: int, warmup: int, quick: bool, output: Path) -> int:
     rows = []
     for name, entry in results_by_variant.items():
         stats = entry["ms"]
+        low, high = entry["ratio_to_plain_apptainer_95ci"]
         rows.append([name, f"{stats['median']:.1f}", f"{stats['p10']:.1f}", f"{stats['p90']:.1f}",
                      f"{entry['ratio_to_bare']:.1f}×", f"{entry['added_ms_over_bare']:+.1f}",
-                     f"{entry['ratio_to_plain_apptainer']:.2f}×"])
+                     f"{entry['ratio_to_plain_apptainer']:.2f}× ({low:.2f}–{high:.2f})"])
     print(markdown_table(["variant", "median ms", "p10 ms", "p90 ms", "× bare true", "+ms over bare",
-                          "× plain apptainer"], rows))
+                          "× plain apptainer (95% CI)"], rows))
     print(f"\nwrote {output}")
     return 0
 
