@@ -71,6 +71,8 @@ class Agent:
         self._grace = grace_seconds
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._running: dict[str, _Running] = {}
+        # Slurm jobs of a previous agent that were cancelled before `_reattach` followed them again.
+        self._cancel_on_reattach: set[str] = set()
         self._slots = asyncio.Semaphore(config.max_jobs)
         self._accepting = True
         self._workers: list[asyncio.Task[None]] = []
@@ -167,10 +169,18 @@ class Agent:
         if running is not None:
             running.cancel.set()
             return record
+        if self._slurm is not None and record.executor == "slurm" \
+                and record.state in (JobState.pending, JobState.running):
+            # Submitted before the agent restarted and not followed again yet: marking it
+            # cancelled here would leave it running in Slurm. Its follower cancels it there.
+            self._cancel_on_reattach.add(job_id)
+            return record
         self._write_log(self._log_path(record),
                         f"hpc-runner: cancelled by {identity.actor_principal} before it started\n")
-        return self.store.set_state(job_id, JobState.cancelled, actor=identity.actor_principal,
-                                    outcome_detail=f"cancelled by {identity.actor_principal} while queued")
+        record = self.store.set_state(job_id, JobState.cancelled, actor=identity.actor_principal,
+                                      outcome_detail=f"cancelled by {identity.actor_principal} while queued")
+        self._report_final(job_id)
+        return record
 
     # -- execution -----------------------------------------------------------------------------
 
@@ -208,6 +218,7 @@ class Agent:
         with contextlib.suppress(OSError):  # the state matters more than the note
             self._write_log(self._log_path(record), f"hpc-runner: {detail}\n")
         self.store.set_state(record.id, JobState.infra_failed, outcome_detail=detail)
+        self._report_final(record.id)
 
     def _log_path(self, record: JobRecord) -> Path:
         return Path(record.log_path or job_dir(self.config, record.id) / "output.log")
@@ -232,6 +243,8 @@ class Agent:
             state = JobState.denied if isinstance(exc, SandboxRefused) else JobState.infra_failed
             self._write_log(log_path, f"hpc-runner: {exc}\n")
             self.store.set_state(record.id, state, outcome_detail=str(exc))
+            if state != JobState.denied:  # denials are answered at admission, never as final statuses
+                self._report_final(record.id)
             return
         if self._slurm is not None:
             await self._run_on_slurm(self._slurm, record, prepared, cancel)
@@ -325,12 +338,17 @@ class Agent:
             log.info("reattached to a Slurm job", job=job_id, slurm_id=job.slurm_id)
             self._spawn_follower(slurm, job_id, job)
         for job_id, outcome in found.finished.items():
+            self._cancel_on_reattach.discard(job_id)
             record = self.store.get_job(job_id)
             assert record is not None
-            # What the job wrote after the last agent stopped reading still has to be delivered.
-            await pump_log(self._log_path(record), offset=record.log_offset, done=lambda: True,
-                           sink=self._offset_sink(job_id))
-            self._finish(job_id, outcome)
+            try:
+                # What the job wrote after the last agent stopped reading still has to be delivered.
+                await pump_log(self._log_path(record), offset=record.log_offset, done=lambda: True,
+                               sink=self._offset_sink(job_id))
+                self._finish(job_id, outcome)
+            except Exception:  # one job's trouble must not keep the others from their final status
+                log.exception("cannot record the end of a Slurm job that ended while the agent was down",
+                              job=job_id)
         for row in found.unknown_hpcr:
             log.warning("a Slurm job named like ours is not in the agent's records; an admin should look",
                         slurm_id=row.slurm_id, name=row.name, state=row.state)
@@ -339,6 +357,9 @@ class Agent:
 
     def _spawn_follower(self, slurm: SlurmExecutor, job_id: str, job: SlurmJob) -> None:
         cancel = asyncio.Event()
+        if job_id in self._cancel_on_reattach:
+            self._cancel_on_reattach.discard(job_id)
+            cancel.set()
 
         async def follow_it() -> None:
             try:
@@ -362,8 +383,15 @@ class Agent:
         if self._slurm is not None:
             task = asyncio.create_task(self._reattach(self._slurm))
             self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            task.add_done_callback(self._background_done)
         self._workers = [asyncio.create_task(self._worker()) for _ in range(self.config.max_jobs)]
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Jobs it did not reach stay pending or running until the next start finds them.
+            log.error("reattaching to Slurm jobs failed; restart the agent to try again",
+                      error=repr(task.exception()))
 
     def _recover(self) -> None:
         """Jobs a previous agent left behind: queued ones run, local runs cannot be reattached."""
@@ -401,6 +429,7 @@ class Agent:
                 if record.id not in self._running:
                     self.store.set_state(record.id, JobState.cancelled,
                                          outcome_detail="the agent shut down before the job started")
+                    self._report_final(record.id)
             log.info("draining: no new jobs; running jobs finish", running=len(self._running))
         else:
             log.info("second SIGTERM: cancelling running jobs", running=len(self._running))

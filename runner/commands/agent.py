@@ -60,9 +60,10 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
     with Store.open(config.state_dir) as store:
         agent = Agent(config, policy, store, policy_loader=reload, grace_seconds=grace_seconds)
         server = LocalQueueServer(agent, socket_path(config), mode=socket_mode(config))
+        # Before the socket announces the agent: a SIGTERM from then on must drain, not kill it.
+        agent.install_signal_handlers()
         await server.start()
         agent.start()
-        agent.install_signal_handlers()
         if ready is not None:
             ready()
         if stop is not None:

@@ -82,14 +82,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"hpc-runner: {exc}", file=sys.stderr)
             return exitcodes.INFRASTRUCTURE
         store.set_log_path(record.id, prepared.log_path)
-        store.set_state(record.id, JobState.running)
         store.append_audit(actor=identity.actor_principal, action="started", job_id=record.id,
                            detail={"argv": list(prepared.argv), "image": prepared.image.path,
                                    "image_sha256": prepared.image.sha256})
         try:
             if executor == "slurm":
+                # pending until Slurm starts it, then running
                 outcome = asyncio.run(_execute_on_slurm(prepared, store, config))
             else:
+                store.set_state(record.id, JobState.running)
                 outcome = asyncio.run(_execute(prepared, config.sandbox.grace_period))
         except InfrastructureError as exc:
             # Apptainer (or mpirun) could not be started: the job never ran.
@@ -132,8 +133,12 @@ async def _execute_on_slurm(prepared: PreparedJob, store: Store, config: AgentCo
             raise InfrastructureError(f"could not submit the job to Slurm: {exc}") from None
         assert job.slurm_id is not None
         store.set_slurm_id(prepared.job_id, job.slurm_id, "slurm")
+
+        def running() -> None:
+            store.set_state(prepared.job_id, JobState.running)
+
         return await follow_slurm_job(slurm, job, offset=0, sink=_write_stdout, cancel=cancel,
-                                      grace_seconds=config.sandbox.grace_period)
+                                      grace_seconds=config.sandbox.grace_period, on_running=running)
     finally:
         await slurm.close()
 

@@ -293,15 +293,15 @@ def test_agent_refuses_to_start_on_an_invalid_policy_naming_file_line_and_field(
 
 
 def test_agent_refuses_to_start_on_a_config_this_release_cannot_serve(queue_site: RunnerSite) -> None:
-    slurm_config = queue_site.root / "slurm.toml"
-    write_public_file(slurm_config, queue_site.config.read_text().replace(
-        'executor = "local"', 'executor = "slurm"'))
+    buildkite_config = queue_site.root / "buildkite.toml"
+    section = '[buildkite]\ntoken_file = "/etc/hpc-runner/buildkite-token"\nallow_unsigned = true\n'
+    write_public_file(buildkite_config, queue_site.config.read_text() + "\n" + section)
 
-    result = as_service_user(["hpc-runner", "agent", "--config", slurm_config], cwd=queue_site.root,
+    result = as_service_user(["hpc-runner", "agent", "--config", buildkite_config], cwd=queue_site.root,
                              timeout=30)
 
     assert result.returncode == 1
-    assert 'refusing to start: this config asks for executor = "slurm"' in result.stderr
+    assert "refusing to start: this config asks for [buildkite] (not part of this release)" in result.stderr
     assert not queue_site.socket.exists()
 
 
