@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import Any, TextIO
@@ -9,6 +10,25 @@ from typing import Any, TextIO
 import structlog
 
 _configured = False
+
+
+class _SturdyPrintLogger(structlog.PrintLogger):
+    """A log stream that went away (a closed pipe, a restarted journal) must not stop the agent
+    in the middle of, say, draining its jobs: a line that cannot be written is dropped."""
+
+    def msg(self, message: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            super().msg(message)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+
+
+class _SturdyPrintLoggerFactory:
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def __call__(self, *args: Any) -> _SturdyPrintLogger:
+        return _SturdyPrintLogger(self._file)
 
 
 def configure_logging(*, level: str = "info", stream: TextIO | None = None,
@@ -34,7 +54,7 @@ def configure_logging(*, level: str = "info", stream: TextIO | None = None,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=_SturdyPrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
     _configured = True

@@ -53,3 +53,13 @@ def test_configuring_twice_keeps_the_first_configuration() -> None:
     get_logger("test").info("once")
     assert "once" in first.getvalue()
     assert second.getvalue() == ""
+
+
+class _BrokenPipe(io.StringIO):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError("the reader went away")
+
+
+def test_a_log_stream_that_went_away_does_not_raise() -> None:
+    configure_logging(stream=_BrokenPipe(), force_json=True)
+    get_logger("test").info("draining", running=1)  # must not raise: the agent goes on
