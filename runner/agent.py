@@ -223,11 +223,15 @@ class Agent:
     def _log_path(self, record: JobRecord) -> Path:
         return Path(record.log_path or job_dir(self.config, record.id) / "output.log")
 
-    async def _execute(self, record: JobRecord, cancel: asyncio.Event) -> None:
+    def _redecide(self, record: JobRecord) -> tuple[JobSpec, Decision, Path]:
+        """The recorded job under the current policy: its spec, the decision and its workspace."""
         from runner.spec import parse_job_mapping  # the stored spec is plain data
         spec = _spec_from_record(record, parse_job_mapping)
         decision = decide(self.policy, _identity_from_record(record), spec)
-        workspace = Path((record.decision or {}).get("workspace", "/nonexistent"))
+        return spec, decision, Path((record.decision or {}).get("workspace", "/nonexistent"))
+
+    async def _execute(self, record: JobRecord, cancel: asyncio.Event) -> None:
+        spec, decision, workspace = self._redecide(record)
         log_path = self._log_path(record)
         if not decision.allowed:
             # The policy changed (SIGHUP) between admission and start: the new one rules.
@@ -307,7 +311,46 @@ class Agent:
 
         outcome = await follow_slurm_job(slurm, job, offset=record.log_offset, sink=self._offset_sink(job_id),
                                          cancel=cancel, grace_seconds=self._grace, on_running=running)
+        if outcome.retryable and not cancel.is_set() \
+                and await self._resubmit_after_node_failure(slurm, job_id, outcome, cancel):
+            return
         self._finish(job_id, outcome)
+
+    async def _resubmit_after_node_failure(self, slurm: SlurmExecutor, job_id: str, outcome: Outcome,
+                                           cancel: asyncio.Event) -> bool:
+        """Submit a job a failed node ended once more, if its account allows; False: it ends here.
+
+        The policy decides again (it may have been reloaded since the job was admitted), and the
+        "resubmitted" audit entry, written before sbatch, keeps it to one retry across restarts.
+        """
+        record = self.store.get_job(job_id)
+        if record is None or record.state.is_terminal:
+            return False
+        log_path = self._log_path(record)
+        if any(entry.action == "resubmitted" for entry in self.store.audit_entries(job_id=job_id)):
+            self._write_log(log_path, f"hpc-runner: {outcome.detail}; it was already submitted again "
+                                      "once, so it ends here\n")
+            return False
+        spec, decision, workspace = self._redecide(record)
+        if not decision.allowed or not decision.retry_node_failure:
+            why = "the policy no longer allows the job" if not decision.allowed else \
+                f"account {decision.account} does not retry node failures (retry_node_failures)"
+            self._write_log(log_path, f"hpc-runner: {outcome.detail}; not submitted again: {why}\n")
+            return False
+        self.store.append_audit(actor="agent", action="resubmitted", job_id=job_id,
+                                detail={"reason": outcome.detail, "previous_slurm_id": record.slurm_id})
+        self._write_log(log_path, f"hpc-runner: {outcome.detail}; submitting it again, once, as account "
+                                  f"{decision.account} allows (retry_node_failures)\n")
+        log.warning("a node failed under a job; submitting it again", job=job_id, slurm_id=record.slurm_id)
+        try:
+            _check_workspace_owner(workspace, (record.decision or {}).get("workspace_owner"))
+            prepared = await asyncio.to_thread(prepare_job, self.site, job_id=job_id, spec=spec,
+                                               decision=decision, workspace=workspace)
+        except (SandboxRefused, InfrastructureError) as exc:
+            self._write_log(log_path, f"hpc-runner: cannot submit the job again: {exc}\n")
+            return False
+        await self._run_on_slurm(slurm, record, prepared, cancel)
+        return True
 
     def _offset_sink(self, job_id: str) -> Callable[[int, bytes], Any]:
         """The local queue's log sink: the log file is the delivery; the offset is what was read."""

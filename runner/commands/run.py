@@ -16,6 +16,7 @@ from runner.embedded import load_site_policy
 from runner.errors import InfrastructureError, InputError
 from runner.executors.local import LocalExecutor, Outcome
 from runner.executors.slurm import SlurmUnavailable, SubmissionFailed
+from runner.executors.slurm.executor import append_log_line
 from runner.identity import Identity, load_identity
 from runner.logs.tail import follow
 from runner.pipeline import PreparedJob, Site, prepare_job
@@ -118,27 +119,47 @@ async def _write_stdout(_offset: int, data: bytes) -> None:
 
 
 async def _execute_on_slurm(prepared: PreparedJob, store: Store, config: AgentConfig) -> Outcome:
-    """Submit with sbatch, stream the job's output file to stdout; Ctrl-C cancels it in Slurm."""
+    """Submit with sbatch, stream the job's output file to stdout; Ctrl-C cancels it in Slurm.
+
+    A job a failed node ended is submitted once more when its account allows it; the second
+    attempt appends to the same output file, which is streamed on from where the first stopped.
+    """
     cancel = _cancel_on_signals()
     slurm = slurm_executor(config)
+    shown = 0
+
+    async def to_stdout(offset: int, data: bytes) -> None:
+        nonlocal shown
+        await _write_stdout(offset, data)
+        shown = offset + len(data)
+
     try:
-        store.set_slurm_id(prepared.job_id, None, "slurm")
-        store.set_state(prepared.job_id, JobState.pending)
-        try:
-            job = await slurm.submit(prepared, comment=f"hpc-runner run {prepared.job_id}")
-        except SubmissionFailed as exc:
-            await pump_log(prepared.log_path, offset=0, done=lambda: True, sink=_write_stdout)
-            return Outcome("failed", None, f"Slurm refused the job: {exc.slurm_message}")
-        except SlurmUnavailable as exc:
-            raise InfrastructureError(f"could not submit the job to Slurm: {exc}") from None
-        assert job.slurm_id is not None
-        store.set_slurm_id(prepared.job_id, job.slurm_id, "slurm")
+        for attempt in (1, 2):
+            store.set_slurm_id(prepared.job_id, None, "slurm")
+            store.set_state(prepared.job_id, JobState.pending)
+            try:
+                job = await slurm.submit(prepared, comment=f"hpc-runner run {prepared.job_id}")
+            except SubmissionFailed as exc:
+                await pump_log(prepared.log_path, offset=shown, done=lambda: True, sink=to_stdout)
+                return Outcome("failed", None, f"Slurm refused the job: {exc.slurm_message}")
+            except SlurmUnavailable as exc:
+                raise InfrastructureError(f"could not submit the job to Slurm: {exc}") from None
+            assert job.slurm_id is not None
+            store.set_slurm_id(prepared.job_id, job.slurm_id, "slurm")
 
-        def running() -> None:
-            store.set_state(prepared.job_id, JobState.running)
+            def running() -> None:
+                store.set_state(prepared.job_id, JobState.running)
 
-        return await follow_slurm_job(slurm, job, offset=0, sink=_write_stdout, cancel=cancel,
-                                      grace_seconds=config.sandbox.grace_period, on_running=running)
+            outcome = await follow_slurm_job(slurm, job, offset=shown, sink=to_stdout, cancel=cancel,
+                                             grace_seconds=config.sandbox.grace_period, on_running=running)
+            if not (outcome.retryable and attempt == 1 and prepared.decision.retry_node_failure
+                    and not cancel.is_set()):
+                return outcome
+            store.append_audit(actor="hpc-runner run", action="resubmitted", job_id=prepared.job_id,
+                               detail={"reason": outcome.detail, "previous_slurm_id": job.slurm_id})
+            append_log_line(prepared.log_path, f"hpc-runner: {outcome.detail}; submitting it again, "
+                            f"once, as account {prepared.decision.account} allows (retry_node_failures)")
+        return outcome
     finally:
         await slurm.close()
 

@@ -61,6 +61,8 @@ class Outcome:
     state: OutcomeState
     exit_status: int | None
     detail: str
+    # The job did not fail by its own doing (a node failed under it): running it again may work.
+    retryable: bool = False
 
 
 class LocalExecutor:

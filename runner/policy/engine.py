@@ -67,6 +67,7 @@ class Decision:
     mpi: bool = False
     network: bool = False
     gpus: bool = False
+    retry_node_failure: bool = False      # the account allows one resubmission after a node failure
 
     @property
     def network_isolated(self) -> bool:
@@ -81,6 +82,7 @@ class Decision:
             "principals": list(self.principals), "image": self.image,
             "sandbox": {"mpi": self.mpi, "network": self.network, "gpus": self.gpus,
                         "network_isolated": self.network_isolated},
+            "retry_node_failure": self.retry_node_failure,
         }
 
 
@@ -183,6 +185,7 @@ def decide(policy: Policy, identity: Identity, job: JobSpec, usage: Usage | None
                 + ((MPI_PID_NOTE,) if job.mpi else ())
             return Decision(True, grant=grant.name, account=account.name, slurm=resources,
                             notes=notes, principals=principals, image=job.image, mpi=job.mpi,
-                            network=job.network, gpus=resources.gpus > 0)
+                            network=job.network, gpus=resources.gpus > 0,
+                            retry_node_failure=account.retry_node_failures)
         reasons += [f"grant {grant.name!r}: {reason}" for reason in failed]
     return Decision(False, reasons=tuple(reasons), principals=principals, image=job.image)

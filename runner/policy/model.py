@@ -32,6 +32,9 @@ class Account:
     max_memory_mb: int | None = None
     max_concurrent_jobs: int | None = None
     admins: tuple[PrincipalPattern, ...] = ()
+    # Submit a job again, once, when a node fails under it (NODE_FAIL, BOOT_FAIL). Off unless
+    # the account says so: the second attempt is charged to the account's allocation too.
+    retry_node_failures: bool = False
 
     @property
     def time_default(self) -> int:
@@ -107,6 +110,7 @@ def _parse_account(name: str, table: Table) -> Account:
     max_memory = table.converted("max_memory", parse_memory, None)
     max_concurrent = table.integer("max_concurrent_jobs", None, maximum=100_000)
     admins = _principals(table, "admins", required=False)
+    retry_node_failures = table.boolean("retry_node_failures", False)
     table.finish()
     # Slurm counts walltime in whole minutes and rounds a request up: a cap of "90s" would
     # let a "90s" job run for two minutes.
@@ -117,7 +121,7 @@ def _parse_account(name: str, table: Table) -> Account:
     if default_time is not None and default_time > max_time:
         raise table.error("default_time", "must not exceed max_time")
     return Account(name, slurm_account, partitions, max_nodes, max_gpus, max_time, default_time,
-                   max_memory, max_concurrent, admins)
+                   max_memory, max_concurrent, admins, retry_node_failures)
 
 
 def _parse_image(name: str, table: Table) -> Image:

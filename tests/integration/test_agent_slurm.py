@@ -22,6 +22,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -563,3 +564,134 @@ def test_a_job_cancelled_while_it_waits_for_the_agent_is_reported_once_and_never
     cancel(alice, first)
     assert alice.wait_end(first, timeout=JOB_TIMEOUT_S)["state"] == "cancelled"
     assert stored_job(slurm_site, first).final_status_entries == 1
+
+
+# -- node failures -----------------------------------------------------------------------------
+
+# Sleeps in its first attempt; a second attempt (after a node failure) ends at once. The marker is
+# in the job's scratch directory (/tmp in the sandbox), which both attempts of one job share.
+TWO_ATTEMPTS_SCRIPT = textwrap.dedent("""\
+    if [ -e /tmp/attempted ]; then echo second attempt; exit 0; fi
+    touch /tmp/attempted
+    echo first attempt
+    sleep 110
+    echo the node never failed
+    """)
+
+
+def log_counts(site: RunnerSite, job_id: str, line: bytes, times: int) -> bool:
+    return read_log(site, job_id).count(line) >= times
+
+
+def node_name() -> str:
+    result = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=30,
+                            check=True)
+    names = sorted(set(result.stdout.split()))
+    assert len(names) == 1, f"the dev cluster has one node, sinfo lists {names}"
+    return names[0]
+
+
+@contextlib.contextmanager
+def failing_node() -> Iterator[Callable[[], None]]:
+    """`fail()` marks the node DOWN, as slurmctld does when a node stops answering: its jobs end
+    NODE_FAIL. The node is back in service afterwards, whatever the test did."""
+    node = node_name()
+
+    def node_state() -> str:
+        return subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip().rstrip("*")
+
+    def fail() -> None:
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=down",
+                        "reason=hpc-runner node-failure test"], check=True, timeout=30)
+
+    try:
+        yield fail
+    finally:
+        if node_state() in ("down", "drained", "draining"):
+            subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], timeout=30,
+                           check=False)
+        wait_for(lambda: node_state() in ("idle", "mixed", "allocated"), 60, interval=0.5,
+                 what=f"node {node} back in service")
+
+
+def test_a_node_failure_is_retried_once_when_the_account_allows(
+    slurm_site: RunnerSite, cluster: Cluster, agents: Callable[[RunnerSite], AgentProcess], alice: QueueUser,
+    slurm_jobs: list[str]
+) -> None:
+    policy = slurm_policy(cluster)
+    slurm_site.write_policy(policy.replace('max_memory = "1G"\n',
+                                           'max_memory = "1G"\nretry_node_failures = true\n'))
+    agents(slurm_site)
+    with failing_node() as fail:
+        job_id = submit(alice, slurm_jobs, slurm_job_toml("node-failure", TWO_ATTEMPTS_SCRIPT, time="2m"))
+        wait_for(lambda: b"first attempt\n" in read_log(slurm_site, job_id), JOB_TIMEOUT_S,
+                 what="the first attempt")
+        first_slurm_id = stored_job(slurm_site, job_id).slurm_id
+        assert first_slurm_id is not None
+
+        fail()
+
+        finished = alice.wait_end(job_id, timeout=JOB_TIMEOUT_S)
+    assert (finished["state"], finished["exit_status"]) == ("succeeded", 0), finished
+    assert slurm_job_fields(first_slurm_id)["JobState"] == "NODE_FAIL"
+    log = read_log(slurm_site, job_id)
+    # Slurm says what happened in its own words too ("srun: error: Node failure on <node>").
+    slurms = (b"srun:", b"slurmstepd")
+    assert [line for line in log_lines(job_bytes(log)) if not line.startswith(slurms)] == [
+        b"first attempt\n", b"second attempt\n"], log
+    assert b"a node of the job failed (NODE_FAIL)" in log and b"submitting it again, once" in log
+    stored = stored_job(slurm_site, job_id)
+    assert stored.slurm_id not in (None, first_slurm_id)
+    assert stored.final_status_entries == 1
+    assert len(SUBMITTED.findall(log)) == 2
+
+
+def test_a_node_failure_ends_the_job_as_an_infrastructure_failure_when_the_account_does_not_retry(
+    slurm_run_site: RunnerSite
+) -> None:
+    job = slurm_run_site.write_job("node-failure",
+                                   job_toml("node-failure", script=TWO_ATTEMPTS_SCRIPT, time="2m"))
+    site = slurm_run_site
+    with failing_node() as fail:
+        process = spawn_as_user(SERVICE_USER, ["hpc-runner", "run", job, "--config", site.config, "--workdir",
+                                               site.workspace, "--executor", "slurm"],
+                                cwd=site.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            stdout = OutputReader(process.stdout)
+            stdout.wait_for(b"first attempt\n", JOB_TIMEOUT_S)
+            fail()
+            assert process.wait(JOB_TIMEOUT_S) == exitcodes.INFRASTRUCTURE
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.stderr is not None
+    stderr = process.stderr.read().decode()
+    assert "infra_failed: a node of the job failed (NODE_FAIL)" in stderr, stderr
+    output = stdout.read_to_end(10)
+    assert b"second attempt" not in output and b"submitting it again" not in output, output
+
+
+def test_a_job_retried_after_a_node_failure_is_not_retried_a_second_time(
+    slurm_site: RunnerSite, cluster: Cluster, agents: Callable[[RunnerSite], AgentProcess], alice: QueueUser,
+    slurm_jobs: list[str]
+) -> None:
+    policy = slurm_policy(cluster)
+    slurm_site.write_policy(policy.replace('max_memory = "1G"\n',
+                                           'max_memory = "1G"\nretry_node_failures = true\n'))
+    agents(slurm_site)
+    with failing_node() as fail:
+        job_id = submit(alice, slurm_jobs, slurm_job_toml("node-failures", "echo attempt\nsleep 110\n",
+                                                          time="2m"))
+        for attempt in (1, 2):
+            wait_for(partial(log_counts, slurm_site, job_id, b"attempt\n", attempt), JOB_TIMEOUT_S,
+                     what=f"attempt {attempt}")
+            fail()
+
+        finished = alice.wait_end(job_id, timeout=JOB_TIMEOUT_S)
+    assert finished["state"] == "infra_failed", finished
+    log = read_log(slurm_site, job_id)
+    assert len(SUBMITTED.findall(log)) == 2
+    assert b"it was already submitted again once, so it ends here\n" in log
+    assert stored_job(slurm_site, job_id).final_status_entries == 1

@@ -176,7 +176,7 @@ def test_a_policy_without_grants_is_valid_and_denies_everything() -> None:
     ("max_nodes = 4", "max_node = 4",
      "p.toml:6: accounts.clima.max_node: unknown key (known keys here: admins, default_time, "
      "max_concurrent_jobs, "
-     "max_gpus, max_memory, max_nodes, max_time, partitions, slurm_account)"),
+     "max_gpus, max_memory, max_nodes, max_time, partitions, retry_node_failures, slurm_account)"),
     ('admins = ["github:team:CliMA/ci-admins"]', 'admins = ["github:team:CliMA/*-admins"]',
      "p.toml:11: accounts.clima.admins[0]: 'github:team:CliMA/*-admins': '*' is only allowed as the whole "
      "last "
@@ -559,6 +559,7 @@ def test_allowed_decision_json_has_exactly_the_documented_shape() -> None:
                        "github:team:CliMA/core"],
         "image": "clima-ci",
         "sandbox": {"mpi": False, "network": False, "gpus": False, "network_isolated": True},
+        "retry_node_failure": False,
     }
 
 
@@ -573,6 +574,7 @@ def test_denied_decision_json_has_exactly_the_documented_shape() -> None:
         "principals": ["github:org:CliMA", "github:repo:CliMA/ClimaAtmos.jl", "github:user:mallory"],
         "image": "clima-ci",
         "sandbox": {"mpi": False, "network": False, "gpus": False, "network_isolated": False},
+        "retry_node_failure": False,
     }
 
 

@@ -219,7 +219,9 @@ def _finished(report: JobReport, exit_status: int | None) -> Status:
     what = {"NODE_FAIL": "a node of the job failed (NODE_FAIL)",
             "BOOT_FAIL": "a node of the job failed to boot (BOOT_FAIL)",
             "REVOKED": "the job was revoked by the federation (REVOKED)"}[state]
-    return Status("finished", Outcome("infra_failed", status, f"{what}; {RETRYABLE}"))
+    # A revoked job left for another cluster of the federation: running it here again is wrong.
+    return Status("finished", Outcome("infra_failed", status, f"{what}; {RETRYABLE}",
+                                      retryable=state != "REVOKED"))
 
 
 def _slurm_reason(report: JobReport) -> str:
