@@ -140,6 +140,18 @@ install_packages() {
     ((${#missing[@]} == 0)) || die "packages still missing after apt-get install: ${missing[*]}"
 }
 
+# npm installs GitHub's OpenAPI description and webhook examples at test time. A machine may
+# already have Node.js from elsewhere (with its own npm): Debian's npm would conflict with it.
+install_npm() {
+    if command -v npm >/dev/null; then
+        step "npm: $(npm --version) already installed"
+        return 0
+    fi
+    step "npm: installing Debian's npm"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends npm \
+        || die "apt-get install npm failed"
+}
+
 # ---------------------------------------------------------------------------------------------
 # b. Apptainer from Debian sid, run with sid's glibc from a private prefix
 
@@ -770,6 +782,7 @@ main() {
     step "setup: repository $REPO"
 
     install_packages
+    install_npm
     install_apptainer
     enable_fuse
     create_service_user
