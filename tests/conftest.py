@@ -62,6 +62,22 @@ _CHECK_TIMEOUT = 20.0
 T = TypeVar("T")
 
 
+@pytest.fixture
+def hash_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths `sandbox.images` hashes from now on (a digest cache hit hashes nothing)."""
+    from sandbox import images
+
+    calls: list[str] = []
+    real = images.sha256_file
+
+    def counting(path: str) -> str:
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(images, "sha256_file", counting)
+    return calls
+
+
 # --------------------------------------------------------------------------------------------
 # Helpers
 

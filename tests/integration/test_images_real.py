@@ -81,19 +81,10 @@ def copy_of(sif: Path, directory: Path, name: str = "copy.sif") -> Path:
     return target
 
 
-@pytest.fixture
-def hash_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    calls: list[str] = []
-    real = images.sha256_file
-
-    def counting(path: str) -> str:
-        calls.append(path)
-        return real(path)
-
-    monkeypatch.setattr(images, "sha256_file", counting)
-    # The images were written seconds ago; let the cache remember them all the same.
+@pytest.fixture(autouse=True)
+def cache_fresh_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The images were written seconds ago; let the digest cache remember them all the same.
     monkeypatch.setattr(images, "RACY_SECONDS", 0.0)
-    return calls
 
 
 # --- sha256 pins ---------------------------------------------------------------------------------

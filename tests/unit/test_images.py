@@ -182,19 +182,6 @@ def settled(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(images, "RACY_SECONDS", 0.0)
 
 
-@pytest.fixture
-def hash_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    calls: list[str] = []
-    real = images.sha256_file
-
-    def counting(path: str) -> str:
-        calls.append(path)
-        return real(path)
-
-    monkeypatch.setattr(images, "sha256_file", counting)
-    return calls
-
-
 # --- sha256 pins on files ------------------------------------------------------------------------
 
 def test_a_file_matching_its_pin_is_verified(tmp_path: Path) -> None:
