@@ -9,6 +9,7 @@ A webhook is answered only after it is committed, and no GitHub API call is ever
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -63,6 +64,7 @@ class GatewayServer:
         self._pruner: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._stopping = False
+        self._polling: collections.Counter[str] = collections.Counter()   # agents in a long poll now
         self.addresses: list[Any] = []
 
     # --- life cycle ---
@@ -222,7 +224,8 @@ class GatewayServer:
             return self._unauthorized()
         counts = await self._db(self._q.counts)
         return web.json_response({"waiting": counts.waiting, "leased": counts.leased,
-                                  "acknowledged": counts.acknowledged})
+                                  "acknowledged": counts.acknowledged,
+                                  "agents_polling": sorted(+self._polling)})
 
     async def _lease(self, request: web.Request) -> web.Response:
         agent = self._agent(request)
@@ -238,6 +241,13 @@ class GatewayServer:
                                              maximum=protocol.MAX_LEASE_SECONDS)
         except ValueError as exc:
             return _error(400, str(exc))
+        self._polling[agent] += 1
+        try:
+            return await self._long_poll(agent, wait, seconds)
+        finally:
+            self._polling[agent] -= 1
+
+    async def _long_poll(self, agent: str, wait: int, seconds: int) -> web.Response:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while not self._stopping:
