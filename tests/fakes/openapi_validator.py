@@ -132,6 +132,9 @@ class OpenApiDescription:
             (self._response_uri, Resource(contents=response_doc, specification=DRAFT4)),
         ])
         self._components = components
+        # Official example values (``check-run``, ``pull-request`` ...), for emulators to start from.
+        self.examples: dict[str, Any] = {key: value.get("value") for key, value in
+                                         components.get("examples", {}).items()}
         self._routes: dict[str, list[_Route]] = {}
         self.operations: dict[str, Operation] = {}
         for template, item in document.get("paths", {}).items():
