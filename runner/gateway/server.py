@@ -162,7 +162,10 @@ class GatewayServer:
     # --- GitHub ---
 
     async def _webhook(self, request: web.Request) -> web.Response:
-        claimed = request.headers.get(protocol.DELIVERY_HEADER, "")[:128]
+        # Whatever an unauthenticated sender put there reaches the log only if it looks like an id.
+        claimed = request.headers.get(protocol.DELIVERY_HEADER, "")
+        if not protocol.DELIVERY_ID_PATTERN.fullmatch(claimed):
+            claimed = "(none or malformed)"
         early = refuse_before_reading(request.headers, request.content_length)
         if early is not None:
             return self._refuse(request, early, claimed)
