@@ -35,6 +35,8 @@ __all__ = [
     "AuditEntry",
     "JobRecord",
     "JobState",
+    "SourceJob",
+    "StagedChunk",
     "Store",
     "StoreError",
     "new_job_id",
@@ -127,9 +129,35 @@ BEGIN
 END;
 """
 
+# What a CI source remembers of each job it took (its own id, its credentials for reporting, how
+# far it got), and the log chunks it has cut but not yet delivered. A chunk is stored before it is
+# sent, so a restarted agent sends exactly the same bytes again rather than cutting anew.
+_MIGRATION_2 = """
+CREATE TABLE source_jobs (
+    source        TEXT NOT NULL,
+    external_id   TEXT NOT NULL,
+    data          TEXT NOT NULL,
+    checkpoint    TEXT,
+    chunks_failed INTEGER NOT NULL DEFAULT 0,
+    done          INTEGER NOT NULL DEFAULT 0,
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL,
+    PRIMARY KEY (source, external_id)
+);
+CREATE TABLE log_outbox (
+    source      TEXT NOT NULL,
+    external_id TEXT NOT NULL,
+    sequence    INTEGER NOT NULL,
+    "offset"    INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    data        BLOB NOT NULL,
+    PRIMARY KEY (source, external_id, sequence)
+);
+"""
+
 # Index i migrates a database from schema version i to i + 1. Only ever append to this tuple:
 # released databases carry the version number in `PRAGMA user_version`.
-MIGRATIONS: tuple[str, ...] = (_MIGRATION_1,)
+MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, _MIGRATION_2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -161,6 +189,25 @@ class JobRecord:
     def slurm_job_name(self) -> str:
         """The Slurm job name by which a restarted agent finds this job again in `squeue`."""
         return SLURM_JOB_NAME_PREFIX + self.id
+
+
+@dataclass(frozen=True)
+class SourceJob:
+    """A CI source's memory of one of its jobs (see `put_source_job`)."""
+
+    source: str
+    external_id: str
+    data: dict[str, Any]
+    checkpoint: dict[str, Any] | None
+    chunks_failed: int
+
+
+@dataclass(frozen=True)
+class StagedChunk:
+    sequence: int
+    offset: int
+    size: int
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -410,6 +457,72 @@ class Store:
             " AND json_extract(decision, '$.account') IS NOT NULL GROUP BY account",
             [s.value for s in _ACTIVE_STATES])
         return {str(row["account"]): int(row["n"]) for row in rows}
+
+    # --- CI sources ---
+
+    def put_source_job(self, source: str, external_id: str, data: Mapping[str, Any]) -> None:
+        """Create or replace what `source` remembers of its job `external_id` (still open)."""
+        encoded = _encode_json(data, f"{source} job {external_id}")
+        now = time.time()
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO source_jobs (source, external_id, data, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (source, external_id)"
+                " DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
+                (source, external_id, encoded, now, now))
+
+    def open_source_jobs(self, source: str) -> list[SourceJob]:
+        """The jobs of `source` not yet closed, oldest first."""
+        rows = self._read("SELECT * FROM source_jobs WHERE source = ? AND done = 0 ORDER BY created_at",
+                          (source,))
+        return [SourceJob(row["source"], row["external_id"],
+                          _decode_object(row["data"], f"{source} job {row['external_id']}"),
+                          None if row["checkpoint"] is None
+                          else _decode_object(row["checkpoint"], f"{source} job {row['external_id']} log"),
+                          int(row["chunks_failed"])) for row in rows]
+
+    def close_source_job(self, source: str, external_id: str) -> None:
+        """The source is done with the job (reported): forget its undelivered chunks."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE source_jobs SET done = 1, updated_at = ?"
+                         " WHERE source = ? AND external_id = ?", (time.time(), source, external_id))
+            conn.execute("DELETE FROM log_outbox WHERE source = ? AND external_id = ?", (source, external_id))
+
+    def stage_log(self, source: str, external_id: str, chunks: Iterable[tuple[int, int, int, bytes]],
+                  checkpoint: Mapping[str, Any], *, job_id: str | None, file_offset: int) -> None:
+        """Store chunks about to be sent and the log checkpoint after them, in one transaction;
+        the runner job's log offset (where its output file is read again) moves with them."""
+        encoded = _encode_json(checkpoint, f"{source} job {external_id} log checkpoint")
+        now = time.time()
+        with self._transaction() as conn:
+            conn.executemany(
+                'INSERT OR REPLACE INTO log_outbox (source, external_id, sequence, "offset", size, data)'
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(source, external_id, seq, offset, size, data) for seq, offset, size, data in chunks])
+            cursor = conn.execute("UPDATE source_jobs SET checkpoint = ?, updated_at = ?"
+                                  " WHERE source = ? AND external_id = ?",
+                                  (encoded, now, source, external_id))
+            if cursor.rowcount == 0:
+                raise StoreError(f"no {source} job {external_id} in {self.path}")
+            if job_id is not None:
+                self._require_job(conn, job_id)
+                conn.execute("UPDATE jobs SET log_offset = ?, updated_at = ? WHERE id = ?",
+                             (max(0, file_offset), now, job_id))
+
+    def unstage_log(self, source: str, external_id: str, sequence: int, *, failed: bool) -> None:
+        """A staged chunk was delivered, or given up on (`failed`, which is counted)."""
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM log_outbox WHERE source = ? AND external_id = ? AND sequence = ?",
+                         (source, external_id, sequence))
+            if failed:
+                conn.execute("UPDATE source_jobs SET chunks_failed = chunks_failed + 1, updated_at = ?"
+                             " WHERE source = ? AND external_id = ?", (time.time(), source, external_id))
+
+    def staged_log(self, source: str, external_id: str) -> list[StagedChunk]:
+        rows = self._read('SELECT sequence, "offset", size, data FROM log_outbox'
+                          " WHERE source = ? AND external_id = ? ORDER BY sequence", (source, external_id))
+        return [StagedChunk(int(r["sequence"]), int(r["offset"]), int(r["size"]), bytes(r["data"]))
+                for r in rows]
 
     # --- audit ---
 

@@ -1,0 +1,1 @@
+"""The Buildkite source: agent API client, log streaming, job translation and the workers."""

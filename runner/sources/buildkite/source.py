@@ -1,0 +1,456 @@
+"""The Buildkite source: `workers` agent sessions, each running one job at a time.
+
+Each worker registers as its own agent (the config's tags as meta_data), connects, heartbeats on
+its own timer whatever its job does, and pings every ping_interval plus jitter. A job it is given
+is accepted, its signature verified (before anything else), started, translated into an
+identity and a job spec, admitted by the agent's policy, checked out on this node and run through
+the agent, with its log streamed as chunks and the job state polled for cancellation; then
+finished exactly once. What each job reached is stored, so a restarted agent carries on with the
+jobs it had: same log offsets, one finish.
+
+Finish statuses (Buildkite's `exit_status` / `signal_reason`):
+
+| how the job ended | exit_status | signal_reason |
+| --- | --- | --- |
+| the command's exit status | its status | |
+| signature missing, invalid or not matching | -1 | signature_rejected |
+| refused: policy denial, unusable plugin block | -1 | agent_refused |
+| checkout failed, Slurm refused, infrastructure error | -1 | process_run_error |
+| cancelled in Buildkite (or timed out there, or the job token revoked) | -1 (signal SIGTERM) | cancel |
+| cancelled by a second SIGTERM to the agent | -1 (signal SIGTERM) | agent_stop |
+| reached its Slurm walltime | 124 | |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from runner import __version__
+from runner.config import BuildkiteConfig
+from runner.logging_setup import get_logger
+from runner.logs.redact import secret_values
+from runner.secrets import read_secret_file
+from runner.slurmflow import pump_log
+from runner.sources import Admission, Ended, JobHost
+from runner.sources.buildkite import protocol
+from runner.sources.buildkite.checkout import CheckoutFailed, checkout
+from runner.sources.buildkite.client import AgentSession, ApiError
+from runner.sources.buildkite.logstream import LogSettings, LogStreamer
+from runner.sources.buildkite.protocol import FinishReport, RetryPolicy
+from runner.sources.buildkite.state import JobMemory, JobState
+from runner.sources.buildkite.translate import JobRefused, translate
+from runner.store import JobState as RunnerState
+from runner.trust.buildkite_signature import Jwks, SignatureRejected, load_jwks, verify_step_signature
+
+log = get_logger("runner.sources.buildkite")
+
+WALLTIME_EXIT_STATUS = 124
+REJECTED_HEADER = "+++ ⛔ Job signature verification failed\n"
+
+
+def finish_report(ended: Ended, cancel_reason: str | None, chunks_failed: int) -> FinishReport:
+    """Buildkite's view of how a runner job ended (see the table in the module docstring)."""
+    state = ended.state
+    if state == RunnerState.succeeded:
+        return FinishReport(0, chunks_failed_count=chunks_failed)
+    if state == RunnerState.failed and ended.exit_status is not None:
+        return FinishReport(ended.exit_status, chunks_failed_count=chunks_failed)
+    if state == RunnerState.cancelled:
+        return FinishReport(protocol.NOT_RUN, "SIGTERM", cancel_reason or "cancel", chunks_failed)
+    if state == RunnerState.timed_out:
+        return FinishReport(WALLTIME_EXIT_STATUS, chunks_failed_count=chunks_failed)
+    if state == RunnerState.denied:
+        return FinishReport(protocol.NOT_RUN, None, "agent_refused", chunks_failed)
+    return FinishReport(protocol.NOT_RUN, None, "process_run_error", chunks_failed)
+
+
+class BuildkiteSource:
+    """Serves `config.workers` agent sessions for the agent `host` until it drains."""
+
+    def __init__(self, config: BuildkiteConfig, host: JobHost, *,
+                 policies: Mapping[str, RetryPolicy] = protocol.DEFAULT_POLICIES,
+                 http_timeout_s: float = 60.0, redacted_vars: tuple[str, ...] = ()) -> None:
+        self.config = config
+        self.host = host
+        self.memory = JobMemory(host.store)
+        self._policies = policies
+        self._timeout = http_timeout_s
+        self._redacted_vars = redacted_vars
+        self._jwks: Jwks | None = None
+        self._token = ""
+        self._http: aiohttp.ClientSession | None = None
+        self._jobs: set[asyncio.Task[None]] = set()
+        self.stopped = asyncio.Event()
+
+    def load_trust(self) -> None:
+        """Read the registration token and the verification keys; raises on a bad file."""
+        self._token = read_secret_file(self.config.token_file, what="Buildkite agent token")
+        if self.config.verification_jwks_file is not None:
+            path = self.config.verification_jwks_file
+            self._jwks = load_jwks(path.read_text(encoding="utf-8"), name=str(path))
+
+    async def serve(self) -> None:
+        if not self._token:
+            self.load_trust()
+        # No automatic decompression: chunk bodies are gzip we made, answers are small JSON.
+        connector = aiohttp.TCPConnector(limit=max(10, 4 * self.config.workers))
+        self._http = aiohttp.ClientSession(connector=connector)
+        try:
+            for state in self.memory.open_jobs():
+                self._spawn(self._resume(state))
+            workers = [asyncio.create_task(self._worker(i)) for i in range(self.config.workers)]
+            await asyncio.gather(*workers, return_exceptions=True)
+            while self._jobs:
+                await asyncio.gather(*list(self._jobs), return_exceptions=True)
+        finally:
+            await self._http.close()
+            self.stopped.set()
+            log.info("Buildkite source stopped")
+
+    def _spawn(self, coroutine: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coroutine)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    def _session(self) -> AgentSession:
+        assert self._http is not None
+        return AgentSession(self._http, self.config.endpoint, self._token, policies=self._policies,
+                            timeout_s=self._timeout)
+
+    # -- one agent session -------------------------------------------------------------------
+
+    async def _worker(self, index: int) -> None:
+        session = self._session()
+        name = f"{socket.gethostname()}-hpc-runner-{index + 1}"
+        try:
+            answer = await session.call(protocol.register(
+                name=name, hostname=socket.gethostname(), tags=self.config.tags, version=__version__,
+                pid=os.getpid()))
+            registration = protocol.parse_register(answer.data)
+            session.session_token = registration.access_token
+            session.adopt_headers(registration.request_headers)
+            if registration.endpoint:
+                session.endpoint = registration.endpoint
+            await session.call(protocol.connect())
+        except (ApiError, protocol.ProtocolError) as exc:
+            log.error("Buildkite agent could not register or connect", worker=name, error=str(exc))
+            return
+        log.info("Buildkite agent connected", worker=name, agent_id=registration.agent_id)
+        lost = asyncio.Event()
+        beat = asyncio.create_task(self._heartbeat(session, registration.heartbeat_interval, lost))
+        try:
+            await self._ping_loop(session, registration, lost)
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+            with contextlib.suppress(ApiError):
+                await session.call(protocol.disconnect())
+            log.info("Buildkite agent disconnected", worker=name)
+
+    async def _heartbeat(self, session: AgentSession, interval: int, lost: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await session.call(protocol.heartbeat())
+            except ApiError as exc:
+                if exc.status is not None and protocol.classify(exc.status) is protocol.Verdict.give_up:
+                    log.error("Buildkite refused a heartbeat; this agent session stops", error=str(exc))
+                    lost.set()
+                    return
+                log.warning("heartbeat failed", error=str(exc))
+
+    async def _wait(self, seconds: float, *events: asyncio.Event) -> None:
+        """Sleep `seconds`, or less if one of `events` is set."""
+        waiters = [asyncio.create_task(e.wait()) for e in events]
+        try:
+            await asyncio.wait(waiters, timeout=seconds)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _ping_loop(self, session: AgentSession, registration: protocol.Registration,
+                         lost: asyncio.Event) -> None:
+        interval = registration.ping_interval
+        skip_interval = True  # the first ping waits only the jitter
+        while not self.host.draining.is_set() and not lost.is_set():
+            jitter = session.rng.uniform(0, interval)
+            wait = jitter if skip_interval else interval + jitter
+            await self._wait(wait, self.host.draining, lost)
+            skip_interval = False
+            if self.host.draining.is_set() or lost.is_set():
+                return
+            try:
+                answer = await session.call(protocol.ping())
+                ping = protocol.parse_ping(answer.data)
+            except ApiError as exc:
+                if exc.status is not None and protocol.classify(exc.status) is protocol.Verdict.give_up:
+                    log.error("Buildkite refused a ping; this agent session stops", error=str(exc))
+                    return
+                log.warning("ping failed", error=str(exc))
+                continue
+            except protocol.ProtocolError as exc:
+                log.warning("ping answer not understood", error=str(exc))
+                continue
+            session.adopt_headers(ping.request_headers)
+            if ping.message:
+                log.info("message from Buildkite", message=ping.message)
+            if ping.endpoint and ping.endpoint != session.endpoint:
+                await self._switch_endpoint(session, ping.endpoint)
+            if ping.action == "disconnect":
+                log.info("Buildkite asked this agent to disconnect")
+                return
+            if ping.action == "pause" or not ping.dispatches:
+                continue
+            assert ping.job_id is not None
+            ran = await self._take(session, ping.job_id, registration)
+            skip_interval = ran
+
+    async def _switch_endpoint(self, session: AgentSession, endpoint: str) -> None:
+        previous = session.endpoint
+        session.endpoint = endpoint
+        try:
+            await session.call(protocol.ping())
+            log.info("Buildkite endpoint changed", endpoint=endpoint)
+        except (ApiError, protocol.ProtocolError) as exc:
+            session.endpoint = previous
+            log.warning("Buildkite offered an endpoint that does not answer; keeping the old one",
+                        endpoint=endpoint, error=str(exc))
+
+    async def _take(self, session: AgentSession, bk_id: str, registration: protocol.Registration) -> bool:
+        """Accept and run one job to its finish; whether it ran."""
+        try:
+            answer = await session.call(protocol.accept(bk_id))
+        except ApiError as exc:
+            log.warning("could not accept a Buildkite job", job=bk_id, error=str(exc))
+            return False
+        job = answer.data if isinstance(answer.data, dict) else {}
+        state = JobState(bk_id=bk_id, job=job, token=str(job.get("token") or session.session_token),
+                         request_headers=dict(session.request_headers),
+                         job_status_interval=registration.job_status_interval)
+        self.memory.save(state)
+        log.info("Buildkite job accepted", job=bk_id)
+        await self._process(session, state)
+        return True
+
+    # -- one job -------------------------------------------------------------------------------
+
+    async def _resume(self, state: JobState) -> None:
+        session = self._session()
+        session.adopt_headers(state.request_headers)
+        log.info("carrying on with a Buildkite job after a restart", job=state.bk_id, phase=state.phase)
+        try:
+            await self._process(session, state, resumed=True)
+        except Exception:
+            log.exception("cannot carry on with a Buildkite job", job=state.bk_id)
+
+    async def _process(self, session: AgentSession, state: JobState, *, resumed: bool = False) -> None:
+        if state.phase == "finishing":
+            await self._finish(session, state)
+            return
+        if state.phase == "accepted":
+            verdict = self._verify(state)
+            if not await self._start(session, state):
+                return
+            if isinstance(verdict, str):
+                await self._refuse(session, state, verdict, "signature_rejected")
+                return
+            signer, fields, lines = verdict
+            try:
+                translated = translate(state.job, signer=signer, signed_fields=fields,
+                                       policy_images=sorted(self.host.policy.images))
+            except JobRefused as exc:
+                await self._refuse(session, state, lines + f"hpc-runner: refused: {exc.reason}\n",
+                                   "agent_refused")
+                return
+            notes = "".join(f"hpc-runner: {note}\n" for note in translated.notes)
+            admitted = self.host.admit(Admission("buildkite", state.bk_id, translated.identity,
+                                                 translated.spec, log_preamble=lines + notes))
+            state.runner_id = admitted.job_id
+            state.phase = "admitted"
+            self.memory.save(state)
+            if not admitted.decision.allowed:
+                await self._report_runner_end(session, state, Ended(RunnerState.denied, None, None))
+                return
+            if not await self._checkout(state, translated.repository, translated.commit, admitted.workspace):
+                return await self._report_runner_end(session, state, None)
+            await self._run(session, state, resumed=False)
+            return
+        await self._run(session, state, resumed=resumed)
+
+    def _verify(self, state: JobState) -> tuple[str | None, list[str], str] | str:
+        """(signer, signed fields, log lines) of a trusted job, or the log text of a rejection."""
+        job = state.job
+        raw_step = job.get("step")
+        step: dict[str, Any] = raw_step if isinstance(raw_step, dict) else {}
+        env = {str(k): str(v) for k, v in (job.get("env") or {}).items()}
+        signature = step.get("signature")
+        if self._jwks is None:
+            note = ("hpc-runner: this agent has no verification keys (allow_unsigned): "
+                    "the job's signature is not checked\n")
+            return None, [], note
+        try:
+            verified = verify_step_signature(
+                signature if isinstance(signature, dict) else None, job_env=env, step=step,
+                repository_url=env.get("BUILDKITE_REPO", ""), jwks=self._jwks,
+                matrix_permutation=job.get("matrix_permutation") or {})
+        except SignatureRejected as exc:
+            log.warning("Buildkite job signature rejected", job=state.bk_id, reason=exc.reason)
+            shown = (f"signature: {signature.get('value')}\n" if isinstance(signature, dict)
+                     else "no signature in job\n")
+            return REJECTED_HEADER + f"error: {exc.reason}\n" + shown
+        assert isinstance(signature, dict)
+        fields = [str(f) for f in signature.get("signed_fields", [])]
+        lines = f"~~~ ✅ Job signature verified (key {verified.kid}, {verified.alg})\n"
+        return verified.kid, fields, lines
+
+    async def _start(self, session: AgentSession, state: JobState) -> bool:
+        if state.started:
+            return True
+        try:
+            await session.call(protocol.start(state.bk_id), job_token=state.token)
+        except ApiError as exc:
+            # A retried start whose first try arrived is answered 422 (the job already runs).
+            if not (exc.status == 422 and exc.attempts > 1):
+                # Buildkite will not let it start (finished, cancelled): nothing to run or report.
+                log.warning("Buildkite did not let the job start", job=state.bk_id, error=str(exc))
+                self.memory.close(state)
+                return False
+        state.started = True
+        self.memory.save(state)
+        return True
+
+    def _secrets(self, state: JobState) -> list[str]:
+        env = {str(k): str(v) for k, v in (state.job.get("env") or {}).items()}
+        found = secret_values(env, self._redacted_vars)
+        return [*found, state.token]
+
+    def _streamer(self, session: AgentSession, state: JobState, *, durable: bool) -> LogStreamer:
+        settings = LogSettings.from_job(state.job)
+        if durable:
+            return LogStreamer(session, state.bk_id, state.token, settings, secrets=self._secrets(state),
+                               outbox=self.memory.outbox(state), checkpoint=state.checkpoint,
+                               staged=self.memory.staged(state))
+        return LogStreamer(session, state.bk_id, state.token, settings, secrets=self._secrets(state))
+
+    async def _refuse(self, session: AgentSession, state: JobState, text: str, reason: str) -> None:
+        """A job that never becomes a runner job: its log is these lines, its status -1."""
+        streamer = self._streamer(session, state, durable=False)
+        streamer.start()
+        await streamer.write(text.encode())
+        failed = await streamer.close()
+        state.report = FinishReport(protocol.NOT_RUN, None, reason, failed)
+        state.phase = "finishing"
+        self.memory.save(state)
+        await self._finish(session, state)
+
+    async def _checkout(self, state: JobState, repository: str, commit: str, workspace: Path) -> bool:
+        assert state.runner_id is not None
+        refspec = None
+        pull_request = str(state.job.get("env", {}).get("BUILDKITE_PULL_REQUEST", "false"))
+        if pull_request.isdigit():
+            refspec = f"refs/pull/{pull_request}/head"
+        self.host.note(state.runner_id, f"--- :git: hpc-runner: checking out {commit or 'HEAD'}\n")
+        try:
+            await checkout(repository, commit, workspace, refspec=refspec)
+        except CheckoutFailed as exc:
+            self.host.note(state.runner_id, exc.output + ("" if exc.output.endswith("\n") else "\n")
+                           + f"hpc-runner: {exc}\n")
+            self.host.fail(state.runner_id, str(exc))
+            return False
+        return True
+
+    async def _run(self, session: AgentSession, state: JobState, *, resumed: bool) -> None:
+        """Run (or follow again) the admitted runner job with its log streamed, then finish."""
+        assert state.runner_id is not None
+        streamer = self._streamer(session, state, durable=True)
+        streamer.start()
+        cancel = asyncio.Event()
+        reason: list[str] = []
+        watcher = asyncio.create_task(self._watch(session, state, cancel, reason))
+        try:
+            runner = self.host.resume if resumed else self.host.run
+            ended = await runner(state.runner_id, sink=streamer.sink, cancel=cancel)
+        except asyncio.CancelledError:
+            await streamer.abandon()
+            raise
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        failed = await streamer.close()
+        if not reason and self.host.stopping.is_set() and ended.state == RunnerState.cancelled:
+            reason.append("agent_stop")
+        await self._conclude(session, state, finish_report(ended, reason[0] if reason else None, failed))
+
+    async def _report_runner_end(self, session: AgentSession, state: JobState, ended: Ended | None) -> None:
+        """A runner job that ended without running (denied, checkout failed): send its log, finish."""
+        assert state.runner_id is not None
+        record = self.host.store.get_job(state.runner_id)
+        assert record is not None
+        if ended is None:
+            ended = Ended(record.state, record.exit_status, record.outcome_detail)
+        streamer = self._streamer(session, state, durable=True)
+        streamer.start()
+        await pump_log(Path(record.log_path or ""), offset=state.checkpoint.file_offset, done=lambda: True,
+                       sink=streamer.sink)
+        failed = await streamer.close()
+        await self._conclude(session, state, finish_report(ended, None, failed))
+
+    async def _conclude(self, session: AgentSession, state: JobState, report: FinishReport) -> None:
+        state.report = report
+        state.phase = "finishing"
+        self.memory.save(state)
+        await self._finish(session, state)
+
+    async def _finish(self, session: AgentSession, state: JobState) -> None:
+        """Send finish once: an 'already finished' answer to a repeated finish counts as done."""
+        assert state.report is not None
+        repeated = state.finish_sent
+        state.finish_sent = True
+        self.memory.save(state)
+        try:
+            await session.call(protocol.finish(state.bk_id, state.report), job_token=state.token)
+            log.info("Buildkite job finished", job=state.bk_id, exit_status=state.report.exit_status,
+                     signal_reason=state.report.signal_reason)
+        except ApiError as exc:
+            # A retried (or resent) finish that Buildkite had already recorded is answered 422.
+            if exc.status == 422 and (exc.attempts > 1 or repeated or "already" in exc.message.lower()):
+                log.info("Buildkite had already recorded the job's finish", job=state.bk_id)
+            else:
+                log.error("Buildkite did not accept the job's finish", job=state.bk_id, error=str(exc))
+        self.memory.close(state)
+
+    async def _watch(self, session: AgentSession, state: JobState, cancel: asyncio.Event,
+                     reason: list[str]) -> None:
+        """Poll the job's state; cancellation in Buildkite (or a revoked job token) cancels it."""
+        while not cancel.is_set():
+            await asyncio.sleep(protocol.jittered(state.job_status_interval, session.rng))
+            try:
+                answer = await session.call(protocol.job_state(state.bk_id), job_token=state.token)
+            except ApiError as exc:
+                if exc.status == 401:
+                    self._cancel(state, cancel, reason, "Buildkite no longer accepts the job's token")
+                    return
+                continue
+            action = protocol.job_state_action(answer.data)
+            if action == "cancel":
+                self._cancel(state, cancel, reason, "the job was cancelled in Buildkite")
+            elif action == "timeout":
+                self._cancel(state, cancel, reason, "the job reached its Buildkite timeout")
+
+    def _cancel(self, state: JobState, cancel: asyncio.Event, reason: list[str], why: str) -> None:
+        log.info("cancelling a Buildkite job", job=state.bk_id, why=why)
+        if state.runner_id is not None:
+            with contextlib.suppress(OSError):
+                self.host.note(state.runner_id, f"hpc-runner: {why}; cancelling\n")
+        reason.append("cancel")
+        cancel.set()

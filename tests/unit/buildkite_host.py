@@ -1,0 +1,172 @@
+"""A stand-in for the agent as a `JobHost`, for tests of the Buildkite source without Slurm.
+
+It admits with the real policy engine and the real store, and "runs" a job by appending to the
+job's output file what the test scripted (`outputs`), piece by piece, while the file is followed
+as the agent follows a Slurm job's output; a cancel ends the job as cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+from runner.identity import identity_from_json
+from runner.logs.tail import follow
+from runner.policy import Policy, decide
+from runner.policy.model import parse_policy_text
+from runner.sources import Admission, Admitted, Ended, LogSink
+from runner.store import JobState, Store
+
+POLICY = """version = 1
+
+[accounts.ci]
+slurm_account = "ci"
+partitions = ["debug"]
+max_time = "10m"
+
+[images.test]
+path = "/nonexistent/test.sif"
+sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+
+[[grants]]
+name = "pipeline"
+principals = ["buildkite:pipeline:example/pipeline"]
+account = "ci"
+images = ["test"]
+"""
+
+
+class FakeHost:
+    def __init__(self, root: Path, policy_text: str = POLICY) -> None:
+        self.root = root
+        self.store = Store.open(root / "state")
+        self._policy = parse_policy_text(policy_text)
+        self._draining = asyncio.Event()
+        self._stopping = asyncio.Event()
+        # What each job writes, by job name: pieces appended one after another.
+        self.outputs: dict[str, list[bytes]] = {}
+        self.default_output = [b"hello from the job\n"]
+        self.piece_delay = 0.02
+        self.hold: dict[str, asyncio.Event] = {}   # a job named here waits for the event (or cancel)
+        self.ran: list[str] = []
+        self.exit_status = 0
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @property
+    def draining(self) -> asyncio.Event:
+        return self._draining
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        return self._stopping
+
+    def log_path(self, job_id: str) -> Path:
+        return self.root / "work" / job_id / "output.log"
+
+    def admit(self, admission: Admission) -> Admitted:
+        existing = self.store.find_by_external_id(admission.source, admission.external_id)
+        if existing is not None:
+            decision = decide(self.policy, identity_from_json(existing.identity), admission.spec)
+            return Admitted(existing.id, decision, self.log_path(existing.id),
+                            self.root / "work" / existing.id / "workspace", new=False)
+        decision = decide(self.policy, admission.identity, admission.spec)
+        record = self.store.add_job(source=admission.source, external_id=admission.external_id,
+                                    identity=admission.identity.to_json(), spec=admission.spec.to_json())
+        path = self.log_path(record.id)
+        self.store.set_log_path(record.id, path)
+        self.note(record.id, admission.log_preamble)
+        self.store.record_decision(record.id, actor="test", decision=decision.to_json())
+        if not decision.allowed:
+            self.note(record.id, "hpc-runner: denied by policy:\n"
+                      + "".join(f"  - {r}\n" for r in decision.reasons))
+        return Admitted(record.id, decision, path, self.root / "work" / record.id / "workspace", new=True)
+
+    def note(self, job_id: str, text: str) -> None:
+        path = self.log_path(job_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab") as handle:
+            handle.write(text.encode())
+
+    def fail(self, job_id: str, detail: str) -> Ended:
+        self.store.set_state(job_id, JobState.infra_failed, outcome_detail=detail)
+        self.store.mark_final_reported(job_id)
+        return Ended(JobState.infra_failed, None, detail)
+
+    async def run(self, job_id: str, *, sink: LogSink, cancel: asyncio.Event) -> Ended:
+        record = self.store.get_job(job_id)
+        assert record is not None
+        self.ran.append(job_id)
+        self.store.set_state(job_id, JobState.running)
+        writer = asyncio.create_task(self._write(job_id, str(record.spec["name"]), cancel))
+        return await self._follow(job_id, writer, sink)
+
+    async def resume(self, job_id: str, *, sink: LogSink, cancel: asyncio.Event) -> Ended:
+        record = self.store.get_job(job_id)
+        assert record is not None
+        if record.state == JobState.queued:
+            return await self.run(job_id, sink=sink, cancel=cancel)
+        if record.state.is_terminal:
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            writer: asyncio.Future[None] = done
+        else:
+            writer = asyncio.create_task(self._write(job_id, str(record.spec["name"]), cancel, resume=True))
+        return await self._follow(job_id, writer, sink)
+
+    async def _follow(self, job_id: str, writer: asyncio.Future[None], sink: LogSink) -> Ended:
+        record = self.store.get_job(job_id)
+        assert record is not None
+        async for offset, data in follow(self.log_path(job_id), offset=record.log_offset, done=writer.done,
+                                         poll_interval=0.02):
+            await sink(offset, data)
+        await writer
+        record = self.store.get_job(job_id)
+        assert record is not None
+        self.store.mark_final_reported(job_id)
+        return Ended(record.state, record.exit_status, record.outcome_detail)
+
+    async def _write(self, job_id: str, name: str, cancel: asyncio.Event, *, resume: bool = False) -> None:
+        path = self.log_path(job_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pieces = self.outputs.get(name, self.default_output)
+        if resume:
+            written = path.read_bytes() if path.exists() else b""
+            pieces = _remaining(pieces, written)
+        for piece in pieces:
+            if cancel.is_set():
+                break
+            with path.open("ab") as handle:
+                handle.write(piece)
+                handle.flush()
+                os.fsync(handle.fileno())
+            await asyncio.sleep(self.piece_delay)
+        hold = self.hold.get(name)
+        if hold is not None and not cancel.is_set():
+            waiters = [asyncio.create_task(hold.wait()), asyncio.create_task(cancel.wait())]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+        if cancel.is_set():
+            self.note(job_id, "hpc-runner: job cancelled; sent SIGTERM\n")
+            self.store.set_state(job_id, JobState.cancelled, outcome_detail="cancelled")
+        elif self.exit_status == 0:
+            self.store.set_state(job_id, JobState.succeeded, exit_status=0)
+        else:
+            self.store.set_state(job_id, JobState.failed, exit_status=self.exit_status)
+
+
+def _remaining(pieces: list[bytes], written: bytes) -> list[bytes]:
+    """The pieces not yet in the file (a resumed job carries on where it was)."""
+    whole = b"".join(pieces)
+    # The file may hold the agent's own notes before the job's output.
+    start = written.find(whole[:16]) if whole else -1
+    done = len(written) - start if start >= 0 else 0
+    rest = whole[done:]
+    return [rest] if rest else []

