@@ -25,6 +25,7 @@ from runner.logging_setup import get_logger
 from runner.pipeline import PreparedJob, Site, job_dir, prepare_job
 from runner.policy import Decision, Policy, Usage, decide
 from runner.slurmflow import follow_slurm_job, pump_log
+from runner.sources import Admission, Admitted, Ended, LogSink
 from runner.spec import JobSpec
 from runner.store import JobRecord, JobState, Store, new_job_id
 from sandbox.plan import SandboxRefused
@@ -78,6 +79,15 @@ class Agent:
         self._workers: list[asyncio.Task[None]] = []
         self._uid = os.geteuid()
         self.finished = asyncio.Event()
+        # CI sources (runner.sources) watch these: the first SIGTERM drains, the second stops.
+        self._draining = asyncio.Event()
+        self._stopping = asyncio.Event()
+        # Log sinks of CI source jobs: their output goes to the CI service, not only to the file.
+        self._sinks: dict[str, Callable[[int, bytes], Any]] = {}
+        # What `_reattach` found of CI source jobs, for their sources to `resume`.
+        self._found_running: dict[str, SlurmJob] = {}
+        self._found_finished: dict[str, Outcome] = {}
+        self._reattached = asyncio.Event()
 
     @property
     def policy(self) -> Policy:
@@ -127,6 +137,147 @@ class Agent:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         with os.fdopen(fd, "a", encoding="utf-8") as handle:
             handle.write(text)
+
+    # -- CI sources (runner.sources.JobHost) ---------------------------------------------------
+
+    @property
+    def draining(self) -> asyncio.Event:
+        return self._draining
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        return self._stopping
+
+    def admit(self, admission: Admission) -> Admitted:
+        """Decide and record a CI job; the same external job admitted again gets its first record."""
+        existing = self.store.find_by_external_id(admission.source, admission.external_id)
+        if existing is not None:
+            _, decision, workspace = self._redecide(existing)
+            return Admitted(existing.id, decision, self._log_path(existing), workspace, new=False)
+        identity = admission.identity
+        decision = decide(self.policy, identity, admission.spec,
+                          Usage(running_by_account=self._active_by_account()))
+        job_id = new_job_id()
+        log_path = job_dir(self.config, job_id) / "output.log"
+        workspace = admission.workspace or job_dir(self.config, job_id) / "workspace"
+        self.store.add_job(source=admission.source, external_id=admission.external_id,
+                           identity=identity.to_json(), spec=admission.spec.to_json(), job_id=job_id,
+                           log_path=log_path)
+        if admission.log_preamble:
+            self._write_log(log_path, admission.log_preamble)
+        if not decision.allowed:
+            self._write_log(log_path, "hpc-runner: denied by policy:\n"
+                            + "".join(f"  - {reason}\n" for reason in decision.reasons))
+        self.store.record_decision(job_id, actor=identity.actor_principal,
+                                   decision=decision.to_json() | {"workspace": str(workspace)})
+        log.info("job admitted" if decision.allowed else "job denied", job=job_id, source=admission.source,
+                 external_id=admission.external_id, actor=identity.actor_principal, grant=decision.grant,
+                 reasons=list(decision.reasons))
+        return Admitted(job_id, decision, log_path, workspace, new=True)
+
+    def note(self, job_id: str, text: str) -> None:
+        record = self.store.get_job(job_id)
+        if record is None:
+            raise UnknownJob(f"no job {job_id}")
+        self._write_log(self._log_path(record), text)
+
+    def fail(self, job_id: str, detail: str) -> Ended:
+        record = self.store.get_job(job_id)
+        if record is None:
+            raise UnknownJob(f"no job {job_id}")
+        current = self.store.get_job(job_id)
+        if current is not None and not current.state.is_terminal:
+            self.store.set_state(job_id, JobState.infra_failed, outcome_detail=detail)
+        self._report_final(job_id)
+        return self._ended(job_id)
+
+    def _ended(self, job_id: str) -> Ended:
+        record = self.store.get_job(job_id)
+        assert record is not None
+        return Ended(record.state, record.exit_status, record.outcome_detail)
+
+    async def run(self, job_id: str, *, sink: LogSink, cancel: asyncio.Event) -> Ended:
+        """Run an admitted CI job to its end, its output fed to `sink`; `cancel` cancels it."""
+        record = self.store.get_job(job_id)
+        if record is None:
+            raise UnknownJob(f"no job {job_id}")
+        if record.state.is_terminal:
+            return self._ended(job_id)
+        task = asyncio.current_task()
+        assert task is not None
+        self._running[job_id] = _Running(cancel, task)
+        self._sinks[job_id] = sink
+        try:
+            async with self._slots:
+                record = self.store.get_job(job_id)
+                assert record is not None
+                if record.state != JobState.queued:
+                    return self._ended(job_id)
+                if cancel.is_set():
+                    self._write_log(self._log_path(record), "hpc-runner: cancelled before it started\n")
+                    self.store.set_state(job_id, JobState.cancelled,
+                                         outcome_detail="cancelled before it started")
+                    self._report_final(job_id)
+                    return self._ended(job_id)
+                try:
+                    if self._slurm is not None:
+                        await self._execute(record, cancel)
+                    else:
+                        await self._execute_locally_with_sink(record, cancel, sink)
+                except Exception as exc:
+                    log.exception("job failed in the agent", job=job_id)
+                    self._fail(record, f"the agent could not run the job: {exc}")
+            return self._ended(job_id)
+        finally:
+            self._sinks.pop(job_id, None)
+            self._running.pop(job_id, None)
+            self._maybe_finished()
+
+    async def _execute_locally_with_sink(self, record: JobRecord, cancel: asyncio.Event,
+                                         sink: LogSink) -> None:
+        execution = asyncio.create_task(self._execute(record, cancel))
+        current = self.store.get_job(record.id)
+        assert current is not None
+        await pump_log(self._log_path(record), offset=current.log_offset, done=execution.done, sink=sink)
+        await execution
+
+    async def resume(self, job_id: str, *, sink: LogSink, cancel: asyncio.Event) -> Ended:
+        """Carry on with a CI job a previous agent had: follow it again, or deliver the rest of its log."""
+        record = self.store.get_job(job_id)
+        if record is None:
+            raise UnknownJob(f"no job {job_id}")
+        if record.state == JobState.queued:
+            return await self.run(job_id, sink=sink, cancel=cancel)
+        await self._reattached.wait()
+        task = asyncio.current_task()
+        assert task is not None
+        self._running[job_id] = _Running(cancel, task)
+        self._sinks[job_id] = sink
+        try:
+            record = self.store.get_job(job_id)
+            assert record is not None
+            running = self._found_running.pop(job_id, None)
+            finished = self._found_finished.pop(job_id, None)
+            if running is not None and self._slurm is not None:
+                log.info("reattached to a Slurm job", job=job_id, slurm_id=running.slurm_id)
+                await self._follow_slurm(self._slurm, job_id, running, cancel)
+            else:
+                await pump_log(self._log_path(record), offset=record.log_offset, done=lambda: True, sink=sink)
+                if finished is not None:
+                    self._finish(job_id, finished)
+                elif not record.state.is_terminal:
+                    self._finish(job_id, Outcome("infra_failed", None, "the agent stopped while the job "
+                                                 "ran and cannot find it again"))
+                else:
+                    self._report_final(job_id)
+            return self._ended(job_id)
+        finally:
+            self._sinks.pop(job_id, None)
+            self._running.pop(job_id, None)
+            self._maybe_finished()
+
+    def _sink_for(self, job_id: str) -> Callable[[int, bytes], Any]:
+        return self._sinks.get(job_id) or self._offset_sink(job_id)
 
     # -- control -------------------------------------------------------------------------------
 
@@ -309,7 +460,7 @@ class Agent:
             if current is not None and current.state == JobState.pending:
                 self.store.set_state(job_id, JobState.running)
 
-        outcome = await follow_slurm_job(slurm, job, offset=record.log_offset, sink=self._offset_sink(job_id),
+        outcome = await follow_slurm_job(slurm, job, offset=record.log_offset, sink=self._sink_for(job_id),
                                          cancel=cancel, grace_seconds=self._grace, on_running=running)
         if outcome.retryable and not cancel.is_set() \
                 and await self._resubmit_after_node_failure(slurm, job_id, outcome, cancel):
@@ -362,7 +513,16 @@ class Agent:
         return sink
 
     async def _reattach(self, slurm: SlurmExecutor) -> None:
-        """Find the jobs a previous agent had in Slurm: follow the live ones, finish the rest."""
+        try:
+            await self._reattach_jobs(slurm)
+        finally:
+            self._reattached.set()
+
+    async def _reattach_jobs(self, slurm: SlurmExecutor) -> None:
+        """Find the jobs a previous agent had in Slurm: follow the live ones, finish the rest.
+
+        Jobs of CI sources are only looked up: their sources `resume` them with their log sinks.
+        """
         records = [r for r in self.store.list_jobs(states=[JobState.pending, JobState.running])
                    if r.executor == "slurm"]
         known = [SlurmJob(r.id, job_dir(self.config, r.id), self._log_path(r), r.slurm_id) for r in records]
@@ -375,13 +535,20 @@ class Agent:
                 log.warning("cannot reach Slurm to reattach jobs; retrying", error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
+        sources = {r.id for r in records if r.source != "local"}
         for job_id, job in found.running.items():
             if job.slurm_id is not None:
                 self.store.set_slurm_id(job_id, job.slurm_id, "slurm")
+            if job_id in sources:  # its source follows it again, with its own log sink (`resume`)
+                self._found_running[job_id] = job
+                continue
             log.info("reattached to a Slurm job", job=job_id, slurm_id=job.slurm_id)
             self._spawn_follower(slurm, job_id, job)
         for job_id, outcome in found.finished.items():
             self._cancel_on_reattach.discard(job_id)
+            if job_id in sources:
+                self._found_finished[job_id] = outcome
+                continue
             record = self.store.get_job(job_id)
             assert record is not None
             try:
@@ -427,6 +594,8 @@ class Agent:
             task = asyncio.create_task(self._reattach(self._slurm))
             self._background.add(task)
             task.add_done_callback(self._background_done)
+        else:
+            self._reattached.set()
         self._workers = [asyncio.create_task(self._worker()) for _ in range(self.config.max_jobs)]
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
@@ -438,7 +607,7 @@ class Agent:
 
     def _recover(self) -> None:
         """Jobs a previous agent left behind: queued ones run, local runs cannot be reattached."""
-        for record in self.store.list_jobs(states=[JobState.queued]):
+        for record in self.store.list_jobs(states=[JobState.queued], source="local"):
             self._queue.put_nowait(record.id)
         for record in self.store.list_jobs():
             # ended, but the previous agent stopped before it reported the final status
@@ -468,7 +637,8 @@ class Agent:
         """First SIGTERM: take no new jobs, let running ones finish. Second: cancel them."""
         if self._accepting:
             self._accepting = False
-            for record in self.store.list_jobs(states=[JobState.queued]):
+            self._draining.set()
+            for record in self.store.list_jobs(states=[JobState.queued], source="local"):
                 if record.id not in self._running:
                     self.store.set_state(record.id, JobState.cancelled,
                                          outcome_detail="the agent shut down before the job started")
@@ -476,6 +646,7 @@ class Agent:
             log.info("draining: no new jobs; running jobs finish", running=len(self._running))
         else:
             log.info("second SIGTERM: cancelling running jobs", running=len(self._running))
+            self._stopping.set()
             for running in self._running.values():
                 running.cancel.set()
         self._maybe_finished()

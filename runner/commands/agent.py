@@ -16,6 +16,8 @@ from runner.localqueue.paths import socket_mode, socket_path
 from runner.localqueue.server import LocalQueueServer
 from runner.logging_setup import get_logger
 from runner.policy import Policy
+from runner.secrets import SecretFileError
+from runner.sources.buildkite.source import BuildkiteSource, load_trust
 from runner.store import Store
 
 log = get_logger("runner.agent")
@@ -30,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def unsupported_parts(config: AgentConfig) -> list[str]:
     """Parts of a config this release cannot serve: refuse rather than silently ignore them."""
     found = []
-    for section in ("buildkite", "github", "gateway"):
+    for section in ("github", "gateway"):
         if getattr(config, section) is not None:
             found.append(f"[{section}] (not part of this release)")
     return found
@@ -46,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return exitcodes.INVALID_INPUT
         policy = load_site_policy(config)
-    except InputError as exc:
+        if config.buildkite is not None:
+            # Unreadable or open secrets stop the agent before it takes any job.
+            load_trust(config.buildkite)
+    except (InputError, SecretFileError, OSError) as exc:
         print(f"hpc-runner: refusing to start: {exc}", file=sys.stderr)
         return exitcodes.INVALID_INPUT
     return asyncio.run(serve(config, policy, lambda: load_site_policy(config),
@@ -64,6 +69,11 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
         agent.install_signal_handlers()
         await server.start()
         agent.start()
+        sources: list[asyncio.Task[None]] = []
+        if config.buildkite is not None:
+            buildkite = BuildkiteSource(config.buildkite, agent)
+            buildkite.load_trust()
+            sources.append(asyncio.create_task(buildkite.serve()))
         if ready is not None:
             ready()
         if stop is not None:
@@ -73,8 +83,13 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
                 agent.drain()  # an embedding caller's stop means: now, cancel what still runs
             stopper = asyncio.create_task(drain_on_stop())
         try:
+            # CI sources end once drained: their jobs reported, their sessions disconnected.
+            await asyncio.gather(*sources)
             await agent.finished.wait()
         finally:
+            for task in sources:
+                task.cancel()
+            await asyncio.gather(*sources, return_exceptions=True)
             if stop is not None:
                 stopper.cancel()
             await server.close()

@@ -293,6 +293,20 @@ def test_agent_refuses_to_start_on_an_invalid_policy_naming_file_line_and_field(
 
 
 def test_agent_refuses_to_start_on_a_config_this_release_cannot_serve(queue_site: RunnerSite) -> None:
+    github_config = queue_site.root / "github.toml"
+    section = ('[github]\napp_id = 1\nprivate_key_file = "/etc/hpc-runner/github.pem"\n'
+               'repositories = ["org/repo"]\n')
+    write_public_file(github_config, queue_site.config.read_text() + "\n" + section)
+
+    result = as_service_user(["hpc-runner", "agent", "--config", github_config], cwd=queue_site.root,
+                             timeout=30)
+
+    assert result.returncode == 1
+    assert "refusing to start: this config asks for [github] (not part of this release)" in result.stderr
+    assert not queue_site.socket.exists()
+
+
+def test_agent_with_buildkite_refuses_to_start_without_its_token_file(queue_site: RunnerSite) -> None:
     buildkite_config = queue_site.root / "buildkite.toml"
     section = '[buildkite]\ntoken_file = "/etc/hpc-runner/buildkite-token"\nallow_unsigned = true\n'
     write_public_file(buildkite_config, queue_site.config.read_text() + "\n" + section)
@@ -301,7 +315,7 @@ def test_agent_refuses_to_start_on_a_config_this_release_cannot_serve(queue_site
                              timeout=30)
 
     assert result.returncode == 1
-    assert "refusing to start: this config asks for [buildkite] (not part of this release)" in result.stderr
+    assert "refusing to start: " in result.stderr and "/etc/hpc-runner/buildkite-token" in result.stderr
     assert not queue_site.socket.exists()
 
 

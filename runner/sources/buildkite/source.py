@@ -37,7 +37,7 @@ from runner import __version__
 from runner.config import BuildkiteConfig
 from runner.logging_setup import get_logger
 from runner.logs.redact import secret_values
-from runner.secrets import read_secret_file
+from runner.secrets import check_not_writable_by_others, read_secret_file
 from runner.slurmflow import pump_log
 from runner.sources import Admission, Ended, JobHost
 from runner.sources.buildkite import protocol
@@ -72,6 +72,17 @@ def finish_report(ended: Ended, cancel_reason: str | None, chunks_failed: int) -
     return FinishReport(protocol.NOT_RUN, None, "process_run_error", chunks_failed)
 
 
+def load_trust(config: BuildkiteConfig) -> tuple[str, Jwks | None]:
+    """The registration token and the verification keys; raises on a missing or open file."""
+    token = read_secret_file(config.token_file, what="Buildkite agent token")
+    jwks = None
+    if config.verification_jwks_file is not None:
+        path = config.verification_jwks_file
+        check_not_writable_by_others(path, "Buildkite signature keys (JWKS)")
+        jwks = load_jwks(path.read_text(encoding="utf-8"), name=str(path))
+    return token, jwks
+
+
 class BuildkiteSource:
     """Serves `config.workers` agent sessions for the agent `host` until it drains."""
 
@@ -91,11 +102,7 @@ class BuildkiteSource:
         self.stopped = asyncio.Event()
 
     def load_trust(self) -> None:
-        """Read the registration token and the verification keys; raises on a bad file."""
-        self._token = read_secret_file(self.config.token_file, what="Buildkite agent token")
-        if self.config.verification_jwks_file is not None:
-            path = self.config.verification_jwks_file
-            self._jwks = load_jwks(path.read_text(encoding="utf-8"), name=str(path))
+        self._token, self._jwks = load_trust(self.config)
 
     async def serve(self) -> None:
         if not self._token:
