@@ -36,6 +36,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -98,6 +99,12 @@ class ManualClock:
         self.sleeps.append(seconds)
         self.now += max(seconds, 0.0)
         await asyncio.sleep(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _app_key() -> rsa.RSAPrivateKey:
+    # One key per test process: generating RSA keys is the slowest part of starting an emulator.
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 def _iso(epoch: float) -> str:
@@ -226,7 +233,7 @@ class GitHubEmulator:
         self.stateless_tokens = stateless_tokens
         self.write_latency = write_latency
         self.check_responses = check_responses
-        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self._key = _app_key()
         self.app_private_key_pem: str = self._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()).decode()

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 
+from runner.config import GithubConfig
+from runner.secrets import SecretFileError
 from runner.sources.github.appauth import AppAuth
 from runner.sources.github.rest import (
     GitHubClient,
@@ -305,3 +308,17 @@ async def test_a_next_page_on_another_host_is_refused(gh: GitHubEmulator, client
     monkeypatch.setattr(gh, "_page", foreign)
     with pytest.raises(Exception, match="outside"):
         _ = [c async for c in client.paginate(f"{R}/issues/{pr.number}/comments")]
+
+
+async def test_a_client_from_the_agent_config(gh: GitHubEmulator, session: aiohttp.ClientSession,
+                                              clock: ManualClock, tmp_path: Path) -> None:
+    key_file = tmp_path / "github-app.pem"
+    key_file.write_text(gh.app_private_key_pem)
+    key_file.chmod(0o600)
+    config = GithubConfig(app_id=gh.app_id, private_key_file=key_file, repositories=(REPO,), api_url=gh.url)
+    client = GitHubClient.from_config(config, session, clock=clock)
+    assert client.api_url == gh.url
+    assert (await client.get(R))["full_name"] == REPO
+    key_file.chmod(0o640)
+    with pytest.raises(SecretFileError, match="0600"):
+        GitHubClient.from_config(config, session)
