@@ -46,6 +46,7 @@ run hours of rate-limit waits in no time.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json as jsonlib
 import re
 import time
@@ -449,7 +450,8 @@ class GitHubClient:
             self._limits[bucket] = limit
         if status == 304 and cached is not None:
             self._etags.move_to_end(cache_key)
-            return GitHubResponse(200, answer_headers, cached.response.data, from_cache=True)
+            # A copy: a caller that edits its answer must not edit the cache.
+            return GitHubResponse(200, answer_headers, copy.deepcopy(cached.response.data), from_cache=True)
         response = GitHubResponse(status, answer_headers, _decode(payload, answer_headers))
         etag = answer_headers.get("ETag")
         if method == "GET" and status == 200 and etag:
