@@ -1,0 +1,349 @@
+"""The agent serving Buildkite on the real cluster: signed steps from the agent API emulator run
+through Slurm and Apptainer, their logs and exit statuses go back to the emulator.
+
+The agent runs as the service account (`hpc-runner agent --config`), the emulator in this
+process on 127.0.0.1 (on a thread of its own, since the test waits synchronously). Jobs are
+tiny and the emulator's intervals short, so the whole file takes a minute or two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import re
+import sqlite3
+import subprocess
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from conftest import (
+    SERVICE_USER,
+    AgentProcess,
+    Cluster,
+    RunnerSite,
+    make_runner_site,
+    wait_for,
+    write_public_file,
+)
+from fakes.buildkite_api import BuildkiteEmulator
+from fakes.buildkite_signer import StepSigner, signed_job
+
+from integration.test_agent_slurm import kill_agent, squeue_lists
+from runner.store import DB_FILENAME
+
+T = TypeVar("T")
+JOB_TIMEOUT_S = 150.0
+STAMP = re.compile(rb"\x1b_bk;t=\d+\x07")
+PLUGIN = {"hpc-runner#v1": {"image": "test", "resources": {"time": "1m", "cpus_per_task": 1}}}
+
+
+def unstamped(log: bytes) -> bytes:
+    return STAMP.sub(b"", log)
+
+
+class EmulatorThread:
+    """The emulator on an event loop of its own thread; `call` runs a function there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.bk: BuildkiteEmulator = self.call(lambda: BuildkiteEmulator(heartbeat_interval=2))
+        self._run(self.bk.start())
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        future: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return future.result(30)
+
+    def close(self) -> None:
+        self._run(self.bk.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    # Shortcuts for what the tests look at.
+    def queue(self, job: dict[str, Any]) -> str:
+        return self.call(lambda: self.bk.queue_job(job, agent_query_rules=["queue=hpc"]))
+
+    def state(self, job_id: str) -> str:
+        return self.call(lambda: self.bk.job_state(job_id))
+
+    def log(self, job_id: str) -> bytes:
+        return self.call(lambda: self.bk.log(job_id))
+
+    def finishes(self, job_id: str) -> list[dict[str, Any]]:
+        return self.call(lambda: self.bk.finishes(job_id))
+
+    def wait_finished(self, job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict[str, Any]:
+        wait_for(lambda: self.state(job_id) in ("finished", "canceled", "timed_out"), timeout,
+                 interval=0.2, what=f"Buildkite job {job_id} to finish")
+        finishes = self.finishes(job_id)
+        assert len(finishes) == 1, finishes
+        return finishes[0]
+
+
+@pytest.fixture
+def emulator() -> Iterator[EmulatorThread]:
+    thread = EmulatorThread()
+    try:
+        yield thread
+    finally:
+        thread.close()
+
+
+@pytest.fixture
+def signer() -> StepSigner:
+    return StepSigner(kid="cluster-test")
+
+
+def _chown(path: Path) -> None:
+    account = pwd.getpwnam(SERVICE_USER)
+    for root, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            os.lchown(os.path.join(root, name), account.pw_uid, account.pw_gid)
+    os.chown(path, account.pw_uid, account.pw_gid)
+
+
+@pytest.fixture
+def repo(service_tmp: Path) -> Path:
+    """A git repository the service account can clone, with one commit."""
+    path = service_tmp / "repo"
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
+    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    (path / "data.txt").write_text("from the repository\n")
+    subprocess.run(["git", "-C", str(path), "add", "data.txt"], check=True)
+    subprocess.run(["git", "-C", str(path), "commit", "-qm", "first"], check=True, env=env)
+    _chown(path)
+    return path
+
+
+def buildkite_site(cluster: Cluster, service_tmp: Path, emulator: EmulatorThread, signer: StepSigner, *,
+                   socket: Path, workers: int = 2, max_jobs: int = 10) -> RunnerSite:
+    site = make_runner_site(service_tmp, cluster.image_sha256, max_jobs=max_jobs, socket=socket)
+    site.write_policy(textwrap.dedent(f"""\
+        version = 1
+
+        [accounts.esm]
+        slurm_account = "esm"
+        partitions = ["debug"]
+        max_time = "2m"
+        max_memory = "1G"
+
+        [images.test]
+        path = "{cluster.image}"
+        sha256 = "{cluster.image_sha256}"
+
+        [[grants]]
+        name = "pipeline"
+        principals = ["buildkite:pipeline:example/pipeline"]
+        account = "esm"
+        images = ["test"]
+        signers = ["{signer.kid}"]
+        """))
+    token = service_tmp / "buildkite-token"
+    token.write_text(emulator.bk.registration_token + "\n")
+    jwks = service_tmp / "buildkite-jwks.json"
+    write_public_file(jwks, signer.public_jwks())
+    account = pwd.getpwnam(SERVICE_USER)
+    os.chown(token, account.pw_uid, account.pw_gid)
+    token.chmod(0o600)
+    config = site.config.read_text().replace('executor = "local"', 'executor = "slurm"')
+    config += textwrap.dedent(f"""
+        [buildkite]
+        token_file = "{token}"
+        verification_jwks_file = "{jwks}"
+        endpoint = "{emulator.bk.url}"
+        tags = ["queue=hpc"]
+        workers = {workers}
+        """)
+    write_public_file(site.config, config)
+    return site
+
+
+def stored_jobs(site: RunnerSite) -> list[tuple[str, str, str | None]]:
+    """(id, state, slurm_id) of every job in the agent's store, read-only."""
+    uri = f"file:{site.state_dir / DB_FILENAME}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+        return [(r[0], r[1], r[2]) for r in db.execute("SELECT id, state, slurm_id FROM jobs")]
+
+
+def runner_job(site: RunnerSite, bk_id: str) -> str:
+    uri = f"file:{site.state_dir / DB_FILENAME}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+        row = db.execute("SELECT id FROM jobs WHERE source = 'buildkite' AND external_id = ?",
+                         (bk_id,)).fetchone()
+    assert row is not None, f"no runner job for Buildkite job {bk_id}"
+    return str(row[0])
+
+
+def output_file(site: RunnerSite, job_id: str) -> bytes:
+    return (site.work_root / job_id / "output.log").read_bytes()
+
+
+@pytest.fixture
+def cancel_leftovers() -> Iterator[list[RunnerSite]]:
+    sites: list[RunnerSite] = []
+    yield sites
+    for site in sites:
+        with contextlib.suppress(Exception):
+            for job_id, _, _ in stored_jobs(site):
+                subprocess.run(["scancel", f"--name=hpcr-{job_id}"], capture_output=True, timeout=30,
+                               check=False)
+
+
+def test_a_signed_step_runs_in_slurm_and_its_log_and_status_reach_buildkite(
+        cluster: Cluster, service_tmp: Path, emulator: EmulatorThread, signer: StepSigner, repo: Path,
+        agents: Callable[[RunnerSite], AgentProcess],
+        shared_socket: Path, cancel_leftovers: list[RunnerSite]) -> None:
+    site = buildkite_site(cluster, service_tmp, emulator, signer, socket=shared_socket)
+    cancel_leftovers.append(site)
+    agents(site)
+    command = "cat data.txt\nprintf 'two\\nthree'\necho\necho \"secret is $DEPLOY_TOKEN\"\nexit 3"
+    job_id = emulator.queue(signed_job(signer, command, repo=str(repo), plugins=[PLUGIN],
+                                       step_env={"DEPLOY_TOKEN": "hunter2-secret"}))
+
+    body = emulator.wait_finished(job_id)
+
+    assert (body["exit_status"], body.get("signal_reason"), body["chunks_failed_count"]) == ("3", None, 0)
+    log = emulator.log(job_id)
+    runner_id = runner_job(site, job_id)
+    # Byte for byte what the agent's log file holds, once Buildkite's timestamps are taken out and
+    # with the secret redacted.
+    assert unstamped(log) == output_file(site, runner_id).replace(b"hunter2-secret", b"[REDACTED]")
+    text = unstamped(log)
+    assert text.startswith("~~~ ✅ Job signature verified (key cluster-test, EdDSA)\n".encode()), text
+    job_output = b"".join(line for line in text.splitlines(keepends=True) if not line.startswith(b"srun: "))
+    assert b"from the repository\ntwo\nthree\nsecret is [REDACTED]\n" in job_output, text
+    assert b"hunter2-secret" not in text
+    assert re.search(rb"hpc-runner: submitted to Slurm as job [0-9]+ \(hpcr-" + runner_id.encode(), text)
+    (state,) = [s for i, s, _ in stored_jobs(site) if i == runner_id]
+    assert state == "failed"
+
+
+def tampered(signer: StepSigner, repo: str) -> dict[str, dict[str, Any]]:
+    jobs: dict[str, dict[str, Any]] = {}
+
+    def fresh() -> dict[str, Any]:
+        return signed_job(signer, "echo must never run", repo=repo, plugins=[PLUGIN], step_env={"MODE": "ci"})
+
+    jobs["command"] = fresh()
+    jobs["command"]["env"]["BUILDKITE_COMMAND"] = jobs["command"]["step"]["command"] = "echo pwned"
+    jobs["env"] = fresh()
+    jobs["env"]["env"]["MODE"] = "evil"
+    jobs["plugins"] = fresh()
+    jobs["plugins"]["env"]["BUILDKITE_PLUGINS"] = jobs["plugins"]["env"]["BUILDKITE_PLUGINS"].replace(
+        '"time": "1m"', '"time": "2m"')
+    jobs["repository"] = fresh()
+    jobs["repository"]["env"]["BUILDKITE_REPO"] = repo + "-fork"
+    jobs["wrong key"] = signed_job(StepSigner(kid="cluster-test"), "echo must never run", repo=repo,
+                                   plugins=[PLUGIN])
+    jobs["alg mismatch"] = fresh()
+    jobs["alg mismatch"]["step"]["signature"]["algorithm"] = "ES256"
+    jobs["missing"] = signed_job(None, "echo must never run", repo=repo, plugins=[PLUGIN])
+    return jobs
+
+
+def test_tampered_and_unsigned_steps_end_signature_rejected_and_never_reach_slurm(
+        cluster: Cluster, service_tmp: Path, emulator: EmulatorThread, signer: StepSigner, repo: Path,
+        agents: Callable[[RunnerSite], AgentProcess],
+        shared_socket: Path) -> None:
+    site = buildkite_site(cluster, service_tmp, emulator, signer, socket=shared_socket, workers=4)
+    agents(site)
+    ids = {name: emulator.queue(job) for name, job in tampered(signer, str(repo)).items()}
+
+    for name, job_id in ids.items():
+        body = emulator.wait_finished(job_id, timeout=60)
+        assert (body["exit_status"], body["signal_reason"]) == ("-1", "signature_rejected"), name
+        log = unstamped(emulator.log(job_id))
+        assert log.startswith("+++ ⛔ Job signature verification failed\nerror: ".encode()), (name, log)
+        assert b"must never run" not in log.split(b"\n", 2)[1], name
+    # The agent recorded no job, so nothing was ever submitted to Slurm.
+    assert stored_jobs(site) == []
+
+
+def test_an_agent_killed_mid_job_and_restarted_completes_the_log_and_finishes_once(
+        cluster: Cluster, service_tmp: Path, emulator: EmulatorThread, signer: StepSigner, repo: Path,
+        agents: Callable[[RunnerSite], AgentProcess],
+        shared_socket: Path, cancel_leftovers: list[RunnerSite]) -> None:
+    site = buildkite_site(cluster, service_tmp, emulator, signer, socket=shared_socket)
+    cancel_leftovers.append(site)
+    agent = agents(site)
+    command = "i=1\nwhile [ $i -le 40 ]; do echo \"line $i\"; i=$((i + 1)); sleep 0.2; done"
+    job_id = emulator.queue(signed_job(signer, command, repo=str(repo), plugins=[PLUGIN]))
+    wait_for(lambda: b"line 3\n" in unstamped(emulator.log(job_id)) if emulator.state(job_id) == "running"
+             else False, JOB_TIMEOUT_S, interval=0.2, what="the first lines in Buildkite")
+    kill_agent(agent)
+    before = unstamped(emulator.log(job_id))
+    assert b"line 40\n" not in before
+
+    agents(site)
+    body = emulator.wait_finished(job_id)
+
+    assert body["exit_status"] == "0"
+    log = unstamped(emulator.log(job_id))
+    runner_id = runner_job(site, job_id)
+    assert log == output_file(site, runner_id)
+    job_lines = [line for line in log.split(b"\n") if line.startswith(b"line ")]
+    assert job_lines == [f"line {i}".encode() for i in range(1, 41)]
+    assert emulator.call(lambda: emulator.bk.jobs[job_id].chunk_conflicts) == []
+
+
+def test_cancel_in_buildkite_leaves_no_slurm_job(
+        cluster: Cluster, service_tmp: Path, emulator: EmulatorThread, signer: StepSigner, repo: Path,
+        agents: Callable[[RunnerSite], AgentProcess],
+        shared_socket: Path, cancel_leftovers: list[RunnerSite]) -> None:
+    site = buildkite_site(cluster, service_tmp, emulator, signer, socket=shared_socket)
+    cancel_leftovers.append(site)
+    agents(site)
+    job_id = emulator.queue(signed_job(signer, "echo started\nsleep 100\necho not cancelled", repo=str(repo),
+                                       plugins=[PLUGIN]))
+    wait_for(lambda: b"started\n" in unstamped(emulator.log(job_id)) if emulator.state(job_id) == "running"
+             else False, JOB_TIMEOUT_S, interval=0.2, what="the job to start")
+    runner_id = runner_job(site, job_id)
+    assert squeue_lists(runner_id)
+
+    emulator.call(lambda: emulator.bk.cancel_job(job_id))
+    body = emulator.wait_finished(job_id, timeout=60)
+
+    assert (body["exit_status"], body["signal"], body["signal_reason"]) == ("-1", "SIGTERM", "cancel")
+    assert emulator.state(job_id) == "canceled"
+    assert not squeue_lists(runner_id)
+    log = unstamped(emulator.log(job_id))
+    assert b"the job was cancelled in Buildkite; cancelling" in log and b"not cancelled" not in log
+
+
+def test_ten_jobs_at_once_with_ten_workers_all_complete(
+        cluster: Cluster, service_tmp: Path, emulator: EmulatorThread, signer: StepSigner, repo: Path,
+        agents: Callable[[RunnerSite], AgentProcess],
+        shared_socket: Path, cancel_leftovers: list[RunnerSite]) -> None:
+    site = buildkite_site(cluster, service_tmp, emulator, signer, socket=shared_socket, workers=10)
+    cancel_leftovers.append(site)
+    agents(site)
+    ids = [emulator.queue(signed_job(signer, f"echo job {n}", repo=str(repo), plugins=[PLUGIN]))
+           for n in range(10)]
+
+    for n, job_id in enumerate(ids):
+        body = emulator.wait_finished(job_id, timeout=240)
+        assert body["exit_status"] == "0", (n, unstamped(emulator.log(job_id)))
+        assert f"\njob {n}\n".encode() in unstamped(emulator.log(job_id))
+    agents_used = emulator.call(lambda: {emulator.bk.jobs[j].agent_id for j in ids})
+    assert len(emulator.call(lambda: emulator.bk.agents)) == 10
+    assert len(agents_used) >= 2
