@@ -13,6 +13,7 @@ import contextlib
 import os
 import pwd
 import re
+import signal
 import sqlite3
 import subprocess
 import textwrap
@@ -347,3 +348,34 @@ def test_ten_jobs_at_once_with_ten_workers_all_complete(
     agents_used = emulator.call(lambda: {emulator.bk.jobs[j].agent_id for j in ids})
     assert len(emulator.call(lambda: emulator.bk.agents)) == 10
     assert len(agents_used) >= 2
+
+
+def test_sigterm_lets_the_job_finish_and_disconnects_a_second_cancels_it_as_agent_stop(
+        cluster: Cluster, service_tmp: Path, emulator: EmulatorThread, signer: StepSigner, repo: Path,
+        agents: Callable[[RunnerSite], AgentProcess],
+        shared_socket: Path, cancel_leftovers: list[RunnerSite]) -> None:
+    site = buildkite_site(cluster, service_tmp, emulator, signer, socket=shared_socket, workers=1)
+    cancel_leftovers.append(site)
+    agent = agents(site)
+    first = emulator.queue(signed_job(signer, "echo started\nsleep 3\necho done", repo=str(repo),
+                                      plugins=[PLUGIN]))
+    wait_for(lambda: b"started\n" in unstamped(emulator.log(first)) if emulator.state(first) == "running"
+             else False, JOB_TIMEOUT_S, interval=0.2, what="the first job to start")
+
+    agent.send(signal.SIGTERM)
+    body = emulator.wait_finished(first, timeout=60)
+    assert body["exit_status"] == "0" and b"done\n" in unstamped(emulator.log(first))
+    assert agent.wait_exit(30) == 0
+    assert all(a.disconnected for a in emulator.call(lambda: list(emulator.bk.agents.values())))
+
+    agent = agents(site)
+    second = emulator.queue(signed_job(signer, "echo started\nsleep 100", repo=str(repo), plugins=[PLUGIN]))
+    wait_for(lambda: b"started\n" in unstamped(emulator.log(second)) if emulator.state(second) == "running"
+             else False, JOB_TIMEOUT_S, interval=0.2, what="the second job to start")
+    agent.send(signal.SIGTERM)
+    agent.wait_for_log("draining", timeout=10)
+    agent.send(signal.SIGTERM)
+    body = emulator.wait_finished(second, timeout=60)
+    assert (body["exit_status"], body["signal_reason"]) == ("-1", "agent_stop")
+    assert agent.wait_exit(30) == 0
+    assert not squeue_lists(runner_job(site, second))
