@@ -1,0 +1,260 @@
+"""The Buildkite agent protocol as data, the HTTP client's retry classes against the emulator,
+and the translation of a job into identity, job spec and env."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from fakes.buildkite_api import BuildkiteEmulator, make_job
+
+from runner.logs.chunks import Chunk
+from runner.sources.buildkite import protocol
+from runner.sources.buildkite.checkout import without_credentials
+from runner.sources.buildkite.client import AgentSession, ApiError
+from runner.sources.buildkite.protocol import RetryPolicy, Verdict, classify, next_delay
+from runner.sources.buildkite.translate import (
+    JobRefused,
+    hpc_runner_block,
+    identity,
+    job_env,
+    plugin_name,
+    translate,
+)
+
+# -- retry classes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "decodable", "verdict"), [
+    (None, True, Verdict.retry), (200, True, Verdict.ok), (201, False, Verdict.retry),
+    (429, True, Verdict.retry), (500, True, Verdict.retry), (503, True, Verdict.retry),
+    (400, True, Verdict.give_up), (401, True, Verdict.give_up), (422, True, Verdict.give_up),
+])
+def test_buildkites_retry_classes(status: int | None, decodable: bool, verdict: Verdict) -> None:
+    assert classify(status, decodable=decodable) is verdict
+
+
+def test_next_delay_follows_each_endpoints_policy() -> None:
+    rng = random.Random(1)
+    policies = protocol.DEFAULT_POLICIES
+    assert next_delay(policies["register"], 1, 500, rng=rng) == 10
+    assert next_delay(policies["register"], 30, 500, rng=rng) is None
+    assert next_delay(policies["register"], 1, 403, rng=rng) is None
+    # connect retries every failure, accept only network errors.
+    assert next_delay(policies["connect"], 1, 404, rng=rng) == 5
+    assert next_delay(policies["accept"], 1, None, rng=rng) == 5
+    assert next_delay(policies["accept"], 1, 500, rng=rng) is None
+    # start backs off exponentially, 1, 2, 4 ... seconds.
+    assert [next_delay(policies["start"], n, 502, rng=rng) for n in (1, 2, 3)] == [1.0, 2.0, 4.0]
+    # 429 waits what Retry-After says (capped), else the policy's delay.
+    assert next_delay(policies["chunks"], 1, 429, retry_after="7", rng=rng) == 7
+    assert next_delay(policies["chunks"], 1, 429, retry_after="99999", rng=rng) == 300
+    first = next_delay(policies["finish"], 1, 500, rng=rng)
+    assert first is not None and 2.0 <= first < 3.0
+    assert next_delay(policies["finish"], 12, 500, rng=rng) is None
+
+
+def test_a_scaled_policy_waits_proportionally() -> None:
+    policy = RetryPolicy(3, protocol.constant(10)).scaled(0.01)
+    assert next_delay(policy, 1, 500) == pytest.approx(0.1)
+
+
+# -- requests and answers ----------------------------------------------------------------------
+
+
+def test_requests_use_the_right_token_path_and_body() -> None:
+    assert protocol.register(name="n", hostname="h", tags=("queue=hpc",), version="1", pid=7).token \
+        == "registration"
+    assert {protocol.connect().token, protocol.ping().token, protocol.accept("j").token,
+            protocol.disconnect().token, protocol.heartbeat().token} == {"session"}
+    finish = protocol.finish("a.b", protocol.FinishReport(-1, "SIGTERM", "cancel", 2))
+    assert (finish.token, finish.method, finish.path) == ("job", "PUT", "jobs/a%2Eb/finish")
+    body = json.loads(finish.encoded_body() or b"")
+    assert (body["exit_status"], body["chunks_failed_count"], body["signal_reason"]) == ("-1", 2, "cancel")
+    assert "signal" not in json.loads(protocol.finish("j", protocol.FinishReport(0)).encoded_body() or b"")
+    chunk = protocol.chunk("j", Chunk(3, 100, 5, b"gz"))
+    assert chunk.query == {"sequence": "3", "offset": "100", "size": "5"}
+    assert chunk.content_headers()["Content-Encoding"] == "gzip"
+    with pytest.raises(ValueError, match="signal_reason"):
+        protocol.FinishReport(-1, None, "not-a-reason")
+
+
+def test_answers_keep_only_buildkite_headers_and_refuse_zero_intervals() -> None:
+    answer = {"id": "a", "name": "n", "access_token": "bkaa_x", "ping_interval": 2, "job_status_interval": 1,
+              "heartbeat_interval": 5, "request_headers": {"Buildkite-A": "1", "X-B": "2"}}
+    assert protocol.parse_register(answer).request_headers == {"Buildkite-A": "1"}
+    with pytest.raises(protocol.ProtocolError, match="ping_interval"):
+        protocol.parse_register({**answer, "ping_interval": 0})
+    assert protocol.parse_ping({"action": "idle"}).request_headers is None
+    assert protocol.parse_ping({"request_headers": {}}).request_headers == {}
+    paused = protocol.parse_ping({"action": "pause", "job": {"id": "j"}})
+    assert paused.job_id == "j" and not paused.dispatches
+    assert protocol.job_state_action({"state": "canceling"}) == "cancel"
+    assert protocol.job_state_action({"state": "timing_out"}) == "timeout"
+    assert protocol.job_state_action({"state": "running"}) is None
+
+
+# -- the client against the emulator -----------------------------------------------------------
+
+
+@pytest.fixture
+async def bk() -> AsyncIterator[BuildkiteEmulator]:
+    async with BuildkiteEmulator(request_headers={"Buildkite-Shard": "3"}) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+FAST = {name: policy.scaled(0.001) for name, policy in protocol.DEFAULT_POLICIES.items()}
+
+
+async def registered(bk: BuildkiteEmulator, http: aiohttp.ClientSession) -> AgentSession:
+    session = AgentSession(http, bk.url, bk.registration_token, policies=FAST, timeout_s=2)
+    answer = await session.call(protocol.register(name="t", hostname="h", tags=("queue=hpc",), version="1",
+                                                  pid=1))
+    reg = protocol.parse_register(answer.data)
+    session.session_token = reg.access_token
+    session.adopt_headers(reg.request_headers)
+    await session.call(protocol.connect())
+    return session
+
+
+@pytest.mark.parametrize("fault", ["500", "429", "non_json", "drop"])
+async def test_retryable_failures_are_retried(fault: str, bk: BuildkiteEmulator,
+                                              http: aiohttp.ClientSession) -> None:
+    session = await registered(bk, http)
+    if fault == "500":
+        bk.fail("heartbeat", 500, times=3)
+    elif fault == "429":
+        bk.fail("heartbeat", 429, times=1, retry_after=1)
+    elif fault == "non_json":
+        bk.non_json("heartbeat", times=2)
+    else:
+        bk.drop("heartbeat", times=2)
+    started = time.monotonic()
+    answer = await session.call(protocol.heartbeat())
+    assert answer.status == 200 and "received_at" in answer.data
+    if fault == "429":
+        # Retry-After (1 s, capped at the scaled policy's 0.3 s) rules over its 0.005 s delay.
+        assert time.monotonic() - started >= 0.25
+    assert bk.pending_faults("heartbeat") == 0
+    assert bk.header_violations() == []
+
+
+async def test_a_4xx_is_not_retried_and_accept_retries_only_network_errors(
+        bk: BuildkiteEmulator, http: aiohttp.ClientSession) -> None:
+    session = await registered(bk, http)
+    bk.fail("heartbeat", 403, times=2)
+    with pytest.raises(ApiError) as refused:
+        await session.call(protocol.heartbeat())
+    assert (refused.value.status, refused.value.attempts) == (403, 1)
+    job_id = bk.queue_job(make_job("echo"), agent_query_rules=["queue=hpc"])
+    ping = protocol.parse_ping((await session.call(protocol.ping())).data)
+    assert ping.job_id == job_id
+    bk.fail("accept", 503)
+    with pytest.raises(ApiError) as unavailable:
+        await session.call(protocol.accept(job_id))
+    assert unavailable.value.attempts == 1
+    # aiohttp itself sends an idempotent PUT once more after a dropped connection; our retry
+    # covers the second drop.
+    bk.drop("accept", times=2)
+    answer = await session.call(protocol.accept(job_id))
+    assert answer.data["token"].startswith("bkaj_")
+    assert len(bk.requests("accept")) == 4
+
+
+async def test_job_calls_use_the_job_token_and_session_calls_refuse_it(
+        bk: BuildkiteEmulator, http: aiohttp.ClientSession) -> None:
+    session = await registered(bk, http)
+    job_id = bk.queue_job(make_job("echo"), agent_query_rules=["queue=hpc"])
+    await session.call(protocol.ping())
+    job = (await session.call(protocol.accept(job_id))).data
+    await session.call(protocol.start(job_id), job_token=job["token"])
+    with pytest.raises(ApiError) as wrong:
+        await session.call(protocol.job_state(job_id))  # without the job token: the session token
+    assert wrong.value.status == 401
+    assert [r.token_kind for r in bk.requests("start")] == ["job"]
+
+
+# -- translation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["hpc-runner#v1", "hpc-runner", "org/hpc-runner#v1",
+                                    "github.com/buildkite-plugins/hpc-runner-buildkite-plugin#v1.2",
+                                    "https://git.example.org/ci/hpc-runner-buildkite-plugin.git#main",
+                                    "git@github.com:org/hpc-runner-buildkite-plugin.git#v1"])
+def test_the_plugin_is_found_in_any_source_form(source: str) -> None:
+    assert plugin_name(source) == "hpc-runner"
+    block, others = hpc_runner_block(json.dumps([{source: {"image": "x"}}, {"docker#v5": {}}]))
+    assert block == {"image": "x"} and others == ["docker#v5"]
+
+
+def test_two_plugin_blocks_are_refused() -> None:
+    with pytest.raises(JobRefused, match="2 times"):
+        hpc_runner_block(json.dumps([{"hpc-runner#v1": {}}, {"org/hpc-runner#v2": {}}]))
+
+
+BASE_ENV = {"BUILDKITE_ORGANIZATION_SLUG": "clima", "BUILDKITE_PIPELINE_SLUG": "atmos",
+            "BUILDKITE_BRANCH": "main", "BUILDKITE_REPO": "git@github.com:CliMA/Atmos.git",
+            "BUILDKITE_BUILD_CREATOR_EMAIL": "a@example.org",
+            "BUILDKITE_BUILD_CREATOR_TEAMS": "core:ci-admins", "BUILDKITE_PULL_REQUEST": "false",
+            "BUILDKITE_SOURCE": "webhook"}
+
+
+def test_identity_of_a_push_and_of_pull_requests_from_the_same_repository_and_a_fork() -> None:
+    push, _ = identity(BASE_ENV, "key-1")
+    assert push.to_json() == {"source": "buildkite", "organization": "clima", "pipeline": "atmos",
+                              "branch": "main", "creator": "a@example.org", "signer": "key-1",
+                              "event": "push", "teams": ["core", "ci-admins"], "fork": False}
+    same = {**BASE_ENV, "BUILDKITE_PULL_REQUEST": "12",
+            "BUILDKITE_PULL_REQUEST_REPO": "https://github.com/CliMA/Atmos"}
+    pr, _ = identity(same, None)
+    assert (pr.event, pr.ref, pr.fork) == ("pull_request", "refs/pull/12/head", False)
+    fork, _ = identity({**same, "BUILDKITE_PULL_REQUEST_REPO": "https://github.com/mallory/Atmos.git"}, None)
+    assert fork.fork
+    unknown, _ = identity({**same, "BUILDKITE_PULL_REQUEST_REPO": ""}, None)
+    assert unknown.fork
+    scheduled, _ = identity({**BASE_ENV, "BUILDKITE_SOURCE": "schedule"}, None)
+    assert scheduled.event == "schedule"
+
+
+def test_env_passes_buildkite_and_signed_variables_never_credentials() -> None:
+    env = {**BASE_ENV, "BUILDKITE_AGENT_ACCESS_TOKEN": "bkaj_x", "STEP_VAR": "1", "PIPE_VAR": "2",
+           "UNSIGNED": "3", "LD_PRELOAD": "/evil.so", "CI": "true"}
+    passed, left_out = job_env(env, {"env": {"STEP_VAR": "1", "LD_PRELOAD": "/evil.so"}}, ["env::PIPE_VAR"])
+    assert passed["STEP_VAR"] == "1" and passed["PIPE_VAR"] == "2" and passed["CI"] == "true"
+    assert "BUILDKITE_PIPELINE_SLUG" in passed
+    assert {"BUILDKITE_AGENT_ACCESS_TOKEN", "UNSIGNED", "LD_PRELOAD"} <= set(left_out)
+    assert not set(left_out) & set(passed)
+
+
+def test_translation_takes_the_block_and_the_steps_command() -> None:
+    env = {**BASE_ENV, "BUILDKITE_COMMAND": "make test", "BUILDKITE_STEP_KEY": "unit tests",
+           "BUILDKITE_PLUGINS": json.dumps([{"hpc-runner#v1": {"image": "ci", "resources": {"nodes": 2,
+                                                                                            "tasks": 4}}}])}
+    job = {"env": env, "step": {"command": "make test"}}
+    result = translate(job, signer="k", signed_fields=[], policy_images=["ci", "other"])
+    assert (result.spec.script, result.spec.image, result.spec.name) == ("make test", "ci", "unit-tests")
+    assert (result.spec.resources.nodes, result.spec.resources.tasks) == (2, 4)
+    assert result.repository == BASE_ENV["BUILDKITE_REPO"]
+    no_block = {"env": {**env, "BUILDKITE_PLUGINS": ""}, "step": {}}
+    assert translate(no_block, signer=None, signed_fields=[], policy_images=["only"]).spec.image == "only"
+    with pytest.raises(JobRefused, match="must name the `image`"):
+        translate(no_block, signer=None, signed_fields=[], policy_images=["a", "b"])
+    both = {"env": {**env, "BUILDKITE_PLUGINS": json.dumps([{"hpc-runner": {"image": "ci", "script": "x"}}])},
+            "step": {}}
+    with pytest.raises(JobRefused, match="command in the step only"):
+        translate(both, signer=None, signed_fields=[], policy_images=["ci"])
+
+
+def test_credentials_are_removed_from_a_checkout_url() -> None:
+    assert without_credentials("https://x:tok@git.example.org:8443/a.git") == "https://git.example.org:8443/a.git"
+    assert without_credentials("git@github.com:a/b.git") == "git@github.com:a/b.git"
