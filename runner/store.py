@@ -489,12 +489,15 @@ class Store:
             conn.execute("DELETE FROM log_outbox WHERE source = ? AND external_id = ?", (source, external_id))
 
     def stage_log(self, source: str, external_id: str, chunks: Iterable[tuple[int, int, int, bytes]],
-                  checkpoint: Mapping[str, Any], *, job_id: str | None, file_offset: int) -> None:
+                  checkpoint: Mapping[str, Any], *, job_id: str | None, file_offset: int,
+                  delivered: Iterable[tuple[int, bool]] = ()) -> None:
         """Store chunks about to be sent and the log checkpoint after them, in one transaction;
-        the runner job's log offset (where its output file is read again) moves with them."""
+        the runner job's log offset (where its output file is read again) moves with them.
+        `delivered` are chunks sent since (see `unstage_log`), recorded in the same transaction."""
         encoded = _encode_json(checkpoint, f"{source} job {external_id} log checkpoint")
         now = time.time()
         with self._transaction() as conn:
+            self._unstage(conn, source, external_id, delivered)
             conn.executemany(
                 'INSERT OR REPLACE INTO log_outbox (source, external_id, sequence, "offset", size, data)'
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -509,14 +512,20 @@ class Store:
                 conn.execute("UPDATE jobs SET log_offset = ?, updated_at = ? WHERE id = ?",
                              (max(0, file_offset), now, job_id))
 
-    def unstage_log(self, source: str, external_id: str, sequence: int, *, failed: bool) -> None:
-        """A staged chunk was delivered, or given up on (`failed`, which is counted)."""
+    def unstage_log(self, source: str, external_id: str, delivered: Iterable[tuple[int, bool]]) -> None:
+        """Staged chunks (by sequence) were delivered, or given up on (failed, which is counted)."""
         with self._transaction() as conn:
-            conn.execute("DELETE FROM log_outbox WHERE source = ? AND external_id = ? AND sequence = ?",
-                         (source, external_id, sequence))
-            if failed:
-                conn.execute("UPDATE source_jobs SET chunks_failed = chunks_failed + 1, updated_at = ?"
-                             " WHERE source = ? AND external_id = ?", (time.time(), source, external_id))
+            self._unstage(conn, source, external_id, delivered)
+
+    def _unstage(self, conn: sqlite3.Connection, source: str, external_id: str,
+                 delivered: Iterable[tuple[int, bool]]) -> None:
+        done = list(delivered)
+        conn.executemany("DELETE FROM log_outbox WHERE source = ? AND external_id = ? AND sequence = ?",
+                         [(source, external_id, sequence) for sequence, _ in done])
+        failed = sum(1 for _, given_up in done if given_up)
+        if failed:
+            conn.execute("UPDATE source_jobs SET chunks_failed = chunks_failed + ?, updated_at = ?"
+                         " WHERE source = ? AND external_id = ?", (failed, time.time(), source, external_id))
 
     def staged_log(self, source: str, external_id: str) -> list[StagedChunk]:
         rows = self._read('SELECT sequence, "offset", size, data FROM log_outbox'

@@ -28,6 +28,7 @@ import fnmatch
 import gzip
 import json
 import secrets
+import time
 import uuid
 import zlib
 from collections import deque
@@ -124,6 +125,8 @@ class ChunkRecord:
     size: int
     compressed_size: int
     data: bytes
+    # time.monotonic() when the chunk arrived, for latency measurements.
+    received_at: float = 0.0
 
 
 @dataclass
@@ -911,7 +914,7 @@ class BuildkiteEmulator:
             raise _Reject(400, "Chunk body is not valid gzip") from None
         if len(data) != size:
             raise _Reject(400, f"Chunk size {size} does not match its {len(data)} uncompressed bytes")
-        chunk = ChunkRecord(sequence, offset, size, len(record.body), data)
+        chunk = ChunkRecord(sequence, offset, size, len(record.body), data, time.monotonic())
         # Keyed by offset: the library controller numbers sequences from 0, the agent from 1, and
         # three upload workers deliver out of order (research §1.4).
         seen_offset = job.chunk_sequences.get(sequence)

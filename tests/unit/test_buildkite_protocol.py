@@ -258,3 +258,20 @@ def test_translation_takes_the_block_and_the_steps_command() -> None:
 def test_credentials_are_removed_from_a_checkout_url() -> None:
     assert without_credentials("https://x:tok@git.example.org:8443/a.git") == "https://git.example.org:8443/a.git"
     assert without_credentials("git@github.com:a/b.git") == "git@github.com:a/b.git"
+
+
+def test_the_streamers_fast_chunker_writes_what_the_chunker_writes() -> None:
+    from runner.logs.chunks import Chunker
+    from runner.sources.buildkite.logstream import _Chunker
+    rng = random.Random(7)
+    alphabet = [b"a", b"b", b"\n", b"\x1b", b"[", b"K", b"2", b"\xff", b" "]
+    for round_index in range(200):
+        pieces = [b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(20)]
+        limit = rng.choice([300, 600, 10_000])
+        clock = iter(range(10**6)).__next__
+        other = iter(range(10**6)).__next__
+        base, fast = Chunker(64, limit, lambda: float(clock())), _Chunker(64, limit, lambda: float(other()))
+        for piece in pieces:
+            base.feed(piece)
+            fast.feed(piece)
+        assert [c.data for c in base.close()] == [c.data for c in fast.close()], round_index

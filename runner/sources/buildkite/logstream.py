@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from runner.logging_setup import get_logger
-from runner.logs.chunks import Chunk, Chunker
+from runner.logs.chunks import Chunk, Chunker, timestamp_prefix
 from runner.logs.redact import Redactor
 from runner.sources.buildkite import protocol
 from runner.sources.buildkite.client import AgentSession, ApiError
@@ -29,6 +29,7 @@ from runner.sources.buildkite.client import AgentSession, ApiError
 log = get_logger("runner.sources.buildkite")
 
 UPLOAD_WORKERS = 3
+_WIDEST_STAMP = len(timestamp_prefix(2**63 / 1000))
 # Flush before the interval is up once this many chunks' worth is buffered.
 FLUSH_CHUNKS = 8
 # The reader waits while this much is cut but not yet uploaded, so memory stays bounded.
@@ -84,9 +85,35 @@ class LogOutbox(Protocol):
 
     def delivered(self, chunk: Chunk, failed: bool) -> None: ...
 
+    def flush(self) -> None:
+        """Record the deliveries not yet recorded."""
+
 
 class _Chunker(Chunker):
-    """The chunker, able to cut everything at once and to start from a checkpoint."""
+    """The chunker, able to cut everything at once and to start from a checkpoint.
+
+    `feed` takes a fast path for the common case (no escape sequences, far from the size limit):
+    a stamp after every newline, one bytes.replace instead of work per line, with exactly the
+    base class's output (a test compares the two).
+    """
+
+    def feed(self, data: bytes) -> None:
+        if self._closed or self._truncated or not data or self._carry or b"\x1b" in data:
+            super().feed(data)
+            return
+        # Near the size limit the base class places the truncation notice.
+        if self._written + len(data) + (data.count(b"\n") + 1) * _WIDEST_STAMP >= self._content_limit:
+            super().feed(data)
+            return
+        stamp = timestamp_prefix(self._clock())
+        body = data.replace(b"\n", b"\n" + stamp)
+        ends_line = data.endswith(b"\n")
+        if ends_line:
+            body = body[:-len(stamp)]
+        if self._at_line_start:
+            body = stamp + body
+        self._append(body)
+        self._at_line_start = ends_line
 
     def cut_all(self) -> list[Chunk]:
         return self._chunks(len(self._buffer))
@@ -186,6 +213,8 @@ class LogStreamer:
         if self._chunker.truncated and not self._warned_truncated:
             log.warning("job log reached log_max_size_bytes; later output was dropped", job=self._job_id)
         await self._queue.join()
+        if self._outbox is not None:
+            self._outbox.flush()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -220,8 +249,11 @@ class LogStreamer:
 
     async def _tick(self) -> None:
         interval = self._settings.chunks_interval_seconds
+        due = time.monotonic()
         while True:
-            await asyncio.sleep(interval)
+            # A fixed rate: the time a flush takes does not push the next one back.
+            due += interval
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
             if not self._closed:
                 self._flush()
 

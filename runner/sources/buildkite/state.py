@@ -89,12 +89,24 @@ class Outbox:
     def __init__(self, store: Store, state: JobState) -> None:
         self._store = store
         self._state = state
+        # Deliveries are recorded with the next staging (or at the end), not one transaction each:
+        # forgetting one in a crash only means sending an identical chunk once more.
+        self._delivered: list[tuple[int, bool]] = []
 
     def stage(self, chunks: Sequence[Chunk], checkpoint: StreamCheckpoint) -> None:
         self._state.checkpoint = checkpoint
         rows = [(c.sequence, c.offset, c.size, c.data) for c in chunks]
+        delivered, self._delivered = self._delivered, []
         self._store.stage_log(SOURCE, self._state.bk_id, rows, checkpoint.to_json(),
-                              job_id=self._state.runner_id, file_offset=checkpoint.file_offset)
+                              job_id=self._state.runner_id, file_offset=checkpoint.file_offset,
+                              delivered=delivered)
 
     def delivered(self, chunk: Chunk, failed: bool) -> None:
-        self._store.unstage_log(SOURCE, self._state.bk_id, chunk.sequence, failed=failed)
+        self._delivered.append((chunk.sequence, failed))
+        if failed:  # a count Buildkite must be told: recorded at once
+            self.flush()
+
+    def flush(self) -> None:
+        delivered, self._delivered = self._delivered, []
+        if delivered:
+            self._store.unstage_log(SOURCE, self._state.bk_id, delivered)
