@@ -59,3 +59,11 @@ def test_mpi_latency_quick(cluster: Cluster, tmp_path: Path) -> None:
         commands = data["commands"][size]
         assert "--sharens" in commands["sandbox"]
         assert "--sharens" not in commands["sandbox without --sharens"]
+
+
+def test_buildkite_log_quick(cluster: Cluster, tmp_path: Path) -> None:
+    data = run_bench(cluster, "buildkite_log.py", tmp_path / "buildkite_log.json")
+    assert data["benchmark"] == "buildkite_log"
+    assert {"agent_mb_s", "cat_mb_s", "ratio_to_cat", "agent_peak_rss_mb"} <= set(data["throughput"])
+    assert {"p50_s", "p99_s", "lines"} <= set(data["latency"])
+    assert {"jobs", "agent_cpu_seconds", "agent_peak_rss_mb"} <= set(data["many_jobs"])
