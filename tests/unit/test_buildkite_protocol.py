@@ -268,9 +268,9 @@ def test_the_streamers_fast_chunker_writes_what_the_chunker_writes() -> None:
     for round_index in range(200):
         pieces = [b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(20)]
         limit = rng.choice([300, 600, 10_000])
-        clock = iter(range(10**6)).__next__
-        other = iter(range(10**6)).__next__
-        base, fast = Chunker(64, limit, lambda: float(clock())), _Chunker(64, limit, lambda: float(other()))
+        ticks, other_ticks = iter(range(10**6)), iter(range(10**6))
+        base = Chunker(64, limit, lambda ticks=ticks: float(next(ticks)))
+        fast = _Chunker(64, limit, lambda ticks=other_ticks: float(next(ticks)))
         for piece in pieces:
             base.feed(piece)
             fast.feed(piece)
