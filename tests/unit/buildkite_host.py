@@ -80,11 +80,13 @@ class FakeHost:
         path = self.log_path(record.id)
         self.store.set_log_path(record.id, path)
         self.note(record.id, admission.log_preamble)
-        self.store.record_decision(record.id, actor="test", decision=decision.to_json())
+        workspace = self.root / "work" / record.id / "workspace"
+        self.store.record_decision(record.id, actor="test",
+                                   decision=decision.to_json() | {"workspace": str(workspace)})
         if not decision.allowed:
             self.note(record.id, "hpc-runner: denied by policy:\n"
                       + "".join(f"  - {r}\n" for r in decision.reasons))
-        return Admitted(record.id, decision, path, self.root / "work" / record.id / "workspace", new=True)
+        return Admitted(record.id, decision, path, workspace, new=True)
 
     def note(self, job_id: str, text: str) -> None:
         path = self.log_path(job_id)

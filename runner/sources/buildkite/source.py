@@ -291,6 +291,16 @@ class BuildkiteSource:
                 return await self._report_runner_end(session, state, None)
             await self._run(session, state, resumed=False)
             return
+        record = self.host.store.get_job(state.runner_id or "")
+        if record is not None and record.state == RunnerState.queued:
+            # Admitted, but the agent stopped before the job was submitted (during its checkout).
+            env = state.job.get("env") or {}
+            workspace = Path(str((record.decision or {}).get("workspace", "")))
+            if not await self._checkout(state, str(env.get("BUILDKITE_REPO", "")),
+                                        str(env.get("BUILDKITE_COMMIT", "")), workspace):
+                return await self._report_runner_end(session, state, None)
+            await self._run(session, state, resumed=False)
+            return
         await self._run(session, state, resumed=resumed)
 
     def _verify(self, state: JobState) -> tuple[str | None, list[str], str] | str:
