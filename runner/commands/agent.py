@@ -18,6 +18,7 @@ from runner.logging_setup import get_logger
 from runner.policy import Policy
 from runner.secrets import SecretFileError
 from runner.sources.buildkite.source import BuildkiteSource, load_trust
+from runner.sources.github.source import check_github, serve_github
 from runner.store import Store
 
 log = get_logger("runner.agent")
@@ -32,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def unsupported_parts(config: AgentConfig) -> list[str]:
     """Parts of a config this release cannot serve: refuse rather than silently ignore them."""
     found = []
-    for section in ("github", "gateway"):
+    for section in ("gateway",):
         if getattr(config, section) is not None:
             found.append(f"[{section}] (not part of this release)")
     return found
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         if config.buildkite is not None:
             # Unreadable or open secrets stop the agent before it takes any job.
             load_trust(config.buildkite)
+        if config.github is not None:
+            check_github(config.github)
     except (InputError, SecretFileError, OSError) as exc:
         print(f"hpc-runner: refusing to start: {exc}", file=sys.stderr)
         return exitcodes.INVALID_INPUT
@@ -74,6 +77,9 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
             buildkite = BuildkiteSource(config.buildkite, agent)
             buildkite.load_trust()
             sources.append(asyncio.create_task(buildkite.serve()))
+        if config.github is not None:
+            github = serve_github(config.github, agent, state_dir=config.state_dir)
+            sources.append(asyncio.create_task(github))
         if ready is not None:
             ready()
         if stop is not None:

@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from runner.config import GithubConfig
 from runner.errors import HpcRunnerError, InputError
 from runner.identity import Identity, identity_from_json
@@ -42,7 +44,7 @@ from runner.logs.redact import secret_values
 from runner.policy import Decision
 from runner.sources import Admission, Ended, JobHost
 from runner.sources.github import checks, triggers
-from runner.sources.github.appauth import AppAuth
+from runner.sources.github.appauth import AppAuth, load_private_key
 from runner.sources.github.checkout import CheckoutFailed, checkout
 from runner.sources.github.checks import LogTail, Outcome, Report, code, log_text
 from runner.sources.github.confirm import Confirmed, Confirmer, NotConfirmed
@@ -819,3 +821,29 @@ def _queued_title(decision: Decision) -> str:
 
 def _progress_title(status: str, state: RunState) -> str:
     return "Running on the cluster" if status == "in_progress" else "Queued"
+
+
+# ---------------------------------------------------------------------------- the agent's entry points
+
+
+def check_github(config: GithubConfig) -> None:
+    """Read the `[github]` secrets now, so a bad file stops the agent before it takes a job."""
+    load_private_key(config.private_key_file)
+    if config.mode == "gateway":
+        GatewayClient.from_config(config)
+
+
+async def serve_github(config: GithubConfig, host: JobHost, *, state_dir: Path) -> None:
+    """`[github]` of `hpc-runner agent`: the source with its REST client, its state and, in gateway
+    mode, its gateway client, until the host drains."""
+    auth = AppAuth(config.app_id, load_private_key(config.private_key_file))
+    gateway = GatewayClient.from_config(config) if config.mode == "gateway" else None
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = GitHubClient(session, api_url=config.api_url, auth=auth)
+            with GithubState.open(state_dir) as state:
+                source = GithubSource(config, host, client=client, auth=auth, state=state, gateway=gateway)
+                await source.serve()
+    finally:
+        if gateway is not None:
+            await gateway.close()
