@@ -52,6 +52,8 @@ _REPOSITORY = r"[A-Za-z0-9][A-Za-z0-9-]{0,38}/[A-Za-z0-9._-]{1,100}"
 # Branch names as git allows them in practice, with a trailing `/*` as the only wildcard
 # (the same rule as principals in the policy).
 _BRANCH = r"[A-Za-z0-9_][A-Za-z0-9._+/-]{0,254}?(/\*)?"
+# An env variable name with `*`, `?` and `[...]` as glob characters (path.Match's, as the agent uses).
+_REDACTED_VAR = r"[A-Za-z0-9_*?\[\]!-]{1,128}"
 _LISTEN = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252}):(\d{1,5})")
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
 
@@ -94,6 +96,8 @@ class BuildkiteConfig:
     tags: tuple[str, ...] = ()
     workers: int = 1
     allow_unsigned: bool = False
+    # Name globs of job env variables whose values are redacted from logs, beside Buildkite's defaults.
+    redacted_vars: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -380,11 +384,13 @@ def _parse_buildkite(table: Table) -> BuildkiteConfig:
     jwks = table.converted("verification_jwks_file", _path, None)
     workers = table.integer("workers", 1, maximum=MAX_BUILDKITE_WORKERS)
     allow_unsigned = table.boolean("allow_unsigned", False)
+    redacted_vars = table.string_list("redacted_vars", (), pattern=_REDACTED_VAR,
+                                      what="an env variable name glob (e.g. \"*_CREDENTIALS\")")
     table.finish()
     if jwks is None and not allow_unsigned:
         raise table.error("verification_jwks_file",
                           "is required: jobs must be signed (set allow_unsigned = true only for tests)")
-    return BuildkiteConfig(token_file, jwks, endpoint, tags, workers, allow_unsigned)
+    return BuildkiteConfig(token_file, jwks, endpoint, tags, workers, allow_unsigned, redacted_vars)
 
 
 def _parse_github(table: Table) -> GithubConfig:

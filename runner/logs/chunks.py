@@ -22,6 +22,9 @@ __all__ = ["DEFAULT_INTERVAL_S", "DEFAULT_LOG_MAX_BYTES", "Chunk", "Chunker", "t
 # What the agent uses when the job leaves chunks_interval_seconds or log_max_size_bytes at 0.
 DEFAULT_INTERVAL_S = 1.0
 DEFAULT_LOG_MAX_BYTES = 1024 * 1024 * 1024
+# The level of Go's gzip.DefaultCompression, which buildkite-agent uploads with: twice as fast
+# as Python's default (9) for a few percent more bytes.
+GZIP_LEVEL = 6
 
 # A line ends at a newline or at an erase-in-line sequence (ESC[K, ESC[0K, ESC[1K, ESC[2K), so
 # that progress bars redrawn in place get a timestamp per redraw, as the agent gives them.
@@ -168,7 +171,8 @@ class Chunker:
             piece = bytes(self._buffer[start:min(start + self._max_chunk, length)])
             self._sequence += 1
             # mtime=0 keeps the gzip bytes a function of the log alone.
-            chunks.append(Chunk(self._sequence, self._offset, len(piece), gzip.compress(piece, mtime=0)))
+            data = gzip.compress(piece, compresslevel=GZIP_LEVEL, mtime=0)
+            chunks.append(Chunk(self._sequence, self._offset, len(piece), data))
             self._offset += len(piece)
         del self._buffer[:length]
         return chunks

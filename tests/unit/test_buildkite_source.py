@@ -92,11 +92,12 @@ async def make_source(tmp_path: Path, bk: BuildkiteEmulator, signer: StepSigner
     jwks = tmp_path / "jwks.json"
     jwks.write_text(signer.public_jwks())
 
-    def start(host: FakeHost | None = None, *, workers: int = 1, signed: bool = True) -> Running:
+    def start(host: FakeHost | None = None, *, workers: int = 1, signed: bool = True,
+              redacted_vars: tuple[str, ...] = ()) -> Running:
         host = host or FakeHost(tmp_path / "site")
         config = BuildkiteConfig(token_file=token, verification_jwks_file=jwks if signed else None,
                                  endpoint=bk.url, tags=("queue=hpc",), workers=workers,
-                                 allow_unsigned=not signed)
+                                 allow_unsigned=not signed, redacted_vars=redacted_vars)
         source = BuildkiteSource(config, host, policies=FAST, http_timeout_s=5)
         running = Running(source, asyncio.create_task(source.serve()), host)
         started.append(running)
@@ -167,6 +168,22 @@ async def test_the_failed_commands_exit_status_is_reported(
     running.host.exit_status = 3
     job_id = queue(bk, signed_job(signer, "false", repo=str(repo), plugins=[PLUGIN]))
     assert (await finished(bk, job_id))["exit_status"] == "3"
+
+
+async def test_secrets_of_default_and_configured_names_are_redacted_even_split_across_writes(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    running = make_source(redacted_vars=("*_CREDENTIALS",))
+    running.host.outputs["build"] = [b"db: s3cr3t-cr", b"edential; api: tok-", b"en-value-42\nshort: abc\n"]
+    job_id = queue(bk, signed_job(signer, "make test", repo=str(repo), plugins=[PLUGIN],
+                                  step_env={"DB_CREDENTIALS": "s3cr3t-credential",
+                                            "API_TOKEN": "tok-en-value-42", "OTHER_CREDENTIALS": "abc"},
+                                  env={"BUILDKITE_STEP_KEY": "build"}))
+
+    assert (await finished(bk, job_id))["exit_status"] == "0"
+
+    log = unstamped(bk.log(job_id))
+    assert log.endswith(b"db: [REDACTED]; api: [REDACTED]\nshort: abc\n"), log
+    assert b"s3cr3t" not in log and b"tok-en" not in log
 
 
 # -- signature rejections ----------------------------------------------------------------------

@@ -69,6 +69,7 @@ def test_the_example_config_loads_with_every_section() -> None:
     assert config.buildkite.workers == 10
     assert config.buildkite.tags == ("queue=hpc",)
     assert config.buildkite.allow_unsigned is False
+    assert config.buildkite.redacted_vars == ("*_CREDENTIALS",)
     assert config.github is not None
     assert config.github.poll_interval == 30
     assert config.github.repositories == ("CliMA/ClimaAtmos.jl",)
@@ -85,7 +86,7 @@ def test_the_example_names_every_key_the_loader_knows() -> None:
                 "allow_unsigned", "app_id", "private_key_file", "api_url", "mode", "repositories",
                 "trigger_label", "comment_command", "push_branches", "poll_interval", "log_url",
                 "gateway_url", "gateway_token_file", "listen", "webhook_secret_file", "agent_tokens_file",
-                "socket", "grace_period", "srun", "mpi_plugin"):
+                "socket", "grace_period", "srun", "mpi_plugin", "redacted_vars"):
         assert f"{key} =" in text, key
 
 
@@ -245,6 +246,12 @@ def test_plain_http_is_allowed_to_loopback_for_tests(url: str) -> None:
     config = parse_config_text(MINIMAL_BUILDKITE + f'endpoint = "{url}"\n')
     assert config.buildkite is not None
     assert config.buildkite.endpoint == url
+
+
+def test_redacted_vars_are_name_globs(tmp_path: Path) -> None:
+    assert parse_config_text(MINIMAL_BUILDKITE).buildkite.redacted_vars == ()  # type: ignore[union-attr]
+    message = load_error(tmp_path, MINIMAL_BUILDKITE + 'redacted_vars = ["MY SECRET"]\n')
+    assert "buildkite.redacted_vars[0]" in message and "an env variable name glob" in message, message
 
 
 def test_workers_range(tmp_path: Path) -> None:

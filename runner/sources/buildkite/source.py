@@ -94,7 +94,7 @@ class BuildkiteSource:
         self.memory = JobMemory(host.store)
         self._policies = policies
         self._timeout = http_timeout_s
-        self._redacted_vars = redacted_vars
+        self._redacted_vars = (*config.redacted_vars, *redacted_vars)
         self._jwks: Jwks | None = None
         self._token = ""
         self._http: aiohttp.ClientSession | None = None
