@@ -1,0 +1,260 @@
+"""The agent serving GitHub on the real cluster: a labelled pull request runs through Slurm and
+Apptainer and ends as a successful check run holding the log tail.
+
+The agent runs as the service account (`hpc-runner agent --config`) in poll mode against the GitHub
+emulator, which runs in this process on 127.0.0.1 (on a thread of its own, since the test waits
+synchronously) and checks every request against GitHub's OpenAPI description. The repository is
+a real git repository: its bare copy on disk is the `clone_url` the emulator advertises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import subprocess
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from conftest import (
+    SERVICE_USER,
+    AgentProcess,
+    Cluster,
+    RunnerSite,
+    as_service_user,
+    make_runner_site,
+    wait_for,
+    write_public_file,
+)
+from fakes.github_activity import ActivityGitHub
+
+from integration.test_agent_slurm import squeue_lists
+from integration.test_buildkite_agent import stored_jobs
+
+T = TypeVar("T")
+REPO = "CliMA/ClimaAtmos.jl"
+JOB_TIMEOUT_S = 120.0
+JOBS = """[[jobs]]
+name = "unit"
+image = "test"
+script = '''
+cat data.txt
+echo "all tests passed"
+'''
+
+[jobs.resources]
+time = "1m"
+cpus_per_task = 1
+"""
+
+
+class GitHubThread:
+    """The GitHub emulator on an event loop of its own thread; `call` runs a function there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.gh: ActivityGitHub = self.call(ActivityGitHub)
+        self._run(self.gh.start())
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        future: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return future.result(60)
+
+    def close(self) -> None:
+        try:
+            self._run(self.gh.close())           # fails the test on any request GitHub would refuse
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+    def check_runs(self, name: str) -> list[dict[str, Any]]:
+        return [run for run in self.call(lambda: self.gh.check_runs(REPO)) if run["name"] == name]
+
+
+@pytest.fixture
+def github() -> Iterator[GitHubThread]:
+    thread = GitHubThread()
+    try:
+        yield thread
+    finally:
+        thread.close()
+
+
+def _git(*args: str, cwd: Path) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org",
+           "GIT_CONFIG_GLOBAL": "/dev/null"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def _own(path: Path) -> None:
+    account = pwd.getpwnam(SERVICE_USER)
+    for root, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            os.lchown(os.path.join(root, name), account.pw_uid, account.pw_gid)
+    os.chown(path, account.pw_uid, account.pw_gid)
+
+
+def github_site(cluster: Cluster, service_tmp: Path, github: GitHubThread, *, socket: Path) -> RunnerSite:
+    site = make_runner_site(service_tmp, cluster.image_sha256, max_jobs=4, socket=socket)
+    site.write_policy(textwrap.dedent(f"""\
+        version = 1
+
+        [accounts.esm]
+        slurm_account = "esm"
+        partitions = ["debug"]
+        max_time = "2m"
+        max_memory = "1G"
+
+        [images.test]
+        path = "{cluster.image}"
+        sha256 = "{cluster.image_sha256}"
+
+        [[grants]]
+        name = "core-prs"
+        principals = ["github:team:CliMA/core"]
+        events = ["pull_request"]
+        refs = ["refs/pull/*"]
+        account = "esm"
+        images = ["test"]
+        """))
+    key = service_tmp / "github-app.pem"
+    key.write_text(github.gh.app_private_key_pem)
+    account = pwd.getpwnam(SERVICE_USER)
+    os.chown(key, account.pw_uid, account.pw_gid)
+    key.chmod(0o600)
+    config = site.config.read_text().replace('executor = "local"', 'executor = "slurm"')
+    config += textwrap.dedent(f"""
+        [github]
+        app_id = {github.gh.app_id}
+        private_key_file = "{key}"
+        api_url = "{github.gh.url}"
+        repositories = ["{REPO}"]
+        trigger_label = "run-hpc"
+        poll_interval = "5s"
+        log_url = "https://ci.example.org/jobs/{{id}}"
+        """)
+    write_public_file(site.config, config)
+    return site
+
+
+def labelled_pull_request(github: GitHubThread, root: Path, jobs: str = JOBS) -> tuple[int, str]:
+    """A pull request by a member of CliMA/core, labelled by her; its head is a real commit."""
+    work, bare = root / "git-work", root / "origin.git"
+    work.mkdir()
+    _git("init", "--quiet", "--initial-branch=main", cwd=work)
+    _git("init", "--quiet", "--bare", str(bare), cwd=root)
+    files = {".hpc-runner.toml": jobs, "data.txt": "from the repository\n"}
+    for name, text in files.items():
+        (work / name).write_text(text)
+    _git("add", "--all", cwd=work)
+    _git("commit", "--quiet", "-m", "jobs", cwd=work)
+    main = _git("rev-parse", "HEAD", cwd=work).strip()
+    (work / "change.txt").write_text("a change\n")
+    _git("add", "--all", cwd=work)
+    _git("commit", "--quiet", "-m", "change", cwd=work)
+    head = _git("rev-parse", "HEAD", cwd=work).strip()
+    _git("push", "--quiet", str(bare), f"{main}:refs/heads/main", f"{head}:refs/heads/topic",
+         f"{head}:refs/pull/1/head", cwd=work)
+    _own(bare)
+
+    def make() -> int:
+        gh = github.gh
+        gh.add_repository(REPO, installation=1)
+        gh.clone_urls[REPO.lower()] = str(bare)
+        gh.use_commit(REPO, "main", main, files)
+        gh.add_team_member("CliMA", "core", "alice")
+        gh.set_permission(REPO, "alice", "write")
+        pr = gh.add_pull_request(REPO, head_ref="topic", author="alice", number=1)
+        gh.point_pull_request(REPO, pr.number, head, {**files, "change.txt": "a change\n"})
+        gh.label(REPO, pr.number, "run-hpc", by="alice")
+        return pr.number
+
+    return github.call(make), head
+
+
+def test_a_labelled_pull_request_runs_on_the_cluster_as_a_successful_check_run(
+        cluster: Cluster, service_tmp: Path, github: GitHubThread,
+        agents: Callable[[RunnerSite], AgentProcess], shared_socket: Path) -> None:
+    site = github_site(cluster, service_tmp, github, socket=shared_socket)
+    number, head = labelled_pull_request(github, service_tmp)
+    agent = agents(site)
+
+    def completed() -> dict[str, Any] | None:
+        return next((r for r in github.check_runs("hpc-runner/unit") if r["status"] == "completed"), None)
+
+    try:
+        run = wait_for(completed, JOB_TIMEOUT_S, interval=0.5, what="the check run to complete")
+    except AssertionError:
+        raise AssertionError(f"no completed check run; the agent's log:\n{agent.log()}") from None
+
+    assert run["head_sha"] == head
+    assert run["conclusion"] == "success", run["output"]
+    text = run["output"]["text"]
+    assert "from the repository" in text and "all tests passed" in text
+    [(job_id, state, slurm_id)] = stored_jobs(site)
+    assert state == "succeeded" and slurm_id
+    assert run["details_url"] == f"https://ci.example.org/jobs/{job_id}"
+    assert run["external_id"].startswith(f"label:{REPO.lower()}#{number}:")
+    summary = run["output"]["summary"]
+    assert "`core-prs`" in summary and "Slurm account `esm`" in summary and "`refs/pull/1/head`" in summary
+    history = run["_history"]
+    assert history[0]["status"] == "queued" and history[-1]["conclusion"] == "success"
+    # Nothing of the credentials used for the clone stayed in the workspace.
+    workspace = site.work_root / job_id / "workspace"
+    config = as_service_user(["git", "-C", str(workspace), "config", "--list", "--local"], check=True).stdout
+    assert "extraheader" not in config.lower() and "ghs_" not in config
+    agent.stop()
+
+
+def test_a_cancel_comment_cancels_the_slurm_job_and_the_check_run_says_so(
+        cluster: Cluster, service_tmp: Path, github: GitHubThread,
+        agents: Callable[[RunnerSite], AgentProcess], shared_socket: Path) -> None:
+    site = github_site(cluster, service_tmp, github, socket=shared_socket)
+    sleeping = JOBS.replace('echo "all tests passed"', "sleep 90")
+    number, _ = labelled_pull_request(github, service_tmp, sleeping)
+    agent = agents(site)
+
+    def running() -> str | None:
+        jobs = stored_jobs(site)
+        return jobs[0][0] if jobs and jobs[0][1] == "running" and squeue_lists(jobs[0][0]) else None
+
+    job_id = wait_for(running, JOB_TIMEOUT_S, interval=0.5, what="the job to run in Slurm")
+    github.call(lambda: github.gh.add_comment(REPO, number, "/hpc-runner cancel", user="alice"))
+
+    def cancelled() -> dict[str, Any] | None:
+        return next((r for r in github.check_runs("hpc-runner/unit") if r["status"] == "completed"), None)
+
+    run = wait_for(cancelled, 60, interval=0.5, what="the check run to end")
+    assert (run["conclusion"], run["output"]["title"]) == ("cancelled", "Cancelled by @alice"), agent.log()
+    assert not squeue_lists(job_id)
+    assert [state for _, state, _ in stored_jobs(site)] == ["cancelled"]
+    agent.stop()
+
+
+def test_the_agent_refuses_to_start_with_a_github_key_others_can_read(
+        cluster: Cluster, service_tmp: Path, github: GitHubThread, shared_socket: Path) -> None:
+    site = github_site(cluster, service_tmp, github, socket=shared_socket)
+    (service_tmp / "github-app.pem").chmod(0o644)
+    result = as_service_user(["hpc-runner", "agent", "--config", site.config], cwd=site.root, timeout=30)
+    assert result.returncode == 1
+    assert "refusing to start" in result.stderr and "github-app.pem" in result.stderr
+    assert not site.socket.exists()
