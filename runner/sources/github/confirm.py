@@ -61,6 +61,7 @@ class Confirmer:
     def __init__(self, client: GitHubClient, config: GithubConfig) -> None:
         self._client = client
         self._config = config
+        self._clone_urls: dict[str, str] = {}
 
     async def pull(self, repository: str, number: int) -> dict[str, Any]:
         owner, name = repository.split("/")
@@ -191,9 +192,12 @@ class Confirmer:
                          str(clone_url) if clone_url else None)
 
     async def clone_url(self, repository: str) -> str:
-        owner, name = repository.split("/")
-        data = await self._client.get(api_path("/repos/{owner}/{repo}", owner=owner, repo=name))
-        url = data.get("clone_url") if isinstance(data, Mapping) else None
-        if not url:
-            raise NotConfirmed(f"{repository}: the repository has no clone_url")
-        return str(url)
+        """The repository's `clone_url` (asked once per agent: it changes only with a rename)."""
+        if repository not in self._clone_urls:
+            owner, name = repository.split("/")
+            data = await self._client.get(api_path("/repos/{owner}/{repo}", owner=owner, repo=name))
+            url = data.get("clone_url") if isinstance(data, Mapping) else None
+            if not url:
+                raise NotConfirmed(f"{repository}: the repository has no clone_url")
+            self._clone_urls[repository] = str(url)
+        return self._clone_urls[repository]

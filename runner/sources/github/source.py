@@ -644,8 +644,9 @@ class GithubSource:
         sent_version = -1
         sent_status = "queued"
         last_write = time.monotonic()
+        tick = min(TICK_SECONDS, self.update_interval / 4)
         while not running.done():
-            await asyncio.wait({running}, timeout=TICK_SECONDS)
+            await asyncio.wait({running}, timeout=tick)
             if running.done():
                 break
             record = store.get_job(job_id)
