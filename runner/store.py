@@ -12,18 +12,17 @@ import os
 import re
 import secrets
 import sqlite3
-import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from runner.errors import HpcRunnerError
+from runner.sqlitefile import StoreError, open_database, user_version, write_transaction
 
 __all__ = [
     "DB_FILENAME",
@@ -46,14 +45,10 @@ DB_FILENAME = "state.sqlite3"
 SOURCES = frozenset({"local", "buildkite", "github"})
 EXECUTORS = frozenset({"local", "slurm"})
 SLURM_JOB_NAME_PREFIX = "hpcr-"
-BUSY_TIMEOUT_MS = 5000
 
 # Ids are used in Slurm job names, file names and URLs, so they stay within [0-9a-z-].
 _JOB_ID_PATTERN = re.compile(r"[0-9a-z][0-9a-z-]{0,62}")
 
-
-class StoreError(HpcRunnerError):
-    """The state store cannot be opened, or refused a change that would corrupt the agent's memory."""
 
 
 class JobState(StrEnum):
@@ -265,17 +260,9 @@ class Store:
 
     @classmethod
     def open(cls, state_dir: Path | str) -> Store:
-        state_dir = Path(state_dir)
-        _prepare_state_dir(state_dir)
-        path = state_dir / DB_FILENAME
-        _create_private_file(path)
-        conn = _connect(path)
-        try:
-            _migrate(conn, path)
-        except BaseException:
-            conn.close()
-            raise
-        return cls(conn, path)
+        path = Path(state_dir) / DB_FILENAME
+        return cls(open_database(path, MIGRATIONS, what="state database",
+                                 holds="job identities and the audit log"), path)
 
     @property
     def state_dir(self) -> Path:
@@ -568,7 +555,7 @@ class Store:
     # --- maintenance ---
 
     def schema_version(self) -> int:
-        return _user_version(self._conn)
+        return user_version(self._conn)
 
     def integrity_check(self) -> None:
         """Raise StoreError unless SQLite finds the database file and its foreign keys sound."""
@@ -581,26 +568,8 @@ class Store:
 
     # --- plumbing ---
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, committed on success and rolled back on any exception.
-
-        IMMEDIATE takes the write lock up front: a deferred transaction that reads and then writes can
-        fail with SQLITE_BUSY when another process (a second agent, the CLI) wrote in between, whereas
-        waiting for the lock is covered by busy_timeout.
-        """
-        conn = self._conn
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"state store {self.path}: {exc}") from exc
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self._conn, f"state store {self.path}")
 
     def _read(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
         try:
@@ -627,140 +596,6 @@ class Store:
 
 
 # --- opening -------------------------------------------------------------------------------------------
-
-def _prepare_state_dir(state_dir: Path) -> None:
-    """Create `state_dir` private to this user, or make sure an existing one is."""
-    try:
-        state_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.mkdir(state_dir, 0o700)
-        # mkdir's mode is filtered through the umask; state must not depend on the caller's umask.
-        os.chmod(state_dir, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise StoreError(f"cannot create state directory {state_dir}: {exc.strerror}") from exc
-    try:
-        info = os.stat(state_dir)
-    except OSError as exc:
-        raise StoreError(f"cannot use state directory {state_dir}: {exc.strerror}") from exc
-    if not stat.S_ISDIR(info.st_mode):
-        raise StoreError(f"state directory {state_dir} exists and is not a directory")
-    _check_private(state_dir, info, "state directory", "700")
-
-
-def _create_private_file(path: Path) -> None:
-    # Created before SQLite sees it, so the database is never readable by others, not even briefly;
-    # SQLite gives its -wal and -shm files the same mode.
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise StoreError(f"cannot open state database {path}: {exc.strerror}") from exc
-    try:
-        info = os.fstat(fd)
-    finally:
-        os.close(fd)
-    _check_private(path, info, "state database", "600")
-
-
-def _check_private(path: Path, info: os.stat_result, what: str, fix_mode: str) -> None:
-    if info.st_uid != os.geteuid():
-        raise StoreError(f"{what} {path} is owned by uid {info.st_uid}, not by the user running hpc-runner"
-                         f" (uid {os.geteuid()}); fix: chown $(id -un) {path} && chmod {fix_mode} {path}")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        raise StoreError(f"{what} {path} has mode {mode:04o}, open to group or others; it holds job"
-                         f" identities and the audit log. Fix: chmod {fix_mode} {path}")
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    try:
-        # Autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE), never implicitly.
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot open state database {path}: {exc}") from exc
-    try:
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StoreError(f"state database {path} cannot use write-ahead logging (journal mode is {mode});"
-                             " put state_dir on a local filesystem")
-        # A decision or log offset that was reported must survive a power loss: sync every commit.
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-    except sqlite3.Error as exc:
-        conn.close()
-        raise StoreError(f"cannot open state database {path}: {exc}") from exc
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _user_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA user_version").fetchone()[0])
-
-
-def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring the schema to the newest version, one migration per transaction."""
-    migrations = MIGRATIONS
-    try:
-        version = _user_version(conn)
-        _refuse_newer(path, version, len(migrations))
-        while version < len(migrations):
-            version = _apply_migration(conn, path, migrations, version)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot migrate state database {path}: {exc}") from exc
-
-
-def _apply_migration(conn: sqlite3.Connection, path: Path, migrations: tuple[str, ...], version: int) -> int:
-    """Run migration `version` (-> version + 1) unless another process got there first; new version."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        # Re-read under the write lock: another process opening the same store may have migrated.
-        current = _user_version(conn)
-        _refuse_newer(path, current, len(migrations))
-        if current == version:
-            for statement in _split_sql(migrations[version]):
-                conn.execute(statement)
-            # Part of the same transaction: a crash leaves both the schema and the version as they were.
-            conn.execute(f"PRAGMA user_version = {version + 1}")
-            current = version + 1
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return current
-
-
-def _refuse_newer(path: Path, version: int, known: int) -> None:
-    if version > known:
-        raise StoreError(f"{path.name} has schema version {version}; this hpc-runner knows up to {known};"
-                         f" upgrade hpc-runner (database: {path})")
-
-
-def _split_sql(script: str) -> list[str]:
-    """Statements of a script, for running one by one inside our own transaction.
-
-    `executescript` would commit any open transaction first, losing the migration's atomicity.
-    `sqlite3.complete_statement` knows where trigger bodies end, so they are not split apart.
-    """
-    statements: list[str] = []
-    pending = ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            statements.append(pending.strip())
-            pending = ""
-    if pending.strip() and not _is_only_comments(pending):
-        raise StoreError(f"migration ends with an incomplete SQL statement: {pending.strip()[:80]!r}")
-    return statements
-
-
-def _is_only_comments(text: str) -> bool:
-    return all(not line.strip() or line.strip().startswith("--") for line in text.splitlines())
-
 
 # --- rows <-> records ----------------------------------------------------------------------------------
 

@@ -17,23 +17,13 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-# The agent's store owns the house rules for state files (private directory and file, WAL,
-# synchronous commits, versioned migrations); the gateway's queue follows the same ones.
-from runner.store import (
-    StoreError,
-    _apply_migration,
-    _connect,
-    _create_private_file,
-    _prepare_state_dir,
-    _refuse_newer,
-    _user_version,
-)
+from runner.sqlitefile import StoreError, open_database, user_version, write_transaction
 
 DB_FILENAME = "gateway.sqlite3"
 # GitHub lets a delivery be redelivered for 3 days; a week of remembered ids covers that with room.
@@ -104,16 +94,9 @@ class DeliveryQueue:
 
     @classmethod
     def open(cls, state_dir: Path | str, *, clock: Callable[[], float] = time.time) -> DeliveryQueue:
-        state_dir = Path(state_dir)
-        _prepare_state_dir(state_dir)
-        path = state_dir / DB_FILENAME
-        _create_private_file(path)
-        conn = _connect(path)
-        try:
-            _migrate(conn, path)
-        except BaseException:
-            conn.close()
-            raise
+        path = Path(state_dir) / DB_FILENAME
+        conn = open_database(path, MIGRATIONS, what="gateway queue",
+                             holds="webhook deliveries and the agents' leases")
         return cls(conn, path, clock)
 
     def close(self) -> None:
@@ -228,38 +211,15 @@ class DeliveryQueue:
             return cursor.rowcount
 
     def schema_version(self) -> int:
-        return _user_version(self._conn)
+        return user_version(self._conn)
 
     # --- plumbing ---
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        # IMMEDIATE: the write lock is taken up front, so a read-then-write never fails half way.
-        conn = self._conn
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"gateway queue {self.path}: {exc}") from exc
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self._conn, f"gateway queue {self.path}")
 
     def _read(self, sql: str, params: tuple[object, ...]) -> list[sqlite3.Row]:
         try:
             return self._conn.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"gateway queue {self.path}: {exc}") from exc
-
-
-def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    try:
-        version = _user_version(conn)
-        _refuse_newer(path, version, len(MIGRATIONS))
-        while version < len(MIGRATIONS):
-            version = _apply_migration(conn, path, MIGRATIONS, version)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot migrate gateway queue {path}: {exc}") from exc

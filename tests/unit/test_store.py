@@ -20,6 +20,7 @@ import pytest
 
 from runner import store as store_module
 from runner.errors import HpcRunnerError
+from runner.sqlitefile import split_sql
 from runner.store import (
     DB_FILENAME,
     SCHEMA_VERSION,
@@ -225,7 +226,7 @@ def test_agents_opening_a_new_store_at_once_migrate_it_once(state_dir: Path) -> 
 
 
 def test_trigger_bodies_survive_statement_splitting() -> None:
-    statements = store_module._split_sql(store_module.MIGRATIONS[0])
+    statements = split_sql(store_module.MIGRATIONS[0])
     triggers = [s for s in statements if s.startswith("CREATE TRIGGER")]
     assert len(triggers) == 2 and all(t.endswith("END;") for t in triggers)
 
