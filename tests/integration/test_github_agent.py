@@ -33,7 +33,7 @@ from conftest import (
 )
 from fakes.github_activity import ActivityGitHub
 
-from integration.test_agent_slurm import squeue_lists
+from integration.test_agent_slurm import kill_agent, squeue_lists
 from integration.test_buildkite_agent import stored_jobs
 
 T = TypeVar("T")
@@ -248,6 +248,36 @@ def test_a_cancel_comment_cancels_the_slurm_job_and_the_check_run_says_so(
     assert not squeue_lists(job_id)
     assert [state for _, state, _ in stored_jobs(site)] == ["cancelled"]
     agent.stop()
+
+
+def test_an_agent_killed_mid_run_follows_the_job_again_and_completes_its_check_run_once(
+        cluster: Cluster, service_tmp: Path, github: GitHubThread,
+        agents: Callable[[RunnerSite], AgentProcess], shared_socket: Path) -> None:
+    site = github_site(cluster, service_tmp, github, socket=shared_socket)
+    slow = JOBS.replace('echo "all tests passed"',
+                        'echo "before the restart"\nsleep 8\necho "after the restart"')
+    labelled_pull_request(github, service_tmp, slow)
+    first = agents(site)
+
+    def running() -> str | None:
+        jobs = stored_jobs(site)
+        return jobs[0][0] if jobs and jobs[0][1] == "running" and squeue_lists(jobs[0][0]) else None
+
+    job_id = wait_for(running, JOB_TIMEOUT_S, interval=0.5, what="the job to run in Slurm")
+    kill_agent(first)
+    second = agents(site)
+
+    def completed() -> dict[str, Any] | None:
+        return next((r for r in github.check_runs("hpc-runner/unit") if r["status"] == "completed"), None)
+
+    run = wait_for(completed, JOB_TIMEOUT_S, interval=0.5, what="the check run to complete")
+    assert run["conclusion"] == "success", second.log()
+    text = run["output"]["text"]
+    assert "before the restart" in text and "after the restart" in text
+    assert sum(1 for body in run["_history"] if body.get("conclusion")) == 1
+    assert len(github.check_runs("hpc-runner/unit")) == 1
+    assert [(i, state) for i, state, _ in stored_jobs(site)] == [(job_id, "succeeded")]
+    second.stop()
 
 
 def test_the_agent_refuses_to_start_with_a_github_key_others_can_read(
