@@ -160,7 +160,7 @@ class Site:
         """A new source on the same state, as after a restart of the agent."""
         self.source = GithubSource(self.config, self.host, client=self.client, auth=self.source.auth,
                                    state=self.state, gateway=options.pop("gateway", None),
-                                   update_interval=self.source.update_interval, **options)
+                                   update_interval=self.source.update_interval, retry_seconds=0.1, **options)
         return self.source
 
 
@@ -184,7 +184,8 @@ def github_config(gh: ActivityGitHub, key_file: Path, **overrides: Any) -> Githu
 
 @asynccontextmanager
 async def github_site(tmp_path: Path, *, gateway: GatewayClient | None = None, update_interval: float = 0.2,
-                      jobs: str = JOBS, policy: str = POLICY, **config: Any) -> AsyncIterator[Site]:
+                      jobs: str = JOBS, policy: str = POLICY, max_retries: int = 4,
+                      **config: Any) -> AsyncIterator[Site]:
     async with ActivityGitHub() as gh, aiohttp.ClientSession() as session:
         tmp_path.mkdir(parents=True, exist_ok=True)
         key_file = tmp_path / "github-app.pem"
@@ -197,11 +198,11 @@ async def github_site(tmp_path: Path, *, gateway: GatewayClient | None = None, u
         gh.set_permission(REPO, "alice", "write")
         settings = github_config(gh, key_file, **config)
         auth = AppAuth(settings.app_id, load_private_key(key_file))
-        client = GitHubClient(session, api_url=gh.url, auth=auth, write_spacing=0.0)
+        client = GitHubClient(session, api_url=gh.url, auth=auth, write_spacing=0.0, max_retries=max_retries)
         host = FakeHost(tmp_path / "agent", policy)
         state = GithubState.open(tmp_path / "agent" / "state")
         source = GithubSource(settings, host, client=client, auth=auth, state=state, gateway=gateway,
-                              update_interval=update_interval)
+                              update_interval=update_interval, retry_seconds=0.1)
         site = Site(gh, host, state, source, settings, client, repo, tmp_path)
         site.push_main({".hpc-runner.toml": jobs, "README.md": "# ClimaAtmos\n"})
         try:

@@ -404,3 +404,18 @@ async def test_a_lost_lease_does_not_let_a_second_agent_run_the_job(tmp_path: Pa
         assert run["name"] == "hpc-runner/unit" and run["conclusion"] == "success"
         state_b.close()
         host_b.store.close()
+
+
+async def test_github_failing_while_a_job_is_prepared_delays_it_and_it_is_reported_once(
+        tmp_path: Path) -> None:
+    async with github_site(tmp_path, max_retries=0) as site:
+        await site.poll()
+        site.open_pull(author="alice", labelled_by="alice")
+        site.gh.fail("checks/create", 503, times=2)              # not processed: GitHub made nothing
+        site.gh.fail("checks/update", 502, times=1, processed=True)   # processed, answer lost
+        await site.poll()
+        [run] = site.check_runs("hpc-runner/unit")
+        assert run["conclusion"] == "success"
+        assert len(site.host.ran) == 1
+        # Each try looked for the check run an earlier try may have made before making one.
+        assert site.gh.count("checks/create") == 3 and site.gh.count("checks/list-for-ref") == 2

@@ -114,7 +114,8 @@ class GithubSource:
     def __init__(self, config: GithubConfig, host: JobHost, *, client: GitHubClient, auth: AppAuth,
                  state: GithubState, gateway: GatewayClient | None = None,
                  update_interval: float = checks.UPDATE_INTERVAL, redacted_vars: tuple[str, ...] = (),
-                 checkout_fn: Callable[..., Awaitable[str]] = checkout) -> None:
+                 checkout_fn: Callable[..., Awaitable[str]] = checkout,
+                 retry_seconds: float = RETRY_SECONDS) -> None:
         if config.mode == "gateway" and gateway is None:
             raise ValueError('mode = "gateway" needs a gateway client')
         self.config = config
@@ -124,6 +125,7 @@ class GithubSource:
         self.state = state
         self.gateway = gateway
         self.update_interval = update_interval
+        self.retry_seconds = retry_seconds
         self._redacted_vars = redacted_vars
         self._checkout = checkout_fn
         self.confirmer = Confirmer(client, config)
@@ -460,7 +462,7 @@ class GithubSource:
             except Retry as exc:
                 log.warning("cannot read the jobs file yet; trying again in a minute", repository=repository,
                             error=str(exc))
-                await self._wait(RETRY_SECONDS)
+                await self._wait(self.retry_seconds)
                 if self.host.draining.is_set():
                     return
         runs = []
@@ -487,7 +489,7 @@ class GithubSource:
         """The jobs at `sha`; a missing or broken file is reported on the commit and yields none."""
         owner, name = trigger.repository.split("/")
         path = api_path("/repos/{owner}/{repo}/contents/{path}", owner=owner, repo=name, path=JOBS_FILE)
-        problem: tuple[str, str, str] | None = None
+        problem: tuple[checks.Conclusion, str, str] | None = None
         try:
             answer = await self.client.get(path, params={"ref": sha})
             jobs = parse_jobs_file(decode_contents(answer), JOBS_FILE)
@@ -511,9 +513,9 @@ class GithubSource:
         if not self.state.run_done(external_id):
             report = self._report(trigger.repository, sha, None, external_id, None, cancellable=False)
             try:
-                await report.open(title=title, summary=text + "\n", conclusion=conclusion)  # type: ignore[arg-type]
+                await report.open(title=title, summary=text + "\n", conclusion=conclusion)
             except GitHubError as exc:
-                log.error("could not report the jobs file's problem", error=str(exc))
+                raise Retry(f"could not report the jobs file's problem: {exc}") from None
             self.state.put_run(external_id, trigger_key=key, repository=trigger.repository,
                                data={"file": True})
             self.state.close_run(external_id)
@@ -541,7 +543,18 @@ class GithubSource:
         live = _Live(state)
         self._live[state.external_id] = live
         try:
-            await self._drive(state, live)
+            while True:
+                try:
+                    await self._drive(state, live)
+                    return
+                except GitHubError as exc:
+                    # Every step is recorded and repeatable (admission, the check run found
+                    # again by its external id, the checkout from scratch): try again later.
+                    log.warning("GitHub did not answer while preparing a job; trying again",
+                                job=state.external_id, error=str(exc), retry_in=self.retry_seconds)
+                    await self._wait(self.retry_seconds)
+                    if self.host.draining.is_set():
+                        return
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -697,7 +710,7 @@ class GithubSource:
                 if attempt == FINAL_REPORT_ATTEMPTS or self.host.stopping.is_set():
                     # The run stays open: the next start of the agent sends the report.
                     return
-                await asyncio.sleep(RETRY_SECONDS)
+                await asyncio.sleep(self.retry_seconds)
         state.phase = "reported"
         self._save(state)
         self.state.close_run(state.external_id)
