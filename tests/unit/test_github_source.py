@@ -419,3 +419,15 @@ async def test_github_failing_while_a_job_is_prepared_delays_it_and_it_is_report
         assert len(site.host.ran) == 1
         # Each try looked for the check run an earlier try may have made before making one.
         assert site.gh.count("checks/create") == 3 and site.gh.count("checks/list-for-ref") == 2
+
+
+async def test_an_approved_fork_still_needs_a_grant_that_allows_forks(tmp_path: Path) -> None:
+    async with github_site(tmp_path, policy=POLICY.replace("forks = true", "forks = false")) as site:
+        await site.poll()
+        number = site.open_pull(author="mallory", fork=FORK)
+        site.gh.add_comment(REPO, number, COMMAND, user="alice")
+        await site.poll()
+        [run] = site.check_runs("hpc-runner/unit")
+        assert run["conclusion"] == "failure"
+        assert "the job comes from a fork and the grant has forks = false" in run["output"]["summary"]
+        assert site.host.ran == []
