@@ -48,7 +48,13 @@ from runner.sources.github.appauth import AppAuth, load_private_key
 from runner.sources.github.checkout import CheckoutFailed, checkout
 from runner.sources.github.checks import LogTail, Outcome, Report, code, log_text
 from runner.sources.github.confirm import Confirmed, Confirmer, NotConfirmed
-from runner.sources.github.gateway_client import Delivery, GatewayClient, GatewayError, LeaseLost
+from runner.sources.github.gateway_client import (
+    Delivery,
+    GatewayAuthError,
+    GatewayClient,
+    GatewayError,
+    LeaseLost,
+)
 from runner.sources.github.jobsfile import JOBS_FILE, decode_contents, parse_jobs_file
 from runner.sources.github.poller import Poller
 from runner.sources.github.rest import GitHubClient, GitHubError, GitHubHTTPError, api_path
@@ -91,7 +97,7 @@ class RunState:
     details_url: str | None = None
     kind: str | None = None             # "check" or "status" once the report exists
     check_run_id: int | None = None
-    phase: str = "new"                  # new, admitted, reported, running
+    phase: str = "new"                  # new, admitted, running (host.run called), reported
 
     @classmethod
     def from_row(cls, row: RunRow) -> RunState:
@@ -136,7 +142,6 @@ class GithubSource:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._how_to = triggers.how_to_approve(config.trigger_label, config.comment_command)
         self.stopped = asyncio.Event()
-        self.polls = 0
 
     # ---------------------------------------------------------------------------- serving
 
@@ -183,7 +188,6 @@ class GithubSource:
                 if self.host.draining.is_set():
                     break
                 await self.poll_once(repository)
-            self.polls += 1
             await self._wait(self.config.poll_interval)
 
     async def poll_once(self, repository: str) -> None:
@@ -229,6 +233,11 @@ class GithubSource:
             except GatewayError as exc:
                 slots.release()
                 failures += 1
+                if isinstance(exc, GatewayAuthError):
+                    # Only a new token (or the gateway's tokens file fixed) helps: say so loudly.
+                    log.error("the gateway refuses this agent's token; retrying in a minute", error=str(exc))
+                    await self._wait(60.0)
+                    continue
                 log.warning("gateway not reachable; retrying", error=str(exc), failures=failures)
                 await self._wait(min(60.0, 2.0 ** min(failures, 6)) if exc.retry_after is None
                                  else exc.retry_after)
