@@ -431,3 +431,17 @@ async def test_an_approved_fork_still_needs_a_grant_that_allows_forks(tmp_path: 
         assert run["conclusion"] == "failure"
         assert "the job comes from a fork and the grant has forks = false" in run["output"]["summary"]
         assert site.host.ran == []
+
+
+async def test_a_denial_reported_as_a_commit_status_says_why_in_its_description(tmp_path: Path) -> None:
+    jobs = "[[jobs]]\nname = \"unit\"\nimage = \"test\"\ncommand = [\"make\"]\nnetwork = true\n"
+    async with github_site(tmp_path, jobs=jobs) as site:
+        site.gh.forbid_checks(REPO)
+        await site.poll()
+        number = site.open_pull(author="alice", labelled_by="alice")
+        await site.poll()
+        [status] = site.gh.statuses(REPO, site.gh.pull_request(REPO, number).head_sha)
+        assert status["state"] == "failure" and status["context"] == "hpc-runner/unit"
+        assert status["description"].startswith("Denied by the site's policy; grant 'core-prs': the job asks "
+                                                 "for network access")
+        assert len(status["description"]) <= 140

@@ -348,6 +348,9 @@ class Report:
         self.cancellable = cancellable
         self._status_sent: tuple[str, str] | None = None
         self.writes = 0
+        # What a commit status's short description adds to a conclusion (a check run has room for
+        # it in its summary), such as a denial's first reason.
+        self.status_note: str | None = None
 
     def _path(self, template: str, **values: str | int) -> str:
         owner, name = self.repository.split("/")
@@ -379,7 +382,8 @@ class Report:
                     raise
                 self._forbidden.add(self.repository.lower())
         self.kind = "status"
-        await self._status(status if conclusion is None else "completed", conclusion, title)
+        await self._status(status if conclusion is None else "completed", conclusion,
+                           self._described(title, ()) if conclusion is not None else title)
 
     async def update(self, *, title: str, summary: str, text: str | None,
                      status: Status | None = None) -> None:
@@ -394,8 +398,10 @@ class Report:
             body = update_body(title=outcome.title, summary=summary, text=text, conclusion=outcome.conclusion)
             if await self._patch(body):
                 return
-        await self._status("completed", outcome.conclusion,
-                           "; ".join((outcome.title, *outcome.lines)))
+        await self._status("completed", outcome.conclusion, self._described(outcome.title, outcome.lines))
+
+    def _described(self, title: str, lines: tuple[str, ...]) -> str:
+        return "; ".join((title, *lines, *((self.status_note,) if self.status_note else ())))
 
     async def _patch(self, body: dict[str, Any]) -> bool:
         """False when checks became forbidden meanwhile (the report goes on as a status)."""

@@ -586,6 +586,7 @@ class GithubSource:
             self._save(state)
         report = self._run_report(state)
         if not admitted.decision.allowed:
+            report.status_note = "; ".join(admitted.decision.reasons)
             await self._finish(state, report, Ended(JobState.denied, None, None), LogTail())
             return
         if state.kind is None:
