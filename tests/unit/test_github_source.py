@@ -134,7 +134,7 @@ async def test_a_push_after_an_approval_needs_a_new_approval(tmp_path: Path) -> 
         assert len(site.host.ran) == 1                      # the label does not cover the new commit
         [waiting] = site.check_runs(sha=second)
         assert (waiting["name"], waiting["conclusion"]) == ("hpc-runner", "action_required")
-        assert f"approved commit {first[:12]}" in waiting["output"]["summary"]
+        assert f"applied the label at commit {first[:12]}" in waiting["output"]["summary"]
         await site.poll()
         assert len(site.check_runs(sha=second)) == 1        # said once
 

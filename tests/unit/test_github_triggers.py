@@ -209,7 +209,7 @@ def test_a_fork_runs_only_as_an_approved_fork() -> None:
 @pytest.mark.parametrize("facts, words", [
     (_facts(permission="read"), "who has read permission"),
     (_facts(permission=None), "who has no permission"),
-    (_facts(bound_sha=SHA_B), f"approved commit {SHA_B[:12]}"),
+    (_facts(bound_sha=SHA_B), f"applied the label at commit {SHA_B[:12]}"),
     (_facts(head_sha=SHA_B), f"applied at commit {SHA_A[:12]}"),
     (_facts(actor=None), "cannot tell who applied it"),
 ])

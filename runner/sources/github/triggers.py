@@ -417,9 +417,9 @@ def assess(trigger: Trigger, facts: Facts, *, how_to: str = "") -> Verdict:
         return Ignore(f"{what}: @{facts.actor} is a bot or an app, which cannot approve runs")
     if trigger.kind == "label":
         if facts.bound_sha is not None and facts.bound_sha != facts.head_sha:
-            return needs(f"@{facts.actor} approved commit {facts.bound_sha[:12]} by applying the label; "
-                         f"the pull request has new commits since (head {facts.head_sha[:12]}), and an "
-                         "approval covers only the commit it was given for")
+            return needs(f"@{facts.actor} applied the label at commit {facts.bound_sha[:12]}; the pull "
+                         f"request has new commits since (head {facts.head_sha[:12]}), and a label approves "
+                         "only the commit it was applied at")
         if trigger.sha is not None and trigger.sha != facts.head_sha and facts.bound_sha is None:
             return needs(f"the label was applied at commit {trigger.sha[:12]}, but the pull request's "
                          f"head is now {facts.head_sha[:12]}: the approval does not cover newer commits")
