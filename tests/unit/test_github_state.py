@@ -36,5 +36,5 @@ def test_a_trigger_is_taken_once_across_reopening(tmp_path: Path) -> None:
 def test_a_state_file_others_can_read_is_refused(tmp_path: Path) -> None:
     (tmp_path / FILENAME).write_bytes(b"")
     (tmp_path / FILENAME).chmod(0o644)
-    with pytest.raises(StoreError, match="open to group or others; fix: chmod 600"):
+    with pytest.raises(StoreError, match="open to group or others; it holds which GitHub triggers ran"):
         GithubState.open(tmp_path)

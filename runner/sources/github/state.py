@@ -16,24 +16,21 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import stat
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from runner.store import StoreError
+from runner.sqlitefile import open_database, write_transaction
 
 FILENAME = "github.sqlite"
-BUSY_TIMEOUT_MS = 10_000
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS triggers (
+# Index i migrates the file from schema version i to i + 1; only ever append.
+MIGRATIONS: tuple[str, ...] = ("""
+CREATE TABLE triggers (
     key         TEXT PRIMARY KEY,
     repository  TEXT NOT NULL,
     kind        TEXT NOT NULL,
@@ -43,7 +40,7 @@ CREATE TABLE IF NOT EXISTS triggers (
     created_at  REAL NOT NULL,
     updated_at  REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS runs (
+CREATE TABLE runs (
     external_id TEXT PRIMARY KEY,
     trigger_key TEXT NOT NULL,
     repository  TEXT NOT NULL,
@@ -52,14 +49,14 @@ CREATE TABLE IF NOT EXISTS runs (
     created_at  REAL NOT NULL,
     updated_at  REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS runs_open ON runs (done, created_at);
-CREATE TABLE IF NOT EXISTS cursors (
+CREATE INDEX runs_open ON runs (done, created_at);
+CREATE TABLE cursors (
     repository  TEXT NOT NULL,
     name        TEXT NOT NULL,
     value       TEXT NOT NULL,
     PRIMARY KEY (repository, name)
 );
-"""
+""",)
 
 
 @dataclass(frozen=True)
@@ -90,20 +87,8 @@ class GithubState:
     @classmethod
     def open(cls, state_dir: Path) -> GithubState:
         path = Path(state_dir) / FILENAME
-        _create_private(path)
-        try:
-            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                conn.close()
-                raise StoreError(f"{path} cannot use write-ahead logging (journal mode is {mode});"
-                                 " put state_dir on a local filesystem")
-            # A trigger recorded as taken must stay taken after a power loss: sync every commit.
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open GitHub state {path}: {exc}") from exc
+        conn = open_database(path, MIGRATIONS, what="GitHub state",
+                             holds="which GitHub triggers ran and how far their jobs got")
         return cls(conn, path)
 
     def close(self) -> None:
@@ -116,18 +101,8 @@ class GithubState:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StoreError(f"GitHub state {self.path}: {exc}") from exc
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self._conn, f"GitHub state {self.path}")
 
     # --- triggers ---
 
@@ -210,23 +185,3 @@ class GithubState:
 
 def _run_row(row: sqlite3.Row) -> RunRow:
     return RunRow(row["external_id"], row["trigger_key"], row["repository"], json.loads(row["data"]))
-
-
-def _create_private(path: Path) -> None:
-    # Created before SQLite sees it: never readable by others, not even for a moment. SQLite gives
-    # its -wal and -shm files the same mode.
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise StoreError(f"cannot open GitHub state {path}: {exc.strerror}") from exc
-    try:
-        info = os.fstat(fd)
-    finally:
-        os.close(fd)
-    if info.st_uid != os.geteuid():
-        raise StoreError(f"GitHub state {path} is owned by uid {info.st_uid}, not by the user running "
-                         f"hpc-runner (uid {os.geteuid()})")
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        raise StoreError(f"GitHub state {path} has mode {stat.S_IMODE(info.st_mode):04o}, open to group "
-                         f"or others; fix: chmod 600 {path}")
