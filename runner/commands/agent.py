@@ -31,11 +31,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def unsupported_parts(config: AgentConfig) -> list[str]:
-    """Parts of a config this release cannot serve: refuse rather than silently ignore them."""
+    """Parts of a config the agent does not serve: refuse rather than silently ignore them."""
     found = []
-    for section in ("gateway",):
-        if getattr(config, section) is not None:
-            found.append(f"[{section}] (not part of this release)")
+    if config.gateway is not None:
+        # The gateway runs where GitHub can reach it, the agent where Slurm is: one config for
+        # both would let a reader believe the agent also listens for webhooks.
+        found.append("[gateway] (the webhook gateway's section: `hpc-runner gateway` serves it; "
+                     "give the agent a config without it)")
     return found
 
 

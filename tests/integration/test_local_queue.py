@@ -293,16 +293,17 @@ def test_agent_refuses_to_start_on_an_invalid_policy_naming_file_line_and_field(
 
 
 def test_agent_refuses_to_start_on_a_config_this_release_cannot_serve(queue_site: RunnerSite) -> None:
-    github_config = queue_site.root / "github.toml"
-    section = ('[github]\napp_id = 1\nprivate_key_file = "/etc/hpc-runner/github.pem"\n'
-               'repositories = ["org/repo"]\n')
-    write_public_file(github_config, queue_site.config.read_text() + "\n" + section)
+    gateway_config = queue_site.root / "gateway.toml"
+    section = ('[gateway]\nlisten = "127.0.0.1:8443"\nwebhook_secret_file = "/etc/hpc-runner/secret"\n'
+               'agent_tokens_file = "/etc/hpc-runner/tokens"\nstate_dir = "/var/lib/hpc-runner-gateway"\n')
+    write_public_file(gateway_config, queue_site.config.read_text() + "\n" + section)
 
-    result = as_service_user(["hpc-runner", "agent", "--config", github_config], cwd=queue_site.root,
+    result = as_service_user(["hpc-runner", "agent", "--config", gateway_config], cwd=queue_site.root,
                              timeout=30)
 
     assert result.returncode == 1
-    assert "refusing to start: this config asks for [github] (not part of this release)" in result.stderr
+    assert "refusing to start: this config asks for [gateway] (the webhook gateway's section: " \
+           "`hpc-runner gateway` serves it" in result.stderr, result.stderr
     assert not queue_site.socket.exists()
 
 
