@@ -67,3 +67,9 @@ def test_buildkite_log_quick(cluster: Cluster, tmp_path: Path) -> None:
     assert {"agent_mb_s", "cat_mb_s", "ratio_to_cat", "agent_peak_rss_mb"} <= set(data["throughput"])
     assert {"p50_s", "p99_s", "lines"} <= set(data["latency"])
     assert {"jobs", "agent_cpu_seconds", "agent_peak_rss_mb"} <= set(data["many_jobs"])
+
+
+def test_github_requests_quick(cluster: Cluster, tmp_path: Path) -> None:
+    data = run_bench(cluster, "github_requests.py", tmp_path / "github_requests.json")
+    assert data["benchmark"] == "github_requests"
+    assert {"idle", "label", "comment", "push", "label_long", "budget"} <= set(data["results"])
