@@ -534,6 +534,7 @@ class GitHubEmulator:
             headers["ETag"] = etag
             if request.headers.get("If-None-Match") == etag:
                 # Conditional requests that come back 304 are free (research §3.4).
+                record.status = 304
                 return web.Response(status=304, headers={**headers, **self._limit_headers(bucket)})
         refused_for_limit = status in (403, 429) and record.fault == "exhausted"
         if status != 304 and bucket.remaining > 0 and not refused_for_limit:

@@ -157,7 +157,7 @@ async def test_a_known_exhausted_limit_is_not_hammered(session: aiohttp.ClientSe
         limit = client.rate_limit(1)
         assert limit is not None and limit.remaining == 0 and limit.reset == int(started + 3600)
         assert await client.get(f"{R}/pulls") == []
-        assert all(r.status in (200, 201) for r in gh.recorded), "a request went into an exhausted limit"
+        assert all(r.status in (200, 201, 304) for r in gh.recorded), "a request went into an exhausted limit"
         assert clock.sleeps == [3601.0]
 
 
