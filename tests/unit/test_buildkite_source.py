@@ -311,6 +311,22 @@ async def test_cancel_from_buildkite_cancels_the_job(
     assert b"hpc-runner: job cancelled; sent SIGTERM\n" in unstamped(bk.log(job_id))
 
 
+async def test_a_refused_heartbeat_cancels_the_running_job_as_agent_stop(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    running = make_source()
+    running.host.hold["long"] = asyncio.Event()
+    job_id = queue(bk, signed_job(signer, "sleep 100", repo=str(repo), plugins=[PLUGIN],
+                                  env={"BUILDKITE_STEP_KEY": "long"}))
+    await wait_until(lambda: running.host.ran, what="the job to run")
+
+    # Buildkite no longer knows the session (the agent was marked lost): a non-retryable answer.
+    bk.fail("heartbeat", 404, times=100, message="No agent found")
+
+    body = await finished(bk, job_id)
+    assert (body["exit_status"], body["signal"], body["signal_reason"]) == ("-1", "SIGTERM", "agent_stop")
+    assert b"hpc-runner: Buildkite refused this agent's heartbeat; cancelling\n" in unstamped(bk.log(job_id))
+
+
 # -- the agent session -------------------------------------------------------------------------
 
 

@@ -218,7 +218,7 @@ class BuildkiteSource:
             if ping.action == "pause" or not ping.dispatches:
                 continue
             assert ping.job_id is not None
-            ran = await self._take(session, ping.job_id, registration)
+            ran = await self._take(session, ping.job_id, registration, lost)
             skip_interval = ran
 
     async def _switch_endpoint(self, session: AgentSession, endpoint: str) -> None:
@@ -232,7 +232,8 @@ class BuildkiteSource:
             log.warning("Buildkite offered an endpoint that does not answer; keeping the old one",
                         endpoint=endpoint, error=str(exc))
 
-    async def _take(self, session: AgentSession, bk_id: str, registration: protocol.Registration) -> bool:
+    async def _take(self, session: AgentSession, bk_id: str, registration: protocol.Registration,
+                    lost: asyncio.Event) -> bool:
         """Accept and run one job to its finish; whether it ran."""
         try:
             answer = await session.call(protocol.accept(bk_id))
@@ -245,7 +246,7 @@ class BuildkiteSource:
                          job_status_interval=registration.job_status_interval)
         self.memory.save(state)
         log.info("Buildkite job accepted", job=bk_id)
-        await self._process(session, state)
+        await self._process(session, state, lost=lost)
         return True
 
     # -- one job -------------------------------------------------------------------------------
@@ -259,7 +260,10 @@ class BuildkiteSource:
         except Exception:
             log.exception("cannot carry on with a Buildkite job", job=state.bk_id)
 
-    async def _process(self, session: AgentSession, state: JobState, *, resumed: bool = False) -> None:
+    async def _process(self, session: AgentSession, state: JobState, *, resumed: bool = False,
+                       lost: asyncio.Event | None = None) -> None:
+        """Take a job from where its state says to its finish. `lost` is set when Buildkite refuses
+        the session's heartbeat: the agent is then gone for Buildkite, and its job is cancelled."""
         if state.phase == "finishing":
             await self._finish(session, state)
             return
@@ -289,7 +293,7 @@ class BuildkiteSource:
                 return
             if not await self._checkout(state, translated.repository, translated.commit, admitted.workspace):
                 return await self._report_runner_end(session, state, None)
-            await self._run(session, state, resumed=False)
+            await self._run(session, state, resumed=False, lost=lost)
             return
         record = self.host.store.get_job(state.runner_id or "")
         if record is not None and record.state == RunnerState.queued:
@@ -299,9 +303,9 @@ class BuildkiteSource:
             if not await self._checkout(state, str(env.get("BUILDKITE_REPO", "")),
                                         str(env.get("BUILDKITE_COMMIT", "")), workspace):
                 return await self._report_runner_end(session, state, None)
-            await self._run(session, state, resumed=False)
+            await self._run(session, state, resumed=False, lost=lost)
             return
-        await self._run(session, state, resumed=resumed)
+        await self._run(session, state, resumed=resumed, lost=lost)
 
     def _verify(self, state: JobState) -> tuple[str | None, list[str], str] | str:
         """(signer, signed fields, log lines) of a trusted job, or the log text of a rejection."""
@@ -385,14 +389,15 @@ class BuildkiteSource:
             return False
         return True
 
-    async def _run(self, session: AgentSession, state: JobState, *, resumed: bool) -> None:
+    async def _run(self, session: AgentSession, state: JobState, *, resumed: bool,
+                   lost: asyncio.Event | None = None) -> None:
         """Run (or follow again) the admitted runner job with its log streamed, then finish."""
         assert state.runner_id is not None
         streamer = self._streamer(session, state, durable=True)
         streamer.start()
         cancel = asyncio.Event()
         reason: list[str] = []
-        watcher = asyncio.create_task(self._watch(session, state, cancel, reason))
+        watcher = asyncio.create_task(self._watch(session, state, cancel, reason, lost))
         try:
             runner = self.host.resume if resumed else self.host.run
             ended = await runner(state.runner_id, sink=streamer.sink, cancel=cancel)
@@ -447,10 +452,19 @@ class BuildkiteSource:
         self.memory.close(state)
 
     async def _watch(self, session: AgentSession, state: JobState, cancel: asyncio.Event,
-                     reason: list[str]) -> None:
-        """Poll the job's state; cancellation in Buildkite (or a revoked job token) cancels it."""
+                     reason: list[str], lost: asyncio.Event | None = None) -> None:
+        """Poll the job's state; cancellation in Buildkite (or a revoked job token) cancels it,
+        and so does the loss of the agent's session (as the agent's ungraceful stop does)."""
         while not cancel.is_set():
-            await asyncio.sleep(protocol.jittered(state.job_status_interval, session.rng))
+            delay = protocol.jittered(state.job_status_interval, session.rng)
+            if lost is None:
+                await asyncio.sleep(delay)
+            else:
+                await self._wait(delay, lost)
+                if lost.is_set():
+                    self._cancel(state, cancel, reason, "Buildkite refused this agent's heartbeat",
+                                 signal_reason="agent_stop")
+                    return
             try:
                 answer = await session.call(protocol.job_state(state.bk_id), job_token=state.token)
             except ApiError as exc:
@@ -464,10 +478,11 @@ class BuildkiteSource:
             elif action == "timeout":
                 self._cancel(state, cancel, reason, "the job reached its Buildkite timeout")
 
-    def _cancel(self, state: JobState, cancel: asyncio.Event, reason: list[str], why: str) -> None:
+    def _cancel(self, state: JobState, cancel: asyncio.Event, reason: list[str], why: str, *,
+                signal_reason: str = "cancel") -> None:
         log.info("cancelling a Buildkite job", job=state.bk_id, why=why)
         if state.runner_id is not None:
             with contextlib.suppress(OSError):
                 self.host.note(state.runner_id, f"hpc-runner: {why}; cancelling\n")
-        reason.append("cancel")
+        reason.append(signal_reason)
         cancel.set()
