@@ -26,7 +26,7 @@ from runner.pipeline import PreparedJob, Site, job_dir, prepare_job
 from runner.policy import Decision, Policy, Usage, decide
 from runner.slurmflow import follow_slurm_job, pump_log
 from runner.sources import Admission, Admitted, Ended, LogSink
-from runner.spec import JobSpec
+from runner.spec import JobSpec, spec_from_json
 from runner.store import JobRecord, JobState, Store, new_job_id
 from sandbox.plan import SandboxRefused
 
@@ -376,8 +376,7 @@ class Agent:
 
     def _redecide(self, record: JobRecord) -> tuple[JobSpec, Decision, Path]:
         """The recorded job under the current policy: its spec, the decision and its workspace."""
-        from runner.spec import parse_job_mapping  # the stored spec is plain data
-        spec = _spec_from_record(record, parse_job_mapping)
+        spec = spec_from_json(record.spec, f"job {record.id}")
         decision = decide(self.policy, _identity_from_record(record), spec)
         return spec, decision, Path((record.decision or {}).get("workspace", "/nonexistent"))
 
@@ -688,20 +687,6 @@ def _check_workspace_owner(workspace: Path, owner: object) -> None:
                              "it was replaced after the job was submitted")
 
 
-def _spec_from_record(record: JobRecord, parse: Callable[[Any, str], JobSpec]) -> JobSpec:
-    data = dict(record.spec)
-    resources = {k: v for k, v in (data.pop("resources", None) or {}).items() if v is not None}
-    table: dict[str, Any] = {k: v for k, v in data.items() if v is not None and k not in ("mpi",)}
-    table["binds"] = list(table.get("binds", []))
-    if "memory_mb" in resources:
-        resources["memory"] = f"{resources.pop('memory_mb')}M"
-    if "time_seconds" in resources:
-        resources["time"] = f"{resources.pop('time_seconds')}s"
-    if resources:
-        table["resources"] = resources
-    if data.get("mpi"):
-        table["mpi"] = {"enabled": True}
-    return parse(table, f"job {record.id}")
 
 
 def _identity_from_record(record: JobRecord) -> Identity:

@@ -74,6 +74,10 @@ class JobSpec:
             },
         }
 
+    def to_table(self) -> dict[str, Any]:
+        """The `[job]` table that parses back into this spec."""
+        return _table_from_json(self.to_json())
+
 
 def _check_env_name(name: str) -> None:
     if name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES):
@@ -195,3 +199,29 @@ def parse_job_mapping(data: Mapping[str, Any], name: str) -> JobSpec:
     job = Table(doc, doc.data).table("job", required=True)
     assert job is not None
     return parse_job_table(job)
+
+
+def spec_from_json(data: Mapping[str, Any], name: str) -> JobSpec:
+    """A spec back from its `to_json` form (as the state store keeps it), checked as on input."""
+    return parse_job_mapping(_table_from_json(data), name)
+
+
+def _table_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
+    table: dict[str, Any] = {"name": data["name"], "image": data["image"], "network": data["network"]}
+    for key in ("command", "script"):
+        if data.get(key) is not None:
+            table[key] = data[key]
+    for key in ("env", "binds"):
+        if data.get(key):
+            table[key] = data[key]
+    resources = {k: v for k, v in (data.get("resources") or {}).items() if v is not None}
+    # Whole megabytes and seconds, as the parser stored them, written so that it reads them back.
+    if "memory_mb" in resources:
+        resources["memory"] = f"{resources.pop('memory_mb')}M"
+    if "time_seconds" in resources:
+        resources["time"] = f"{resources.pop('time_seconds')}s"
+    if resources:
+        table["resources"] = resources
+    if data.get("mpi"):
+        table["mpi"] = {"enabled": True}
+    return table

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import runner.agent as agent_module
-from runner.agent import Agent, NotAllowed, UnknownJob, _spec_from_record
+from runner.agent import Agent, NotAllowed, UnknownJob
 from runner.config import AgentConfig
 from runner.embedded import load_site_policy
 from runner.errors import InfrastructureError
@@ -26,7 +26,7 @@ from runner.executors.local import LocalLaunch, Outcome
 from runner.identity import Identity
 from runner.pipeline import PreparedJob, Site, job_dir
 from runner.policy import Decision
-from runner.spec import JobSpec, parse_job_mapping, parse_job_text
+from runner.spec import JobSpec, parse_job_mapping, parse_job_text, spec_from_json
 from runner.store import JobRecord, JobState, Store
 from sandbox.images import VerifiedImage
 from sandbox.plan import SandboxPlan
@@ -443,7 +443,8 @@ def test_the_stored_spec_round_trips_into_the_same_job_spec(tmp_path: Path, text
         stored = store.add_job(source="local", identity=ALICE.to_json(), spec=spec.to_json())
         record = store.get_job(stored.id)
     assert record is not None
-    assert _spec_from_record(record, parse_job_mapping) == spec
+    assert spec_from_json(record.spec, "stored") == spec
+    assert parse_job_mapping(spec.to_table(), "table") == spec
 
 
 # -- recovery after a restart ------------------------------------------------------------------------

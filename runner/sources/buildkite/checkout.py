@@ -8,55 +8,26 @@ ends up in the workspace: a URL's user and password are removed from the clone's
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
-import urllib.parse
 from pathlib import Path
 
-from runner.errors import HpcRunnerError
+from runner.sources.git import (
+    CHECKOUT_TIMEOUT_S,
+    CheckoutFailed,
+    git_environment,
+    run_git,
+    without_credentials,
+)
 
-CHECKOUT_TIMEOUT_S = 600.0
+__all__ = ["CheckoutFailed", "checkout", "without_credentials"]
+
 _SHA = re.compile(r"[0-9a-f]{7,64}")
 
 
-class CheckoutFailed(HpcRunnerError):
-    """git could not produce the commit; `output` is what git said."""
-
-    def __init__(self, message: str, output: str) -> None:
-        self.output = output
-        super().__init__(message)
-
-
-def without_credentials(url: str) -> str:
-    """`https://user:token@host/x.git` without `user:token@`; other forms unchanged."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme in ("http", "https") and (parts.username or parts.password):
-        host = parts.hostname or ""
-        netloc = host + (f":{parts.port}" if parts.port else "")
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    return url
-
-
-def _git_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    # Never wait for a password nobody will type; never ask ssh to confirm an unknown host key.
-    env.update({"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/false", "LC_ALL": "C"})
-    env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
-    return env
-
-
 async def _git(*args: str, cwd: Path | None = None, timeout: float = CHECKOUT_TIMEOUT_S) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        "git", *args, cwd=cwd, env=_git_env(), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        return 124, f"git {args[0]} took longer than {timeout:g} s and was stopped\n"
-    return process.returncode or 0, out.decode("utf-8", "replace")
+    # The service account's own git config: its ssh keys and credential helpers open the repository.
+    return await run_git(args, cwd=cwd, env=git_environment(user_config=True), timeout=timeout)
 
 
 async def checkout(repository: str, commit: str, workspace: Path, *, refspec: str | None = None,

@@ -16,24 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import re
 import shutil
 import urllib.parse
 from pathlib import Path
 
-from runner.errors import HpcRunnerError
+from runner.sources.git import (
+    CHECKOUT_TIMEOUT_S,
+    CheckoutFailed,
+    git_environment,
+    run_git,
+    without_credentials,
+)
 
-CHECKOUT_TIMEOUT_S = 600.0
+__all__ = ["CheckoutFailed", "auth_environment", "checkout"]
+
 _SHA = re.compile(r"[0-9a-f]{40}")
-
-
-class CheckoutFailed(HpcRunnerError):
-    """git could not produce the commit; `output` is what git said (credentials removed)."""
-
-    def __init__(self, message: str, output: str) -> None:
-        self.output = output
-        super().__init__(message)
 
 
 def auth_environment(clone_url: str, token: str | None) -> dict[str, str]:
@@ -47,35 +45,11 @@ def auth_environment(clone_url: str, token: str | None) -> dict[str, str]:
             "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}"}
 
 
-def _environment(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    # Never wait for a password nobody will type; never ask ssh about an unknown host key; no
-    # system or user config (a credential helper would store the token, a hooks path run code).
-    env.update({"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/false", "LC_ALL": "C",
-                "GIT_SSH_COMMAND": "ssh -o BatchMode=yes", "GIT_CONFIG_NOSYSTEM": "1",
-                "GIT_CONFIG_GLOBAL": "/dev/null"})
-    env.update(extra)
-    return env
-
-
 def _scrub(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "[REDACTED]")
     return text
-
-
-async def _git(args: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        "git", *args, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        return 124, f"git {args[0]} took longer than {timeout:g} s and was stopped\n"
-    return process.returncode or 0, out.decode("utf-8", "replace")
 
 
 async def checkout(clone_url: str, sha: str, workspace: Path, *, ref: str | None, token: str | None,
@@ -92,12 +66,14 @@ async def checkout(clone_url: str, sha: str, workspace: Path, *, ref: str | None
         await asyncio.to_thread(shutil.rmtree, workspace)
     workspace.mkdir(mode=0o700, parents=True)
     secrets = [token or ""]
-    plain = _environment({})
-    authed = _environment(auth_environment(clone_url, token))
+    # Neither the system's nor the service account's git config: a credential helper there would
+    # store the token, a hooks path would run code.
+    plain = git_environment(user_config=False)
+    authed = git_environment(auth_environment(clone_url, token), user_config=False)
     transcript: list[str] = []
 
     async def step(args: list[str], env: dict[str, str]) -> int:
-        code, out = await _git(args, cwd=workspace, env=env, timeout=timeout)
+        code, out = await run_git(args, cwd=workspace, env=env, timeout=timeout)
         transcript.append(_scrub(out, secrets))
         return code
 
@@ -109,15 +85,8 @@ async def checkout(clone_url: str, sha: str, workspace: Path, *, ref: str | None
     if not have:
         code = await step(["fetch", "--quiet", "--no-tags", "origin", sha], authed)
         if code != 0:
-            raise CheckoutFailed(f"git could not fetch commit {sha[:12]} from {_loggable(clone_url)} "
-                                 f"(exit {code})", "".join(transcript))
+            raise CheckoutFailed(f"git could not fetch commit {sha[:12]} from "
+                                 f"{without_credentials(clone_url)} (exit {code})", "".join(transcript))
     if await step(["checkout", "--quiet", "--force", "--detach", sha], plain):
         raise CheckoutFailed(f"git could not check out {sha[:12]}", "".join(transcript))
     return "".join(transcript)
-
-
-def _loggable(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.username or parts.password:
-        return urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
-    return url

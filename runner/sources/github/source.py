@@ -486,7 +486,7 @@ class GithubSource:
                     runs.append(self._follow(RunState.from_row(row)))
                 continue
             state = RunState(external_id=external_id, trigger_key=key, repository=repository, sha=sha,
-                             job=spec.name, spec=_spec_table(spec), identity=detail["identity"],
+                             job=spec.name, spec=spec.to_table(), identity=detail["identity"],
                              ref=detail["ref"], clone_url=detail["clone_url"], number=trigger.number)
             self._save(state)
             runs.append(self._follow(state))
@@ -809,30 +809,6 @@ def _approval_marker(repository: str, number: int | None, sha: str) -> str:
 
 def _json(data: Any) -> str:
     return json.dumps(data, sort_keys=True)
-
-
-def _spec_table(spec: JobSpec) -> dict[str, Any]:
-    """The job spec as the `[[jobs]]` table it came from (for `parse_job_mapping` after a restart)."""
-    data = spec.to_json()
-    table: dict[str, Any] = {"name": data["name"], "image": data["image"], "network": data["network"]}
-    if data["command"] is not None:
-        table["command"] = data["command"]
-    if data["script"] is not None:
-        table["script"] = data["script"]
-    if data["env"]:
-        table["env"] = data["env"]
-    if data["binds"]:
-        table["binds"] = data["binds"]
-    resources = {k: v for k, v in data["resources"].items() if v is not None}
-    if "memory_mb" in resources:
-        resources["memory"] = f"{resources.pop('memory_mb')}M"
-    if "time_seconds" in resources:
-        resources["time"] = f"{resources.pop('time_seconds')}s"
-    if resources:
-        table["resources"] = resources
-    if data["mpi"]:
-        table["mpi"] = {"enabled": True}
-    return table
 
 
 def _queued_title(decision: Decision) -> str:
