@@ -73,3 +73,9 @@ def test_github_requests_quick(cluster: Cluster, tmp_path: Path) -> None:
     data = run_bench(cluster, "github_requests.py", tmp_path / "github_requests.json")
     assert data["benchmark"] == "github_requests"
     assert {"idle", "label", "comment", "push", "label_long", "budget"} <= set(data["results"])
+
+
+def test_gateway_answer_quick(cluster: Cluster, tmp_path: Path) -> None:
+    data = run_bench(cluster, "gateway_answer.py", tmp_path / "gateway_answer.json")
+    assert data["benchmark"] == "gateway_answer"
+    assert {"stored_s", "dropped_s", "large_body_s"} <= set(data["results"])
