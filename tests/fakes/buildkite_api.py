@@ -73,6 +73,7 @@ _LIVE_STATES = frozenset({"running", "canceling", "timing_out"})
 _FINAL_STATE = {"running": "finished", "canceling": "canceled", "timing_out": "timed_out"}
 _TERMINAL_STATES = frozenset({"finished", "canceled", "timed_out"})
 
+EDGE_PREFIX = "/edge"
 DEFAULT_REGISTRATION_TOKEN = "bkct_emulator-registration-token"
 
 
@@ -300,6 +301,9 @@ class BuildkiteEmulator:
         # What ping responses carry as ``request_headers``: None omits the key (the client keeps
         # its set), a dict (even empty) replaces the client's set (research §1.1).
         self.ping_request_headers: dict[str, str] | None = None
+        # What ping responses carry as ``endpoint`` (research §1.1: the client test-pings it, then
+        # moves there); None omits it. ``edge_url`` serves the same API under another path.
+        self.ping_endpoint: str | None = None
         # Buildkite has been seen answering late calls either as "already finished" (422/400) or as
         # "invalid access token" (401) once the job token died; tests pick which one to face.
         self.job_token_expires_on_finish = job_token_expires_on_finish
@@ -348,6 +352,8 @@ class BuildkiteEmulator:
         ]
         for method, path, name, handler in routes:
             app.router.add_route(method, path, self._wrap(name, handler))
+            if path.startswith("/v3"):
+                app.router.add_route(method, EDGE_PREFIX + path, self._wrap(name, handler))
         # Unknown paths still get recorded, and answered the way Rails answers them.
         app.router.add_route("*", "/{tail:.*}", self._wrap(None, self._h_not_found))
         # Chunk bodies must reach the handler still gzipped, to check they really are gzip.
@@ -374,6 +380,11 @@ class BuildkiteEmulator:
     def url(self) -> str:
         """The agent endpoint, as ``--endpoint`` would be given (``.../v3``)."""
         return self.root_url + "/v3"
+
+    @property
+    def edge_url(self) -> str:
+        """The same API under another path: an endpoint a ping answer may move the agent to."""
+        return self.root_url + EDGE_PREFIX + "/v3"
 
     # ---------------------------------------------------------------------------- test API: jobs
 
@@ -828,6 +839,8 @@ class BuildkiteEmulator:
             payload["message"] = agent.message
         if self.ping_request_headers is not None:
             payload["request_headers"] = dict(self.ping_request_headers)
+        if self.ping_endpoint is not None:
+            payload["endpoint"] = self.ping_endpoint
         if agent.action not in {"pause", "disconnect"}:
             job = self._dispatch(agent)
             if job is not None:

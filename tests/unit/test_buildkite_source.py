@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
@@ -362,6 +363,25 @@ async def test_headers_from_register_and_ping_are_echoed_and_heartbeats_go_on_du
     await finished(bk, job_id)
     assert bk.header_violations() == []
     assert any(r.headers.get("Buildkite-Shard") == "9" for r in bk.requests("finish"))
+
+
+async def test_a_ping_naming_another_endpoint_moves_the_agent_there_only_once_it_answers(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    with socket.socket() as unused:   # a port nobody listens on
+        unused.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{unused.getsockname()[1]}/v3"
+    bk.ping_endpoint = dead
+    make_source()
+    await wait_until(lambda: len(bk.requests("ping")) >= 3, what="pings while the new endpoint is dead")
+    assert all(r.path == "/v3/ping" for r in bk.requests("ping"))
+
+    bk.ping_endpoint = bk.edge_url
+    await wait_until(lambda: any(r.path == "/edge/v3/ping" for r in bk.requests("ping")), what="a ping there")
+    job_id = queue(bk, signed_job(signer, "make test", repo=str(repo), plugins=[PLUGIN]))
+
+    assert (await finished(bk, job_id))["exit_status"] == "0"
+    for endpoint in ("accept", "start", "chunks", "finish"):
+        assert all(r.path.startswith("/edge/v3/") for r in bk.requests(endpoint)), endpoint
 
 
 async def test_workers_register_as_separate_agents_and_run_jobs_at_once(
