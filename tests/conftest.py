@@ -12,6 +12,7 @@ Commands that the service account would run in production run here as that accou
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import json
 import os
@@ -60,6 +61,17 @@ _RUNUSER = shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin:/bin") or "/us
 _CHECK_TIMEOUT = 20.0
 
 T = TypeVar("T")
+
+
+async def wait_until(check: Callable[[], Any], what: str = "the condition", timeout: float = 20.0) -> Any:
+    """Poll `check` on the event loop until it gives a true value, which is returned; the test
+    fails, naming `what`, after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+    return value
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ tiny and the emulator's intervals short, so the whole file takes a minute or two
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import pwd
@@ -17,9 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import textwrap
-import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +30,7 @@ from conftest import (
     wait_for,
     write_public_file,
 )
+from fakes.background_loop import BackgroundLoop
 from fakes.buildkite_api import BuildkiteEmulator
 from fakes.buildkite_signer import StepSigner, signed_job
 
@@ -49,35 +47,17 @@ def unstamped(log: bytes) -> bytes:
     return STAMP.sub(b"", log)
 
 
-class EmulatorThread:
+class EmulatorThread(BackgroundLoop):
     """The emulator on an event loop of its own thread; `call` runs a function there."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
+        super().__init__(timeout=30)
         self.bk: BuildkiteEmulator = self.call(lambda: BuildkiteEmulator(heartbeat_interval=2))
-        self._run(self.bk.start())
-
-    def _run(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
-
-    def call(self, fn: Callable[[], T]) -> T:
-        future: Future[T] = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        self.loop.call_soon_threadsafe(run)
-        return future.result(30)
+        self.run(self.bk.start())
 
     def close(self) -> None:
-        self._run(self.bk.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        self.run(self.bk.close())
+        self.stop()
 
     # Shortcuts for what the tests look at.
     def queue(self, job: dict[str, Any]) -> str:

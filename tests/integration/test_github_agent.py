@@ -9,14 +9,11 @@ a real git repository: its bare copy on disk is the `clone_url` the emulator adv
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pwd
 import subprocess
 import textwrap
-import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +28,7 @@ from conftest import (
     wait_for,
     write_public_file,
 )
+from fakes.background_loop import BackgroundLoop
 from fakes.github_activity import ActivityGitHub
 
 from integration.test_agent_slurm import kill_agent, squeue_lists
@@ -53,37 +51,19 @@ cpus_per_task = 1
 """
 
 
-class GitHubThread:
+class GitHubThread(BackgroundLoop):
     """The GitHub emulator on an event loop of its own thread; `call` runs a function there."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
+        super().__init__(timeout=60)
         self.gh: ActivityGitHub = self.call(ActivityGitHub)
-        self._run(self.gh.start())
-
-    def _run(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
-
-    def call(self, fn: Callable[[], T]) -> T:
-        future: Future[T] = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        self.loop.call_soon_threadsafe(run)
-        return future.result(60)
+        self.run(self.gh.start())
 
     def close(self) -> None:
         try:
-            self._run(self.gh.close())           # fails the test on any request GitHub would refuse
+            self.run(self.gh.close())           # fails the test on any request GitHub would refuse
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
+            self.stop()
 
     def check_runs(self, name: str) -> list[dict[str, Any]]:
         return [run for run in self.call(lambda: self.gh.check_runs(REPO)) if run["name"] == name]

@@ -8,11 +8,10 @@ bare copy is the `clone_url` the emulator advertises, so checkouts are real.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -162,17 +161,6 @@ class Site:
                                    state=self.state, gateway=options.pop("gateway", None),
                                    update_interval=self.source.update_interval, retry_seconds=0.1, **options)
         return self.source
-
-
-async def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "the condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def github_config(gh: ActivityGitHub, key_file: Path, **overrides: Any) -> GithubConfig:

@@ -11,12 +11,12 @@ import os
 import re
 import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_until
 from fakes.buildkite_api import BuildkiteEmulator
 from fakes.buildkite_signer import StepSigner, signed_job
 
@@ -34,17 +34,6 @@ PLUGIN = {"hpc-runner#v1": {"image": "test", "resources": {"time": "5m"}}}
 
 def unstamped(log: bytes) -> bytes:
     return STAMP.sub(b"", log)
-
-
-async def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "the condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -119,8 +108,8 @@ def queue(bk: BuildkiteEmulator, job: dict[str, Any]) -> str:
 
 
 async def finished(bk: BuildkiteEmulator, job_id: str, timeout: float = 30) -> dict[str, Any]:
-    await wait_until(lambda: bk.job_state(job_id) in ("finished", "canceled", "timed_out"), timeout,
-                     what=f"job {job_id} to finish")
+    await wait_until(lambda: bk.job_state(job_id) in ("finished", "canceled", "timed_out"),
+                     f"job {job_id} to finish", timeout)
     finishes = bk.finishes(job_id)
     assert len(finishes) == 1, finishes
     return finishes[0]

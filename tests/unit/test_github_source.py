@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from conftest import wait_until
 from fakes.github_webhooks import SECRET, examples, send
 
 from runner.gateway.server import GatewayServer
@@ -27,7 +28,7 @@ from runner.sources.github.state import GithubState
 from runner.sources.github.triggers import CancelRequest
 
 from .buildkite_host import FakeHost
-from .github_site import COMMAND, FORK, LABEL, POLICY, REPO, Site, github_site, wait_until
+from .github_site import COMMAND, FORK, LABEL, POLICY, REPO, Site, github_site
 
 
 def completed(runs: list[dict]) -> list[dict]:  # type: ignore[type-arg]

@@ -8,25 +8,17 @@ import re
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from runner.errors import InfrastructureError
 from runner.executors.local import LocalExecutor, LocalLaunch, Outcome
 
 DEADLINE_S = 10.0
 ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
-
-
-async def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
-    """Poll a condition until it holds; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def launch(tmp_path: Path, script: str, *, walltime: float = 30.0, grace: float = 5.0,

@@ -7,25 +7,16 @@ import hashlib
 import os
 import random
 import threading
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from runner.logs.tail import RESTART, LineAssembler, follow
 
 DEADLINE_S = 10.0
 FAST = 0.002
-
-
-async def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
-    """Poll a condition until it holds; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.001)
 
 
 async def next_chunk(chunks: AsyncIterator[tuple[int, bytes]]) -> tuple[int, bytes]:
