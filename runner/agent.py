@@ -185,8 +185,7 @@ class Agent:
         record = self.store.get_job(job_id)
         if record is None:
             raise UnknownJob(f"no job {job_id}")
-        current = self.store.get_job(job_id)
-        if current is not None and not current.state.is_terminal:
+        if not record.state.is_terminal:
             self.store.set_state(job_id, JobState.infra_failed, outcome_detail=detail)
         self._report_final(job_id)
         return self._ended(job_id)
