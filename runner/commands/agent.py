@@ -30,26 +30,17 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.set_defaults(handler=run)
 
 
-def unsupported_parts(config: AgentConfig) -> list[str]:
-    """Parts of a config the agent does not serve: refuse rather than silently ignore them."""
-    found = []
-    if config.gateway is not None:
-        # The gateway runs where GitHub can reach it, the agent where Slurm is: one config for
-        # both would let a reader believe the agent also listens for webhooks.
-        found.append("[gateway] (the webhook gateway's section: `hpc-runner gateway` serves it; "
-                     "give the agent a config without it)")
-    return found
+GATEWAY_NOTE = ("the config's [gateway] section is served by `hpc-runner gateway`, not by the agent; "
+                "the agent leaves it alone")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config) if args.config else default_config()
-        unsupported = unsupported_parts(config)
-        if unsupported:
-            # The agent's contract has one status for a config it cannot serve: 1.
-            print("hpc-runner: refusing to start: this config asks for " + "; ".join(unsupported),
-                  file=sys.stderr)
-            return exitcodes.INVALID_INPUT
+        if config.gateway is not None:
+            # A site may keep one config for both; saying so keeps anyone from expecting the
+            # agent (on a login node, outbound only) to listen for webhooks.
+            print(f"hpc-runner: note: {GATEWAY_NOTE}", file=sys.stderr)
         policy = load_site_policy(config)
         if config.buildkite is not None:
             # Unreadable or open secrets stop the agent before it takes any job.

@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import signal
+import socket
 import stat
 import subprocess
 import textwrap
@@ -292,19 +293,22 @@ def test_agent_refuses_to_start_on_an_invalid_policy_naming_file_line_and_field(
     assert not queue_site.socket.exists()
 
 
-def test_agent_refuses_to_start_on_a_config_this_release_cannot_serve(queue_site: RunnerSite) -> None:
-    gateway_config = queue_site.root / "gateway.toml"
-    section = ('[gateway]\nlisten = "127.0.0.1:8443"\nwebhook_secret_file = "/etc/hpc-runner/secret"\n'
+def test_an_agent_config_with_a_gateway_section_serves_and_says_the_gateway_is_not_its_own(
+        queue_site: RunnerSite, agents: Callable[[RunnerSite], AgentProcess]) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    section = (f'[gateway]\nlisten = "127.0.0.1:{port}"\nwebhook_secret_file = "/etc/hpc-runner/secret"\n'
                'agent_tokens_file = "/etc/hpc-runner/tokens"\nstate_dir = "/var/lib/hpc-runner-gateway"\n')
-    write_public_file(gateway_config, queue_site.config.read_text() + "\n" + section)
+    write_public_file(queue_site.config, queue_site.config.read_text() + "\n" + section)
 
-    result = as_service_user(["hpc-runner", "agent", "--config", gateway_config], cwd=queue_site.root,
-                             timeout=30)
+    agent = agents(queue_site)
 
-    assert result.returncode == 1
-    assert "refusing to start: this config asks for [gateway] (the webhook gateway's section: " \
-           "`hpc-runner gateway` serves it" in result.stderr, result.stderr
-    assert not queue_site.socket.exists()
+    assert "hpc-runner: note: the config's [gateway] section is served by `hpc-runner gateway`, " \
+           "not by the agent" in agent.log()
+    assert queue_site.socket.exists()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "the agent must not listen for webhooks"
 
 
 def test_agent_with_buildkite_refuses_to_start_without_its_token_file(queue_site: RunnerSite) -> None:
