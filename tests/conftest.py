@@ -74,6 +74,24 @@ async def wait_until(check: Callable[[], Any], what: str = "the condition", time
     return value
 
 
+def git(*args: str | os.PathLike[str], cwd: Path) -> str:
+    """Run git as a test author (no user or system config) in `cwd`; its standard output."""
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org",
+           "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}
+    argv = ["git", *(os.fspath(arg) for arg in args)]
+    return subprocess.run(argv, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def give_tree_to_service_user(path: Path) -> None:
+    """Make `path` and everything below it the service account's (links themselves, not targets)."""
+    account = pwd.getpwnam(SERVICE_USER)
+    for root, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            os.lchown(os.path.join(root, name), account.pw_uid, account.pw_gid)
+    os.chown(path, account.pw_uid, account.pw_gid)
+
+
 @pytest.fixture
 def hash_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The paths `sandbox.images` hashes from now on (a digest cache hit hashes nothing)."""

@@ -26,6 +26,8 @@ from conftest import (
     AgentProcess,
     Cluster,
     RunnerSite,
+    git,
+    give_tree_to_service_user,
     make_runner_site,
     wait_for,
     write_public_file,
@@ -94,25 +96,15 @@ def signer() -> StepSigner:
     return StepSigner(kid="cluster-test")
 
 
-def _chown(path: Path) -> None:
-    account = pwd.getpwnam(SERVICE_USER)
-    for root, dirs, files in os.walk(path):
-        for name in [*dirs, *files]:
-            os.lchown(os.path.join(root, name), account.pw_uid, account.pw_gid)
-    os.chown(path, account.pw_uid, account.pw_gid)
-
-
 @pytest.fixture
 def repo(service_tmp: Path) -> Path:
     """A git repository the service account can clone, with one commit."""
     path = service_tmp / "repo"
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
-    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    git("init", "-q", path, cwd=service_tmp)
     (path / "data.txt").write_text("from the repository\n")
-    subprocess.run(["git", "-C", str(path), "add", "data.txt"], check=True)
-    subprocess.run(["git", "-C", str(path), "commit", "-qm", "first"], check=True, env=env)
-    _chown(path)
+    git("add", "data.txt", cwd=path)
+    git("commit", "-qm", "first", cwd=path)
+    give_tree_to_service_user(path)
     return path
 
 

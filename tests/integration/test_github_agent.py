@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import subprocess
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +23,8 @@ from conftest import (
     Cluster,
     RunnerSite,
     as_service_user,
+    git,
+    give_tree_to_service_user,
     make_runner_site,
     wait_for,
     write_public_file,
@@ -78,21 +79,6 @@ def github() -> Iterator[GitHubThread]:
         thread.close()
 
 
-def _git(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org",
-           "GIT_CONFIG_GLOBAL": "/dev/null"}
-    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
-
-
-def _own(path: Path) -> None:
-    account = pwd.getpwnam(SERVICE_USER)
-    for root, dirs, files in os.walk(path):
-        for name in [*dirs, *files]:
-            os.lchown(os.path.join(root, name), account.pw_uid, account.pw_gid)
-    os.chown(path, account.pw_uid, account.pw_gid)
-
-
 def github_site(cluster: Cluster, service_tmp: Path, github: GitHubThread, *, socket: Path) -> RunnerSite:
     site = make_runner_site(service_tmp, cluster.image_sha256, max_jobs=4, socket=socket)
     site.write_policy(textwrap.dedent(f"""\
@@ -140,21 +126,21 @@ def labelled_pull_request(github: GitHubThread, root: Path, jobs: str = JOBS) ->
     """A pull request by a member of CliMA/core, labelled by her; its head is a real commit."""
     work, bare = root / "git-work", root / "origin.git"
     work.mkdir()
-    _git("init", "--quiet", "--initial-branch=main", cwd=work)
-    _git("init", "--quiet", "--bare", str(bare), cwd=root)
+    git("init", "--quiet", "--initial-branch=main", cwd=work)
+    git("init", "--quiet", "--bare", str(bare), cwd=root)
     files = {".hpc-runner.toml": jobs, "data.txt": "from the repository\n"}
     for name, text in files.items():
         (work / name).write_text(text)
-    _git("add", "--all", cwd=work)
-    _git("commit", "--quiet", "-m", "jobs", cwd=work)
-    main = _git("rev-parse", "HEAD", cwd=work).strip()
+    git("add", "--all", cwd=work)
+    git("commit", "--quiet", "-m", "jobs", cwd=work)
+    main = git("rev-parse", "HEAD", cwd=work).strip()
     (work / "change.txt").write_text("a change\n")
-    _git("add", "--all", cwd=work)
-    _git("commit", "--quiet", "-m", "change", cwd=work)
-    head = _git("rev-parse", "HEAD", cwd=work).strip()
-    _git("push", "--quiet", str(bare), f"{main}:refs/heads/main", f"{head}:refs/heads/topic",
+    git("add", "--all", cwd=work)
+    git("commit", "--quiet", "-m", "change", cwd=work)
+    head = git("rev-parse", "HEAD", cwd=work).strip()
+    git("push", "--quiet", str(bare), f"{main}:refs/heads/main", f"{head}:refs/heads/topic",
          f"{head}:refs/pull/1/head", cwd=work)
-    _own(bare)
+    give_tree_to_service_user(bare)
 
     def make() -> int:
         gh = github.gh
