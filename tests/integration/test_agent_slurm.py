@@ -107,7 +107,8 @@ NEVER_RUNS = "echo must never run\n"
 # -- sites, jobs and Slurm ---------------------------------------------------------------------
 
 
-def slurm_policy(cluster: Cluster, *, slurm_account: str = SLURM_ACCOUNT) -> str:
+def slurm_policy(cluster: Cluster, *, slurm_account: str = SLURM_ACCOUNT,
+                 retry_node_failures: bool = False) -> str:
     """One account in the partition `debug`, for alice's group and for the service account.
 
     `max_memory` keeps each job's memory request small: the node's default per CPU is half its
@@ -121,6 +122,7 @@ def slurm_policy(cluster: Cluster, *, slurm_account: str = SLURM_ACCOUNT) -> str
         partitions = ["debug"]
         max_time = "2m"
         max_memory = "1G"
+        retry_node_failures = {str(retry_node_failures).lower()}
 
         [images.test]
         path = {toml_string(cluster.image)}
@@ -619,9 +621,7 @@ def test_a_node_failure_is_retried_once_when_the_account_allows(
     slurm_site: RunnerSite, cluster: Cluster, agents: Callable[[RunnerSite], AgentProcess], alice: QueueUser,
     slurm_jobs: list[str]
 ) -> None:
-    policy = slurm_policy(cluster)
-    slurm_site.write_policy(policy.replace('max_memory = "1G"\n',
-                                           'max_memory = "1G"\nretry_node_failures = true\n'))
+    slurm_site.write_policy(slurm_policy(cluster, retry_node_failures=True))
     agents(slurm_site)
     with failing_node() as fail:
         job_id = submit(alice, slurm_jobs, slurm_job_toml("node-failure", TWO_ATTEMPTS_SCRIPT, time="2m"))
@@ -677,9 +677,7 @@ def test_a_job_retried_after_a_node_failure_is_not_retried_a_second_time(
     slurm_site: RunnerSite, cluster: Cluster, agents: Callable[[RunnerSite], AgentProcess], alice: QueueUser,
     slurm_jobs: list[str]
 ) -> None:
-    policy = slurm_policy(cluster)
-    slurm_site.write_policy(policy.replace('max_memory = "1G"\n',
-                                           'max_memory = "1G"\nretry_node_failures = true\n'))
+    slurm_site.write_policy(slurm_policy(cluster, retry_node_failures=True))
     agents(slurm_site)
     with failing_node() as fail:
         job_id = submit(alice, slurm_jobs, slurm_job_toml("node-failures", "echo attempt\nsleep 110\n",
