@@ -63,29 +63,30 @@ class Confirmer:
         self._config = config
         self._clone_urls: dict[str, str] = {}
 
-    async def pull(self, repository: str, number: int) -> dict[str, Any]:
-        owner, name = repository.split("/")
+    async def _get_unless_missing(self, path: str) -> Any:
+        """The answer to a GET, or None when GitHub says 404 (no such thing, or not visible to us)."""
         try:
-            data = await self._client.get(api_path("/repos/{owner}/{repo}/pulls/{number}", owner=owner,
-                                                   repo=name, number=number))
+            return await self._client.get(path)
         except GitHubHTTPError as exc:
             if exc.status == 404:
-                raise NotConfirmed(f"{repository}#{number} is not a pull request") from None
+                return None
             raise
+
+    async def pull(self, repository: str, number: int) -> dict[str, Any]:
+        owner, name = repository.split("/")
+        data = await self._get_unless_missing(api_path("/repos/{owner}/{repo}/pulls/{number}", owner=owner,
+                                                       repo=name, number=number))
+        if data is None:
+            raise NotConfirmed(f"{repository}#{number} is not a pull request")
         if not isinstance(data, dict):
             raise NotConfirmed(f"{repository}#{number}: the answer is not a pull request")
         return data
 
     async def permission(self, repository: str, user: str) -> str | None:
         owner, name = repository.split("/")
-        try:
-            path = api_path("/repos/{owner}/{repo}/collaborators/{username}/permission", owner=owner,
-                            repo=name, username=user)
-            data = await self._client.get(path)
-        except GitHubHTTPError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        path = api_path("/repos/{owner}/{repo}/collaborators/{username}/permission", owner=owner, repo=name,
+                        username=user)
+        data = await self._get_unless_missing(path)
         value = data.get("permission") if isinstance(data, Mapping) else None
         return str(value) if value else None
 
@@ -95,12 +96,7 @@ class Confirmer:
         for org, slug in teams:
             path = api_path("/orgs/{org}/teams/{team_slug}/memberships/{username}", org=org, team_slug=slug,
                             username=user)
-            try:
-                data = await self._client.get(path)
-            except GitHubHTTPError as exc:
-                if exc.status != 404:
-                    raise
-                continue
+            data = await self._get_unless_missing(path)
             if isinstance(data, Mapping) and data.get("state") == "active":
                 found.append(f"{org}/{slug}")
         return tuple(found)
@@ -118,13 +114,10 @@ class Confirmer:
 
     async def comment(self, repository: str, comment_id: int) -> dict[str, Any]:
         owner, name = repository.split("/")
-        try:
-            data = await self._client.get(api_path("/repos/{owner}/{repo}/issues/comments/{comment_id}",
-                                                   owner=owner, repo=name, comment_id=comment_id))
-        except GitHubHTTPError as exc:
-            if exc.status == 404:
-                raise NotConfirmed(f"comment {comment_id} on {repository} no longer exists") from None
-            raise
+        data = await self._get_unless_missing(api_path("/repos/{owner}/{repo}/issues/comments/{comment_id}",
+                                                       owner=owner, repo=name, comment_id=comment_id))
+        if data is None:
+            raise NotConfirmed(f"comment {comment_id} on {repository} no longer exists")
         if not isinstance(data, dict):
             raise NotConfirmed(f"comment {comment_id}: the answer is not a comment")
         return data
