@@ -238,10 +238,7 @@ class GatewayServer:
             wait = protocol.parse_seconds(request.query.get("wait"), name="wait",
                                           default=protocol.DEFAULT_WAIT_SECONDS, minimum=0,
                                           maximum=protocol.MAX_WAIT_SECONDS)
-            seconds = protocol.parse_seconds(request.query.get("seconds"), name="seconds",
-                                             default=protocol.DEFAULT_LEASE_SECONDS,
-                                             minimum=protocol.MIN_LEASE_SECONDS,
-                                             maximum=protocol.MAX_LEASE_SECONDS)
+            seconds = _lease_seconds(request)
         except ValueError as exc:
             return _error(400, str(exc))
         self._polling[agent] += 1
@@ -316,10 +313,7 @@ class GatewayServer:
         lease_id, action = request.match_info["lease_id"], request.match_info["action"]
         if action == "extend":
             try:
-                seconds = protocol.parse_seconds(request.query.get("seconds"), name="seconds",
-                                                 default=protocol.DEFAULT_LEASE_SECONDS,
-                                                 minimum=protocol.MIN_LEASE_SECONDS,
-                                                 maximum=protocol.MAX_LEASE_SECONDS)
+                seconds = _lease_seconds(request)
             except ValueError as exc:
                 return _error(400, str(exc))
             expires_at = await self._db(self._q.extend, lease_id, agent, seconds)
@@ -345,3 +339,10 @@ class GatewayServer:
         log.warning("lease not held", agent=agent, action=action)
         return _error(409, "this agent holds no such lease: it ran out and the delivery was handed to "
                            "another agent, or it was released or acknowledged")
+
+
+def _lease_seconds(request: web.Request) -> int:
+    """The lease length an agent asks for (`?seconds=`), within the gateway's bounds."""
+    return protocol.parse_seconds(request.query.get("seconds"), name="seconds",
+                                  default=protocol.DEFAULT_LEASE_SECONDS, minimum=protocol.MIN_LEASE_SECONDS,
+                                  maximum=protocol.MAX_LEASE_SECONDS)

@@ -215,12 +215,7 @@ class LogStreamer:
         await self._queue.join()
         if self._outbox is not None:
             self._outbox.flush()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await self.abandon()   # everything is sent: only idle workers and the ticker are left
         return self._failed
 
     async def abandon(self) -> None:
