@@ -16,6 +16,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -28,11 +29,13 @@ from sandbox.plan import JobPaths, SandboxSite, expected_env_name, plan_local_la
 pytestmark = pytest.mark.cluster
 
 SERVICE_USER = "hpcrunner"
-IMAGES = (Path("/var/cache/hpc-runner-dev/images/hpc-runner-test.sif"), Path("/tmp/img/test.sif"))
-HELLO_BINARY = Path("/var/tmp/exp/hello")  # an MPI allreduce built against the host's Open MPI
+IMAGES = (Path("/var/cache/hpc-runner-dev/images/hpc-runner-test.sif"),)
 WORK_ROOT = Path("/var/tmp/hpc-runner-sandbox-tests")
 TIMEOUT_SECONDS = 180
-HELLO_LINE = re.compile(r"^rank (\d+) of (\d+) sum (\d+)$")
+# What runner/bundled/mpi-hello.c prints: a line per rank, then rank 0's world size and sum.
+RANK_LINE = re.compile(r"^rank (\d+) of (\d+)$")
+WORLD_LINE = re.compile(r"^world size (\d+)$")
+SUM_LINE = re.compile(r"^allreduce sum (\d+)$")
 
 
 def _required() -> bool:
@@ -71,6 +74,26 @@ def host_mpi() -> HostMpi:
     except HostMpiError as exc:
         unavailable(f"no usable host Open MPI: {exc}")
         raise
+
+
+@pytest.fixture(scope="module")
+def hello_binary(host_mpi: HostMpi) -> Iterator[Path]:
+    """The bundled MPI allreduce, compiled here against the host's Open MPI as the image's is."""
+    mpicc = shutil.which("mpicc")
+    if mpicc is None:
+        unavailable("mpicc (the host Open MPI's compiler wrapper) is not installed")
+    assert mpicc is not None
+    build = Path(tempfile.mkdtemp(prefix="mpi-hello-"))
+    try:
+        source = build / "mpi-hello.c"
+        source.write_bytes(resources.files("runner.bundled").joinpath("mpi-hello.c").read_bytes())
+        binary = build / "mpi-hello"
+        result = subprocess.run([mpicc, "-O2", "-o", str(binary), str(source)], capture_output=True,
+                                text=True, check=False)
+        assert result.returncode == 0, f"mpicc failed:\n{result.stderr}"
+        yield binary
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -120,10 +143,10 @@ def run_job(spec: JobSpec, dirs: JobDirs, image: Path, mpi: HostMpi | None,
                           check=False)
 
 
-def hello_job(dirs: JobDirs, tasks: int) -> JobSpec:
+def hello_job(dirs: JobDirs, tasks: int, binary: Path) -> JobSpec:
     account = pwd.getpwnam(SERVICE_USER)
     target = Path(dirs.paths.workspace) / "hello"
-    shutil.copy(HELLO_BINARY, target)
+    shutil.copy(binary, target)
     os.chown(target, account.pw_uid, account.pw_gid)
     return JobSpec(name="mpi-hello", image="test", command=("/work/hello",), mpi=True,
                    resources=Resources(tasks=tasks))
@@ -131,14 +154,16 @@ def hello_job(dirs: JobDirs, tasks: int) -> JobSpec:
 
 def check_world(result: subprocess.CompletedProcess[str], tasks: int) -> None:
     report = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    lines = [m.groups() for m in map(HELLO_LINE.match, result.stdout.splitlines()) if m]
-    if sum(1 for _, size, _ in lines if size == "1") > 1:
+    output = result.stdout.splitlines()
+    ranks = [m.groups() for m in map(RANK_LINE.match, output) if m]
+    if sum(1 for _, size in ranks if size == "1") > 1:
         pytest.fail(f"ranks started as singletons (each saw a world of 1): the launcher's "
                     f"variables did not reach them\n{report}")
     assert result.returncode == 0, report
-    assert sorted(int(rank) for rank, _, _ in lines) == list(range(tasks)), report
-    expected = {(tasks, tasks * (tasks + 1) // 2)}
-    assert {(int(size), int(total)) for _, size, total in lines} == expected, report
+    assert sorted(int(rank) for rank, _ in ranks) == list(range(tasks)), report
+    assert {int(size) for _, size in ranks} == {tasks}, report
+    assert [int(m[1]) for m in map(WORLD_LINE.match, output) if m] == [tasks], report
+    assert [int(m[1]) for m in map(SUM_LINE.match, output) if m] == [tasks * (tasks + 1) // 2], report
 
 
 # -- discovery -----------------------------------------------------------------------------------
@@ -162,17 +187,14 @@ def test_discovers_the_host_open_mpi(host_mpi: HostMpi) -> None:
 
 @pytest.mark.parametrize("tasks", [2, 4])
 def test_mpi_allreduce_through_the_sandbox(image: Path, host_mpi: HostMpi, job_dirs: JobDirs,
-                                           tasks: int) -> None:
-    if not HELLO_BINARY.is_file():
-        unavailable(f"no MPI test program {HELLO_BINARY}")
-    check_world(run_job(hello_job(job_dirs, tasks), job_dirs, image, host_mpi), tasks)
+                                           hello_binary: Path, tasks: int) -> None:
+    check_world(run_job(hello_job(job_dirs, tasks, hello_binary), job_dirs, image, host_mpi), tasks)
 
 
-def test_ranks_use_shared_memory_between_them(image: Path, host_mpi: HostMpi, job_dirs: JobDirs) -> None:
+def test_ranks_use_shared_memory_between_them(image: Path, host_mpi: HostMpi, job_dirs: JobDirs,
+                                               hello_binary: Path) -> None:
     """Only the self and shared-memory transports allowed: works only if ranks share /dev/shm."""
-    if not HELLO_BINARY.is_file():
-        unavailable(f"no MPI test program {HELLO_BINARY}")
-    result = run_job(hello_job(job_dirs, 2), job_dirs, image, host_mpi,
+    result = run_job(hello_job(job_dirs, 2, hello_binary), job_dirs, image, host_mpi,
                      extra_host_env={"OMPI_MCA_btl": "self,vader"})
     check_world(result, 2)
 

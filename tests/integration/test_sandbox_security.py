@@ -77,6 +77,22 @@ def root_marker() -> Iterator[Path]:
         path.unlink(missing_ok=True)
 
 
+@pytest.fixture
+def service_home_file() -> Iterator[Path]:
+    """A file of the service account in its home for the duration of a test: the agent's own home
+    (its git and shell configuration) must never reach a job. Made here, as setup.sh makes the
+    home empty."""
+    account = pwd.getpwnam(SERVICE_USER)
+    path = SERVICE_HOME / f".hpc-runner-test-{secrets.token_hex(6)}"
+    path.write_text("the service account's file\n")
+    os.chown(path, account.pw_uid, account.pw_gid)
+    path.chmod(0o644)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def write_secret(state_dir: Path) -> Path:
     """A secret file of the service account (0600) in its state dir, as the agent keeps them."""
     account = pwd.getpwnam(SERVICE_USER)
@@ -96,10 +112,10 @@ def create_private_state(site: RunnerSite) -> Path:
 
 
 def test_job_sees_neither_the_state_dir_nor_its_secrets_nor_the_host_homes(
-    runner_site: RunnerSite, root_marker: Path
+    runner_site: RunnerSite, root_marker: Path, service_home_file: Path
 ) -> None:
     secret = create_private_state(runner_site)
-    home_file = SERVICE_HOME / ".profile"
+    home_file = service_home_file
     host = as_service_user(["cat", secret, home_file])
     assert host.returncode == 0, f"the service account cannot read its own files on the host: {host.stderr}"
     write_public_file(runner_site.workspace / "control.txt", "readable\n")
@@ -299,7 +315,8 @@ def submit_and_wait(site: RunnerSite, user: str, workspace: Path, job: str, time
 
 
 def test_job_through_the_agent_sees_neither_its_state_nor_its_socket_nor_its_home(
-    shared_site: RunnerSite, agents: Callable[[RunnerSite], AgentProcess], root_marker: Path
+    shared_site: RunnerSite, agents: Callable[[RunnerSite], AgentProcess], root_marker: Path,
+    service_home_file: Path
 ) -> None:
     agent = agents(shared_site)
     secret = write_secret(shared_site.state_dir)  # the running agent created the dir
@@ -308,7 +325,7 @@ def test_job_through_the_agent_sees_neither_its_state_nor_its_socket_nor_its_hom
     workspace = user_workspace(shared_site.root, "hpcr-alice")
     write_public_file(workspace / "control.txt", "readable\n")
     paths = [str(shared_site.state_dir), str(secret), str(shared_site.socket), str(shared_site.socket.parent),
-             str(SERVICE_HOME), str(SERVICE_HOME / ".profile"), str(root_marker)]
+             str(SERVICE_HOME), str(service_home_file), str(root_marker)]
     script = probe_script(paths, via_proc=[str(secret), str(shared_site.socket)])
     script += "env -0 > /work/env.bin\n"
 
