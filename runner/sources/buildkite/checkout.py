@@ -3,6 +3,10 @@
 Compute nodes need no network: the agent clones `BUILDKITE_REPO` into the job's workspace with
 the service account's own git credentials (ssh keys, credential helpers), and nothing of them
 ends up in the workspace: a URL's user and password are removed from the clone's config.
+
+The branch (or pull request) a job names is what the policy decided on, but Buildkite asserts it
+and no signature covers it, nor the commit: so the commit must be reachable from that ref in the
+repository itself, or the job is refused before anything of it runs.
 """
 
 from __future__ import annotations
@@ -20,9 +24,15 @@ from runner.sources.git import (
     without_credentials,
 )
 
-__all__ = ["CheckoutFailed", "checkout", "without_credentials"]
+__all__ = ["CheckoutFailed", "CommitNotOnRef", "checkout", "without_credentials"]
 
 _SHA = re.compile(r"[0-9a-f]{7,64}")
+# Where the claimed ref is fetched to in the clone: a name no branch or tag of origin can take.
+_CLAIMED = "refs/hpc-runner/claimed"
+
+
+class CommitNotOnRef(CheckoutFailed):
+    """The commit is not reachable from the ref the job claims: the job must not run."""
 
 
 async def _git(*args: str, cwd: Path | None = None, timeout: float = CHECKOUT_TIMEOUT_S) -> tuple[int, str]:
@@ -30,12 +40,14 @@ async def _git(*args: str, cwd: Path | None = None, timeout: float = CHECKOUT_TI
     return await run_git(args, cwd=cwd, env=git_environment(user_config=True), timeout=timeout)
 
 
-async def checkout(repository: str, commit: str, workspace: Path, *, refspec: str | None = None,
+async def checkout(repository: str, commit: str, workspace: Path, *, ref: str | None = None,
                    timeout: float = CHECKOUT_TIMEOUT_S) -> str:
     """Clone `repository` into `workspace` (new, or empty) and check out `commit`; git's output.
 
-    `commit` may be a sha or `HEAD` (Buildkite sends HEAD before it knows the sha); `refspec`
-    (a pull request's `refs/pull/N/head`) is fetched when the commit is not on a branch.
+    `ref` is the ref the job claims (`refs/heads/B`, or a pull request's `refs/pull/N/head`):
+    it is fetched, and `commit` must be reachable from it (CommitNotOnRef otherwise). `commit`
+    may be a sha or `HEAD` (Buildkite sends HEAD before it knows the sha): the tip of `ref`,
+    or without one the repository's default branch.
     """
     if workspace.exists():
         # A restarted agent finds its own earlier attempt: start again from nothing.
@@ -48,13 +60,17 @@ async def checkout(repository: str, commit: str, workspace: Path, *, refspec: st
         raise CheckoutFailed(f"git clone of {without_credentials(repository)} failed (exit {code})",
                              "".join(transcript))
     target = commit or "HEAD"
-    if target != "HEAD" and (await _git("cat-file", "-e", f"{target}^{{commit}}", cwd=workspace))[0] != 0:
-        wanted = [target] if _SHA.fullmatch(target) else []
-        if refspec:
-            wanted.append(refspec)
-        if wanted:
-            code, out = await _git("fetch", "--quiet", "origin", *wanted, cwd=workspace, timeout=timeout)
-            transcript.append(out)
+    if ref is not None:
+        await _fetch_claimed(repository, ref, workspace, transcript, timeout)
+        if target == "HEAD":
+            target = _CLAIMED
+    if target != "HEAD" and (await _git("cat-file", "-e", f"{target}^{{commit}}", cwd=workspace))[0] != 0 \
+            and _SHA.fullmatch(target):
+        code, out = await _git("fetch", "--quiet", "origin", target, cwd=workspace, timeout=timeout)
+        transcript.append(out)
+    if ref is not None:
+        # Checked before the tree is written: nothing of a commit from elsewhere reaches the workspace.
+        target = await _reachable_from_claimed(repository, target, ref, workspace, transcript)
     code, out = await _git("checkout", "--quiet", "--force", "--detach", target, cwd=workspace)
     transcript.append(out)
     if code != 0:
@@ -64,3 +80,38 @@ async def checkout(repository: str, commit: str, workspace: Path, *, refspec: st
     if clean != repository:
         await _git("remote", "set-url", "origin", clean, cwd=workspace)
     return "".join(transcript)
+
+
+async def _fetch_claimed(repository: str, ref: str, workspace: Path, transcript: list[str],
+                         timeout: float) -> None:
+    """Fetch `ref` of origin to `_CLAIMED`; a ref git would not accept is refused."""
+    # A branch name is Buildkite's word: one that is no valid ref (a `:` would change the refspec)
+    # never reaches a fetch.
+    if (await _git("check-ref-format", ref, cwd=workspace))[0] != 0:
+        raise CommitNotOnRef(f"{ref!r} is not a valid git ref", "".join(transcript))
+    code, out = await _git("fetch", "--quiet", "--no-tags", "origin", f"+{ref}:{_CLAIMED}", cwd=workspace,
+                           timeout=timeout)
+    transcript.append(out)
+    if code != 0:
+        raise CheckoutFailed(f"git could not fetch {ref} of {without_credentials(repository)} (exit {code}), "
+                             "so the job's commit cannot be checked against it", "".join(transcript))
+
+
+async def _reachable_from_claimed(repository: str, target: str, ref: str, workspace: Path,
+                                  transcript: list[str]) -> str:
+    """The sha of `target`, which must be reachable from the claimed ref (CommitNotOnRef if not)."""
+    code, out = await _git("rev-parse", "--verify", "--quiet", f"{target}^{{commit}}", cwd=workspace)
+    if code != 0:
+        raise CheckoutFailed(f"git could not check out {target} of {without_credentials(repository)}: "
+                             "no such commit", "".join(transcript))
+    sha = out.strip()
+    code, out = await _git("merge-base", "--is-ancestor", sha, _CLAIMED, cwd=workspace)
+    if code == 1:
+        raise CommitNotOnRef(f"commit {sha} is not on {ref} of {without_credentials(repository)}: a job runs "
+                             "only a commit of the branch (or pull request) the policy decided on",
+                             "".join(transcript))
+    if code != 0:
+        transcript.append(out)
+        raise CheckoutFailed(f"git could not tell whether {sha} is on {ref} (exit {code})",
+                             "".join(transcript))
+    return sha

@@ -35,13 +35,14 @@ import aiohttp
 
 from runner import __version__
 from runner.config import BuildkiteConfig
+from runner.identity import identity_from_json
 from runner.logging_setup import get_logger
 from runner.logs.redact import secret_values
 from runner.secrets import check_not_writable_by_others, read_secret_file
 from runner.slurmflow import pump_log
 from runner.sources import Admission, Ended, JobHost
 from runner.sources.buildkite import protocol
-from runner.sources.buildkite.checkout import CheckoutFailed, checkout
+from runner.sources.buildkite.checkout import CheckoutFailed, CommitNotOnRef, checkout
 from runner.sources.buildkite.client import AgentSession, ApiError
 from runner.sources.buildkite.logstream import LogSettings, LogStreamer
 from runner.sources.buildkite.protocol import FinishReport, RetryPolicy
@@ -291,8 +292,9 @@ class BuildkiteSource:
             if not admitted.decision.allowed:
                 await self._report_runner_end(session, state, Ended(RunnerState.denied, None, None))
                 return
-            if not await self._checkout(state, translated.repository, translated.commit, admitted.workspace):
-                return await self._report_runner_end(session, state, None)
+            failed = await self._checkout(state, translated.repository, translated.commit, admitted.workspace)
+            if failed is not None:
+                return await self._report_runner_end(session, state, failed)
             await self._run(session, state, resumed=False, lost=lost)
             return
         record = self.host.store.get_job(state.runner_id or "")
@@ -300,9 +302,10 @@ class BuildkiteSource:
             # Admitted, but the agent stopped before the job was submitted (during its checkout).
             env = state.job.get("env") or {}
             workspace = Path(str((record.decision or {}).get("workspace", "")))
-            if not await self._checkout(state, str(env.get("BUILDKITE_REPO", "")),
-                                        str(env.get("BUILDKITE_COMMIT", "")), workspace):
-                return await self._report_runner_end(session, state, None)
+            failed = await self._checkout(state, str(env.get("BUILDKITE_REPO", "")),
+                                          str(env.get("BUILDKITE_COMMIT", "")), workspace)
+            if failed is not None:
+                return await self._report_runner_end(session, state, failed)
             await self._run(session, state, resumed=False, lost=lost)
             return
         await self._run(session, state, resumed=resumed, lost=lost)
@@ -373,21 +376,24 @@ class BuildkiteSource:
         self.memory.save(state)
         await self._finish(session, state)
 
-    async def _checkout(self, state: JobState, repository: str, commit: str, workspace: Path) -> bool:
+    async def _checkout(self, state: JobState, repository: str, commit: str, workspace: Path) -> Ended | None:
+        """Check the job's commit out; None when done, else how the job ended (it never runs)."""
         assert state.runner_id is not None
-        refspec = None
-        pull_request = str(state.job.get("env", {}).get("BUILDKITE_PULL_REQUEST", "false"))
-        if pull_request.isdigit():
-            refspec = f"refs/pull/{pull_request}/head"
+        record = self.host.store.get_job(state.runner_id)
+        assert record is not None
+        # The ref the policy decided on (a branch, a pull request's head): the commit must be on it.
+        claimed = identity_from_json(record.identity).effective_ref
         self.host.note(state.runner_id, f"--- :git: hpc-runner: checking out {commit or 'HEAD'}\n")
         try:
-            await checkout(repository, commit, workspace, refspec=refspec)
+            await checkout(repository, commit, workspace, ref=claimed)
         except CheckoutFailed as exc:
+            refused = isinstance(exc, CommitNotOnRef)
             self.host.note(state.runner_id, exc.output + ("" if exc.output.endswith("\n") else "\n")
-                           + f"hpc-runner: {exc}\n")
-            self.host.fail(state.runner_id, str(exc))
-            return False
-        return True
+                           + f"hpc-runner: {'refused: ' if refused else ''}{exc}\n")
+            ended = self.host.fail(state.runner_id, str(exc))
+            # Not a failure of git: the job is not what it claims, so Buildkite hears agent_refused.
+            return Ended(RunnerState.denied, None, str(exc)) if refused else ended
+        return None
 
     async def _run(self, session: AgentSession, state: JobState, *, resumed: bool,
                    lost: asyncio.Event | None = None) -> None:
