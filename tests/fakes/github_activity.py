@@ -5,6 +5,12 @@ description) with the endpoints a CI source polls and confirms through:
 
 * `GET /repos/{o}/{r}/issues/{n}/events`: label events with the person who applied the label
   (`label(..., by=...)`, `unlabel(..., by=...)`);
+* `GET /repos/{o}/{r}/issues/{n}/timeline`: those label events, the comments, the pull request's
+  commits (`committed`, which carry no time of their own but the commit's dates) and its force
+  pushes (`force_push_pull_request`: `head_ref_force_pushed`, served only here because the
+  description's schema for the issue events answer has no such event); and
+  `GET /repos/{o}/{r}/pulls/{n}/commits`, the commits of a pull request, oldest first. A comment
+  on a pull request moves its `updated_at`, as GitHub's do;
 * `GET /repos/{o}/{r}/issues/comments` (the repository's comments, `sort`/`direction`/`since`) and
   `GET /repos/{o}/{r}/issues/comments/{id}`; comments on pull requests link to `/pull/N` as GitHub's do;
 * `GET /repos/{o}/{r}/activity`: every push (`push(..., author=...)` is the pusher), newest first,
@@ -19,6 +25,7 @@ description) with the endpoints a CI source polls and confirms through:
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -38,6 +45,7 @@ def _iso(epoch: float) -> str:
 class ActivityGitHub(GitHubEmulator):
     def __init__(self, **options: Any) -> None:
         self.label_events: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        self.force_pushes: dict[tuple[str, int], list[dict[str, Any]]] = {}
         self.activities: dict[str, list[dict[str, Any]]] = {}
         self.clone_urls: dict[str, str] = {}
         self._event_ids = itertools.count(5_000_000)
@@ -77,6 +85,48 @@ class ActivityGitHub(GitHubEmulator):
         self.use_commit(pr.head_repo, pr.head_ref, sha, files, author=author or pr.author)
         pr.head_sha = sha
         pr.updated = self.clock()
+
+    def force_push_pull_request(self, full_name: str, number: int, files: Mapping[str, str | bytes], *,
+                                sha: str | None = None, by: str | None = None) -> str:
+        """The pull request's head becomes a new commit on its base (not a descendant of the old
+        head), as after `git push --force`; `sha` chooses its SHA. Returns the SHA."""
+        pr = self.pull_request(full_name, number)
+        base = self.repository(full_name).branches[pr.base_ref]
+        self.repository(pr.head_repo).branches[pr.head_ref] = base      # the old head is gone from it
+        if sha is None:
+            new = self.push(pr.head_repo, pr.head_ref, files, author=pr.author)
+        else:
+            tree = {**self.commits[base].files, **files}
+            new = self.use_commit(pr.head_repo, pr.head_ref, sha, tree, author=pr.author)
+        pr.head_sha = new
+        pr.updated = self.clock()
+        event_id = next(self._event_ids)
+        self.force_pushes.setdefault((full_name.lower(), number), []).append({
+            "id": event_id, "node_id": f"HRFPE_{event_id}",
+            "url": f"https://api.github.com/repos/{full_name}/issues/events/{event_id}",
+            "actor": self._simple_user(by or pr.author), "event": "head_ref_force_pushed", "commit_id": new,
+            "commit_url": f"https://api.github.com/repos/{pr.head_repo}/commits/{new}",
+            "created_at": _iso(self.clock()), "performed_via_github_app": None})
+        return new
+
+    def pull_commits(self, full_name: str, number: int) -> list[str]:
+        """The commits of a pull request (reachable from its head, not from its base), oldest first."""
+        pr = self.pull_request(full_name, number)
+        base: set[str] = set()
+        todo = [self.repository(full_name).branches[pr.base_ref]]
+        while todo:
+            sha = todo.pop()
+            if sha in self.commits and sha not in base:
+                base.add(sha)
+                todo += self.commits[sha].parents
+        found: list[str] = []
+        todo = [pr.head_sha]
+        while todo:
+            sha = todo.pop()
+            if sha in self.commits and sha not in base and sha not in found:
+                found.append(sha)
+                todo += self.commits[sha].parents
+        return sorted(found, key=lambda sha: (self.commits[sha].date, -found.index(sha)))
 
     def label(self, full_name: str, number: int, name: str, *, by: str = "alice") -> None:
         pr = self.pull_request(full_name, number)
@@ -123,8 +173,10 @@ class ActivityGitHub(GitHubEmulator):
     def _store_comment(self, full_name: str, number: int, body: str, login: str,
                        user_type: str) -> dict[str, Any]:
         comment = super()._store_comment(full_name, number, body, login, user_type)
-        if (full_name.lower(), number) in self.pulls:
+        pr = self.pulls.get((full_name.lower(), number))
+        if pr is not None:
             comment["html_url"] = f"https://github.com/{full_name}/pull/{number}#issuecomment-{comment['id']}"
+            pr.updated = self.clock()
         return comment
 
     async def _op_issues__list_events(self, request: web.Request, record: RecordedRequest,
@@ -132,6 +184,46 @@ class ActivityGitHub(GitHubEmulator):
         repo = self._repo_for(record, params)
         events = self.label_events.get((repo.full_name.lower(), params["issue_number"]), [])
         return self._page(request, record, copy.deepcopy(events))
+
+    async def _op_issues__list_events_for_timeline(self, request: web.Request, record: RecordedRequest,
+                                                   params: Mapping[str, Any]) -> Result:
+        repo = self._repo_for(record, params)
+        key = (repo.full_name.lower(), params["issue_number"])
+        items: list[tuple[str, dict[str, Any]]] = []
+        for event in self.label_events.get(key, []) + self.force_pushes.get(key, []):
+            items.append((event["created_at"], copy.deepcopy(event)))
+        for comment in self.issue_comments.get(key, []):
+            items.append((comment["created_at"], copy.deepcopy(comment) | {"event": "commented",
+                                                                              "actor": comment["user"]}))
+        if key in self.pulls:
+            for sha in self.pull_commits(repo.full_name, params["issue_number"]):
+                items.append((_iso(self.commits[sha].date), self._committed_event(repo.full_name, sha)))
+        items.sort(key=lambda item: item[0])          # stable: in the order they happened
+        excluded = set(filter(None, dict(record.query).get("exclude", "").split(",")))
+        return self._page(request, record, [item for _, item in items if item["event"] not in excluded])
+
+    def _committed_event(self, full_name: str, sha: str) -> dict[str, Any]:
+        commit = self.commits[sha]
+        url = f"https://api.github.com/repos/{full_name}/git/commits/{sha}"
+        person = {"name": commit.author, "email": f"{commit.author}@example.org", "date": _iso(commit.date)}
+        return {"event": "committed", "sha": sha, "node_id": f"C_{sha[:16]}", "url": url,
+                "html_url": f"https://github.com/{full_name}/commit/{sha}", "author": dict(person),
+                "committer": dict(person), "message": commit.message,
+                "tree": {"sha": hashlib.sha1(sha.encode()).hexdigest(),
+                         "url": f"https://api.github.com/repos/{full_name}/git/trees/{sha}"},
+                "parents": [{"sha": parent, "html_url": f"https://github.com/{full_name}/commit/{parent}",
+                             "url": f"https://api.github.com/repos/{full_name}/git/commits/{parent}"}
+                            for parent in commit.parents],
+                "verification": {"verified": False, "reason": "unsigned", "signature": None, "payload": None,
+                                 "verified_at": None}}
+
+    async def _op_pulls__list_commits(self, request: web.Request, record: RecordedRequest,
+                                      params: Mapping[str, Any]) -> Result:
+        repo = self._repo_for(record, params)
+        if (repo.full_name.lower(), params["pull_number"]) not in self.pulls:
+            raise _Answer(404, "Not Found")
+        shas = self.pull_commits(repo.full_name, params["pull_number"])[:250]   # GitHub lists at most 250
+        return self._page(request, record, [self._commit_json(repo, sha) for sha in shas])
 
     async def _op_issues__list_comments_for_repo(self, request: web.Request, record: RecordedRequest,
                                                  params: Mapping[str, Any]) -> Result:

@@ -143,6 +143,11 @@ class Site:
         self.gh.use_commit(REPO, "main", sha, self.files, author=author)
         return sha
 
+    def later(self, seconds: float = 2.0) -> None:
+        """GitHub's clock moves on: what happens next has later timestamps (they have whole seconds)."""
+        clock = self.gh.clock
+        self.gh.clock = lambda: clock() + seconds
+
     def check_runs(self, name: str | None = None, sha: str | None = None) -> list[dict[str, Any]]:
         return [run for run in self.gh.check_runs(REPO, sha) if name is None or run["name"] == name]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from conftest import wait_until
 from fakes.github_webhooks import SECRET, examples, send
 
@@ -145,6 +146,123 @@ async def test_a_push_after_an_approval_needs_a_new_approval(tmp_path: Path) -> 
         await site.poll()
         assert len(site.host.ran) == 2
         assert [r["conclusion"] for r in site.check_runs("hpc-runner/unit", second)] == ["success"]
+
+
+async def test_a_push_between_a_run_comment_and_the_next_poll_never_runs_on_that_approval(
+        tmp_path: Path) -> None:
+    async with github_site(tmp_path) as site:
+        await site.poll()
+        number = site.open_pull(author="mallory", fork=FORK)
+        reviewed = site.gh.pull_request(REPO, number).head_sha
+        await site.poll()
+        site.gh.add_comment(REPO, number, COMMAND, user="alice")    # alice approves what she reviewed
+        site.later()
+        pushed = site.push_to_pull(number, {"src/change.txt": "not what alice reviewed\n"})
+        await site.poll()
+
+        assert site.host.ran == [] and site.check_runs("hpc-runner/unit") == []
+        [waiting] = site.check_runs(sha=pushed)
+        assert (waiting["name"], waiting["conclusion"]) == ("hpc-runner", "action_required")
+        summary = waiting["output"]["summary"]
+        assert "changed at" in summary and "after @alice's comment at" in summary
+        assert f"`{COMMAND} {pushed}`" in summary                   # how to approve this commit
+        assert site.check_runs(sha=reviewed) == []
+
+        # Naming the commit approves exactly it, whatever happened on the pull request before.
+        site.later()
+        site.gh.add_comment(REPO, number, f"reviewed that one too\n{COMMAND} {pushed[:7]}\n", user="alice")
+        site.later()
+        site.gh.add_comment(REPO, number, "thanks!", user="mallory")
+        await site.poll()
+        [job] = site.check_runs("hpc-runner/unit", pushed)
+        assert job["conclusion"] == "success"
+        [approval] = site.check_runs("hpc-runner", pushed)
+        assert (approval["conclusion"], approval["output"]["title"]) == ("success", "Approved by @alice")
+        record = site.host.store.get_job(site.host.ran[0])
+        assert record is not None and record.identity["actor"] == "alice" and record.identity["fork"] is True
+
+
+async def test_a_push_between_a_label_and_the_next_poll_never_runs_on_that_label(tmp_path: Path) -> None:
+    async with github_site(tmp_path) as site:
+        await site.poll()
+        number = site.open_pull(author="mallory", fork=FORK)
+        await site.poll()
+        site.gh.label(REPO, number, LABEL, by="alice")
+        site.later()
+        pushed = site.push_to_pull(number, {"src/change.txt": "not what alice reviewed\n"})
+        await site.poll()
+
+        assert site.host.ran == []
+        [waiting] = site.check_runs(sha=pushed)
+        assert (waiting["name"], waiting["conclusion"]) == ("hpc-runner", "action_required")
+        summary = waiting["output"]["summary"]
+        assert "after the label was applied by @alice at" in summary
+        assert f"remove and apply the `{LABEL}` label again" in summary
+        await site.poll()
+        assert site.host.ran == [] and len(site.check_runs()) == 1  # said once
+
+        # Applying the label again, once nothing else changes, approves the head.
+        site.later()
+        site.gh.unlabel(REPO, number, LABEL, by="alice")
+        site.gh.label(REPO, number, LABEL, by="alice")
+        await site.poll()
+        assert [r["conclusion"] for r in site.check_runs("hpc-runner/unit", pushed)] == ["success"]
+        assert len(site.host.ran) == 1
+
+
+async def test_a_run_comment_naming_a_commit_that_is_not_the_head_runs_nothing_and_says_so(
+        tmp_path: Path) -> None:
+    async with github_site(tmp_path) as site:
+        await site.poll()
+        number = site.open_pull(author="mallory", fork=FORK)
+        reviewed = site.gh.pull_request(REPO, number).head_sha
+        pushed = site.push_to_pull(number, {"src/change.txt": "newer\n"})
+        site.later()
+        site.gh.add_comment(REPO, number, f"{COMMAND} {reviewed[:10].upper()}", user="alice")
+        site.gh.add_comment(REPO, number, f"{COMMAND} {reviewed[:5]}", user="alice")
+        await site.poll()
+
+        assert site.host.ran == []
+        [waiting] = site.check_runs(sha=pushed)
+        assert waiting["conclusion"] == "action_required"
+        # Each refused command is answered, on the same check run: the latest answer shows.
+        first, second = [body["output"]["summary"] for body in waiting["_history"]]
+        assert f"approved commit `{reviewed[:10]}`, but the head of #{number} is `{pushed[:12]}`" in first
+        assert f"`{reviewed[:5]}` has 5 hex digits; a commit SHA has 7 to 40" in second
+
+        # The same comments seen again (a restart, a redelivery) are not answered again.
+        site.state.set_cursor(REPO, "comments", "0")
+        await site.poll()
+        assert len(site.check_runs()[0]["_history"]) == 2 and site.host.ran == []
+
+
+@pytest.mark.parametrize("replace, words", [
+    ("push", "names more than one commit of #"),
+    ("force-push", "was replaced (head_ref_force_pushed) at"),
+])
+async def test_a_commit_sharing_the_first_digits_of_the_approved_one_never_runs(
+        tmp_path: Path, replace: str, words: str) -> None:
+    async with github_site(tmp_path) as site:
+        await site.poll()
+        number = site.open_pull(author="mallory", fork=FORK)
+        reviewed = site.gh.pull_request(REPO, number).head_sha
+        site.later()
+        site.gh.add_comment(REPO, number, f"{COMMAND} {reviewed[:7]}", user="alice")
+        # Making a commit whose SHA starts with 7 given hex digits takes seconds: mallory pushes
+        # one, on top of the reviewed commit or in its place, before the agent looks.
+        twin = reviewed[:7] + ("0" if reviewed[7] != "0" else "1") + reviewed[8:]
+        site.later()
+        if replace == "push":
+            site.gh.point_pull_request(REPO, number, twin, {**site.main_files(), "src/change.txt": "evil\n"})
+        else:
+            site.gh.force_push_pull_request(REPO, number, {"src/change.txt": "evil\n"}, sha=twin)
+        await site.poll()
+
+        assert site.host.ran == [] and site.check_runs("hpc-runner/unit") == []
+        [waiting] = site.check_runs(sha=twin)
+        assert waiting["conclusion"] == "action_required"
+        summary = waiting["output"]["summary"]
+        assert words in summary and "name the commit in full" in summary
 
 
 async def test_a_cancel_comment_cancels_the_running_job(tmp_path: Path) -> None:
@@ -356,6 +474,26 @@ async def test_gateway_mode_runs_a_delivery_cancels_on_the_check_run_button_and_
         await serving
         counts = await gateway_counts(url)
         assert (counts["waiting"], counts["leased"], counts["acknowledged"]) == (0, 0, 3)
+
+
+async def test_a_delivery_naming_a_newer_head_does_not_make_the_label_approve_it(tmp_path: Path) -> None:
+    async with gateway_server(tmp_path) as url, GatewayClient(url, TOKEN_A, wait_seconds=1) as gateway, \
+            github_site(tmp_path, gateway=gateway, mode="gateway", gateway_url=url,
+                        gateway_token_file=tmp_path / "token") as site:
+        number = site.open_pull(author="mallory", fork=FORK, labelled_by="alice")
+        site.later()
+        pushed = site.push_to_pull(number, {"src/change.txt": "not what alice reviewed\n"})
+        serving = asyncio.create_task(site.source.serve())
+        # The relay is trusted for nothing: its `labeled` delivery names the head pushed after the label.
+        payload = labelled_payload(site, number, "alice")
+        assert payload["pull_request"]["head"]["sha"] == pushed
+        await deliver(url, "pull_request", payload)
+        [waiting] = await wait_until(lambda: site.check_runs(sha=pushed), what="the answer")
+        site.host.draining.set()
+        await serving
+        assert site.host.ran == []
+        assert waiting["conclusion"] == "action_required"
+        assert "after the label was applied by @alice" in waiting["output"]["summary"]
 
 
 async def test_a_lost_lease_does_not_let_a_second_agent_run_the_job(tmp_path: Path) -> None:

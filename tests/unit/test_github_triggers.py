@@ -10,8 +10,11 @@ from fakes.github_webhooks import examples
 
 from runner.policy.model import parse_policy_text
 from runner.sources.github.triggers import (
+    Approval,
     CancelRequest,
+    Command,
     Facts,
+    HeadRewrite,
     Ignore,
     NeedsApproval,
     Run,
@@ -25,6 +28,7 @@ from runner.sources.github.triggers import (
     is_fork,
     labelled_pulls,
     latest_label_event,
+    parse_command,
     policy_teams,
     trigger_key,
     wildcard_teams,
@@ -55,6 +59,24 @@ SHA_B = "b" * 40
 ])
 def test_a_command_stands_alone_on_its_line(body: str, verb: str | None) -> None:
     assert comment_verb(body, COMMAND) == verb
+
+
+@pytest.mark.parametrize("body, command", [
+    ("/hpc-runner run 1a2b3c4", Command("run", sha="1a2b3c4")),
+    ("ok\n  /hpc-runner run   ABCDEF0123  \n", Command("run", sha="abcdef0123")),
+    (f"/hpc-runner run {SHA_A}", Command("run", sha=SHA_A)),
+    ("/hpc-runner run abc12", Command("run", error="`abc12` has 5 hex digits; a commit SHA has 7 to 40")),
+    (f"/hpc-runner run {SHA_A}0", Command("run", error=f"`{SHA_A}0` has 41 hex digits; a commit SHA has "
+                                                        "7 to 40")),
+    ("/hpc-runner run 1a2b3c4 5d6e7f8", None),       # one SHA, nothing else
+    ("/hpc-runner run 1a2b3c4g", None),
+    ("/hpc-runner run1a2b3c4", None),
+    ("> /hpc-runner run 1a2b3c4", None),
+    ("```\n/hpc-runner run 1a2b3c4\n```", None),
+    ("/hpc-runner cancel\n/hpc-runner run 1a2b3c4", Command("run", sha="1a2b3c4")),
+])
+def test_a_run_command_may_name_the_commit_it_approves(body: str, command: Command | None) -> None:
+    assert parse_command(body, COMMAND) == command
 
 
 def _comment(cid: int, body: str, number: int | None = 7, user: str = "alice", kind: str = "User",
@@ -139,9 +161,9 @@ def _from(event: str, payload: dict[str, Any]) -> Trigger | CancelRequest | None
 
 def test_official_example_deliveries_become_hints() -> None:
     labelled = _delivery("pull_request", "labeled", label={"name": "run-hpc"})
-    assert _from("pull_request", labelled) == Trigger(
-        "label", REPO, number=2, sha=labelled["pull_request"]["head"]["sha"], actor="Codertocat",
-        delivery_id="d-1")
+    # The payload's head SHA is the gateway's word only: which commit runs is read through the API.
+    assert _from("pull_request", labelled) == Trigger("label", REPO, number=2, actor="Codertocat",
+                                                      delivery_id="d-1")
     assert _from("pull_request", _delivery("pull_request", "labeled")) is None          # another label
     pushed = _delivery("push", None, ref="refs/heads/master")
     push = _from("push", pushed)
@@ -180,9 +202,12 @@ def test_a_synchronize_of_a_labelled_pull_request_is_looked_at_and_others_ignore
 # ------------------------------------------------------------------------------------ assessment
 
 
+NOW = "2026-01-01T12:00:00Z"
+
+
 def _facts(**changes: Any) -> Facts:
     base: dict[str, Any] = {"head_sha": SHA_A, "actor": "alice", "permission": "write",
-                            "teams": ("CliMA/core",)}
+                            "teams": ("CliMA/core",), "approval": Approval(NOW, NOW)}
     return Facts(**(base | changes))
 
 
@@ -257,3 +282,62 @@ images = ["i"]
 """)
     assert policy_teams(policy) == (("CliMA", "core"),)
     assert wildcard_teams(policy) == ("github:team:CliMA/*",)
+
+
+# ------------------------------------------------------------------------------------ bound to a commit
+
+
+LATER = "2026-01-01T12:00:01Z"
+EARLIER = "2026-01-01T11:59:59Z"
+SHORT = SHA_A[:7]
+
+
+@pytest.mark.parametrize("trigger", [COMMENT, LABEL])
+def test_without_a_sha_an_approval_covers_the_head_only_if_the_pull_request_did_not_change_after_it(
+        trigger: Trigger) -> None:
+    assert isinstance(assess(trigger, _facts(approval=Approval(NOW, NOW))), Run)
+    assert isinstance(assess(trigger, _facts(approval=Approval(NOW, EARLIER))), Run)
+    changed = assess(trigger, _facts(approval=Approval(NOW, LATER)), how_to="comment `/hpc-runner run`")
+    assert isinstance(changed, NeedsApproval) and changed.sha == SHA_A
+    who = "@alice's comment" if trigger.kind == "comment" else "the label was applied by @alice"
+    assert f"the pull request changed at {LATER}, after {who} at {NOW}" in changed.reasons[0]
+    assert changed.reasons[-1] == "comment `/hpc-runner run`"
+    for unknown in (None, Approval(None, NOW), Approval(NOW, None), Approval("yesterday", NOW)):
+        assert isinstance(assess(trigger, _facts(approval=unknown)), NeedsApproval)
+
+
+def test_a_label_event_bound_to_the_head_before_is_not_looked_at_again() -> None:
+    # Whether it ran is the agent's record of it; the caller never runs a label event twice.
+    assert isinstance(assess(LABEL, _facts(bound_sha=SHA_A, approval=Approval(NOW, LATER))), Run)
+
+
+def test_a_full_sha_approves_exactly_that_commit_whatever_happened_since() -> None:
+    named = Approval(NOW, LATER, sha=SHA_A, rewrites=(HeadRewrite("head_ref_force_pushed", LATER),))
+    assert isinstance(assess(COMMENT, _facts(approval=named)), Run)
+    other = assess(COMMENT, _facts(head_sha=SHA_B, approval=named))
+    assert isinstance(other, NeedsApproval) and other.sha == SHA_B
+    assert f"approved commit `{SHA_A}`, but the head of #12 is `{SHA_B[:12]}`" in other.reasons[0]
+
+
+@pytest.mark.parametrize("approval, words", [
+    (Approval(NOW, LATER, sha=SHORT, matching=(SHA_A,)), None),
+    (Approval(NOW, LATER, sha=SHORT, matching=(SHA_A,),
+              rewrites=(HeadRewrite("head_ref_force_pushed", EARLIER),)), None),
+    (Approval(NOW, NOW, sha=SHORT, matching=(SHA_A, SHORT + "f" * 33)), "names more than one commit of #12"),
+    (Approval(NOW, NOW, sha=SHORT, matching=(SHA_A,), complete=False), "more commits or events than"),
+    (Approval(NOW, NOW, sha=SHORT, matching=(SHA_A,), rewrites=(HeadRewrite("head_ref_force_pushed", NOW),)),
+     f"was replaced (head_ref_force_pushed) at {NOW}, after @alice's comment at {NOW}"),
+    (Approval(NOW, NOW, sha=SHORT, matching=(SHA_A,), rewrites=(HeadRewrite("reopened", "?"),)), "replaced"),
+    (Approval(None, NOW, sha=SHORT, matching=(SHA_A,)), "a short SHA is not enough"),
+    (Approval(NOW, NOW, sha="bbbbbbb"), "approved commit `bbbbbbb`, but the head of #12 is"),
+    (Approval(NOW, NOW, sha_error="`abc` has 3 hex digits"), "names no commit: `abc` has 3 hex digits"),
+])
+def test_a_short_sha_must_name_only_the_head_and_the_head_must_not_have_been_replaced_since(
+        approval: Approval, words: str | None) -> None:
+    verdict = assess(COMMENT, _facts(approval=approval))
+    if words is None:
+        assert isinstance(verdict, Run)
+    else:
+        assert isinstance(verdict, NeedsApproval) and words in verdict.reasons[0]
+        if "replaced" in words or "more" in words or "enough" in words:
+            assert "name the commit in full" in verdict.reasons[0]

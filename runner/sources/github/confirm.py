@@ -1,29 +1,36 @@
 """Reading, through the API and with the agent's own credentials, what a trigger claims.
 
 Each trigger becomes `Facts` for `triggers.assess`: the pull request as it is now (head SHA, fork,
-open, labels), who really applied the label (the issue events, not a webhook's `sender`), what the
-comment really says and who wrote it, who pushed which SHA (the repository activity), that person's
-permission on the repository and their membership in the teams the policy names.
+open, labels, when it last changed), who really applied the label and when (the issue events, not a
+webhook's `sender`), what the comment really says, who wrote it and when, who pushed which SHA (the
+repository activity), that person's permission on the repository and their membership in the teams
+the policy names. A command naming a short SHA also gets the pull request's commits that SHA matches
+and the timeline events that replaced its head.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from runner.config import GithubConfig
 from runner.logging_setup import get_logger
 from runner.sources.github.rest import GitHubClient, GitHubHTTPError, api_path, next_link
 from runner.sources.github.triggers import (
+    HEAD_REWRITES,
+    MAX_PULL_COMMITS,
+    Approval,
+    Command,
     Facts,
+    HeadRewrite,
     LabelEvent,
     Trigger,
-    comment_verb,
     has_write,
     is_bot,
     is_fork,
     latest_label_event,
+    parse_command,
 )
 
 log = get_logger("runner.sources.github")
@@ -55,6 +62,19 @@ async def pages(client: GitHubClient, path: str, params: Mapping[str, str | int]
         if following is None or not following.startswith(client.api_url + "/"):
             return
         response = await client.request("GET", following[len(client.api_url):])
+
+
+async def read_list(client: GitHubClient, path: str, params: Mapping[str, str | int] | None = None, *,
+                    max_pages: int = MAX_PAGES) -> tuple[list[Any], bool]:
+    """Every item of a list endpoint, and whether that is all of them (False: more than `max_pages`)."""
+    items: list[Any] = []
+    read = 0
+    async for page in pages(client, path, params, max_pages=max_pages + 1):
+        read += 1
+        if read > max_pages:
+            return items, False
+        items += page
+    return items, True
 
 
 class Confirmer:
@@ -122,6 +142,27 @@ class Confirmer:
             raise NotConfirmed(f"comment {comment_id}: the answer is not a comment")
         return data
 
+    async def short_sha_facts(self, repository: str, number: int, approval: Approval) -> Approval:
+        """`approval` (whose command names a short SHA) with what tells whether that SHA names only
+        the head of pull request `number`: the pull request's commits it matches, the head rewrites
+        of its timeline, and whether both lists were read in full."""
+        assert approval.sha is not None
+        sha = approval.sha
+        owner, name = repository.split("/")
+        values = {"owner": owner, "repo": name}
+        commits, listed = await read_list(self._client, api_path(
+            "/repos/{owner}/{repo}/pulls/{pull_number}/commits", pull_number=number, **values),
+            {"per_page": 100}, max_pages=3)
+        events, whole = await read_list(self._client, api_path(
+            "/repos/{owner}/{repo}/issues/{issue_number}/timeline", issue_number=number, **values),
+            {"per_page": 100})
+        matching = tuple(str(c["sha"]) for c in commits
+                         if isinstance(c, Mapping) and str(c.get("sha") or "").startswith(sha))
+        rewrites = tuple(HeadRewrite(str(e["event"]), str(e.get("created_at") or ""))
+                         for e in events if isinstance(e, Mapping) and e.get("event") in HEAD_REWRITES)
+        return replace(approval, matching=matching, rewrites=rewrites,
+                       complete=listed and whole and len(commits) < MAX_PULL_COMMITS)
+
     async def push_actor(self, repository: str, branch: str, sha: str) -> str | None:
         """Who pushed `sha` to `branch`, from the repository's activity; NotConfirmed if nobody did."""
         owner, name = repository.split("/")
@@ -153,22 +194,26 @@ class Confirmer:
         assert trigger.number is not None
         event: LabelEvent | None = None
         bot = False
+        command: Command | None = None
         if trigger.kind == "comment":
             assert trigger.comment_id is not None
             comment = await self.comment(repository, trigger.comment_id)
-            command = self._config.comment_command or ""
+            text = self._config.comment_command or ""
             issue_url = str(comment.get("issue_url") or "")
             if not issue_url.endswith(f"/issues/{trigger.number}"):
                 raise NotConfirmed(f"comment {trigger.comment_id} is not on #{trigger.number}")
-            if comment_verb(str(comment.get("body") or ""), command) != "run":
-                raise NotConfirmed(f"comment {trigger.comment_id} does not hold `{command}`")
+            command = parse_command(str(comment.get("body") or ""), text)
+            if command is None or command.verb != "run":
+                raise NotConfirmed(f"comment {trigger.comment_id} does not hold `{text}`")
             user = comment.get("user")
             bot = is_bot(user) or bool(comment.get("performed_via_github_app"))
             actor = str(user["login"]) if isinstance(user, Mapping) and user.get("login") else None
+            given = comment.get("created_at")
         else:
             event = label_event or await self.label_event(repository, trigger.number)
             actor = event.actor if event else None
             bot = bool(event and event.bot)
+            given = event.created_at if event else None
         pull = await self.pull(repository, trigger.number)
         head = pull.get("head") or {}
         head_sha = str(head.get("sha") or "")
@@ -177,9 +222,17 @@ class Confirmer:
         permission = await self.permission(repository, actor) if actor and not bot else None
         # Teams matter only to someone whose trigger can run: save the requests for the others.
         teams = await self.teams(actor, team_names) if actor and has_write(permission) else ()
+        updated = pull.get("updated_at")
+        approval = Approval(str(given) if given else None, str(updated) if updated else None,
+                            sha=command.sha if command else None,
+                            sha_error=command.error if command else None)
+        if approval.sha is not None and len(approval.sha) < 40 and head_sha.startswith(approval.sha) \
+                and has_write(permission):
+            approval = await self.short_sha_facts(repository, trigger.number, approval)
         facts = Facts(head_sha, actor, permission, actor_is_bot=bot, fork=is_fork(pull),
                       open=pull.get("state") == "open",
-                      bound_sha=bound_sha_of(event) if event is not None else None, teams=teams)
+                      bound_sha=bound_sha_of(event) if event is not None else None, teams=teams,
+                      approval=approval)
         clone_url = base_repo.get("clone_url") if isinstance(base_repo, Mapping) else None
         return Confirmed(facts, event, self._config.trigger_label in labels,
                          str(clone_url) if clone_url else None)

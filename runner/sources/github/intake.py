@@ -4,7 +4,8 @@
 gateway and `serve_delivery` keeps each delivery leased while its jobs run, acknowledging it once
 they are reported (or giving it back when GitHub could not be asked). Either way `take` confirms a
 trigger (`confirm`, `triggers.assess`), records it under its key so it is acted on once, and hands
-it to `runs`; a commit that needs an approval gets an `action_required` report instead, marked
+it to `runs`; a commit that needs an approval gets an `action_required` report instead (once per
+commit for a label, for every refused run command of someone with write permission), marked
 approved once an approval comes. `cancel` checks that a cancel request's author may write to the
 repository before `runs` cancels the jobs it names.
 """
@@ -59,7 +60,6 @@ class Intake:
         self.runs = runs
         self.reports = reports
         self.background = background
-        self._how_to = triggers.how_to_approve(config.trigger_label, config.comment_command)
 
     # ---------------------------------------------------------------------------- poll mode
 
@@ -200,7 +200,8 @@ class Intake:
             log.info("the label is no longer on the pull request", repository=repository,
                      number=trigger.number)
             return None
-        verdict = triggers.assess(trigger, facts, how_to=self._how_to)
+        verdict = triggers.assess(trigger, facts, how_to=triggers.how_to_approve(
+            self.config.trigger_label, self.config.comment_command, facts.head_sha))
         if isinstance(verdict, Ignore):
             log.info("trigger ignored", repository=repository, reason=verdict.reason)
             if trigger.kind == "comment":
@@ -281,33 +282,51 @@ class Intake:
 
     async def _ask_approval(self, trigger: Trigger, confirmed: Confirmed, verdict: NeedsApproval,
                             key: str | None) -> None:
-        """Say on the commit, once per SHA, why it did not run and how to approve it."""
+        """Say on the commit why it did not run and how to approve it: once per SHA for a label, and
+        for each run command (its author waits for an answer; only writers' commands get here)."""
         repository = trigger.repository
-        if key is not None and self.state.trigger(key) is None:
+        command = trigger.kind == "comment"
+        if command and key is not None and self.state.trigger(key) is not None:
+            return                          # answered before (a redelivery, or a restart)
+        if not command and key is not None and self.state.trigger(key) is None:
             # A label event approves the commit it was applied at and never a later one, even when
             # it could not approve that one either.
             bound = trigger.sha if trigger.sha and trigger.sha != verdict.sha else verdict.sha
             self.state.claim_trigger(key, repository=repository, kind="label", sha=bound,
                                      outcome="needs_approval", detail="; ".join(verdict.reasons))
         marker = _approval_marker(repository, trigger.number, verdict.sha)
-        if self.state.trigger(marker) is not None:
+        said = self.state.trigger(marker)
+        if said is not None and not command:
             return
         log.info("trigger needs an approval", repository=repository, number=trigger.number, sha=verdict.sha,
                  reasons=list(verdict.reasons))
-        report = self.reports.for_commit(repository, verdict.sha, marker)
+        # A commit still waiting keeps its one `hpc-runner` check run, which shows the latest answer.
+        waiting = json.loads(said.detail) if said is not None and said.outcome == "needs_approval" \
+            and said.detail else {}
+        report = self.reports.for_commit(repository, verdict.sha, marker, kind=waiting.get("kind"),
+                                         check_run_id=waiting.get("check_run_id"))
+        title = "Waiting for approval by someone with write permission"
         summary = checks.summary({
             "Trigger": f"{trigger.describe()} on commit {code(verdict.sha[:12])}",
             "Fork": "yes: its code runs only once someone with write permission approved this commit"
                     if confirmed.facts.fork else "no",
             "Why it did not run": list(verdict.reasons)})
         try:
-            await report.open(title="Waiting for approval by someone with write permission", summary=summary,
-                              conclusion="action_required")
+            if waiting.get("kind"):
+                await report.complete(Outcome("action_required", title), summary=summary, text=None)
+            else:
+                await report.open(title=title, summary=summary, conclusion="action_required")
         except GitHubError as exc:
             raise Retry(f"could not report that a trigger needs approval: {exc}") from None
-        self.state.claim_trigger(marker, repository=repository, kind=trigger.kind, sha=verdict.sha,
-                                 outcome="needs_approval",
-                                 detail=_json({"kind": report.kind, "check_run_id": report.check_run_id}))
+        detail = _json({"kind": report.kind, "check_run_id": report.check_run_id})
+        if said is None:
+            self.state.claim_trigger(marker, repository=repository, kind=trigger.kind, sha=verdict.sha,
+                                     outcome="needs_approval", detail=detail)
+        else:
+            self.state.set_trigger_outcome(marker, "needs_approval", detail)
+        if command and key is not None:
+            self.state.claim_trigger(key, repository=repository, kind="comment", sha=verdict.sha,
+                                     outcome="needs_approval", detail="; ".join(verdict.reasons))
 
     async def _resolve_approval(self, trigger: Trigger, sha: str) -> None:
         """An approval came for a commit that was waiting for one: its `hpc-runner` check says so."""

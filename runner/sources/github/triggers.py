@@ -15,11 +15,17 @@ its head repository differs from the base (a fork), and the actor's permission o
 is never used: webhooks compute it without a viewer and report private org members as
 `CONTRIBUTOR`.
 
-Approvals are bound to a SHA. A label is an approval of the head SHA the agent read when it first
-saw that label event; a later push to the pull request needs a new approval (a `/hpc-runner run`
-comment, or the label removed and applied again). Fork pull requests therefore never run on code
-that nobody with write permission approved, and the policy (a grant with `forks = true`) still
-decides whether they run at all.
+Approvals are bound to the commit the approver saw. `/hpc-runner run <sha>` (7 to 40 hex digits)
+approves the commit it names and nothing else: it runs only if that commit is the head, and a
+short SHA only if it names no other commit of the pull request and the head was not force-pushed
+since the comment (a commit with the same first digits is cheap to make). A label, or the command
+without a SHA, approves the head when it was given; GitHub records no time for a push to a pull
+request except as the pull request's `updated_at`, so such an approval runs only if the pull
+request was not updated after it (commit dates are set by whoever commits, and a webhook's SHA is
+only the gateway's word). A label event, once looked at for a head, never approves another one: a
+later push needs a new approval. Fork pull requests therefore never run on code that nobody with
+write permission approved, and the policy (a grant with `forks = true`) still decides whether they
+run at all.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from runner.identity import Identity, identity_from_json
@@ -38,8 +45,14 @@ WRITE_PERMISSIONS = frozenset({"admin", "write", "maintain"})
 BRANCH_UPDATES = frozenset({"push", "force_push", "branch_creation", "pr_merge", "merge_queue_merge"})
 ZERO_SHA = "0" * 40
 CANCEL_ACTION = "cancel"         # the identifier of the check runs' Cancel button
+# Events after which the pull request's head may be a commit that is no descendant of the one
+# before (or the same one again): what a short SHA cannot tell apart.
+HEAD_REWRITES = frozenset({"head_ref_force_pushed", "head_ref_deleted", "head_ref_restored", "reopened"})
+MIN_SHA_DIGITS = 7
+MAX_PULL_COMMITS = 250           # GitHub lists at most this many commits of a pull request
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 _SHA = re.compile(r"[0-9a-f]{40}")
+_HEX = re.compile(r"[0-9a-fA-F]+")
 
 
 # ------------------------------------------------------------------------------------ triggers
@@ -52,7 +65,7 @@ class Trigger:
     kind: TriggerKind
     repository: str                 # OWNER/NAME as configured
     number: int | None = None       # the pull request (label, comment)
-    sha: str | None = None          # the SHA the observation names (PR head at the label, pushed SHA)
+    sha: str | None = None          # label: the head the agent's own poll listed; push: the pushed SHA
     actor: str | None = None        # who labelled, commented or pushed
     comment_id: int | None = None
     branch: str | None = None       # push
@@ -137,15 +150,35 @@ def cancel_command(command: str) -> str | None:
     return f"{head} cancel" if head and last == "run" else None
 
 
-def comment_verb(body: str, command: str) -> Literal["run", "cancel"] | None:
-    """`run` when a line of the comment is exactly `command`, `cancel` for its cancel form.
+@dataclass(frozen=True)
+class Command:
+    """A command found in a comment: run (of the commit `sha` names, if any) or cancel."""
+
+    verb: Literal["run", "cancel"]
+    sha: str | None = None          # lowercase hex, 7 to 40 digits
+    error: str | None = None        # why its argument names no commit
+
+
+def named_sha(argument: str) -> Command:
+    """The run command for `run <argument>`, where `argument` is hex digits."""
+    digits = len(argument)
+    if MIN_SHA_DIGITS <= digits <= 40:
+        return Command("run", sha=argument.lower())
+    return Command("run", error=f"`{argument}` has {digits} hex digits; a commit SHA has "
+                                f"{MIN_SHA_DIGITS} to 40")
+
+
+def parse_command(body: str, command: str) -> Command | None:
+    """The command of a comment: a line that is exactly `command` (run), `command SHA` (run of
+    that commit; SHA is hex digits) or the cancel form of `command`.
 
     The command must stand alone on its line (leading and trailing blanks aside): a quoted line
-    (`> /hpc-runner run`), a mention inside a sentence or a line in a fenced code block is not one.
+    (`> /hpc-runner run`), a mention inside a sentence, anything but hex digits after it, or a
+    line in a fenced code block is not one. The first run line counts.
     """
     cancel = cancel_command(command)
     fence: str | None = None
-    found: Literal["run", "cancel"] | None = None
+    found: Command | None = None
     for raw in body.splitlines():
         opening = _FENCE.match(raw)
         if fence is not None:
@@ -158,10 +191,19 @@ def comment_verb(body: str, command: str) -> Literal["run", "cancel"] | None:
             continue
         line = raw.strip()
         if line == command:
-            return "run"
+            return Command("run")
+        rest = line[len(command):] if line.startswith(command) else ""
+        if rest[:1].isspace() and _HEX.fullmatch(rest.strip()):
+            return named_sha(rest.strip())
         if cancel is not None and line == cancel:
-            found = "cancel"
+            found = Command("cancel")
     return found
+
+
+def comment_verb(body: str, command: str) -> Literal["run", "cancel"] | None:
+    """`run` or `cancel` when the comment holds that command (`parse_command`)."""
+    found = parse_command(body, command)
+    return found.verb if found is not None else None
 
 
 def pull_number_of_comment(comment: Mapping[str, Any]) -> int | None:
@@ -253,6 +295,7 @@ class LabelEvent:
     id: int
     actor: str | None
     bot: bool
+    created_at: str | None = None   # GitHub's time of the event
 
 
 def latest_label_event(events: Iterable[Any], label: str) -> LabelEvent | None:
@@ -267,7 +310,8 @@ def latest_label_event(events: Iterable[Any], label: str) -> LabelEvent | None:
         actor = event.get("actor")
         login = str(actor.get("login")) if isinstance(actor, Mapping) and actor.get("login") else None
         bot = is_bot(actor) or bool(event.get("performed_via_github_app"))
-        candidate = LabelEvent(event["id"], login, bot)
+        created = event.get("created_at")
+        candidate = LabelEvent(event["id"], login, bot, str(created) if created else None)
         if latest is None or candidate.id > latest.id:
             latest = candidate
     return latest
@@ -294,18 +338,16 @@ def from_delivery(event: str, payload: Mapping[str, Any], *, repositories: Seque
     sender = payload.get("sender")
     actor = str(sender.get("login")) if isinstance(sender, Mapping) and sender.get("login") else None
     if event == "pull_request" and trigger_label is not None:
+        # The payload's head SHA is not taken: which commit a label approves is read through the API.
         pull = payload.get("pull_request")
         if not isinstance(pull, Mapping) or not isinstance(pull.get("number"), int):
             return None
-        sha = str((pull.get("head") or {}).get("sha") or "") or None
         labels = {str(item.get("name")) for item in pull.get("labels") or [] if isinstance(item, Mapping)}
         if action == "labeled" and str((payload.get("label") or {}).get("name")) == trigger_label:
-            return Trigger("label", repository, number=pull["number"], sha=sha, actor=actor,
-                           delivery_id=delivery_id)
+            return Trigger("label", repository, number=pull["number"], actor=actor, delivery_id=delivery_id)
         if action in ("synchronize", "reopened") and trigger_label in labels:
             # New commits on a labelled pull request: the label's approval does not cover them.
-            return Trigger("label", repository, number=pull["number"], sha=sha, actor=None,
-                           delivery_id=delivery_id)
+            return Trigger("label", repository, number=pull["number"], actor=None, delivery_id=delivery_id)
         return None
     if event == "issue_comment" and comment_command is not None:
         comment, issue = payload.get("comment"), payload.get("issue")
@@ -349,6 +391,30 @@ def from_delivery(event: str, payload: Mapping[str, Any], *, repositories: Seque
 
 
 @dataclass(frozen=True)
+class HeadRewrite:
+    """An event of the pull request's timeline after which its head may be an unrelated commit."""
+
+    event: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class Approval:
+    """When a label or a run command was given and what GitHub says happened since (all through the
+    API): which commit it approves follows from these (`approval_problem`)."""
+
+    at: str | None                          # created_at of the labeled event or of the comment
+    pull_updated_at: str | None             # the pull request's updated_at, read after the approval
+    sha: str | None = None                  # the commit the command names (lowercase hex)
+    sha_error: str | None = None            # why the command's argument names no commit
+    # A short `sha` only: the pull request's commits it matches, the head rewrites of its timeline,
+    # and whether both lists were read in full.
+    matching: tuple[str, ...] = ()
+    rewrites: tuple[HeadRewrite, ...] = ()
+    complete: bool = True
+
+
+@dataclass(frozen=True)
 class Facts:
     """What the agent read through the API, with its own credentials, after the trigger."""
 
@@ -361,6 +427,7 @@ class Facts:
     # For a label: the SHA this label event was bound to when the agent first saw it (None: new).
     bound_sha: str | None = None
     teams: tuple[str, ...] = ()      # ORG/SLUG of the policy's teams the actor is an active member of
+    approval: Approval | None = None  # label and comment triggers: None when GitHub could not say
 
 
 @dataclass(frozen=True)
@@ -387,13 +454,78 @@ class Ignore:
 Verdict = Run | NeedsApproval | Ignore
 
 
-def how_to_approve(trigger_label: str | None, comment_command: str | None) -> str:
+def how_to_approve(trigger_label: str | None, comment_command: str | None, sha: str | None = None) -> str:
     ways = []
     if comment_command:
-        ways.append(f"comment `{comment_command}`")
+        ways.append(f"comment `{comment_command}`" + (f" or, naming the commit, `{comment_command} {sha}`"
+                                                       if sha else ""))
     if trigger_label:
         ways.append(f"remove and apply the `{trigger_label}` label again")
     return "someone with write permission on the repository can approve this commit: " + " or ".join(ways)
+
+
+def _moment(stamp: str | None) -> datetime | None:
+    """A GitHub timestamp (`2026-01-01T12:00:00Z`), or None when there is no usable one."""
+    try:
+        moment = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
+def approval_problem(trigger: Trigger, facts: Facts) -> str | None:
+    """Why the label or run command of `trigger` does not approve `facts.head_sha` (None: it does).
+
+    Times are GitHub's own (whole seconds). A head rewrite in the approval's second refuses a short
+    SHA. Without a SHA, the pull request's `updated_at` in that second is the approval's own (a label
+    or a comment moves it), so it cannot refuse: a push in that very second is the one case those
+    times cannot order, which naming the commit closes.
+    """
+    approval = facts.approval
+    head = facts.head_sha
+    label = trigger.kind == "label"
+    who = f"the label was applied by @{facts.actor}" if label else f"@{facts.actor}'s comment"
+    given = "the label was applied" if label else f"@{facts.actor} commented"
+    if approval is None:
+        return f"GitHub did not say when {given}, so which commit it approves is unknown"
+    if approval.sha_error is not None:
+        return f"@{facts.actor}'s command names no commit: {approval.sha_error}"
+    at = _moment(approval.at)
+    if approval.sha is not None:
+        if not head.startswith(approval.sha):
+            return (f"@{facts.actor} approved commit `{approval.sha}`, but the head of #{trigger.number} is "
+                    f"`{head[:12]}`: an approval covers only the commit it names")
+        if len(approval.sha) == 40:
+            return None
+        # Anyone can make a commit whose SHA starts like another one's: a short SHA must name no
+        # other commit of the pull request, and the head must not have been replaced since.
+        others = sorted({sha for sha in approval.matching if sha != head})
+        if others:
+            return (f"`{approval.sha}` names more than one commit of #{trigger.number} (`{head[:12]}`, "
+                    + ", ".join(f"`{sha[:12]}`" for sha in others) + "): name the commit in full")
+        if not approval.complete:
+            return (f"#{trigger.number} has more commits or events than the agent can read, so it cannot "
+                    f"tell that `{approval.sha}` names only its head: name the commit in full")
+        if at is None:
+            return f"GitHub did not say when {given}, so a short SHA is not enough: name the commit in full"
+        for rewrite in approval.rewrites:
+            when = _moment(rewrite.created_at)
+            if when is None or when >= at:
+                return (f"the head of #{trigger.number} was replaced ({rewrite.event}) at "
+                        f"{rewrite.created_at}, after {who} at {approval.at}, and a short SHA may name the "
+                        "new commit too: name the commit in full")
+        return None
+    updated = _moment(approval.pull_updated_at)
+    if at is None or updated is None:
+        return (f"GitHub did not say when {given} or when the pull request last changed, so the agent "
+                "cannot tell whether its head changed since")
+    if updated > at:
+        # A push to a pull request leaves no time GitHub vouches for but this one; comments, labels
+        # and reviews move it too, and GitHub does not tell them apart.
+        return (f"the pull request changed at {approval.pull_updated_at}, after {who} at {approval.at} "
+                "(new commits, or any other update: GitHub does not tell them apart), and an approval "
+                "without a SHA covers only the commit that was the head when it was given")
+    return None
 
 
 def assess(trigger: Trigger, facts: Facts, *, how_to: str = "") -> Verdict:
@@ -432,6 +564,12 @@ def assess(trigger: Trigger, facts: Facts, *, how_to: str = "") -> Verdict:
         # nothing and costs GitHub no writes (no check run), so it cannot be used to spam.
         return Ignore(f"{what}: @{facts.actor} has {facts.permission or 'no'} permission on "
                       f"{trigger.repository}; commands need write")
+    # A label event already bound to this head was decided on when first seen: whether it ran is
+    # the agent's record of it, never a second look at times that only grow.
+    if trigger.kind != "push" and not (trigger.kind == "label" and facts.bound_sha is not None):
+        problem = approval_problem(trigger, facts)
+        if problem is not None:
+            return needs(problem)
     return Run(facts.head_sha, github_identity(trigger, facts))
 
 
