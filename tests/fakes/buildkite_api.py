@@ -491,10 +491,12 @@ class BuildkiteEmulator:
             ),
         )
 
-    def non_json(self, endpoint: str, *, times: int = 1, status: int = 200, processed: bool = False) -> None:
+    def non_json(self, endpoint: str, *, times: int = 1, status: int = 200, processed: bool = False,
+                 body: str | None = None) -> None:
         """A 2xx HTML page instead of JSON (a proxy or CDN answering), which the agent must treat
-        as retryable (research §1.1/§1.2)."""
-        self._add_fault(endpoint, Fault(kind="non_json", remaining=times, status=status, processed=processed))
+        as retryable (research §1.1/§1.2); or `body`, any other text no JSON reader can take."""
+        self._add_fault(endpoint, Fault(kind="non_json", remaining=times, status=status, processed=processed,
+                                        message=body))
 
     def delay(self, endpoint: str, seconds: float, *, times: int = 1, processed: bool = True) -> None:
         """Answer only after ``seconds``. With ``processed`` the effect is applied first, so a client
@@ -659,7 +661,7 @@ class BuildkiteEmulator:
                 elif fault.kind == "non_json":
                     response = web.Response(
                         status=fault.status,
-                        text="<html><body><h1>502 Bad Gateway</h1></body></html>",
+                        text=fault.message or "<html><body><h1>502 Bad Gateway</h1></body></html>",
                         content_type="text/html",
                     )
                 elif fault.kind == "drop":
@@ -737,6 +739,8 @@ class BuildkiteEmulator:
         data["state"] = job.state
         data["endpoint"] = self.url
         env = data.setdefault("env", {})
+        if not isinstance(env, dict):
+            return data  # a malformed job, as a test queued it: the agent must cope with it as sent
         # Accepting applies the agent to the job's environment (research §1.3 step 6, §4 tags).
         env["BUILDKITE_AGENT_ID"] = agent.id
         env["BUILDKITE_AGENT_NAME"] = agent.name

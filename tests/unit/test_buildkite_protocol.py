@@ -127,7 +127,7 @@ async def registered(bk: BuildkiteEmulator, http: aiohttp.ClientSession) -> Agen
     return session
 
 
-@pytest.mark.parametrize("fault", ["500", "429", "non_json", "drop"])
+@pytest.mark.parametrize("fault", ["500", "429", "non_json", "too_deep", "drop"])
 async def test_retryable_failures_are_retried(fault: str, bk: BuildkiteEmulator,
                                               http: aiohttp.ClientSession) -> None:
     session = await registered(bk, http)
@@ -137,6 +137,9 @@ async def test_retryable_failures_are_retried(fault: str, bk: BuildkiteEmulator,
         bk.fail("heartbeat", 429, times=1, retry_after=1)
     elif fault == "non_json":
         bk.non_json("heartbeat", times=2)
+    elif fault == "too_deep":
+        # JSON, but nested deeper than Python's json can read (RecursionError, not ValueError).
+        bk.non_json("heartbeat", times=2, body="[" * 100_000 + "]" * 100_000)
     else:
         bk.drop("heartbeat", times=2)
     started = time.monotonic()

@@ -22,6 +22,7 @@ from fakes.buildkite_signer import StepSigner, signed_job
 from structlog.testing import capture_logs
 
 from runner.config import BuildkiteConfig
+from runner.sources import LogSink
 from runner.sources.buildkite import protocol
 from runner.sources.buildkite import source as source_module
 from runner.sources.buildkite.checkout import CheckoutFailed, CommitNotOnRef, checkout
@@ -630,10 +631,12 @@ async def test_a_job_whose_processing_raises_is_finished_once_logged_once_and_th
     else:
         real_run = running.host.run
 
-        async def run(job_id: str, **kwargs: Any) -> Any:
-            if job_id == running.host.store.list_jobs()[0].id:
+        async def run(job_id: str, *, sink: LogSink, cancel: asyncio.Event) -> Any:
+            async def breaking(offset: int, data: bytes) -> None:
+                await sink(offset, data)
                 raise KeyError("a bug")
-            return await real_run(job_id, **kwargs)
+            buggy_job = job_id == running.host.store.list_jobs()[0].id
+            return await real_run(job_id, sink=breaking if buggy_job else sink, cancel=cancel)
         monkeypatch.setattr(running.host, "run", run)
     with capture_logs() as logs:
         buggy = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN],
@@ -645,14 +648,14 @@ async def test_a_job_whose_processing_raises_is_finished_once_logged_once_and_th
 
     assert (body["exit_status"], body["signal_reason"]) == ("-1", "process_run_error")
     log = unstamped(bk.log(buggy))
-    assert log.endswith(b"hpc-runner: the agent failed while handling this job (KeyError); it was stopped "
+    # A job that ran keeps the output it had, with the line after it.
+    assert log.endswith((b"hello from the job\n" if where == "run" else b"")
+                        + b"hpc-runner: the agent failed while handling this job (KeyError); it was stopped "
                         b"there, and the agent's log has the details\n"), log
+    assert bk.jobs[buggy].chunk_conflicts == []
     tracebacks = [entry for entry in logs if entry.get("exc_info")]
     assert [(entry["event"], entry["job"]) for entry in tracebacks] == [
         ("Buildkite job failed in the agent; it is finished as not run", buggy)]
     assert len(running.host.ran) == (2 if where == "run" else 1)
-    record = running.host.store.find_by_external_id("buildkite", buggy)
-    if where == "run":
-        assert record is not None and record.state == JobState.infra_failed
-    else:
-        assert record is None
+    if where == "translation":
+        assert running.host.store.find_by_external_id("buildkite", buggy) is None

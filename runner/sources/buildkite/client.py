@@ -123,7 +123,9 @@ def _decode(raw: bytes) -> tuple[bool, Any]:
         return True, None
     try:
         return True, json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # json recurses once per level: an answer nested deeper than the interpreter allows is as
+        # unreadable as a proxy's page, and must not end the agent's session.
         return False, None
 
 

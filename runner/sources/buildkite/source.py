@@ -2,11 +2,13 @@
 
 Each worker registers as its own agent (the config's tags as meta_data), connects, heartbeats on
 its own timer whatever its job does, and pings every ping_interval plus jitter. A job it is given
-is accepted, its signature verified (before anything else), started, translated into an
+is accepted, bounded in depth and size and checked for the types the source reads (before
+anything recursive sees it), its signature verified, started, translated into an
 identity and a job spec, admitted by the agent's policy, checked out on this node and run through
 the agent, with its log streamed as chunks and the job state polled for cancellation; then
-finished exactly once. What each job reached is stored, so a restarted agent carries on with the
-jobs it had: same log offsets, one finish.
+finished exactly once, whatever its processing raises (a bug included): the session goes on with
+the next job. What each job reached is stored, so a restarted agent carries on with the jobs it
+had: same log offsets, one finish.
 
 Finish statuses (Buildkite's `exit_status` / `signal_reason`):
 
@@ -14,8 +16,8 @@ Finish statuses (Buildkite's `exit_status` / `signal_reason`):
 | --- | --- | --- |
 | the command's exit status | its status | |
 | signature missing, invalid or not matching | -1 | signature_rejected |
-| refused: policy denial, unusable plugin block | -1 | agent_refused |
-| checkout failed, Slurm refused, infrastructure error | -1 | process_run_error |
+| refused: policy denial, unusable plugin block, a job too deep, too large or mistyped | -1 | agent_refused |
+| checkout failed, Slurm refused, infrastructure error, a failure of the agent | -1 | process_run_error |
 | cancelled in Buildkite (or timed out there, or the job token revoked) | -1 (signal SIGTERM) | cancel |
 | cancelled by a second SIGTERM to the agent | -1 (signal SIGTERM) | agent_stop |
 | reached its Slurm walltime | 124 | |
@@ -27,7 +29,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from runner.sources import Admission, Ended, JobHost
 from runner.sources.buildkite import protocol
 from runner.sources.buildkite.checkout import CheckoutFailed, CommitNotOnRef, checkout
 from runner.sources.buildkite.client import AgentSession, ApiError
+from runner.sources.buildkite.intake import finishing_part, job_problem
 from runner.sources.buildkite.logstream import LogSettings, LogStreamer
 from runner.sources.buildkite.protocol import FinishReport, RetryPolicy
 from runner.sources.buildkite.state import JobMemory, JobState
@@ -242,13 +245,65 @@ class BuildkiteSource:
             log.warning("could not accept a Buildkite job", job=bk_id, error=str(exc))
             return False
         job = answer.data if isinstance(answer.data, dict) else {}
+        # Bounded and typed before anything recursive (the store's JSON, canonicalisation,
+        # translation) sees the job; of a job out of bounds only what finishes it is kept.
+        problem = job_problem(job)
+        if problem is not None:
+            job = finishing_part(job)
         state = JobState(bk_id=bk_id, job=job, token=str(job.get("token") or session.session_token),
                          request_headers=dict(session.request_headers),
                          job_status_interval=registration.job_status_interval)
-        self.memory.save(state)
         log.info("Buildkite job accepted", job=bk_id)
-        await self._process(session, state, lost=lost)
+        await self._to_its_finish(session, state, self._begin(session, state, problem, lost))
         return True
+
+    async def _begin(self, session: AgentSession, state: JobState, problem: str | None,
+                     lost: asyncio.Event) -> None:
+        self.memory.save(state)
+        if problem is None:
+            await self._process(session, state, lost=lost)
+        elif await self._start(session, state):
+            log.warning("Buildkite job refused as sent", job=state.bk_id, reason=problem)
+            await self._refuse(session, state, f"hpc-runner: refused: {problem}\n", "agent_refused")
+
+    async def _to_its_finish(self, session: AgentSession, state: JobState,
+                             processing: Coroutine[Any, Any, None]) -> None:
+        """Await a job's `processing`; whatever it raises (a bug included) ends the job in one finish
+        (-1), and the session goes on with the next job. Cancellation goes through."""
+        try:
+            await processing
+        except Exception as exc:
+            log.exception("Buildkite job failed in the agent; it is finished as not run", job=state.bk_id)
+            await self._finish_after_error(session, state, exc)
+
+    async def _finish_after_error(self, session: AgentSession, state: JobState, error: Exception) -> None:
+        if state.finish_sent:
+            return  # the finish is out (or was going out when the error came): it stays the only one
+        why = (f"hpc-runner: the agent failed while handling this job ({type(error).__name__}); "
+               "it was stopped there, and the agent's log has the details\n")
+        try:
+            if state.runner_id is not None:
+                # Its log was being streamed: the line joins the runner job's log, sent from where
+                # the stream stopped, and the runner job ends (if it had not) as failed. Buildkite
+                # hears -1 even if the command ended well: what it was told of the job is incomplete.
+                detail = f"the agent failed while handling it: {type(error).__name__}"
+                self.host.note(state.runner_id, why)
+                self.host.fail(state.runner_id, detail)
+                await self._report_runner_end(session, state, Ended(RunnerState.infra_failed, None, detail))
+            elif await self._start(session, state):
+                await self._refuse(session, state, why, "process_run_error")
+        except Exception as again:
+            log.error("the Buildkite job could not be reported after that failure", job=state.bk_id,
+                      error=f"{type(again).__name__}: {again}")
+            if not state.finish_sent and state.started:
+                # Without its last lines, but finished.
+                state.report = FinishReport(protocol.NOT_RUN, None, "process_run_error",
+                                            state.checkpoint.chunks_failed)
+                try:
+                    await self._finish(session, state)
+                except Exception as last:
+                    log.error("the Buildkite job could not be finished", job=state.bk_id,
+                              error=f"{type(last).__name__}: {last}")
 
     # -- one job -------------------------------------------------------------------------------
 
@@ -256,10 +311,7 @@ class BuildkiteSource:
         session = self._session()
         session.adopt_headers(state.request_headers)
         log.info("carrying on with a Buildkite job after a restart", job=state.bk_id, phase=state.phase)
-        try:
-            await self._process(session, state, resumed=True)
-        except Exception:
-            log.exception("cannot carry on with a Buildkite job", job=state.bk_id)
+        await self._to_its_finish(session, state, self._process(session, state, resumed=True))
 
     async def _process(self, session: AgentSession, state: JobState, *, resumed: bool = False,
                        lost: asyncio.Event | None = None) -> None:
@@ -407,7 +459,9 @@ class BuildkiteSource:
         try:
             runner = self.host.resume if resumed else self.host.run
             ended = await runner(state.runner_id, sink=streamer.sink, cancel=cancel)
-        except asyncio.CancelledError:
+        except BaseException:
+            # Cancelled, or failed: this stream stops here (the next one carries on from its
+            # checkpoint), so none of its tasks goes on sending.
             await streamer.abandon()
             raise
         finally:
