@@ -8,8 +8,9 @@ service account in three ways:
   host, with the binary copied out of the image so that both sides run identical code;
 - `sandbox`: the planner's MPI launch of `/usr/local/bin/mpi-latency` in the image
   (mpirun, the rank wrapper, `apptainer exec --sharens ...` with the host MPI bound in);
-- `sandbox without --sharens`: the same command line with only `--sharens` removed, as a
-  reference: it shows why the planner sets it.
+- `sandbox without --sharens`: the same command line with `--sharens` removed (and the
+  rank hold that exists for it, `sandbox.plan.RANK_HOLD`), as a reference: it shows why the
+  planner sets it.
 
 The program times its own allreduce loop, so launch costs do not enter the latency. Rounds
 interleave the variants (in rotating order) at each message size; the report gives medians
@@ -63,7 +64,7 @@ from bench._common import (
     write_results,
 )
 from sandbox.hostmpi import HostMpi, HostMpiError, discover_host_mpi
-from sandbox.plan import plan_local_launch
+from sandbox.plan import RANK_HOLD, plan_local_launch
 
 NAME = "mpi_latency"
 IMAGE_BINARY = "/usr/local/bin/mpi-latency"
@@ -113,9 +114,16 @@ enabled = true
 
 
 def without_sharens(job: PlannedJob, host_mpi: HostMpi) -> tuple[str, ...]:
+    # The rank hold waits for the other ranks of the node in the /dev/shm they share under
+    # --sharens; without it each rank's is its own, and the hold would wait for ranks it
+    # cannot see.
     argv = tuple(arg for arg in job.plan.argv if arg != "--sharens")
     if argv == job.plan.argv:
         raise BenchError("the planned MPI command line has no --sharens to remove")
+    starts = [i for i in range(len(argv)) if argv[i:i + len(RANK_HOLD)] == RANK_HOLD]
+    if len(starts) != 1:
+        raise BenchError("the planned MPI command line has no rank hold to remove")
+    argv = argv[:starts[0]] + argv[starts[0] + len(RANK_HOLD):]
     plan = dataclasses.replace(job.plan, argv=argv)
     return plan_local_launch(plan, job.spec, job.decision, host_mpi)
 

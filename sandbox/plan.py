@@ -33,7 +33,9 @@ What a job gets, and why each flag is there:
 - MPI jobs: `--sharens` (ranks on one node in one user and mount namespace, or Open MPI's
   shared-memory transport fails), the host MPI binds and `LD_LIBRARY_PATH` for them. The
   ranks also share the container's private `/dev/shm`, so the host's is not bound
-  (Apptainer 1.4 skips `--bind /dev/shm` under `--contain` anyway).
+  (Apptainer 1.4 skips `--bind /dev/shm` under `--contain` anyway). Each rank runs its
+  command under the image's `/bin/sh` (`RANK_HOLD_SCRIPT`), which keeps it from ending
+  before every rank of its node has started: see there for why.
 - `--nv` only for a job that asks for GPUs under a grant that allows them.
 
 Every bind is a `--bind src:dst:mode` of its own; paths that contain `:` or `,` (which
@@ -65,6 +67,70 @@ SCRIPT_NAME = "script"
 SCRIPT_SHELL = ("/bin/sh", "-e")
 DEFAULT_HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RANK_WRAPPER_NAME = "hpcr-rank"
+
+# Every MPI rank runs its command through this, inside the container (`/bin/sh -c SCRIPT
+# hpc-runner COMMAND...`), because of how `--sharens` works in Apptainer 1.4: the first rank
+# of a node to start records its container process in a shared instance file (keyed by the
+# PID of Apptainer's parent, the launcher), and every later rank joins that process's
+# namespaces through /proc/PID/ns. That process ends with the first rank's command; a rank
+# still starting then finds no /proc/PID and fails ("could not open proc directory
+# /proc/PID", or "Failed to enter in user namespace: No such process"), as most jobs whose
+# first rank ended at once did. So each rank marks itself started in /dev/shm (private to
+# the ranks of one node, which share it), runs the command, and then waits until as many
+# ranks as its node has have marked themselves: the first rank's process outlives every
+# join. A rank that calls MPI_Init never waits here: MPI_Init returns only once every rank
+# has started. (Without --sharens there would be nothing to join, but Open MPI's
+# shared-memory transport would fail between the ranks' separate containers.)
+# - ranks on the node: HPC_RUNNER_TASKS under mpirun (all ranks on this node); under srun,
+#   this node's entry of SLURM_STEP_TASKS_PER_NODE ("2(x3),1": two ranks on each of the
+#   first three nodes, one on the fourth). A job can set neither (both prefixes are
+#   reserved). A value in an unexpected form waits for no one, as without the hold.
+# - the wait gives up after about a minute, with a note: a rank that slow to start is
+#   reported by its own failure, and the job does not sit out its walltime here.
+# - the command's exit status is the rank's (a signal N as 128+N, as Apptainer reports it);
+#   a rank that cannot mark itself fails with 125 before running anything, since the others
+#   would wait for it.
+# - the image needs `/bin/sh` (as a `script` does) and `sleep`.
+RANK_HOLD_NAME = "hpc-runner"
+RANK_HOLD_DIR = "/dev/shm/.hpc-runner-ranks"
+# Sets $ranks: how many ranks this node has.
+RANK_COUNT_SCRIPT = """\
+ranks=${HPC_RUNNER_TASKS:-1}
+if [ -n "${SLURM_STEP_TASKS_PER_NODE:-}" ]; then
+    ranks=1 node=${SLURM_NODEID:-x} saved_ifs=$IFS IFS=,
+    set -f
+    for entry in $SLURM_STEP_TASKS_PER_NODE; do
+        count=${entry%%"("*} times=1
+        case $entry in *"(x"*")") times=${entry#*"(x"}; times=${times%")"};; esac
+        case $count:$times:$node in *[!0-9:]*|:*|*::*|*:) break;; esac
+        case $entry in "$count"|"$count(x$times)") ;; *) break;; esac
+        if [ "$node" -lt "$times" ]; then ranks=$count; break; fi
+        node=$((node - times))
+    done
+    set +f
+    IFS=$saved_ifs
+fi
+case $ranks in ''|*[!0-9]*) ranks=1;; esac
+"""
+RANK_HOLD_SCRIPT = RANK_COUNT_SCRIPT + f"""\
+if ! {{ mkdir -p {RANK_HOLD_DIR} && : >{RANK_HOLD_DIR}/$$; }}; then
+    echo "hpc-runner: cannot mark this rank started in {RANK_HOLD_DIR}" >&2
+    exit 125
+fi
+"$@"
+status=$?
+tries=0
+while set -- {RANK_HOLD_DIR}/*; [ "$#" -lt "$ranks" ]; do
+    if [ "$tries" -ge 1200 ]; then
+        echo "hpc-runner: gave up waiting for the other ranks of this node to start" >&2
+        break
+    fi
+    tries=$((tries + 1))
+    sleep 0.05
+done
+exit "$status"
+"""
+RANK_HOLD = ("/bin/sh", "-c", RANK_HOLD_SCRIPT, RANK_HOLD_NAME)
 
 # What the runner itself puts into every job's environment (HOME through `--home`).
 DOCUMENTED_ENV = (
@@ -381,7 +447,7 @@ def plan_sandbox(spec: JobSpec, decision: Decision, image_path: str, paths: JobP
             *bind_flag(Bind(meta, META, "ro")), "--env-file", posixpath.join(meta, ENV_FILE_NAME)]
     for bind in (*granted, *mpi_binds):
         argv += bind_flag(bind)
-    argv += [*site.extra_flags, image, *_command(spec)]
+    argv += [*site.extra_flags, image, *(RANK_HOLD if job_mpi else ()), *_command(spec)]
     passthrough = _passthrough(decision, gpus, job_mpi)
     wrapper = ("/bin/sh", "-c", rank_wrapper_script(passthrough), RANK_WRAPPER_NAME) if passthrough else ()
     return SandboxPlan(argv=tuple(argv), env_file=env_text, script=spec.script, rank_wrapper=wrapper,

@@ -131,6 +131,35 @@ def test_mpi_ranks_of_the_host_open_mpi_form_one_world(runner_site: RunnerSite, 
     assert f"allreduce sum {ranks * (ranks + 1) // 2}\n" in result.stdout
 
 
+# Each rank prints the user and mount namespaces it runs in; rank 0 then ends at once, often
+# before the other rank's Apptainer has joined its namespaces.
+SHORT_RANK_SCRIPT = (
+    'echo "rank $OMPI_COMM_WORLD_RANK in $(readlink /proc/self/ns/user) $(readlink /proc/self/ns/mnt)"\n'
+    '[ "$OMPI_COMM_WORLD_RANK" = 0 ] && exit 0\n'
+    'echo "rank $OMPI_COMM_WORLD_RANK ran on"\n'
+)
+SHORT_RANK_LINE = re.compile(r"^rank (\d) in (user:\[\d+\] mnt:\[\d+\])$", re.M)
+
+
+def test_a_rank_that_ends_at_once_does_not_fail_the_ranks_still_starting(runner_site: RunnerSite) -> None:
+    # Ranks on one node share namespaces (--sharens): the later ones join those of the first
+    # through /proc/PID of its container process. Such jobs failed with "could not open proc
+    # directory" when that process had already ended (5 of these 10 before the fix).
+    job = runner_site.write_job(
+        "short-rank", job_toml("short-rank", command=["/bin/sh", "-c", SHORT_RANK_SCRIPT], tasks=2, mpi=True))
+
+    failures = []
+    for attempt in range(10):
+        result = runner_site.run(job)
+        namespaces = dict(SHORT_RANK_LINE.findall(result.stdout))
+        if (result.returncode != 0 or sorted(namespaces) != ["0", "1"] or len(set(namespaces.values())) != 1
+                or "rank 1 ran on\n" not in result.stdout):
+            failures.append(f"job {attempt}: exit {result.returncode}\nstdout:\n{result.stdout}\n"
+                            f"stderr:\n{result.stderr}")
+
+    assert not failures, f"{len(failures)} of 10 jobs failed:\n" + "\n".join(failures)
+
+
 def test_workspace_is_the_writable_working_directory_and_its_files_belong_to_the_service_account(
     runner_site: RunnerSite,
 ) -> None:

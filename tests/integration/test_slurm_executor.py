@@ -224,6 +224,22 @@ async def test_an_mpi_job_of_two_ranks_forms_one_world_through_srun_and_pmix(slu
     assert "PMIX ERROR" not in log, log
 
 
+async def test_a_rank_that_ends_at_once_does_not_fail_the_ranks_still_starting(slurm: SlurmSite) -> None:
+    # As under mpirun (test_run.py): a later rank joins the namespaces of the first one's
+    # container process, which must not have ended yet. Before the fix 7 and 10 of 10 such
+    # jobs failed here ("could not open proc directory").
+    jobs = 6
+    script = '[ "$SLURM_PROCID" = 0 ] && exit 0\necho "rank $SLURM_PROCID ran on"\n'
+    failures = []
+    for attempt in range(jobs):
+        prepared = slurm.prepare(job_text(command=["/bin/sh", "-c", script], tasks=2, mpi=True))
+        outcome = await asyncio.wait_for(slurm.executor.watch(await slurm.submit(prepared)), 120)
+        log = prepared.log_path.read_text()
+        if outcome.state != "succeeded" or "rank 1 ran on\n" not in log:
+            failures.append(f"job {attempt}: {outcome}\n{log}")
+    assert not failures, f"{len(failures)} of {jobs} jobs failed:\n" + "\n".join(failures)
+
+
 async def test_a_walltime_overrun_ends_timed_out(slurm: SlurmSite) -> None:
     # One minute is Slurm's smallest time limit. slurmctld checks limits every 30 s
     # (OverTimeLimit is 0 here) and the job ends on the first SIGTERM, so KillWait adds nothing.

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+from conftest import wait_for
 
 from runner.binds import Bind
 from runner.errors import InfrastructureError
@@ -25,6 +26,11 @@ from sandbox.hostmpi import HostMpi
 from sandbox.plan import (
     APPTAINER_ADDED_ENV,
     DOCUMENTED_ENV,
+    RANK_COUNT_SCRIPT,
+    RANK_HOLD,
+    RANK_HOLD_DIR,
+    RANK_HOLD_NAME,
+    RANK_HOLD_SCRIPT,
     JobPaths,
     SandboxPlan,
     SandboxRefused,
@@ -194,7 +200,7 @@ def test_mpi_jobs_share_the_host_network_and_one_namespace() -> None:
     spec = job(mpi="enabled = true")
     argv = plan(spec, mpi=FAKE_MPI).argv
     assert "--net" not in argv and "--sharens" in argv
-    assert "/dev/shm" not in " ".join(argv)
+    assert not [bind for bind in flag_pairs(argv, "--bind") if "/dev/shm" in bind]
 
 
 def test_nv_only_for_a_job_that_asks_for_gpus_under_a_grant_that_allows_them() -> None:
@@ -468,3 +474,91 @@ def test_the_rank_wrapper_reexports_only_launcher_variables(tmp_path: Path) -> N
 def test_rank_wrapper_names_are_checked() -> None:
     with pytest.raises(ValueError, match="not a shell name"):
         rank_wrapper_script(("OMPI'; rm -rf /; '*",))
+
+
+# -- the rank hold (why: see RANK_HOLD_SCRIPT) ----------------------------------------------------
+
+SHELLS = [shell for shell in ("/bin/dash", "/bin/bash") if Path(shell).exists()]
+
+
+def test_each_mpi_rank_runs_its_command_under_the_hold_and_other_jobs_do_not() -> None:
+    spec = job(body='command = ["/work/build/mpi-tests", "--fast"]', mpi="enabled = true")
+    argv = plan(spec, mpi=FAKE_MPI).argv
+    assert argv[argv.index(IMAGE) + 1:] == ("/bin/sh", "-c", RANK_HOLD_SCRIPT, RANK_HOLD_NAME,
+                                            "/work/build/mpi-tests", "--fast") == (*RANK_HOLD, *spec.command)
+    plain = plan(job(body='command = ["make", "check"]')).argv
+    assert plain[plain.index(IMAGE) + 1:] == ("make", "check")
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize(("env", "ranks"), [
+    ({}, 1),
+    ({"HPC_RUNNER_TASKS": "4"}, 4),
+    # Under srun: this node's entry, whatever the job's total.
+    ({"HPC_RUNNER_TASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_NODEID": "0"}, 4),
+    ({"HPC_RUNNER_TASKS": "7", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "0"}, 2),
+    ({"HPC_RUNNER_TASKS": "7", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "2"}, 2),
+    ({"HPC_RUNNER_TASKS": "7", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "3"}, 1),
+    ({"HPC_RUNNER_TASKS": "5", "SLURM_STEP_TASKS_PER_NODE": "3,2", "SLURM_NODEID": "1"}, 2),
+    # Anything unexpected waits for no one, as Apptainer alone would.
+    ({"HPC_RUNNER_TASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "4"}, 1),
+    ({"HPC_RUNNER_TASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_NODEID": "1"}, 1),
+    ({"HPC_RUNNER_TASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "2(x", "SLURM_NODEID": "0"}, 1),
+    ({"HPC_RUNNER_TASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "(x2)", "SLURM_NODEID": "0"}, 1),
+    ({"HPC_RUNNER_TASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "$(id)*", "SLURM_NODEID": "0"}, 1),
+    ({"HPC_RUNNER_TASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_NODEID": "-1"}, 1),
+    ({"HPC_RUNNER_TASKS": "many"}, 1),
+])
+def test_the_hold_counts_the_ranks_of_its_own_node(shell: str, env: dict[str, str], ranks: int) -> None:
+    done = subprocess.run([shell, "-c", RANK_COUNT_SCRIPT + 'echo "$ranks"'],
+                          env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, check=True)
+    assert (done.stdout, done.stderr) == (f"{ranks}\n", "")
+
+
+def hold_in(marks: Path) -> str:
+    assert RANK_HOLD_DIR in RANK_HOLD_SCRIPT
+    return RANK_HOLD_SCRIPT.replace(RANK_HOLD_DIR, str(marks))
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_rank_ends_only_once_every_rank_of_its_node_has_started(shell: str, tmp_path: Path) -> None:
+    marks, ran = tmp_path / "marks", tmp_path / "ran"
+    env = {"PATH": "/usr/bin:/bin", "HPC_RUNNER_TASKS": "2"}
+    rank = subprocess.Popen([shell, "-c", hold_in(marks), RANK_HOLD_NAME, "sh", "-c", f"touch {ran}; exit 7"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(ran.exists, 10, what="the rank's command to run")
+        assert len(list(marks.iterdir())) == 1
+        with pytest.raises(subprocess.TimeoutExpired):
+            rank.wait(0.5)  # its command has ended, the other rank has not started
+        (marks / "other-rank").touch()
+        assert rank.wait(10) == 7
+        assert rank.stderr is not None and rank.stderr.read() == ""
+    finally:
+        rank.kill()
+        rank.wait()
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_last_rank_to_start_ends_with_its_command(shell: str, tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (marks / "first-rank").touch()
+    done = subprocess.run([shell, "-c", hold_in(marks), RANK_HOLD_NAME, "sh", "-c", "echo \"$0 $1\"; exit 3",
+                           "it's", "$(id)"], env={"PATH": "/usr/bin:/bin", "HPC_RUNNER_TASKS": "2"},
+                          capture_output=True, text=True, timeout=10)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "it's $(id)\n", "")
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_rank_that_cannot_mark_itself_started_fails_before_running_anything(
+        shell: str, tmp_path: Path) -> None:
+    (tmp_path / "file").touch()
+    ran = tmp_path / "ran"
+    marks = tmp_path / "file" / "marks"
+    done = subprocess.run([shell, "-c", hold_in(marks), RANK_HOLD_NAME, "touch", str(ran)],
+                          env={"PATH": "/usr/bin:/bin", "HPC_RUNNER_TASKS": "2"},
+                          capture_output=True, text=True, timeout=10)
+    assert done.returncode == 125
+    assert "hpc-runner: cannot mark this rank started in" in done.stderr
+    assert not ran.exists()
