@@ -20,6 +20,13 @@ _SLASHED = re.compile(f"{_SEGMENT}/{_SEGMENT}")
 _LOCAL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}\$?")
 _REF = re.compile(r"refs/[A-Za-z0-9._/+-]{1,250}")
 
+# What a Buildkite identity's fields may come from a step signature for (a grant's
+# `signed_fields`): the pipeline (organisation and pipeline slugs), the ref (branch or pull
+# request), the commit, the event, the pull request (number and fork status) and the creator's
+# teams. Buildkite itself asserts each of them in the job's env; a pipeline signs one by signing
+# the env variables it comes from.
+SIGNABLE_FIELDS = ("pipeline", "ref", "commit", "event", "pull_request", "teams")
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -43,6 +50,8 @@ class Identity:
     event: str | None = None
     ref: str | None = None
     fork: bool = False
+    # buildkite: the SIGNABLE_FIELDS whose values the step's verified signature covers
+    signed: tuple[str, ...] = ()
 
     def principals(self) -> tuple[str, ...]:
         """Every typed principal this identity holds, e.g. `github:team:CliMA/core`."""
@@ -107,6 +116,8 @@ class Identity:
             data["teams"] = list(self.teams)
         if self.source != "local":
             data["fork"] = self.fork
+        if self.signed:
+            data["signed"] = list(self.signed)
         return data
 
 
@@ -130,6 +141,8 @@ def identity_from_json(data: Any, name: str = "<identity>") -> Identity:
     if source not in _FIELDS:
         raise fail("source", f"must be one of github, buildkite, local; got {source!r}")
     allowed = set(_FIELDS[source]) | {"source", "teams", "fork"}
+    if source == "buildkite":
+        allowed.add("signed")
     if source == "local":
         allowed = (allowed | {"groups"}) - {"teams", "fork"}
     for key in data:
@@ -161,6 +174,12 @@ def identity_from_json(data: Any, name: str = "<identity>") -> Identity:
         if not isinstance(data["fork"], bool):
             raise fail("fork", "must be true or false")
         values["fork"] = data["fork"]
+    if "signed" in data:
+        signed = data["signed"]
+        if not isinstance(signed, list) or not all(isinstance(f, str) and f in SIGNABLE_FIELDS
+                                                   for f in signed):
+            raise fail("signed", f"must be a list of {', '.join(SIGNABLE_FIELDS)}")
+        values["signed"] = tuple(f for f in SIGNABLE_FIELDS if f in signed)
     return Identity(**values)
 
 

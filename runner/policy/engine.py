@@ -68,6 +68,7 @@ class Decision:
     network: bool = False
     gpus: bool = False
     retry_node_failure: bool = False      # the account allows one resubmission after a node failure
+    signed_fields: tuple[str, ...] = ()   # what the allowing grant required the signature to cover
 
     @property
     def network_isolated(self) -> bool:
@@ -83,6 +84,7 @@ class Decision:
             "sandbox": {"mpi": self.mpi, "network": self.network, "gpus": self.gpus,
                         "network_isolated": self.network_isolated},
             "retry_node_failure": self.retry_node_failure,
+            "signed_fields": list(self.signed_fields),
         }
 
 
@@ -144,6 +146,13 @@ def _grant_reasons(policy: Policy, grant: Grant, identity: Identity, job: JobSpe
         signer = f"signed by {identity.signer!r}" if identity.signer else "unsigned"
         reasons.append(f"the job is {signer}; the grant requires a signature by one of "
                        f"({', '.join(grant.signers)})")
+    if grant.signed_fields is not None:
+        unsigned = [f for f in grant.signed_fields if f not in identity.signed]
+        if unsigned:
+            one = len(unsigned) == 1
+            who = f" (Buildkite asserts {'it' if one else 'them'})" if identity.source == "buildkite" else ""
+            reasons.append(f"the job's {', '.join(unsigned)} {'is' if one else 'are'} not signed{who}; "
+                           f"the grant requires signed_fields ({', '.join(grant.signed_fields)})")
     if job.resources.account is not None and job.resources.account != grant.account:
         reasons.append(f"the job asks for account {job.resources.account!r}; the grant is for "
                        f"{grant.account!r}")
@@ -186,6 +195,7 @@ def decide(policy: Policy, identity: Identity, job: JobSpec, usage: Usage | None
             return Decision(True, grant=grant.name, account=account.name, slurm=resources,
                             notes=notes, principals=principals, image=job.image, mpi=job.mpi,
                             network=job.network, gpus=resources.gpus > 0,
-                            retry_node_failure=account.retry_node_failures)
+                            retry_node_failure=account.retry_node_failures,
+                            signed_fields=grant.signed_fields or ())
         reasons += [f"grant {grant.name!r}: {reason}" for reason in failed]
     return Decision(False, reasons=tuple(reasons), principals=principals, image=job.image)

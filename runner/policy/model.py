@@ -8,6 +8,7 @@ from pathlib import Path
 
 from runner.binds import Bind, check_absolute_path, parse_bind
 from runner.fields import Table
+from runner.identity import SIGNABLE_FIELDS
 from runner.principals import PrincipalPattern, check_ref_pattern, parse_principal
 from runner.spec import MAX_GPUS, MAX_NODES, NAME_PATTERN
 from runner.tomlsource import TomlDocument, load_toml, parse_toml
@@ -66,6 +67,8 @@ class Grant:
     gpus: bool = False
     network: bool = False
     signers: tuple[str, ...] | None = None
+    # Identity fields that must come from the step's signature, not from what Buildkite asserts.
+    signed_fields: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -185,15 +188,23 @@ def _parse_grant(table: Table, accounts: dict[str, Account], images: dict[str, I
     gpus = table.boolean("gpus", False)
     network = table.boolean("network", False)
     signers = table.string_list("signers", None, pattern=r"[A-Za-z0-9._:-]{1,128}", what="a key id")
+    signed_fields = table.string_list("signed_fields", None)
+    if signed_fields is not None:
+        for index, field in enumerate(signed_fields):
+            if field not in SIGNABLE_FIELDS:
+                raise table.error(f"signed_fields[{index}]",
+                                  f"unknown field {field!r} (known: {', '.join(SIGNABLE_FIELDS)})")
     table.finish()
     # An omitted list means "any" (or, for signers, "no signature needed"); an empty one would
     # silently mean "none", which is never what its author meant.
-    for key, values in (("events", events), ("refs", refs), ("signers", signers)):
+    meanings = {"signers": "no signature is required", "signed_fields": "nothing needs to be signed"}
+    for key, values in (("events", events), ("refs", refs), ("signers", signers),
+                        ("signed_fields", signed_fields)):
         if values == ():
-            meaning = "no signature is required" if key == "signers" else f"any {key.rstrip('s')} is allowed"
+            meaning = meanings.get(key, f"any {key.rstrip('s')} is allowed")
             raise table.error(key, f"must not be empty (omit `{key}` and {meaning})")
     return Grant(name, principals, account, events, refs, forks, image_names, tuple(binds), mpi, gpus,
-                 network, signers)
+                 network, signers, signed_fields)
 
 
 def policy_from_document(doc: TomlDocument) -> Policy:

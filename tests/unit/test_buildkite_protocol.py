@@ -229,6 +229,32 @@ def test_identity_of_a_push_and_of_pull_requests_from_the_same_repository_and_a_
     assert scheduled.event == "schedule"
 
 
+def test_identity_marks_as_signed_only_what_the_steps_signature_covers() -> None:
+    # Nothing is signed: every field is Buildkite's word.
+    assert identity(BASE_ENV, "key-1")[0].signed == ()
+    # The step's signed env holds the branch and the pull request flag, the pipeline env the teams.
+    step = {"env": {"BUILDKITE_BRANCH": "main", "BUILDKITE_PULL_REQUEST": "false"}}
+    fields = ["command", "env", "env::BUILDKITE_BUILD_CREATOR_TEAMS", "matrix", "plugins", "repository_url"]
+    job = {"env": {**BASE_ENV, "BUILDKITE_COMMAND": "make"}, "step": step}
+    signed = translate(job, signer="key-1", signed_fields=fields, policy_images=["ci"]).identity
+    assert signed.signed == ("ref", "pull_request", "teams")
+    assert signed.to_json()["signed"] == ["ref", "pull_request", "teams"]
+    # The same env without a verified signature (allow_unsigned) is not signed.
+    assert translate(job, signer=None, signed_fields=[], policy_images=["ci"]).identity.signed == ()
+    # A pull request: its ref and fork status need the head repository signed too.
+    pr_env = {**BASE_ENV, "BUILDKITE_PULL_REQUEST": "12", "BUILDKITE_COMMIT": "0" * 40,
+              "BUILDKITE_PULL_REQUEST_REPO": BASE_ENV["BUILDKITE_REPO"]}
+    names = {"BUILDKITE_PULL_REQUEST", "BUILDKITE_COMMIT", "BUILDKITE_REPO"}
+    assert identity(pr_env, "k", signed_env=names)[0].signed == ("ref", "commit", "event")
+    every = names | {"BUILDKITE_PULL_REQUEST_REPO", "BUILDKITE_ORGANIZATION_SLUG", "BUILDKITE_PIPELINE_SLUG",
+                     "BUILDKITE_BUILD_CREATOR_TEAMS"}
+    assert identity(pr_env, "k", signed_env=every)[0].signed == (
+        "pipeline", "ref", "commit", "event", "pull_request", "teams")
+    # A push's ref is its branch, its event its BUILDKITE_SOURCE: both must be signed.
+    push_names = {"BUILDKITE_PULL_REQUEST", "BUILDKITE_SOURCE"}
+    assert identity(BASE_ENV, "k", signed_env=push_names)[0].signed == ("event", "pull_request")
+
+
 def test_env_passes_buildkite_and_signed_variables_never_credentials() -> None:
     env = {**BASE_ENV, "BUILDKITE_AGENT_ACCESS_TOKEN": "bkaj_x", "STEP_VAR": "1", "PIPE_VAR": "2",
            "UNSIGNED": "3", "LD_PRELOAD": "/evil.so", "CI": "true"}

@@ -339,6 +339,28 @@ async def test_a_commit_that_is_on_the_claimed_branch_runs(
     assert git("rev-parse", "HEAD", cwd=workspace).strip() == first
 
 
+async def test_a_grant_with_signed_fields_runs_only_steps_whose_signature_covers_the_branch(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path,
+        tmp_path: Path) -> None:
+    policy = CORE_ON_MAIN.replace("forks = false", 'forks = false\nsigned_fields = ["ref", "pull_request"]')
+    running = make_source(FakeHost(tmp_path / "site", policy))
+    asserted = queue(bk, signed_job(signer, "make test", repo=str(repo), plugins=[PLUGIN], env=FORGED_MAIN))
+    # The uploader signed the branch and the pull request flag into the step's env.
+    signed = queue(bk, signed_job(signer, "make test", repo=str(repo), plugins=[PLUGIN],
+                                  step_env={"BUILDKITE_BRANCH": "main", "BUILDKITE_PULL_REQUEST": "false"},
+                                  env={"BUILDKITE_BUILD_CREATOR_TEAMS": "core"}))
+
+    body = await finished(bk, asserted)
+    assert (body["exit_status"], body["signal_reason"]) == ("-1", "agent_refused")
+    assert (b"  - grant 'pipeline': the job's ref, pull_request are not signed (Buildkite asserts them); "
+            b"the grant requires signed_fields (ref, pull_request)\n") in unstamped(bk.log(asserted))
+    assert (await finished(bk, signed))["exit_status"] == "0"
+    assert len(running.host.ran) == 1
+    record = running.host.store.find_by_external_id("buildkite", signed)
+    # The event is not signed: BUILDKITE_SOURCE is not in the signed env.
+    assert record is not None and record.identity["signed"] == ["ref", "pull_request"]
+
+
 async def test_head_is_the_tip_of_the_claimed_branch_and_a_ref_git_would_refuse_is_never_fetched(
         repo: Path, tmp_path: Path) -> None:
     tip = commit_on(repo, "refs/heads/feature")

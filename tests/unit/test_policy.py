@@ -111,7 +111,7 @@ def test_policy_is_read_into_accounts_images_and_grants() -> None:
 def test_omitted_grant_fields_take_safe_defaults() -> None:
     grant = _policy().grants[1]
     assert (grant.events, grant.refs, grant.forks, grant.binds, grant.mpi, grant.gpus, grant.network,
-            grant.signers) == (None, None, False, (), False, False, False, None)
+            grant.signers, grant.signed_fields) == (None, None, False, (), False, False, False, None, None)
 
 
 def test_omitted_account_caps_take_small_defaults() -> None:
@@ -243,7 +243,7 @@ def test_a_policy_without_grants_is_valid_and_denies_everything() -> None:
     ("forks = false", "fork = false",
      "p.toml:30: grants[0].fork: unknown key (known keys here: account, binds, events, forks, gpus, images, "
      "mpi, "
-     "name, network, principals, refs, signers)"),
+     "name, network, principals, refs, signed_fields, signers)"),
     ("mpi = true", 'mpi = "yes"', "p.toml:34: grants[0].mpi: must be true or false, got a string"),
     ('events = ["pull_request", "push"]', "events = []",
      "p.toml:28: grants[0].events: must not be empty (omit `events` and any event is allowed)"),
@@ -253,6 +253,14 @@ def test_a_policy_without_grants_is_valid_and_denies_everything() -> None:
      "p.toml:30: grants[0].signers: must not be empty (omit `signers` and no signature is required)"),
     ('account = "ocean"', 'account = "ocean"\nsigners = ["ocean key"]',
      "p.toml:42: grants[1].signers[0]: 'ocean key' is not a key id"),
+    ("forks = false", "signed_fields = []",
+     "p.toml:30: grants[0].signed_fields: must not be empty (omit `signed_fields` and nothing needs to be "
+     "signed)"),
+    ("forks = false", 'signed_fields = ["ref", "branch"]',
+     "p.toml:30: grants[0].signed_fields[1]: unknown field 'branch' (known: pipeline, ref, commit, event, "
+     "pull_request, teams)"),
+    ("forks = false", 'signed_fields = "ref"',
+     "p.toml:30: grants[0].signed_fields: must be an array of strings, got a string"),
     ("[[grants]]\nname = \"ocean-local\"", "[grants.extra]\nname = \"ocean-local\"",
      "p.toml:38: grants[0].extra: unknown key"),
 ])
@@ -504,6 +512,29 @@ def test_signed_grant_requires_one_of_its_signers() -> None:
     assert decide(policy, right, _job()).allowed
 
 
+def test_a_grant_with_signed_fields_covers_only_identities_whose_signature_covers_them() -> None:
+    policy = _policy(_with("forks = false", 'forks = false\nsigned_fields = ["ref", "pull_request"]'))
+    assert policy.grants[0].signed_fields == ("ref", "pull_request")
+    asserted = Identity(source="buildkite", organization="clima", pipeline="climaatmos-ci", branch="main",
+                        signer="clima-2026", signed=("ref",))
+    assert decide(policy, asserted, _job()).reasons == (
+        "grant 'clima-prs': the job's pull_request is not signed (Buildkite asserts it); the grant requires "
+        "signed_fields (ref, pull_request)",)
+    unsigned = Identity(source="buildkite", organization="clima", pipeline="climaatmos-ci", branch="main")
+    assert decide(policy, unsigned, _job()).reasons == (
+        "grant 'clima-prs': the job's ref, pull_request are not signed (Buildkite asserts them); the grant "
+        "requires signed_fields (ref, pull_request)",)
+    signed = Identity(source="buildkite", organization="clima", pipeline="climaatmos-ci", branch="main",
+                      signed=("pull_request", "ref", "teams"))
+    decision = decide(policy, signed, _job())
+    assert (decision.allowed, decision.signed_fields) == (True, ("ref", "pull_request"))
+    assert decision.to_json()["signed_fields"] == ["ref", "pull_request"]
+    # Only Buildkite steps are signed: a GitHub identity never satisfies signed_fields.
+    github = decide(policy, ALICE, _job())
+    assert github.reasons == ("grant 'clima-prs': the job's ref, pull_request are not signed; the grant "
+                              "requires signed_fields (ref, pull_request)",)
+
+
 def test_a_later_grant_allows_what_an_earlier_one_denies() -> None:
     both = Identity(source="github", repository="CliMA/A.jl", teams=("CliMA/core",), event="push",
                     ref="refs/heads/main")
@@ -559,7 +590,7 @@ def test_allowed_decision_json_has_exactly_the_documented_shape() -> None:
                        "github:team:CliMA/core"],
         "image": "clima-ci",
         "sandbox": {"mpi": False, "network": False, "gpus": False, "network_isolated": True},
-        "retry_node_failure": False,
+        "retry_node_failure": False, "signed_fields": [],
     }
 
 
@@ -574,7 +605,7 @@ def test_denied_decision_json_has_exactly_the_documented_shape() -> None:
         "principals": ["github:org:CliMA", "github:repo:CliMA/ClimaAtmos.jl", "github:user:mallory"],
         "image": "clima-ci",
         "sandbox": {"mpi": False, "network": False, "gpus": False, "network_isolated": False},
-        "retry_node_failure": False,
+        "retry_node_failure": False, "signed_fields": [],
     }
 
 

@@ -18,7 +18,7 @@ EXAMPLES = POLICIES / "examples"
 HPC_RUNNER = Path(sys.executable).with_name("hpc-runner")
 
 DECISION_KEYS = {"allowed", "grant", "account", "slurm", "reasons", "notes", "principals", "image", "sandbox",
-                 "retry_node_failure"}
+                 "retry_node_failure", "signed_fields"}
 
 
 def _write(directory: Path, name: str, text: str) -> Path:
@@ -122,6 +122,33 @@ def test_explain_of_a_fork_pull_request_is_denied(tmp_path: Path, capsys: pytest
     assert status == 126
     assert json.loads(out)["reasons"] == [
         "grant 'clima-prs': the job comes from a fork and the grant has forks = false"]
+
+
+def test_explain_shows_a_grants_signed_fields_and_which_fields_a_buildkite_identity_has_signed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (POLICIES / "research-group.toml").read_text()
+    policy = _write(tmp_path, "policy.toml",
+                    text.replace("forks = false", 'forks = false\nsigned_fields = ["ref"]', 1))
+    main_build = json.loads((EXAMPLES / "buildkite-main.json").read_text())
+    asserted = _write(tmp_path, "asserted.json", json.dumps(main_build))
+    signed = _write(tmp_path, "signed.json", json.dumps({**main_build, "signed": ["ref", "teams"]}))
+
+    status, out, _ = _explain(capsys, "--policy", policy, "--job", EXAMPLES / "mpi-tests.toml",
+                              "--identity", asserted)
+    assert status == 126
+    assert json.loads(out)["reasons"] == [
+        "grant 'clima-prs': the job's ref is not signed (Buildkite asserts it); the grant requires "
+        "signed_fields (ref)"]
+    status, out, _ = _explain(capsys, "--policy", policy, "--job", EXAMPLES / "mpi-tests.toml",
+                              "--identity", signed)
+    assert (status, json.loads(out)["signed_fields"]) == (0, ["ref"])
+
+    bad = _write(tmp_path, "bad.json", '{\n  "source": "buildkite",\n  "organization": "clima",\n'
+                                       '  "pipeline": "p",\n  "signed": ["branch"]\n}\n')
+    status, _, err = _explain(capsys, "--policy", policy, "--job", EXAMPLES / "mpi-tests.toml",
+                              "--identity", bad)
+    assert (status, err) == (1, f"invalid: {bad}:5: signed: must be a list of pipeline, ref, commit, event, "
+                                "pull_request, teams\n")
 
 
 def test_explain_names_file_line_and_field_of_an_invalid_job(

@@ -4,7 +4,8 @@ Pure functions: the caller has verified the step's signature and passes the veri
 
 - Identity: organisation and pipeline slugs, branch, build creator and the creator's teams,
   event (push, pull_request, schedule, ...), fork status of a pull request (its repository
-  differs from the pipeline's), and the signer.
+  differs from the pipeline's), and the signer. All of it is job env that Buildkite asserts;
+  the identity names (`signed`) the fields whose variables the step's signature covers too.
 - Job spec: the step's `hpc-runner` plugin block (the job spec table of DESIGN.md, without
   `command`/`script`); the step's command becomes the spec's `script`. Plugins are signed, so
   the resources a step asks for are covered by its signature. Without a block, or a block
@@ -23,7 +24,7 @@ from typing import Any
 
 from runner.errors import HpcRunnerError, InputError
 from runner.fields import MAX_STRING
-from runner.identity import Identity
+from runner.identity import SIGNABLE_FIELDS, Identity
 from runner.spec import (
     ENV_NAME_PATTERN,
     NAME_PATTERN,
@@ -197,8 +198,44 @@ def _repo_key(url: str) -> str:
     return text.removesuffix("/").removesuffix(".git")
 
 
-def identity(env: Mapping[str, str], signer: str | None) -> tuple[Identity, list[str]]:
-    """Who asks, from the job env Buildkite sent; notes name anything that could not be used."""
+def signed_env_names(step: Mapping[str, Any], signed_fields: Sequence[str]) -> frozenset[str]:
+    """The job env variables whose values a verified signature with `signed_fields` covers.
+
+    The step's own env (the verifier compared each of its values with the job env), the pipeline
+    env of each `env::NAME` field, and `BUILDKITE_REPO` (the signed `repository_url`).
+    """
+    names = {f.removeprefix(ENV_FIELD_PREFIX) for f in signed_fields if f.startswith(ENV_FIELD_PREFIX)}
+    step_env = step.get("env")
+    if "env" in signed_fields and isinstance(step_env, Mapping):
+        names.update(str(name) for name in step_env)
+    if "repository_url" in signed_fields:
+        names.add("BUILDKITE_REPO")
+    return frozenset(names)
+
+
+def _signed(env: Mapping[str, str], signed_env: frozenset[str]) -> tuple[str, ...]:
+    """The identity fields (SIGNABLE_FIELDS) all of whose source variables are signed."""
+    is_pr = env.get("BUILDKITE_PULL_REQUEST", "false").isdigit()
+    sources = {
+        "pipeline": {"BUILDKITE_ORGANIZATION_SLUG", "BUILDKITE_PIPELINE_SLUG"},
+        # A pull request's ref is refs/pull/N/head; anything else's is its branch.
+        "ref": {"BUILDKITE_PULL_REQUEST"} | (set() if is_pr else {"BUILDKITE_BRANCH"}),
+        "commit": {"BUILDKITE_COMMIT"},
+        "event": {"BUILDKITE_PULL_REQUEST"} | (set() if is_pr else {"BUILDKITE_SOURCE"}),
+        # Fork status compares the head repository with BUILDKITE_REPO.
+        "pull_request": {"BUILDKITE_PULL_REQUEST"}
+        | ({"BUILDKITE_PULL_REQUEST_REPO", "BUILDKITE_REPO"} if is_pr else set()),
+        "teams": {"BUILDKITE_BUILD_CREATOR_TEAMS"},
+    }
+    return tuple(field for field in SIGNABLE_FIELDS if sources[field] <= signed_env)
+
+
+def identity(env: Mapping[str, str], signer: str | None, *, signed_env: frozenset[str] = frozenset()
+             ) -> tuple[Identity, list[str]]:
+    """Who asks, from the job env Buildkite sent; notes name anything that could not be used.
+
+    `signed_env` names the variables the step's verified signature covers (`signed_env_names`).
+    """
     notes: list[str] = []
     organization = env.get("BUILDKITE_ORGANIZATION_SLUG", "")
     pipeline = env.get("BUILDKITE_PIPELINE_SLUG", "")
@@ -224,7 +261,7 @@ def identity(env: Mapping[str, str], signer: str | None) -> tuple[Identity, list
     creator = env.get("BUILDKITE_BUILD_CREATOR_EMAIL") or env.get("BUILDKITE_BUILD_CREATOR") or None
     ident = Identity(source="buildkite", organization=organization, pipeline=pipeline,
                      branch=_bounded(branch), creator=_bounded(creator), signer=signer, teams=teams,
-                     event=event, ref=ref, fork=fork)
+                     event=event, ref=ref, fork=fork, signed=_signed(env, signed_env))
     return ident, notes
 
 
@@ -243,7 +280,7 @@ def translate(job: Mapping[str, Any], *, signer: str | None, signed_fields: Sequ
     if not isinstance(env, Mapping) or not isinstance(step, Mapping):
         raise JobRefused("the job has no env or step")
     env = {str(k): str(v) for k, v in env.items()}
-    ident, notes = identity(env, signer)
+    ident, notes = identity(env, signer, signed_env=signed_env_names(step, signed_fields))
     block, others = hpc_runner_block(env.get("BUILDKITE_PLUGINS", ""))
     if others:
         notes.append(f"plugins are not run by hpc-runner; ignored: {', '.join(others)}")
