@@ -182,7 +182,10 @@ class AgentConfig:
         return [path for path, _ in self.named_protected_paths()]
 
     def named_protected_paths(self) -> list[tuple[Path, str]]:
-        return self.state_dirs() + self.named_secret_files()
+        # The JWKS may hold a shared HS256 key, which signs jobs: no job may see it either.
+        jwks = [(path, key) for path, key in self.trusted_files()
+                if key == "buildkite.verification_jwks_file"]
+        return self.state_dirs() + self.named_secret_files() + jwks
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from runner.embedded import embedded_policy_path
 from runner.errors import InputError
 from runner.policy import load_policy
 from runner.secrets import SecretFileError, check_not_writable_by_others, read_secret_file, user_name
+from runner.trust.jwks_file import read_verification_jwks
 
 Status = Literal["ok", "warn", "FAIL"]
 
@@ -336,12 +337,21 @@ def check_secret_file(path: Path, key: str) -> Check:
     return Check(f"secret {key}", "ok", f"{path} (mode 0600, owner {user_name(os.geteuid())})")
 
 
-def check_trusted_file(path: Path, key: str) -> Check:
+def check_jwks_file(path: Path, key: str) -> Check:
+    """The verification keys as the agent will read them: a shared (HS256) key makes the file a secret."""
     try:
-        check_not_writable_by_others(path, FILE_DESCRIPTIONS.get(key, key))
+        jwks = read_verification_jwks(path)
     except SecretFileError as exc:
         return Check(f"file {key}", "FAIL", exc.detail, exc.fix)
-    return Check(f"file {key}", "ok", f"{path} (writable only by its owner)")
+    except InputError as exc:
+        return Check(f"file {key}", "FAIL", str(exc), f"correct {path}: it must be the signers' JWKS")
+    except OSError as exc:
+        return Check(f"file {key}", "FAIL", f"{path} cannot be read: {exc.strerror}",
+                     f"make {path} readable by {user_name(os.geteuid())}")
+    if jwks.shared_keys():
+        return Check(f"file {key}", "ok",
+                     f"{path} (holds a shared key: mode 0600, owner {user_name(os.geteuid())})")
+    return Check(f"file {key}", "ok", f"{path} (public keys only, writable only by its owner)")
 
 
 def check_work_root(config: AgentConfig) -> Check:
@@ -399,7 +409,8 @@ def run_checks(config: AgentConfig, host: Host) -> list[Check]:
     checks += [check_state_dir(path, key) for path, key in config.state_dirs()]
     checks.append(check_work_root(config))
     checks += [check_secret_file(path, key) for path, key in config.named_secret_files()]
-    checks += [check_trusted_file(path, key) for path, key in config.trusted_files() if key != "policy"]
+    checks += [check_jwks_file(path, key) for path, key in config.trusted_files()
+               if key == "buildkite.verification_jwks_file"]
     return checks
 
 

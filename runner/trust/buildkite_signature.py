@@ -96,6 +96,10 @@ class Jwks:
     name: str
     keys: Mapping[str, VerificationKey]
 
+    def shared_keys(self) -> list[VerificationKey]:
+        """Keys that sign as well as verify (HMAC, kty "oct"): whoever can read one can sign jobs."""
+        return [key for key in self.keys.values() if ALGORITHM_KEY_TYPES[key.alg][0] == "oct"]
+
 
 @dataclass(frozen=True)
 class VerifiedSignature:

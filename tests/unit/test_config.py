@@ -366,10 +366,11 @@ def test_secret_files_and_protected_paths_of_the_example() -> None:
         Path("/etc/hpc-runner/github-webhook-secret"),
         Path("/etc/hpc-runner/gateway-agent-tokens"),
     ]
-    # The JWKS is public: it is checked for tampering, not secrecy.
+    # The JWKS may be public (checked for tampering, and for secrecy only when it holds a shared
+    # key), but no job may see it either way.
     assert Path("/etc/hpc-runner/buildkite-jwks.json") not in config.secret_files()
     assert config.protected_paths() == [Path("/var/lib/hpc-runner"), Path("/var/lib/hpc-runner-gateway"),
-                                         *config.secret_files()]
+                                         *config.secret_files(), Path("/etc/hpc-runner/buildkite-jwks.json")]
 
 
 # --- the policy against this site -------------------------------------------------------------

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from fakes.buildkite_signer import StepSigner
 
 from runner.commands.doctor import run_doctor
 from runner.config import AgentConfig, parse_config_text
@@ -316,7 +317,7 @@ def buildkite_site(tmp_path: Path, token_mode: int) -> AgentConfig:
     token.write_text("bk-token\n")
     token.chmod(token_mode)
     jwks = tmp_path / "jwks.json"
-    jwks.write_text("{}")
+    jwks.write_text(StepSigner().public_jwks())
     jwks.chmod(0o644)
     policy = tmp_path / "policy.toml"
     policy.write_text('version = 1\n[accounts.esm]\nslurm_account = "esm"\npartitions = ["batch"]\n')

@@ -40,7 +40,7 @@ from runner.config import BuildkiteConfig
 from runner.identity import identity_from_json
 from runner.logging_setup import get_logger
 from runner.logs.redact import secret_values
-from runner.secrets import check_not_writable_by_others, read_secret_file
+from runner.secrets import read_secret_file
 from runner.slurmflow import pump_log
 from runner.sources import Admission, Ended, JobHost
 from runner.sources.buildkite import protocol
@@ -52,7 +52,8 @@ from runner.sources.buildkite.protocol import FinishReport, RetryPolicy
 from runner.sources.buildkite.state import JobMemory, JobState
 from runner.sources.buildkite.translate import JobRefused, translate
 from runner.store import JobState as RunnerState
-from runner.trust.buildkite_signature import Jwks, SignatureRejected, load_jwks, verify_step_signature
+from runner.trust.buildkite_signature import Jwks, SignatureRejected, verify_step_signature
+from runner.trust.jwks_file import read_verification_jwks
 
 log = get_logger("runner.sources.buildkite")
 
@@ -81,9 +82,7 @@ def load_trust(config: BuildkiteConfig) -> tuple[str, Jwks | None]:
     token = read_secret_file(config.token_file, what="Buildkite agent token")
     jwks = None
     if config.verification_jwks_file is not None:
-        path = config.verification_jwks_file
-        check_not_writable_by_others(path, "Buildkite signature keys (JWKS)")
-        jwks = load_jwks(path.read_text(encoding="utf-8"), name=str(path))
+        jwks = read_verification_jwks(config.verification_jwks_file)
     return token, jwks
 
 
