@@ -12,7 +12,7 @@ from pathlib import Path
 from runner.binds import is_within
 from runner.config import AgentConfig
 from runner.errors import InfrastructureError
-from runner.executors.local import LocalLaunch
+from runner.executors.local import LocalLaunch, memory_limit
 from runner.localqueue.paths import socket_path
 from runner.policy import Decision, Policy
 from runner.spec import JobSpec
@@ -43,7 +43,9 @@ class PreparedJob:
         assert self.decision.slurm is not None
         return LocalLaunch(argv=self.argv, env=dict(self.plan.host_env), cwd=str(self.workspace),
                            log_path=self.log_path, walltime_seconds=self.decision.slurm.time_seconds,
-                           grace_seconds=grace_seconds)
+                           grace_seconds=grace_seconds,
+                           # the job's memory per node, held per process (see runner.executors.local)
+                           memory_limit_bytes=memory_limit(self.decision.slurm.memory_mb))
 
 
 class Site:

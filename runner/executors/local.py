@@ -5,6 +5,13 @@ keeps the order of their writes and nothing passes through this process; readers
 (`runner.logs.tail`). The job runs in its own session, so a walltime or a cancellation can end the
 whole process group, children included. A process that leaves the group (setsid) escapes it:
 only the Slurm executor, with cgroups, can contain such a job.
+
+Memory is held by RLIMIT_DATA, the one limit an unprivileged process can set that Apptainer (a
+Go program that reserves far more address space than it uses, which RLIMIT_AS would count)
+survives: it bounds each process's private writable memory (heap, anonymous mappings, thread
+stacks), and every process of the job inherits it. It is a bound per process, not per job: a job
+of N processes may hold N times the limit, and shared memory (MAP_SHARED, /dev/shm) is not
+counted. Only the Slurm executor's cgroups bound a job as a whole.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +40,21 @@ POLL_SECONDS = 0.02
 # for processes the kernel is still tearing down.
 KILL_WAIT_SECONDS = 0.5
 PR_SET_CHILD_SUBREAPER = 36
+# Apptainer's starter needs about 150 MiB of data of its own: a smaller limit would kill every
+# job before it began, so a job asking for less memory is held to this much.
+MIN_MEMORY_LIMIT_BYTES = 256 * 1024 * 1024
+# Sets the limit and becomes the job (same pid, so the job still leads its session). Run in a
+# process of its own rather than as a preexec_fn, which is unsafe in the agent's threaded process.
+_LIMIT_AND_EXEC = (
+    "import os, resource, sys\n"
+    "limit = int(sys.argv[1])\n"
+    "resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))\n"
+    "try:\n"
+    "    os.execv(sys.argv[2], sys.argv[3:])\n"
+    "except OSError as exc:\n"
+    "    sys.stderr.write(f'hpc-runner: cannot start {sys.argv[3]}: {exc.strerror}\\n')\n"
+    "    sys.exit(127)\n"
+)
 
 # "infra_failed": the job did not fail, the cluster did (a node failure); another try may work.
 # Only the Slurm executor can tell; a local job never ends so.
@@ -48,6 +71,8 @@ class LocalLaunch:
     log_path: Path
     walltime_seconds: float
     grace_seconds: float = 10.0
+    # RLIMIT_DATA of every process of the job (see the module's docstring); None: no limit.
+    memory_limit_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -106,10 +131,34 @@ def _open_log(path: Path) -> int:
     return fd
 
 
+def memory_limit(memory_mb: int | None) -> int | None:
+    """RLIMIT_DATA for each process of a local job given `memory_mb` (per node); None: no limit."""
+    if memory_mb is None:
+        return None
+    return max(memory_mb * 1024 * 1024, MIN_MEMORY_LIMIT_BYTES)
+
+
+def _argv(launch: LocalLaunch, log_fd: int) -> tuple[str, ...]:
+    if launch.memory_limit_bytes is None:
+        return launch.argv
+    # Found here, with the job's PATH, as an unlimited launch would find it: a program that is
+    # missing stays an error of the agent, not an exit status of the job.
+    name = launch.argv[0]
+    program = shutil.which(os.path.join(launch.cwd, name) if os.sep in name else name,
+                           path=launch.env.get("PATH", os.defpath))
+    if program is None:
+        message = f"cannot start {launch.argv[0]}: no such program"
+        _note(log_fd, f"hpc-runner: {message}")
+        raise InfrastructureError(message)
+    return (sys.executable, "-I", "-S", "-c", _LIMIT_AND_EXEC, str(launch.memory_limit_bytes),
+            os.path.abspath(program), *launch.argv)
+
+
 async def _spawn(launch: LocalLaunch, log_fd: int) -> asyncio.subprocess.Process:
+    argv = _argv(launch, log_fd)
     try:
         return await asyncio.create_subprocess_exec(
-            *launch.argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+            *argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
             env=dict(launch.env), cwd=launch.cwd, start_new_session=True)
     except OSError as exc:
         culprit = exc.filename if exc.filename is not None else launch.argv[0]

@@ -55,11 +55,37 @@ class SlurmResources:
 
 
 @dataclass(frozen=True)
+class AccountCaps:
+    """The per-job caps of the account an allowed job spends, as `explain` shows them."""
+
+    max_nodes: int
+    max_tasks: int
+    max_cpus_per_task: int
+    max_gpus: int
+    max_memory_mb: int | None
+    max_time: int
+
+    @classmethod
+    def of(cls, account: Account) -> AccountCaps:
+        return cls(account.max_nodes, account.task_cap, account.max_cpus_per_task, account.max_gpus,
+                   account.max_memory_mb, account.max_time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_nodes": self.max_nodes, "max_tasks": self.max_tasks,
+            "max_cpus_per_task": self.max_cpus_per_task, "max_gpus": self.max_gpus,
+            "max_memory": slurm_memory(self.max_memory_mb) if self.max_memory_mb is not None else None,
+            "max_time": human_duration(self.max_time),
+        }
+
+
+@dataclass(frozen=True)
 class Decision:
     allowed: bool
     grant: str | None = None
     account: str | None = None
     slurm: SlurmResources | None = None
+    caps: AccountCaps | None = None       # the account's caps, for an allowed decision
     reasons: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     principals: tuple[str, ...] = ()
@@ -79,6 +105,7 @@ class Decision:
         return {
             "allowed": self.allowed, "grant": self.grant, "account": self.account,
             "slurm": self.slurm.to_json() if self.slurm else None,
+            "caps": self.caps.to_json() if self.caps else None,
             "reasons": list(self.reasons), "notes": list(self.notes),
             "principals": list(self.principals), "image": self.image,
             "sandbox": {"mpi": self.mpi, "network": self.network, "gpus": self.gpus,
@@ -112,6 +139,11 @@ def _account_reasons(job: JobSpec, account: Account, res: SlurmResources, usage:
                        f"({', '.join(account.partitions)})")
     if res.nodes > account.max_nodes:
         reasons.append(f"{res.nodes} nodes exceed account {name}'s max_nodes = {account.max_nodes}")
+    if res.tasks > account.task_cap:
+        reasons.append(f"{res.tasks} tasks exceed account {name}'s max_tasks = {account.task_cap}")
+    if res.cpus_per_task > account.max_cpus_per_task:
+        reasons.append(f"{res.cpus_per_task} CPUs per task exceed account {name}'s max_cpus_per_task = "
+                       f"{account.max_cpus_per_task}")
     if res.gpus > account.max_gpus:
         reasons.append(f"{res.gpus} GPUs exceed account {name}'s max_gpus = {account.max_gpus}")
     if res.time_seconds > account.max_time:
@@ -193,6 +225,7 @@ def decide(policy: Policy, identity: Identity, job: JobSpec, usage: Usage | None
             notes = ((MPI_NETWORK_NOTE,) if job.mpi and not job.network else ()) \
                 + ((MPI_PID_NOTE,) if job.mpi else ())
             return Decision(True, grant=grant.name, account=account.name, slurm=resources,
+                            caps=AccountCaps.of(account),
                             notes=notes, principals=principals, image=job.image, mpi=job.mpi,
                             network=job.network, gpus=resources.gpus > 0,
                             retry_node_failure=account.retry_node_failures,

@@ -10,12 +10,16 @@ from runner.binds import Bind, check_absolute_path, parse_bind
 from runner.fields import Table
 from runner.identity import SIGNABLE_FIELDS
 from runner.principals import PrincipalPattern, check_ref_pattern, parse_principal
-from runner.spec import MAX_GPUS, MAX_NODES, NAME_PATTERN
+from runner.spec import MAX_CPUS_PER_TASK, MAX_GPUS, MAX_NODES, MAX_TASKS, NAME_PATTERN
 from runner.tomlsource import TomlDocument, load_toml, parse_toml
 from runner.units import human_duration, parse_duration, parse_memory
 
 POLICY_VERSION = 1
 DEFAULT_TIME_CAP = 3600
+# Caps of an account that names none: every job has them, whichever executor runs it (the local
+# executor starts `mpirun -np TASKS` on the agent's own node, where no Slurm limit applies).
+DEFAULT_TASKS_PER_NODE = 64
+DEFAULT_MAX_CPUS_PER_TASK = 16
 EVENTS = ("push", "pull_request", "local", "schedule", "api", "ui", "trigger", "merge_group")
 
 
@@ -36,6 +40,13 @@ class Account:
     # Submit a job again, once, when a node fails under it (NODE_FAIL, BOOT_FAIL). Off unless
     # the account says so: the second attempt is charged to the account's allocation too.
     retry_node_failures: bool = False
+    max_tasks: int | None = None          # None: DEFAULT_TASKS_PER_NODE on each of max_nodes
+    max_cpus_per_task: int = DEFAULT_MAX_CPUS_PER_TASK
+
+    @property
+    def task_cap(self) -> int:
+        """Tasks (MPI ranks) per job, all its nodes together."""
+        return self.max_tasks if self.max_tasks is not None else DEFAULT_TASKS_PER_NODE * self.max_nodes
 
     @property
     def time_default(self) -> int:
@@ -108,6 +119,9 @@ def _parse_account(name: str, table: Table) -> Account:
         raise table.error("partitions", "must list at least one partition (the first is the default)")
     max_nodes = table.integer("max_nodes", 1, maximum=MAX_NODES)
     max_gpus = table.integer("max_gpus", 0, minimum=0, maximum=MAX_GPUS)
+    max_tasks = table.integer("max_tasks", None, maximum=MAX_TASKS)
+    max_cpus_per_task = table.integer("max_cpus_per_task", DEFAULT_MAX_CPUS_PER_TASK,
+                                      maximum=MAX_CPUS_PER_TASK)
     max_time = table.converted("max_time", parse_duration, DEFAULT_TIME_CAP)
     default_time = table.converted("default_time", parse_duration, None)
     max_memory = table.converted("max_memory", parse_memory, None)
@@ -123,8 +137,12 @@ def _parse_account(name: str, table: Table) -> Account:
                                    f"got {human_duration(seconds)}")
     if default_time is not None and default_time > max_time:
         raise table.error("default_time", "must not exceed max_time")
+    if max_tasks is not None and max_tasks < max_nodes:
+        raise table.error("max_tasks", f"must be at least max_nodes ({max_nodes}): every node of a job "
+                                       "runs at least one task")
     return Account(name, slurm_account, partitions, max_nodes, max_gpus, max_time, default_time,
-                   max_memory, max_concurrent, admins, retry_node_failures)
+                   max_memory, max_concurrent, admins, retry_node_failures, max_tasks=max_tasks,
+                   max_cpus_per_task=max_cpus_per_task)
 
 
 def _parse_image(name: str, table: Table) -> Image:

@@ -15,7 +15,7 @@ import pytest
 from conftest import wait_until
 
 from runner.errors import InfrastructureError
-from runner.executors.local import LocalExecutor, LocalLaunch, Outcome
+from runner.executors.local import MIN_MEMORY_LIMIT_BYTES, LocalExecutor, LocalLaunch, Outcome, memory_limit
 
 DEADLINE_S = 10.0
 ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
@@ -138,6 +138,45 @@ async def test_a_missing_log_directory_is_an_infrastructure_error(tmp_path: Path
 def test_an_empty_argv_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="argv"):
         LocalLaunch(argv=(), env={}, cwd=str(tmp_path), log_path=tmp_path / "log", walltime_seconds=1)
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+MIB = 1024 * 1024
+ALLOCATE = "import sys; block = bytearray(int(sys.argv[1]) * 2**20); print('allocated', len(block) // 2**20)"
+
+
+def limited(tmp_path: Path, argv: tuple[str, ...], limit_mib: int) -> LocalLaunch:
+    return LocalLaunch(argv=argv, env=ENV, cwd=str(tmp_path), log_path=tmp_path / "job.log",
+                       walltime_seconds=30, memory_limit_bytes=limit_mib * MIB)
+
+
+async def test_a_process_of_the_job_cannot_take_more_memory_than_the_limit(tmp_path: Path) -> None:
+    spec = limited(tmp_path, (sys.executable, "-c", ALLOCATE, "600"), 300)
+    outcome = await LocalExecutor().run(spec)
+    assert (outcome.state, outcome.exit_status) == ("failed", 1)
+    assert "MemoryError" in log_of(spec)
+
+
+async def test_a_job_within_its_limit_runs_and_its_children_are_held_to_it(tmp_path: Path) -> None:
+    script = f"{sys.executable} -c \"{ALLOCATE}\" 100 && grep 'Max data size' /proc/self/limits"
+    spec = limited(tmp_path, ("/bin/sh", "-c", script), 300)
+    assert (await LocalExecutor().run(spec)).state == "succeeded"
+    assert log_of(spec).split() == ["allocated", "100", "Max", "data", "size", str(300 * MIB), str(300 * MIB),
+                                    "bytes"]
+
+
+async def test_a_program_that_cannot_start_under_a_limit_is_an_infrastructure_error(tmp_path: Path) -> None:
+    spec = limited(tmp_path, ("/nonexistent/apptainer", "exec"), 300)
+    with pytest.raises(InfrastructureError, match="/nonexistent/apptainer"):
+        await LocalExecutor().run(spec)
+    assert "hpc-runner: cannot start /nonexistent/apptainer" in log_of(spec)
+
+
+def test_the_limit_is_the_jobs_memory_but_never_less_than_apptainer_needs_to_start() -> None:
+    assert memory_limit(None) is None
+    assert memory_limit(16 * 1024) == 16 * 1024 * MIB
+    assert memory_limit(64) == MIN_MEMORY_LIMIT_BYTES == 256 * MIB
 
 
 # --- walltime ------------------------------------------------------------------------------------

@@ -175,8 +175,8 @@ def test_a_policy_without_grants_is_valid_and_denies_everything() -> None:
      "p.toml:4: accounts.clima.slurm_account: 'esm --qos=high' is not a Slurm account name"),
     ("max_nodes = 4", "max_node = 4",
      "p.toml:6: accounts.clima.max_node: unknown key (known keys here: admins, default_time, "
-     "max_concurrent_jobs, "
-     "max_gpus, max_memory, max_nodes, max_time, partitions, retry_node_failures, slurm_account)"),
+     "max_concurrent_jobs, max_cpus_per_task, "
+     "max_gpus, max_memory, max_nodes, max_tasks, max_time, partitions, retry_node_failures, slurm_account)"),
     ('admins = ["github:team:CliMA/ci-admins"]', 'admins = ["github:team:CliMA/*-admins"]',
      "p.toml:11: accounts.clima.admins[0]: 'github:team:CliMA/*-admins': '*' is only allowed as the whole "
      "last "
@@ -585,6 +585,8 @@ def test_allowed_decision_json_has_exactly_the_documented_shape() -> None:
         "allowed": True, "grant": "clima-prs", "account": "clima",
         "slurm": {"account": "esm", "partition": "expansion", "nodes": 1, "tasks": 1, "tasks_per_node": None,
                   "cpus_per_task": 1, "gpus": 0, "memory": "64G", "time": "0-00:02:00", "time_seconds": 90},
+        "caps": {"max_nodes": 4, "max_tasks": 256, "max_cpus_per_task": 16, "max_gpus": 8,
+                 "max_memory": "64G", "max_time": "4h"},
         "reasons": [], "notes": [],
         "principals": ["github:org:CliMA", "github:repo:CliMA/ClimaAtmos.jl", "github:user:alice",
                        "github:team:CliMA/core"],
@@ -597,7 +599,7 @@ def test_allowed_decision_json_has_exactly_the_documented_shape() -> None:
 def test_denied_decision_json_has_exactly_the_documented_shape() -> None:
     data = decide(_policy(), MALLORY, _job()).to_json()
     assert data == {
-        "allowed": False, "grant": None, "account": None, "slurm": None,
+        "allowed": False, "grant": None, "account": None, "slurm": None, "caps": None,
         "reasons": ["no grant names this identity (it holds: github:org:CliMA, "
                     "github:repo:CliMA/ClimaAtmos.jl, "
                     "github:user:mallory)"],
@@ -619,3 +621,56 @@ def test_decision_json_is_identical_for_identical_inputs() -> None:
 
 def test_decision_is_a_value() -> None:
     assert Decision(False, reasons=("x",)) == Decision(False, reasons=("x",))
+
+
+# --- tasks and CPUs: capped for every job, whichever executor runs it ----------------------------
+
+MPI = "[job.mpi]\nenabled = true\n"
+
+
+def test_ten_million_ranks_are_denied_by_the_default_task_cap() -> None:
+    decision = decide(_policy(), ALICE, _job(extra=MPI, resources="tasks = 10000000"))
+    assert decision.reasons == ("grant 'clima-prs': 10000000 tasks exceed account clima's max_tasks = 256",)
+
+
+def test_cpus_per_task_beyond_the_default_cap_are_denied() -> None:
+    decision = decide(_policy(), ALICE, _job(resources="cpus_per_task = 17"))
+    assert decision.reasons == (
+        "grant 'clima-prs': 17 CPUs per task exceed account clima's max_cpus_per_task = 16",)
+
+
+def test_omitted_task_caps_allow_64_tasks_per_node_and_16_cpus_per_task() -> None:
+    policy = _policy()
+    assert (policy.accounts["clima"].task_cap, policy.accounts["clima"].max_cpus_per_task) == (4 * 64, 16)
+    assert (policy.accounts["ocean"].task_cap, policy.accounts["ocean"].max_cpus_per_task) == (64, 16)
+    assert decide(policy, ALICE, _job(extra=MPI, resources="tasks = 256\ncpus_per_task = 16")).allowed
+
+
+def test_an_accounts_own_task_caps_apply() -> None:
+    policy = _policy(_with("max_gpus = 8", "max_gpus = 8\nmax_tasks = 8\nmax_cpus_per_task = 2"))
+    assert decide(policy, ALICE, _job(extra=MPI, resources="tasks = 8\ncpus_per_task = 2")).allowed
+    assert decide(policy, ALICE, _job(extra=MPI, resources="tasks = 9\ncpus_per_task = 3")).reasons == (
+        "grant 'clima-prs': 9 tasks exceed account clima's max_tasks = 8",
+        "grant 'clima-prs': 3 CPUs per task exceed account clima's max_cpus_per_task = 2",
+    )
+
+
+@pytest.mark.parametrize(("new", "message"), [
+    ("max_tasks = 0", "p.toml:8: accounts.clima.max_tasks: must be at least 1, got 0"),
+    ("max_tasks = 3", "p.toml:8: accounts.clima.max_tasks: must be at least max_nodes (4): every node "
+                      "of a job runs at least one task"),
+    ("max_tasks = 20000000", "p.toml:8: accounts.clima.max_tasks: must be at most 10000000, got 20000000"),
+    ('max_tasks = "8"', "p.toml:8: accounts.clima.max_tasks: must be an integer, got a string"),
+    ("max_cpus_per_task = 0", "p.toml:8: accounts.clima.max_cpus_per_task: must be at least 1, got 0"),
+    ("max_cpus_per_task = 5000",
+     "p.toml:8: accounts.clima.max_cpus_per_task: must be at most 4096, got 5000"),
+])
+def test_task_caps_are_validated(new: str, message: str) -> None:
+    assert _error(_with("max_gpus = 8", f"max_gpus = 8\n{new}")) == message
+
+
+def test_an_allowed_decision_shows_the_caps_it_was_held_to() -> None:
+    caps = decide(_policy(), ALICE, _job()).to_json()["caps"]
+    assert caps == {"max_nodes": 4, "max_tasks": 256, "max_cpus_per_task": 16, "max_gpus": 8,
+                    "max_memory": "64G", "max_time": "4h"}
+    assert decide(_policy(), MALLORY, _job()).to_json()["caps"] is None

@@ -17,7 +17,8 @@ POLICIES = Path(__file__).resolve().parents[2] / "policies"
 EXAMPLES = POLICIES / "examples"
 HPC_RUNNER = Path(sys.executable).with_name("hpc-runner")
 
-DECISION_KEYS = {"allowed", "grant", "account", "slurm", "reasons", "notes", "principals", "image", "sandbox",
+DECISION_KEYS = {"allowed", "grant", "account", "slurm", "caps", "reasons", "notes", "principals", "image",
+                 "sandbox",
                  "retry_node_failure", "signed_fields"}
 
 
