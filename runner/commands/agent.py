@@ -67,7 +67,7 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
         agent.start()
         sources: list[asyncio.Task[None]] = []
         if config.buildkite is not None:
-            buildkite = BuildkiteSource(config.buildkite, agent)
+            buildkite = BuildkiteSource(config.buildkite, agent, github=config.github)
             buildkite.load_trust()
             sources.append(asyncio.create_task(buildkite.serve()))
         if config.github is not None:

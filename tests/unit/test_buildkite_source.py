@@ -19,9 +19,10 @@ import pytest
 from conftest import git, wait_until
 from fakes.buildkite_api import BuildkiteEmulator
 from fakes.buildkite_signer import StepSigner, signed_job
+from fakes.github_api import GitHubEmulator
 from structlog.testing import capture_logs
 
-from runner.config import BuildkiteConfig
+from runner.config import BuildkiteConfig, GithubConfig
 from runner.sources import LogSink
 from runner.sources.buildkite import protocol
 from runner.sources.buildkite import source as source_module
@@ -89,12 +90,12 @@ async def make_source(tmp_path: Path, bk: BuildkiteEmulator, signer: StepSigner
     jwks.write_text(signer.public_jwks())
 
     def start(host: FakeHost | None = None, *, workers: int = 1, signed: bool = True,
-              redacted_vars: tuple[str, ...] = ()) -> Running:
+              redacted_vars: tuple[str, ...] = (), github: GithubConfig | None = None) -> Running:
         host = host or FakeHost(tmp_path / "site")
         config = BuildkiteConfig(token_file=token, verification_jwks_file=jwks if signed else None,
                                  endpoint=bk.url, tags=("queue=hpc",), workers=workers,
                                  allow_unsigned=not signed, redacted_vars=redacted_vars)
-        source = BuildkiteSource(config, host, policies=FAST, http_timeout_s=5)
+        source = BuildkiteSource(config, host, policies=FAST, http_timeout_s=5, github=github)
         running = Running(source, asyncio.create_task(source.serve()), host)
         started.append(running)
         return running
@@ -374,6 +375,141 @@ async def test_head_is_the_tip_of_the_claimed_branch_and_a_ref_git_would_refuse_
         await checkout(str(repo), tip, tmp_path / "c", ref="refs/heads/gone")
     assert not isinstance(missing.value, CommitNotOnRef)
     assert not (tmp_path / "c" / "evil").exists()
+
+
+# -- pull request builds confirmed through GitHub ----------------------------------------------
+
+GH_REPO = "CliMA/ClimaAtmos.jl"
+
+
+@pytest.fixture
+async def gh() -> AsyncIterator[GitHubEmulator]:
+    async with GitHubEmulator() as emulator:
+        emulator.add_repository(GH_REPO, installation=1)
+        yield emulator
+
+
+@pytest.fixture
+def app(gh: GitHubEmulator, tmp_path: Path) -> GithubConfig:
+    """The agent's [github] section: the GitHub App, its API the emulator."""
+    key = tmp_path / "github-app.pem"
+    key.write_text(gh.app_private_key_pem)
+    key.chmod(0o600)
+    return GithubConfig(app_id=gh.app_id, private_key_file=key, repositories=(GH_REPO,), api_url=gh.url)
+
+
+@pytest.fixture
+def hosted(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`BUILDKITE_REPO` as a repository of the emulator's GitHub (its host is 127.0.0.1), which the
+    service account's git config sends to the local repository."""
+    url = f"https://127.0.0.1/{GH_REPO}.git"
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".gitconfig").write_text(f'[url "{repo}"]\n\tinsteadOf = {url}\n')
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    return url
+
+
+def pull_request_job(signer: StepSigner, hosted: str, number: int, commit: str) -> dict[str, Any]:
+    """A signed step of a pull request build that says its head is in the base repository."""
+    return signed_job(signer, "make test", repo=hosted, commit=commit, plugins=[PLUGIN],
+                      env={"BUILDKITE_PULL_REQUEST": str(number), "BUILDKITE_PULL_REQUEST_REPO": hosted,
+                           "BUILDKITE_BRANCH": "topic"})
+
+
+async def test_a_pull_request_from_a_fork_that_the_job_calls_no_fork_is_refused_when_github_says_so(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path,
+        gh: GitHubEmulator, app: GithubConfig, hosted: str) -> None:
+    running = make_source(github=app)
+    pr = gh.add_pull_request(GH_REPO, fork="mallory/ClimaAtmos.jl")
+    pr.head_sha = commit_on(repo, f"refs/pull/{pr.number}/head")
+    job_id = queue(bk, pull_request_job(signer, hosted, pr.number, pr.head_sha))
+
+    body = await finished(bk, job_id)
+
+    assert (body["exit_status"], body["signal_reason"]) == ("-1", "agent_refused")
+    assert (f"hpc-runner: refused: GitHub says pull request #{pr.number} of {GH_REPO} comes from a fork "
+            "(mallory/ClimaAtmos.jl); Buildkite's job says it does not\n").encode() \
+        in unstamped(bk.log(job_id))
+    assert running.host.ran == [] and running.host.store.list_jobs() == []
+
+
+async def test_a_pull_request_build_whose_commit_is_not_the_head_github_names_is_refused(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path,
+        gh: GitHubEmulator, app: GithubConfig, hosted: str) -> None:
+    running = make_source(github=app)
+    pr = gh.add_pull_request(GH_REPO)
+    older = git("rev-parse", "main", cwd=repo).strip()   # on the pull request's branch, not its head
+    pr.head_sha = commit_on(repo, f"refs/pull/{pr.number}/head")
+    job_id = queue(bk, pull_request_job(signer, hosted, pr.number, older))
+
+    body = await finished(bk, job_id)
+
+    assert (body["exit_status"], body["signal_reason"]) == ("-1", "agent_refused")
+    assert (f"hpc-runner: refused: the job's commit {older} is not the head of pull request #{pr.number} of "
+            f"{GH_REPO}, which GitHub says is {pr.head_sha}\n").encode() in unstamped(bk.log(job_id))
+    assert running.host.ran == []
+
+
+async def test_a_confirmed_pull_request_build_runs_githubs_head(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path,
+        gh: GitHubEmulator, app: GithubConfig, hosted: str) -> None:
+    running = make_source(github=app)
+    pr = gh.add_pull_request(GH_REPO)
+    pr.head_sha = commit_on(repo, f"refs/pull/{pr.number}/head")
+    job_id = queue(bk, pull_request_job(signer, hosted, pr.number, "HEAD"))
+
+    assert (await finished(bk, job_id))["exit_status"] == "0"
+
+    assert (f"hpc-runner: GitHub confirms pull request #{pr.number} of {GH_REPO}: head {pr.head_sha}, "
+            "not from a fork\n").encode() in unstamped(bk.log(job_id))
+    record = running.host.store.find_by_external_id("buildkite", job_id)
+    assert record is not None
+    workspace = running.host.root / "work" / record.id / "workspace"
+    assert git("rev-parse", "HEAD", cwd=workspace).strip() == pr.head_sha
+    assert [r.operation for r in gh.requests() if r.credential == "installation"] == ["pulls/get"]
+
+
+async def test_only_pull_request_builds_of_the_apps_github_are_confirmed_and_an_uninstalled_app_refuses(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path,
+        gh: GitHubEmulator, app: GithubConfig, hosted: str) -> None:
+    running = make_source(github=app)
+    push = queue(bk, signed_job(signer, "make test", repo=hosted, plugins=[PLUGIN]))
+    elsewhere = queue(bk, signed_job(signer, "make test", repo=str(repo), plugins=[PLUGIN],
+                                     env={"BUILDKITE_PULL_REQUEST": "3",
+                                          "BUILDKITE_PULL_REQUEST_REPO": str(repo)}))
+    assert (await finished(bk, push))["exit_status"] == "0"
+    # A repository on another host is not the App's to confirm (its ref must still hold the commit).
+    assert (await finished(bk, elsewhere))["signal_reason"] == "process_run_error"
+    assert gh.requests() == []
+
+    gh.repository(GH_REPO).installation = None
+    gh.org_installations.clear()
+    pr = gh.add_pull_request(GH_REPO)
+    job_id = queue(bk, pull_request_job(signer, hosted, pr.number, pr.head_sha))
+    body = await finished(bk, job_id)
+    assert (body["exit_status"], body["signal_reason"]) == ("-1", "agent_refused")
+    assert (f"hpc-runner: refused: the GitHub App is not installed on {GH_REPO}, so the pull request cannot "
+            "be confirmed: install it there\n").encode() in unstamped(bk.log(job_id))
+    assert len(running.host.ran) == 1
+
+
+async def test_a_pull_request_github_could_not_be_asked_about_never_runs(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path,
+        gh: GitHubEmulator, app: GithubConfig, hosted: str) -> None:
+    running = make_source(github=app)
+    pr = gh.add_pull_request(GH_REPO)
+    gh.fail("pulls/get", 403, message="Resource not accessible by integration")
+    job_id = queue(bk, pull_request_job(signer, hosted, pr.number, pr.head_sha))
+
+    body = await finished(bk, job_id)
+
+    assert (body["exit_status"], body["signal_reason"]) == ("-1", "process_run_error")
+    log = unstamped(bk.log(job_id))
+    assert (f"hpc-runner: pull request #{pr.number} of {GH_REPO} could not be confirmed through "
+            "GitHub: ").encode() in log and b"Resource not accessible by integration" in log, log
+    assert running.host.ran == []
 
 
 # -- cancellation ------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Each worker registers as its own agent (the config's tags as meta_data), connect
 its own timer whatever its job does, and pings every ping_interval plus jitter. A job it is given
 is accepted, bounded in depth and size and checked for the types the source reads (before
 anything recursive sees it), its signature verified, started, translated into an
-identity and a job spec, admitted by the agent's policy, checked out on this node and run through
+identity and a job spec (a pull request build confirmed on GitHub when the agent has a GitHub
+App), admitted by the agent's policy, checked out on this node and run through
 the agent, with its log streamed as chunks and the job state polled for cancellation; then
 finished exactly once, whatever its processing raises (a bug included): the session goes on with
 the next job. What each job reached is stored, so a restarted agent carries on with the jobs it
@@ -30,13 +31,14 @@ import contextlib
 import os
 import socket
 from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from runner import __version__
-from runner.config import BuildkiteConfig
+from runner.config import BuildkiteConfig, GithubConfig
 from runner.identity import identity_from_json
 from runner.logging_setup import get_logger
 from runner.logs.redact import secret_values
@@ -46,11 +48,18 @@ from runner.sources import Admission, Ended, JobHost
 from runner.sources.buildkite import protocol
 from runner.sources.buildkite.checkout import CheckoutFailed, CommitNotOnRef, checkout
 from runner.sources.buildkite.client import AgentSession, ApiError
+from runner.sources.buildkite.github_confirm import (
+    NotConfirmed,
+    confirm_pull_request,
+    github_web_host,
+    pull_request_claim,
+)
 from runner.sources.buildkite.intake import finishing_part, job_problem
 from runner.sources.buildkite.logstream import LogSettings, LogStreamer
 from runner.sources.buildkite.protocol import FinishReport, RetryPolicy
 from runner.sources.buildkite.state import JobMemory, JobState
-from runner.sources.buildkite.translate import JobRefused, translate
+from runner.sources.buildkite.translate import JobRefused, Translated, translate
+from runner.sources.github.rest import GitHubClient, GitHubError
 from runner.store import JobState as RunnerState
 from runner.trust.buildkite_signature import Jwks, SignatureRejected, verify_step_signature
 from runner.trust.jwks_file import read_verification_jwks
@@ -59,6 +68,14 @@ log = get_logger("runner.sources.buildkite")
 
 WALLTIME_EXIT_STATUS = 124
 REJECTED_HEADER = "+++ ⛔ Job signature verification failed\n"
+
+
+@dataclass(frozen=True)
+class NotRun:
+    """A job that ends before it is admitted: the log's last line and Buildkite's signal_reason."""
+
+    line: str
+    signal_reason: str
 
 
 def finish_report(ended: Ended, cancel_reason: str | None, chunks_failed: int) -> FinishReport:
@@ -91,8 +108,12 @@ class BuildkiteSource:
 
     def __init__(self, config: BuildkiteConfig, host: JobHost, *,
                  policies: Mapping[str, RetryPolicy] = protocol.DEFAULT_POLICIES,
-                 http_timeout_s: float = 60.0, redacted_vars: tuple[str, ...] = ()) -> None:
+                 http_timeout_s: float = 60.0, redacted_vars: tuple[str, ...] = (),
+                 github: GithubConfig | None = None) -> None:
         self.config = config
+        # With a GitHub App, pull request builds of its GitHub's repositories are confirmed there.
+        self._github_config = github
+        self._github: GitHubClient | None = None
         self.host = host
         self.memory = JobMemory(host.store)
         self._policies = policies
@@ -113,6 +134,8 @@ class BuildkiteSource:
         # No automatic decompression: chunk bodies are gzip we made, answers are small JSON.
         connector = aiohttp.TCPConnector(limit=max(10, 4 * self.config.workers))
         self._http = aiohttp.ClientSession(connector=connector)
+        if self._github_config is not None:
+            self._github = GitHubClient.from_config(self._github_config, self._http)
         try:
             for state in self.memory.open_jobs():
                 self._spawn(self._resume(state))
@@ -335,8 +358,13 @@ class BuildkiteSource:
                                    "agent_refused")
                 return
             notes = "".join(f"hpc-runner: {note}\n" for note in translated.notes)
+            confirmed = await self._confirm_pull_request(state, translated)
+            if isinstance(confirmed, NotRun):
+                await self._refuse(session, state, lines + notes + confirmed.line, confirmed.signal_reason)
+                return
+            translated, confirmation = confirmed
             admitted = self.host.admit(Admission("buildkite", state.bk_id, translated.identity,
-                                                 translated.spec, log_preamble=lines + notes))
+                                                 translated.spec, log_preamble=lines + notes + confirmation))
             state.runner_id = admitted.job_id
             state.phase = "admitted"
             self.memory.save(state)
@@ -360,6 +388,33 @@ class BuildkiteSource:
             await self._run(session, state, resumed=False, lost=lost)
             return
         await self._run(session, state, resumed=resumed, lost=lost)
+
+    async def _confirm_pull_request(self, state: JobState, translated: Translated
+                                    ) -> tuple[Translated, str] | NotRun:
+        """With a GitHub App, a pull request build of its GitHub's repositories is confirmed there:
+        the translation with the confirmed head as its commit, and the log's line about it ("" when
+        there is nothing to confirm); or how the job ends without running."""
+        if self._github is None:
+            return translated, ""
+        raw = state.job.get("env")
+        env = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, Mapping) else {}
+        claim = pull_request_claim(env, translated.identity, github_web_host(self._github.api_url))
+        if claim is None:
+            return translated, ""
+        try:
+            head = await confirm_pull_request(self._github, claim)
+        except NotConfirmed as exc:
+            log.warning("Buildkite pull request not confirmed by GitHub", job=state.bk_id, reason=exc.reason)
+            return NotRun(f"hpc-runner: refused: {exc.reason}\n", "agent_refused")
+        except GitHubError as exc:
+            # GitHub could not be asked: no refusal, but nothing runs unconfirmed either.
+            log.warning("could not ask GitHub about a Buildkite pull request", job=state.bk_id,
+                        error=str(exc))
+            return NotRun(f"hpc-runner: pull request #{claim.number} of {claim.repository} could not be "
+                          f"confirmed through GitHub: {exc}\n", "process_run_error")
+        fork = "from a fork" if translated.identity.fork else "not from a fork"
+        return (replace(translated, commit=head), f"hpc-runner: GitHub confirms pull request #{claim.number} "
+                f"of {claim.repository}: head {head}, {fork}\n")
 
     def _verify(self, state: JobState) -> tuple[str | None, list[str], str] | str:
         """(signer, signed fields, log lines) of a trusted job, or the log text of a rejection."""
