@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from runner.errors import InputError
 from runner.fields import MAX_LIST
+from runner.principals import LOCAL_NAME
 from runner.tomlsource import read_text_limited
 
 Source = Literal["github", "buildkite", "local"]
@@ -17,7 +18,7 @@ Source = Literal["github", "buildkite", "local"]
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 _NAME = re.compile(_SEGMENT)
 _SLASHED = re.compile(f"{_SEGMENT}/{_SEGMENT}")
-_LOCAL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}\$?")
+_LOCAL_NAME = re.compile(LOCAL_NAME)
 _REF = re.compile(r"refs/[A-Za-z0-9._/+-]{1,250}")
 
 # What a Buildkite identity's fields may come from a step signature for (a grant's

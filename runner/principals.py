@@ -12,7 +12,9 @@ import re
 from dataclasses import dataclass
 
 _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._@+-]{0,99}"
-_LOCAL = r"[A-Za-z_][A-Za-z0-9_.-]{0,63}\$?"
+# A Unix user or group name, optionally with the domain SSSD appends (`alice@example.org`,
+# `host$@ad.example.org`): one `@`, never at either end.
+LOCAL_NAME = r"[A-Za-z_][A-Za-z0-9_.-]{0,63}\$?(?:@[A-Za-z0-9_][A-Za-z0-9_.-]{0,190})?"
 
 # (source, type) -> does the value have the shape OWNER/NAME?
 KINDS: dict[tuple[str, str], bool] = {
@@ -67,7 +69,7 @@ def parse_principal(text: str) -> PrincipalPattern:
         known = ", ".join(f"{s}:{k}" for s, k in KINDS)
         raise ValueError(f"{text!r}: unknown principal type {source}:{kind} (known: {known})")
     two_part = KINDS[(source, kind)]
-    segment = _LOCAL if source == "local" else _SEGMENT
+    segment = LOCAL_NAME if source == "local" else _SEGMENT
     if not two_part:
         if "*" in value:
             raise ValueError(f"{text!r}: a wildcard is only allowed as a trailing '/*' after an "

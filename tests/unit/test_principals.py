@@ -10,7 +10,9 @@ import pytest
 
 from runner.errors import InputError
 from runner.identity import Identity, identity_from_json, load_identity
+from runner.policy import decide, parse_policy_text
 from runner.principals import PrincipalPattern, check_ref_pattern, parse_principal, ref_matches
+from runner.spec import parse_job_text
 
 GITHUB_ALICE: dict[str, Any] = {
     "source": "github", "repository": "CliMA/ClimaAtmos.jl", "actor": "alice", "teams": ["CliMA/core"],
@@ -280,3 +282,64 @@ def test_identity_is_immutable() -> None:
     identity = Identity(source="local", user="alice")
     with pytest.raises(AttributeError):
         identity.user = "root"  # type: ignore[misc]
+
+
+# --- user and group names with a domain, as SSSD gives them ---------------------------------------
+
+SSSD_POLICY = """version = 1
+[accounts.esm]
+slurm_account = "esm"
+partitions = ["batch"]
+[images.ci]
+path = "/images/ci.sif"
+sha256 = "%s"
+[[grants]]
+name = "by-user"
+principals = ["local:user:alice@example.org"]
+account = "esm"
+images = ["ci"]
+[[grants]]
+name = "by-group"
+principals = ["local:group:esm@ad.example.org"]
+account = "esm"
+images = ["ci"]
+""" % ("0" * 64)
+SSSD_JOB = '[job]\nname = "t"\nimage = "ci"\ncommand = ["true"]\n'
+
+
+@pytest.mark.parametrize("text", ["local:user:alice@example.org", "local:group:esm@ad.example.org",
+                                  "local:user:ALICE@EXAMPLE.ORG", "local:user:host$@example.org"])
+def test_local_names_with_a_domain_are_principals(text: str) -> None:
+    assert str(parse_principal(text)) == text
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("local:user:@example.org", "@example.org"), ("local:user:alice@", "alice@"),
+    ("local:user:alice@@example.org", "alice@@example.org"),
+    ("local:group:esm@ex ample.org", "esm@ex ample.org"),
+    ("local:user:alice@example.org@x", "alice@example.org@x"),
+])
+def test_a_malformed_domain_is_refused(text: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"{value!r} is not a valid"):
+        parse_principal(text)
+
+
+def test_a_user_with_a_domain_is_matched_by_name_and_domain() -> None:
+    pattern = parse_principal("local:user:alice@example.org")
+    assert pattern.matches("local:user:alice@example.org")
+    assert not pattern.matches("local:user:alice")
+    assert not pattern.matches("local:user:alice@example.com")
+    assert not parse_principal("local:user:alice").matches("local:user:alice@example.org")
+
+
+def test_a_policy_grants_sssd_users_and_groups() -> None:
+    policy = parse_policy_text(SSSD_POLICY, "p.toml")
+    job = parse_job_text(SSSD_JOB, "job.toml")
+    alice = identity_from_json({"source": "local", "user": "alice@example.org",
+                                "groups": ["staff@example.org"]})
+    assert decide(policy, alice, job).grant == "by-user"
+    bob = identity_from_json({"source": "local", "user": "bob@ad.example.org",
+                              "groups": ["esm@ad.example.org"]})
+    assert decide(policy, bob, job).grant == "by-group"
+    carol = Identity(source="local", user="carol@ad.example.org", groups=("esm@example.org",))
+    assert not decide(policy, carol, job).allowed
