@@ -49,6 +49,7 @@ async def checkout(repository: str, commit: str, workspace: Path, *, ref: str | 
     may be a sha or `HEAD` (Buildkite sends HEAD before it knows the sha): the tip of `ref`,
     or without one the repository's default branch.
     """
+    target = _commit(commit)
     if workspace.exists():
         # A restarted agent finds its own earlier attempt: start again from nothing.
         await asyncio.to_thread(shutil.rmtree, workspace)
@@ -59,7 +60,6 @@ async def checkout(repository: str, commit: str, workspace: Path, *, ref: str | 
     if code != 0:
         raise CheckoutFailed(f"git clone of {without_credentials(repository)} failed (exit {code})",
                              "".join(transcript))
-    target = commit or "HEAD"
     if ref is not None:
         await _fetch_claimed(repository, ref, workspace, transcript, timeout)
         if target == "HEAD":
@@ -71,7 +71,8 @@ async def checkout(repository: str, commit: str, workspace: Path, *, ref: str | 
     if ref is not None:
         # Checked before the tree is written: nothing of a commit from elsewhere reaches the workspace.
         target = await _reachable_from_claimed(repository, target, ref, workspace, transcript)
-    code, out = await _git("checkout", "--quiet", "--force", "--detach", target, cwd=workspace)
+    # `--` ends the options and says that `target` is the commit, not a path.
+    code, out = await _git("checkout", "--quiet", "--force", "--detach", target, "--", cwd=workspace)
     transcript.append(out)
     if code != 0:
         raise CheckoutFailed(f"git could not check out {target} of {without_credentials(repository)}"
@@ -80,6 +81,16 @@ async def checkout(repository: str, commit: str, workspace: Path, *, ref: str | 
     if clean != repository:
         await _git("remote", "set-url", "origin", clean, cwd=workspace)
     return "".join(transcript)
+
+
+def _commit(commit: str) -> str:
+    """`HEAD` or a SHA (lower case); anything else is refused before git sees it, where a value
+    such as `-f` or `--orphan=x` would be taken as one of git's options."""
+    target = commit or "HEAD"
+    if target != "HEAD" and not _SHA.fullmatch(target.lower()):
+        raise CheckoutFailed(f"{target!r} is not a commit SHA (hexadecimal) or HEAD, so it is not checked "
+                             "out: a job names its commit by its SHA", "")
+    return target if target == "HEAD" else target.lower()
 
 
 async def _fetch_claimed(repository: str, ref: str, workspace: Path, transcript: list[str],

@@ -77,7 +77,8 @@ async def checkout(clone_url: str, sha: str, workspace: Path, *, ref: str | None
         transcript.append(_scrub(out, secrets))
         return code
 
-    if await step(["init", "--quiet"], plain) or await step(["remote", "add", "origin", clone_url], plain):
+    if await step(["init", "--quiet"], plain) \
+            or await step(["remote", "add", "--", "origin", clone_url], plain):
         raise CheckoutFailed("git could not set up the workspace", "".join(transcript))
     wanted = [f"+{ref}:refs/remotes/origin/hpc-runner-head"] if ref else []
     code = await step(["fetch", "--quiet", "--no-tags", "origin", *wanted], authed) if wanted else 1
@@ -87,6 +88,7 @@ async def checkout(clone_url: str, sha: str, workspace: Path, *, ref: str | None
         if code != 0:
             raise CheckoutFailed(f"git could not fetch commit {sha[:12]} from "
                                  f"{without_credentials(clone_url)} (exit {code})", "".join(transcript))
-    if await step(["checkout", "--quiet", "--force", "--detach", sha], plain):
+    # `--` ends the options and says that `sha` is the commit, not a path.
+    if await step(["checkout", "--quiet", "--force", "--detach", sha, "--"], plain):
         raise CheckoutFailed(f"git could not check out {sha[:12]}", "".join(transcript))
     return "".join(transcript)
