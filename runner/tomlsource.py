@@ -18,9 +18,29 @@ from typing import Any
 from runner.errors import InputError
 
 MAX_FILE_BYTES = 1024 * 1024
+# tomllib's work on a dotted key grows with the square of its parts (its table's name included),
+# and the line indexer's with the square of the nesting: both are bounded before either of them
+# sees the text. No file of ours needs more than a few of either.
+MAX_KEY_PARTS = 16
+MAX_NESTING = 16
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _SCALAR_END = re.compile(r"[,\]}#\n]")
+
+# Tokens for `check_shape`. Each string form matches whatever follows its opening quote (up to its
+# end, the end of its line, or the end of the text), and each alternative inside a string is
+# decided by its first character: the scan is linear on any input, valid or not.
+_SHAPE_TOKEN = re.compile(
+    r'(?P<string>"""(?:[^"\\]|\\[\s\S]?|"(?!""))*(?:""""{0,2}|\Z)'   # up to two more quotes are content
+    r"|'''(?:[^']|'(?!''))*(?:''''{0,2}|\Z)"
+    r'|"(?:[^"\\\n]|\\[^\n]?)*(?:"|(?=\n)|\Z)'
+    r"|'[^'\n]*(?:'|(?=\n)|\Z))"
+    r"|(?P<comment>#[^\n]*)"
+    r"|(?P<part>[A-Za-z0-9_+:-]+)"   # a bare key; a number, date or boolean in a value
+    r"|(?P<space>[ \t\r]+)"
+    r"|(?P<newline>\n)"
+    r"|(?P<other>[\s\S])"
+)
 
 
 class _LineIndexer:
@@ -186,6 +206,57 @@ class _LineIndexer:
                 self.pos = len(text) if end is None else end.start()
 
 
+def check_shape(text: str, name: str) -> None:
+    """Refuse TOML that would cost far more to parse than its size says: a key of more than
+    MAX_KEY_PARTS dotted parts (its table's name included), or arrays and inline tables nested
+    more than MAX_NESTING deep. One linear pass that knows strings and comments, so that dots
+    and brackets inside them count for nothing; everything else is left to tomllib."""
+    line = 1
+    depth = 0             # open arrays and inline tables
+    table_parts = 0       # parts of the current table's name
+    parts = 0             # parts of the dotted name being read
+    budget = MAX_KEY_PARTS
+    after_dot = False
+    at_statement = True   # at the start of a line, outside arrays and inline tables
+    in_header = False
+    for match in _SHAPE_TOKEN.finditer(text):
+        kind, token = match.lastgroup, match.group()
+        if kind in ("space", "comment"):
+            continue
+        if kind == "newline":
+            line += 1
+            parts, after_dot = 0, False
+            if depth == 0:
+                at_statement, in_header = True, False
+            continue
+        if kind in ("string", "part"):
+            if not after_dot:  # a new name: a key at a statement carries its table's name
+                parts = 0
+                budget = MAX_KEY_PARTS - (table_parts if at_statement else 0)
+            parts, after_dot, at_statement = parts + 1, False, False
+            if parts > budget:
+                raise InputError(f"invalid TOML: a key has more than {MAX_KEY_PARTS} dotted parts, "
+                                 "its table's name included", file=name, line=line)
+            line += token.count("\n")
+            continue
+        if token == "." and parts and not after_dot:
+            after_dot = True
+            continue
+        name_parts, parts, after_dot = parts, 0, False
+        if token == "[" and (at_statement or (in_header and not name_parts)):
+            in_header = True  # [table] or [[array of tables]]
+        elif token == "]" and in_header:
+            table_parts, in_header = name_parts, False
+        elif token in ("[", "{"):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise InputError("invalid TOML: arrays or tables nested too deeply "
+                                 f"(more than {MAX_NESTING} levels)", file=name, line=line)
+        elif token in ("]", "}"):
+            depth = max(depth - 1, 0)
+        at_statement = False
+
+
 def _index_lines(text: str) -> dict[str, int]:
     indexer = _LineIndexer(text)
     try:
@@ -218,10 +289,15 @@ class TomlDocument:
         return InputError(message, file=self.name, line=self.line_of(path), field=path or None)
 
 
-def parse_toml(text: str, name: str) -> TomlDocument:
-    """Parse TOML text; a syntax error becomes an InputError with file and line."""
+def check_size(text: str, name: str) -> None:
     if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise InputError(f"file is larger than {MAX_FILE_BYTES} bytes", file=name)
+
+
+def parse_toml(text: str, name: str) -> TomlDocument:
+    """Parse TOML text; a syntax error becomes an InputError with file and line."""
+    check_size(text, name)
+    check_shape(text, name)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

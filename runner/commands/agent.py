@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from runner import exitcodes
 from runner.agent import Agent
@@ -50,8 +52,34 @@ def run(args: argparse.Namespace) -> int:
     except (InputError, SecretFileError, OSError) as exc:
         print(f"hpc-runner: refusing to start: {exc}", file=sys.stderr)
         return exitcodes.INVALID_INPUT
+    raise_open_file_limit()
     return asyncio.run(serve(config, policy, lambda: load_site_policy(config),
                              grace_seconds=config.sandbox.grace_period))
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft limit on open files to the hard one, and return it. Every local-queue
+    connection, job log and job process holds descriptors; the usual soft limit (1024) is a
+    convention for select(), which the agent does not use, not what the system allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return soft
+    # An unlimited hard limit still stops at the kernel's fs.nr_open.
+    target = hard if hard != resource.RLIM_INFINITY else _kernel_open_file_limit()
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open file limit", soft=soft, hard=hard, error=str(exc))
+            return soft
+    return max(target, soft)
+
+
+def _kernel_open_file_limit() -> int:
+    try:
+        return int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        return 1024 * 1024
 
 
 async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,8 @@ from typing import Any
 from runner.errors import HpcRunnerError
 from runner.localqueue.paths import check_socket_path
 from runner.localqueue.protocol import ProtocolError, decode_response, encode
+
+CONNECT_RETRY_SECONDS = 0.01
 
 
 class AgentUnavailable(HpcRunnerError):
@@ -27,10 +31,26 @@ class LocalQueueClient:
 
     def _connect(self) -> socket.socket:
         check_socket_path(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                return self._connected(sock)
+            except BlockingIOError:
+                # With a timeout, a Unix socket's connect fails at once rather than waiting while
+                # the agent's listen backlog is full (someone's burst of connections): try again.
+                sock.close()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise AgentUnavailable(f"the agent on {self.path} takes no connections: "
+                                           "its backlog stayed full") from None
+                time.sleep(CONNECT_RETRY_SECONDS)
+
+    def _connected(self, sock: socket.socket) -> socket.socket:
         try:
             sock.connect(str(self.path))
+        except BlockingIOError:
+            raise
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
             raise AgentUnavailable(f"no agent is listening on {self.path}; start one with "
@@ -46,7 +66,7 @@ class LocalQueueClient:
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
         with self._connect() as sock:
             try:
-                sock.sendall(encode(message))
+                _send(sock, message)
                 reply = decode_response(_read_line(sock))
             except (OSError, ProtocolError) as exc:
                 raise AgentUnavailable(f"no answer from the agent on {self.path}: {exc}") from None
@@ -61,7 +81,7 @@ class LocalQueueClient:
             sock.settimeout(None)
         try:
             try:
-                sock.sendall(encode({"op": "logs", "job_id": job_id, "follow": follow}))
+                _send(sock, {"op": "logs", "job_id": job_id, "follow": follow})
                 reply = decode_response(_read_line(sock))
             except (OSError, ProtocolError) as exc:
                 raise AgentUnavailable(f"no answer from the agent on {self.path}: {exc}") from None
@@ -71,6 +91,13 @@ class LocalQueueClient:
                 yield chunk
         finally:
             sock.close()
+
+
+def _send(sock: socket.socket, message: dict[str, Any]) -> None:
+    # The agent may have answered before reading it all (over the user's connection cap, a
+    # request too large) and closed: its answer is still there to read.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(encode(message))
 
 
 def _read_line(sock: socket.socket) -> bytes:

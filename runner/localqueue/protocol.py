@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-MAX_REQUEST_BYTES = 1024 * 1024
+from runner.tomlsource import MAX_FILE_BYTES
+
+# A submit carries a job file of up to MAX_FILE_BYTES as a JSON string, which writes a character
+# of valid TOML in at most three times its UTF-8 bytes (an emoji as two \u escapes).
+MAX_REQUEST_BYTES = 3 * MAX_FILE_BYTES + 64 * 1024
 OPS = ("submit", "status", "logs", "cancel", "ping")
 
 
@@ -24,11 +28,13 @@ def encode(message: dict[str, Any]) -> bytes:
 
 def decode_request(line: bytes) -> dict[str, Any]:
     if len(line) > MAX_REQUEST_BYTES:
-        raise ProtocolError("request too large")
+        raise ProtocolError(f"request is larger than {MAX_REQUEST_BYTES} bytes")
     try:
         message = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ProtocolError("request is not JSON") from None
+    except RecursionError:
+        raise ProtocolError("request is not JSON (nested too deeply)") from None
     if not isinstance(message, dict) or message.get("op") not in OPS:
         raise ProtocolError(f"request needs an op among {', '.join(OPS)}")
     return message

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +18,26 @@ from runner.identity import Identity
 from runner.localqueue.paths import check_socket_path
 from runner.localqueue.peercred import identity_for_uid, peer_uid_gid
 from runner.localqueue.protocol import MAX_REQUEST_BYTES, ProtocolError, decode_request, encode
-from runner.logging_setup import get_logger
+from runner.logging_setup import ConditionLog, get_logger
 from runner.logs.tail import follow
-from runner.spec import parse_job_text
+from runner.spec import JobSpec, parse_job_text
 from runner.store import JobRecord
+from runner.tomlsource import check_size
 
 log = get_logger("runner.localqueue")
+
+# An open connection holds one of the agent's file descriptors: its request must arrive, whole,
+# within this time, or the connection is closed.
+REQUEST_TIMEOUT_SECONDS = 10.0
+# Connections one user may hold open at once (`logs --follow` holds one while it runs); more are
+# refused, so that no user can take the descriptors the agent needs for everyone else.
+MAX_CONNECTIONS_PER_USER = 16
+# Threads that parse submitted jobs, away from the event loop (the CI sources' heartbeats and
+# polls run there); each user has at most one parse at a time.
+PARSE_WORKERS = 2
+# After a failed accept (the file table full: EMFILE), the next try waits for one of our
+# connections to close, or this long; connections wait in the listen backlog meanwhile.
+ACCEPT_RETRY_SECONDS = 1.0
 
 
 def job_summary(record: JobRecord) -> dict[str, Any]:
@@ -34,11 +51,23 @@ def job_summary(record: JobRecord) -> dict[str, Any]:
 
 
 class LocalQueueServer:
-    def __init__(self, agent: Agent, path: Path, *, mode: int = 0o600) -> None:
+    def __init__(self, agent: Agent, path: Path, *, mode: int = 0o600,
+                 request_timeout: float = REQUEST_TIMEOUT_SECONDS,
+                 max_connections_per_user: int = MAX_CONNECTIONS_PER_USER) -> None:
         self.agent = agent
         self.path = path
         self.mode = mode
-        self._server: asyncio.AbstractServer | None = None
+        self.request_timeout = request_timeout
+        self.max_connections_per_user = max_connections_per_user
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._serving: set[asyncio.Task[None]] = set()
+        self._connection_closed = asyncio.Event()
+        self._connections: Counter[int] = Counter()   # open connections by uid
+        self._parsing: dict[int, asyncio.Lock] = {}    # one parse at a time by uid
+        self._parser = ThreadPoolExecutor(max_workers=PARSE_WORKERS, thread_name_prefix="hpc-runner-parse")
+        self._accept_failures = ConditionLog(log)
+        self._over_cap = ConditionLog(log)
 
     async def start(self) -> None:
         check_socket_path(self.path)
@@ -49,26 +78,107 @@ class LocalQueueServer:
                 raise InputError(f"another agent is already listening on {self.path}")
             self.path.unlink()
         try:
-            self._server = await asyncio.start_unix_server(self._handle, path=str(self.path),
-                                                           limit=MAX_REQUEST_BYTES + 1)
+            self._listener = _listen(self.path)
         except OSError as exc:
             raise InfrastructureError(f"cannot listen on {self.path}: {exc.strerror or exc}") from None
         os.chmod(self.path, self.mode)
+        self._accepting = asyncio.create_task(self._accept_loop())
         log.info("local queue listening", socket=str(self.path))
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
+        self._parser.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+    async def _accept_loop(self) -> None:
+        """Accept connections, each served by a task of its own. asyncio's own servers log every
+        failed accept with a traceback, a hundred times a second while the file table is full;
+        here the condition is logged when it starts and when it ends, with how often it occurred."""
+        assert self._listener is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _address = await loop.sock_accept(self._listener)
+            except OSError as exc:
+                self._accept_failures.occurred(errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                                               "local queue cannot accept connections", error=str(exc))
+                self._connection_closed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._connection_closed.wait(), ACCEPT_RETRY_SECONDS)
+                continue
+            for condition in self._accept_failures.active():
+                self._accept_failures.ended(condition, "local queue accepts connections again",
+                                            quiet=ACCEPT_RETRY_SECONDS)
+            # Counted here, in the order connections arrive, so that a burst over the cap is
+            # answered and closed at once instead of each holding a descriptor for a while.
+            uid = self._admit(conn)
+            if uid is None:
+                conn.close()
+                continue
+            task = asyncio.create_task(self._serve(conn, uid))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+
+    def _admit(self, conn: socket.socket) -> int | None:
+        """The uid of the connection's user, counted against their cap; None (after answering
+        why) when they are over the cap."""
+        try:
+            _pid, uid, _gid = peer_uid_gid(conn)
+        except OSError:
+            return None
+        held = self._connections[uid]
+        if held < self.max_connections_per_user:
+            self._connections[uid] += 1
+            return uid
+        self._over_cap.occurred(f"uid {uid}", "local queue refuses a user's connections over the cap",
+                                uid=uid, cap=self.max_connections_per_user)
+        refusal = encode({"ok": False, "error": (
+            f"too many connections: uid {uid} already has {held} open with the agent "
+            f"(at most {self.max_connections_per_user} at once); close some and try again")})
+        with contextlib.suppress(OSError):  # a fresh connection's buffer takes it whole, unless it is gone
+            conn.send(refusal)
+        return None
+
+    async def _serve(self, conn: socket.socket, uid: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_REQUEST_BYTES + 1)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
+        except OSError:
+            conn.close()
+        else:
+            await self._handle(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
+        finally:
+            self._release(uid)
+            self._connection_closed.set()
+
+    def _release(self, uid: int) -> None:
+        self._connections[uid] -= 1
+        if self._connections[uid] <= 0:
+            del self._connections[uid]
+            self._over_cap.ended(f"uid {uid}", "local queue takes a user's connections again", uid=uid)
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+        try:
+            line = await asyncio.wait_for(reader.readline(), self.request_timeout)
+        except TimeoutError:
+            raise ProtocolError(f"no complete request within {self.request_timeout:g} s") from None
+        except ValueError:  # the reader's limit: the line is longer than any request may be
+            raise ProtocolError(f"request is larger than {MAX_REQUEST_BYTES} bytes") from None
+        return decode_request(line)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             _pid, uid, gid = peer_uid_gid(writer.get_extra_info("socket"))
             identity = identity_for_uid(uid, gid)
             try:
-                request = decode_request(await reader.readline())
+                request = await self._read_request(reader)
                 await self._dispatch(request, identity, uid, writer)
             except (ProtocolError, HpcRunnerError, ValueError) as exc:
                 writer.write(encode({"ok": False, "error": str(exc)}))
@@ -88,7 +198,7 @@ class LocalQueueServer:
         if op == "ping":
             writer.write(encode({"ok": True, "user": identity.user, "groups": list(identity.groups)}))
         elif op == "submit":
-            self._submit(request, identity, uid, writer)
+            await self._submit(request, identity, uid, writer)
         elif op == "status":
             if request.get("job_id"):
                 records = [self.agent.job_for(identity, str(request["job_id"]))]
@@ -101,17 +211,25 @@ class LocalQueueServer:
         elif op == "logs":
             await self._logs(request, identity, writer)
 
-    def _submit(self, request: dict[str, Any], identity: Identity, uid: int,
-                writer: asyncio.StreamWriter) -> None:
+    async def _submit(self, request: dict[str, Any], identity: Identity, uid: int,
+                      writer: asyncio.StreamWriter) -> None:
         text, name, workdir = request.get("job"), request.get("name", "<job>"), request.get("workdir")
         if not isinstance(text, str) or not isinstance(workdir, str) or not isinstance(name, str):
             raise ProtocolError("submit needs `job` (the TOML text), `name` and `workdir`")
-        spec = parse_job_text(text, name)
+        spec = await self._parse_job(text, name, uid)
         workspace = _owned_workspace(Path(workdir), uid, self.agent_uid)
         # Checked again when the job starts: the directory must still be the submitter's then.
         owner = None if uid in (self.agent_uid, 0) else uid
         record, decision = self.agent.submit(identity, spec, workspace, workspace_owner=owner)
         writer.write(encode({"ok": True, "job": job_summary(record), "decision": decision.to_json()}))
+
+    async def _parse_job(self, text: str, name: str, uid: int) -> JobSpec:
+        """The job parsed on a worker thread: a large job keeps the parser busy for a second or
+        two, which the event loop must not wait for. A user's next parse waits for their last,
+        so that one user's burst of submissions queues behind itself, not in front of others."""
+        check_size(text, name)
+        async with self._parsing.setdefault(uid, asyncio.Lock()):
+            return await asyncio.get_running_loop().run_in_executor(self._parser, parse_job_text, text, name)
 
     @property
     def agent_uid(self) -> int:
@@ -154,6 +272,18 @@ def _owned_workspace(workdir: Path, uid: int, agent_uid: int) -> Path:
     if info.st_uid != uid and uid not in (agent_uid, 0):
         raise NotAllowed(f"workspace {workdir} is owned by uid {info.st_uid}, not by you (uid {uid})")
     return real
+
+
+def _listen(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(socket.SOMAXCONN)  # a burst of connections waits here, not in the clients' errors
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _socket_alive(path: Path) -> bool:

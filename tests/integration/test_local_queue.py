@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import resource
 import signal
 import socket
 import stat
 import subprocess
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -390,3 +391,87 @@ def test_second_sigterm_cancels_the_running_job_then_the_agent_exits_0(
     assert stored_state(queue_site, job_id) == "cancelled"
     assert not (alice.workspace / "go").exists()
 
+# -- hostile clients ---------------------------------------------------------------------------
+
+# Run as one user: opens COUNT connections to the socket and sends nothing; once the agent has
+# answered all but the connections it may hold for that user, prints what it answered (and how
+# many connections it has not answered yet), then holds every socket open until stdin closes.
+IDLE_CONNECTIONS = textwrap.dedent("""
+    import collections, json, resource, selectors, socket, sys, time
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    path, count, may_hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    socks = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)  # blocking: waits while the agent's listen backlog is full
+        socks.append(sock)
+    answers, silent, deadline = collections.Counter(), set(socks), time.monotonic() + 60
+    selector = selectors.DefaultSelector()
+    for sock in socks:
+        selector.register(sock, selectors.EVENT_READ)
+    while len(silent) > may_hold and time.monotonic() < deadline:
+        for key, _ in selector.select(1):
+            answers[json.loads(key.fileobj.recv(65536) or b"{}").get("error", "")] += 1
+            silent.discard(key.fileobj)
+            selector.unregister(key.fileobj)
+    print(json.dumps({"answers": answers, "silent": len(silent)}), flush=True)
+    sys.stdin.read()
+""")
+IDLE_COUNT = 1040  # as in the report: enough to fill the usual 1024 open files
+PER_USER_CAP = 16
+
+
+@pytest.fixture
+def low_open_file_limit() -> Iterator[None]:
+    """Commands started meanwhile inherit the usual soft limit of 1024 open files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def open_file_limits(pid: int) -> tuple[int, int]:
+    line = next(line for line in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                if line.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+def test_one_users_idle_connections_neither_shut_out_another_user_nor_flood_the_log(
+    queue_site: RunnerSite, agents: Callable[[RunnerSite], AgentProcess], low_open_file_limit: None,
+    alice: QueueUser, bob: QueueUser
+) -> None:
+    agent = agents(queue_site)
+    log_before = len(agent.log())
+    flood = spawn_as_user(ALICE, [VENV / "bin" / "python", "-c", IDLE_CONNECTIONS, queue_site.socket,
+                                  str(IDLE_COUNT), str(PER_USER_CAP)],
+                          cwd=alice.workspace, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    try:
+        assert flood.stdout is not None and flood.stderr is not None
+        try:
+            line = OutputReader(flood.stdout).wait_for(b"\n", timeout=120)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; stderr: {flood.stderr.read().decode()}") from None
+        summary = json.loads(line)
+        # While alice holds every socket she opened, bob is served.
+        served = bob.hpc_runner("status", "--json")
+        assert served.returncode == 0, served.stderr
+        assert json.loads(served.stdout) == []
+    finally:
+        flood.communicate(timeout=30)  # closes stdin: alice's sockets close
+    refusal = (f"too many connections: uid {pwd.getpwnam(ALICE).pw_uid} already has {PER_USER_CAP} open "
+               f"with the agent (at most {PER_USER_CAP} at once); close some and try again")
+    assert summary["silent"] <= PER_USER_CAP, summary
+    assert set(summary["answers"]) <= {refusal, "no complete request within 10 s"}, summary
+    assert summary["answers"][refusal] > 0, summary
+
+    assert agent.process.poll() is None, agent.log()
+    assert alice.hpc_runner("status", "--json").returncode == 0
+    flood_log = agent.log()[log_before:]
+    assert "Traceback" not in flood_log
+    assert len(flood_log) < 4096, flood_log
+    soft, hard = open_file_limits(agent.process.pid)
+    assert soft == hard, f"the agent kept a soft limit of {soft} open files (hard: {hard})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from runner.binds import Bind
 from runner.errors import InputError
 from runner.spec import JobSpec, Resources, load_job, parse_job_mapping, parse_job_text
+from runner.tomlsource import MAX_KEY_PARTS, MAX_NESTING, parse_toml
 
 # The job of DESIGN.md; the line numbers of the error tests below refer to it.
 DESIGN_JOB = """\
@@ -355,7 +357,68 @@ def test_an_integer_of_thousands_of_digits_is_refused_with_its_line() -> None:
 
 def test_deeply_nested_arrays_are_refused() -> None:
     text = MINIMAL_JOB + "x = " + "[" * 100_000 + "]" * 100_000 + "\n"
-    assert str(_error(text)) == "job.toml: invalid TOML: arrays or tables nested too deeply"
+    assert str(_error(text)) == ("job.toml:5: invalid TOML: arrays or tables nested too deeply "
+                                 f"(more than {MAX_NESTING} levels)")
+
+
+def test_deeply_nested_inline_tables_are_refused_with_their_line() -> None:
+    text = MINIMAL_JOB + "x = " + "{a = " * (MAX_NESTING + 1) + "1" + "}" * (MAX_NESTING + 1) + "\n"
+    assert str(_error(text)) == ("job.toml:5: invalid TOML: arrays or tables nested too deeply "
+                                 f"(more than {MAX_NESTING} levels)")
+
+
+# tomllib's and the line indexer's work on a dotted key grows with the square of its parts: this
+# 60 KB line held the agent for 21 s. It is refused before either of them sees it.
+THIRTY_THOUSAND_PARTS = ".".join(["x"] * 30_000) + " = 1\n"
+TOO_MANY_PARTS = (f"invalid TOML: a key has more than {MAX_KEY_PARTS} dotted parts, "
+                  "its table's name included")
+
+
+def test_a_key_of_thirty_thousand_dotted_parts_is_refused_naming_the_limit() -> None:
+    assert str(_error(THIRTY_THOUSAND_PARTS)) == f"job.toml:1: {TOO_MANY_PARTS}"
+    assert str(_error(MINIMAL_JOB + '"q" . ' * 30_000 + "x = 1\n")) == f"job.toml:5: {TOO_MANY_PARTS}"
+
+
+def test_a_table_name_of_too_many_parts_is_refused() -> None:
+    header = "[" + ".".join(["t"] * (MAX_KEY_PARTS + 1)) + "]\n"
+    assert str(_error(MINIMAL_JOB + header)) == f"job.toml:5: {TOO_MANY_PARTS}"
+    assert str(_error(MINIMAL_JOB + "[" + header)) == f"job.toml:5: {TOO_MANY_PARTS}"
+
+
+def test_a_dotted_key_counts_the_parts_of_its_tables_name() -> None:
+    half = MAX_KEY_PARTS // 2
+    table = "[" + ".".join(f"t{i}" for i in range(half)) + "]\n"
+    key = ".".join(f"k{i}" for i in range(MAX_KEY_PARTS - half))
+    assert parse_toml(table + key + " = 1\n", "a.toml").data  # exactly at the limit
+    with pytest.raises(InputError) as caught:
+        parse_toml(table + "# a comment\n" + key + ".one_more = 1\n", "a.toml")
+    assert str(caught.value) == f"a.toml:3: {TOO_MANY_PARTS}"
+
+
+def test_a_key_inside_an_inline_table_is_bounded_too() -> None:
+    key = ".".join(["k"] * (MAX_KEY_PARTS + 1))
+    assert str(_error(MINIMAL_JOB + f"env = {{ {key} = 1 }}\n")) == f"job.toml:5: {TOO_MANY_PARTS}"
+
+
+def test_dots_and_brackets_in_strings_comments_and_values_are_neither_keys_nor_nesting() -> None:
+    dots = ".".join(["d"] * 40)
+    brackets = "[" * 40 + "{" * 40
+    text = "\n".join([
+        f'"{dots}" = 1',                                   # one quoted key with dots in it
+        f"'{dots}.literal' = 2",
+        f'basic = "{dots} {brackets} \\" {dots}"',
+        f"literal = '{dots} {brackets}'",
+        f'multi = """\n{dots}\n[{dots}]\n{brackets} \\""" {dots}\n""""',  # a quote right before the end
+        f"multi_literal = '''\n{dots} = 1\n{brackets}\n'''''",
+        f"# {dots} = {brackets}",
+        f"float = 6.626e-34  # {dots}",
+        "date = 1979-05-27T07:32:00.999999-07:00",
+        "mixed = [ 1.5, 'x.y', { a.b = 2.5 }, " + "[" * (MAX_NESTING - 1) + "1" + "]" * MAX_NESTING,
+        "[[" + ".".join(["t"] * (MAX_KEY_PARTS - 1)) + "]]",
+        "x = 1",                                           # the 16th part, with its table's
+        "",
+    ])
+    assert parse_toml(text, "a.toml").data == tomllib.loads(text)
 
 
 def test_a_missing_job_file_is_named(tmp_path: Path) -> None:
