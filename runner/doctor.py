@@ -345,9 +345,6 @@ def check_jwks_file(path: Path, key: str) -> Check:
         return Check(f"file {key}", "FAIL", exc.detail, exc.fix)
     except InputError as exc:
         return Check(f"file {key}", "FAIL", str(exc), f"correct {path}: it must be the signers' JWKS")
-    except OSError as exc:
-        return Check(f"file {key}", "FAIL", f"{path} cannot be read: {exc.strerror}",
-                     f"make {path} readable by {user_name(os.geteuid())}")
     if jwks.shared_keys():
         return Check(f"file {key}", "ok",
                      f"{path} (holds a shared key: mode 0600, owner {user_name(os.geteuid())})")

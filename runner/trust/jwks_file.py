@@ -11,15 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from runner.secrets import SecretFileError, check_not_writable_by_others, read_secret_file
+from runner.tomlsource import read_text_limited
 from runner.trust.buildkite_signature import Jwks, load_jwks
 
 WHAT = "Buildkite signature keys (JWKS)"
 
 
 def read_verification_jwks(path: Path) -> Jwks:
-    """The keys of `path`; raises SecretFileError for a file open to others, JwksError for bad keys."""
+    """The keys of `path`; raises SecretFileError for a file open to others, InputError (JwksError)
+    for one that is not a JWKS."""
     check_not_writable_by_others(path, WHAT)
-    jwks = load_jwks(path.read_text(encoding="utf-8"), name=str(path))
+    jwks = load_jwks(read_text_limited(path), name=str(path))
     shared = jwks.shared_keys()
     if not shared:
         return jwks

@@ -15,6 +15,7 @@ from fakes.buildkite_signer import StepSigner
 
 from runner import doctor
 from runner.config import BuildkiteConfig, parse_config_text
+from runner.errors import InputError
 from runner.secrets import SecretFileError
 from runner.sources.buildkite.source import load_trust
 
@@ -92,6 +93,17 @@ def test_doctor_fails_a_jwks_the_agent_could_not_load(tmp_path: Path) -> None:
     check = doctor.check_jwks_file(path, "buildkite.verification_jwks_file")
     assert check.status == "FAIL"
     assert 'must be a JSON object with a "keys" list' in check.detail
+
+
+def test_a_jwks_that_is_not_text_stops_the_agent_naming_the_file(tmp_path: Path) -> None:
+    config = site(tmp_path, "", 0o644)
+    assert config.verification_jwks_file is not None
+    config.verification_jwks_file.write_bytes(b'{"keys": [\xff]}')
+    with pytest.raises(InputError) as caught:
+        load_trust(config)
+    assert str(caught.value) == f"{config.verification_jwks_file}: not UTF-8 text"
+    check = doctor.check_jwks_file(config.verification_jwks_file, "buildkite.verification_jwks_file")
+    assert (check.status, check.detail) == ("FAIL", f"{config.verification_jwks_file}: not UTF-8 text")
 
 
 def test_no_job_may_bind_the_jwks(tmp_path: Path) -> None:
