@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import grp
 import json
 import os
-import pwd
 import sys
 
 from runner import exitcodes
 from runner.errors import InputError
 from runner.identity import Identity, load_identity
+from runner.localqueue.peercred import identity_for_uid
 from runner.policy import decide, load_policy
 from runner.spec import load_job
 
@@ -46,26 +45,13 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def local_identity() -> Identity:
-    """The invoking user and their groups, as the embedded local queue would see them.
+    """The invoking user and their groups, as the embedded local queue sees them.
 
-    Taken from the process's real uid and group list, never from `$USER` or `$LOGNAME`,
-    which anyone can set to someone else's name.
+    Taken from the process's real uid and the system's group database, never from `$USER` or
+    `$LOGNAME`, which anyone can set to someone else's name, nor from the process's gids, which
+    a setgid program or `sg` can make groups the user does not belong to.
     """
-    try:
-        user = pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:        # a uid without a passwd entry: no grant can name it
-        user = str(os.getuid())
-    gids = {*os.getgroups(), os.getgid()}
-    groups = sorted({grp.getgrgid(gid).gr_name for gid in gids if _has_group(gid)})
-    return Identity(source="local", user=user, groups=tuple(groups))
-
-
-def _has_group(gid: int) -> bool:
-    try:
-        grp.getgrgid(gid)
-    except KeyError:
-        return False
-    return True
+    return identity_for_uid(os.getuid())
 
 
 def run_explain(args: argparse.Namespace) -> int:
