@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,13 +23,21 @@ from runner.executors.local import LocalExecutor, LocalLaunch, Outcome
 from runner.executors.slurm import SlurmExecutor, SlurmJob, SlurmSite, SlurmUnavailable, SubmissionFailed
 from runner.identity import Identity
 from runner.logging_setup import get_logger
-from runner.pipeline import PreparedJob, Site, job_dir, prepare_job
+from runner.pipeline import (
+    PreparedJob,
+    Site,
+    job_dir,
+    prepare_job,
+    return_workspace,
+    take_workspace,
+)
 from runner.policy import Decision, Policy, Usage, decide
 from runner.slurmflow import follow_slurm_job, pump_log
 from runner.sources import Admission, Admitted, Ended, LogSink
 from runner.spec import JobSpec, spec_from_json
 from runner.store import JobRecord, JobState, Store, new_job_id
 from sandbox.plan import SandboxRefused
+from sandbox.workspace import WorkspaceError
 
 log = get_logger("runner.agent")
 
@@ -95,25 +104,40 @@ class Agent:
 
     # -- admission -----------------------------------------------------------------------------
 
-    def submit(self, identity: Identity, spec: JobSpec, workspace: Path, *,
-               workspace_owner: int | None = None) -> tuple[JobRecord, Decision]:
-        """Decide and record a job; an allowed one is queued. Raises NotAllowed when draining.
+    async def submit(self, identity: Identity, spec: JobSpec, submitted: Path, *,
+                     submitter_uid: int | None) -> tuple[JobRecord, Decision]:
+        """Decide and record a job of the local queue; an allowed one is queued with its own copy
+        of the submitted directory as its workspace. Raises NotAllowed when draining, InputError
+        when the directory cannot be copied (nothing is recorded then).
 
-        `workspace_owner`, when given, is the uid that must still own the workspace when the job
-        starts: a submitter could otherwise swap their directory for a link to one the agent's
-        account can write (its home, another user's workspace) while the job waits in the queue.
+        The job never binds `submitted` itself: its submitter could swap it for a link to anything
+        the agent's account can read while the job waits (pipeline.take_workspace). `submitter_uid`
+        is the uid the directory must belong to (None: the agent's own account or root, any).
         """
         if not self._accepting:
             raise NotAllowed("the agent is shutting down and takes no new jobs")
-        usage = Usage(running_by_account=self._active_by_account())
-        decision = decide(self.policy, identity, spec, usage)
+        decision = decide(self.policy, identity, spec, Usage(running_by_account=self._active_by_account()))
         job_id = new_job_id()
         log_path = job_dir(self.config, job_id) / "output.log"
+        payload = decision.to_json() | {"submitted_workspace": str(submitted)}
+        if decision.allowed:
+            try:
+                taken = await asyncio.to_thread(take_workspace, self.config, job_id, submitted,
+                                                owner=submitter_uid, agent_uid=self._uid)
+            except (WorkspaceError, OSError) as exc:
+                raise InputError(str(exc) if isinstance(exc, WorkspaceError)
+                                 else f"workspace {submitted}: {exc.strerror}") from None
+            payload |= {"workspace": str(taken.path), "workspace_origin": taken.snapshot.origin.to_json()}
+            if taken.snapshot.left_out:  # the log is the job's own output: the agent speaks only of trouble
+                self._write_log(log_path, "hpc-runner: not copied into the job's workspace (not a file, "
+                                          f"directory or link): {_first_few(taken.snapshot.left_out)}\n")
+            log.info("workspace copied", job=job_id, submitted=str(submitted),
+                     entries=len(taken.snapshot.entries), bytes=taken.snapshot.bytes)
+        if not self._accepting:  # drained while the copy was made
+            shutil.rmtree(job_dir(self.config, job_id), ignore_errors=True)
+            raise NotAllowed("the agent is shutting down and takes no new jobs")
         record = self.store.add_job(source="local", identity=identity.to_json(), spec=spec.to_json(),
                                     job_id=job_id, log_path=log_path)
-        payload = decision.to_json() | {"workspace": str(workspace)}
-        if workspace_owner is not None:
-            payload["workspace_owner"] = workspace_owner
         self.store.record_decision(job_id, actor=identity.actor_principal, decision=payload)
         if decision.allowed:
             self._queue.put_nowait(job_id)
@@ -389,7 +413,7 @@ class Agent:
             self.store.set_state(record.id, JobState.denied, outcome_detail="; ".join(decision.reasons))
             return
         try:
-            _check_workspace_owner(workspace, (record.decision or {}).get("workspace_owner"))
+            _refuse_uncopied_workspace(record)
             prepared = await asyncio.to_thread(prepare_job, self.site, job_id=record.id, spec=spec,
                                                decision=decision, workspace=workspace)
         except (SandboxRefused, InfrastructureError) as exc:
@@ -407,7 +431,32 @@ class Agent:
                                 detail={"argv": list(prepared.argv), "image": prepared.image.path,
                                         "image_sha256": prepared.image.sha256})
         outcome = await self._executor.run(prepared.local_launch(self._grace), cancel)
-        self._finish(record.id, outcome)
+        await self._end(record.id, outcome)
+
+    async def _end(self, job_id: str, outcome: Outcome) -> None:
+        """A job that ran has ended: its results go back to the submitted directory before its
+        final state is recorded, so whoever sees the state finds the results in place."""
+        record = self.store.get_job(job_id)
+        if record is not None and not record.state.is_terminal:
+            await self._return_workspace(record)
+        self._finish(job_id, outcome)
+
+    async def _return_workspace(self, record: JobRecord) -> None:
+        try:
+            returned = await asyncio.to_thread(return_workspace, self.config, record.id)
+        except (WorkspaceError, OSError) as exc:
+            log.warning("results not copied back", job=record.id, error=str(exc))
+            self._write_log(self._log_path(record), f"hpc-runner: results not copied back: {exc}; they stay "
+                                                    f"in {job_dir(self.config, record.id) / 'workspace'}\n")
+            return
+        if returned is None:
+            return
+        log.info("results copied back", job=record.id, files=returned.files, bytes=returned.bytes,
+                 not_returned=len(returned.not_returned))
+        if returned.not_returned:
+            self._write_log(self._log_path(record), "hpc-runner: not copied back to "
+                            f"{(record.decision or {}).get('submitted_workspace')}: "
+                            f"{_first_few(returned.not_returned)}\n")
 
     def _finish(self, job_id: str, outcome: Outcome) -> None:
         """Record a job's end and report its final status exactly once, across restarts."""
@@ -463,7 +512,7 @@ class Agent:
         if outcome.retryable and not cancel.is_set() \
                 and await self._resubmit_after_node_failure(slurm, job_id, outcome, cancel):
             return
-        self._finish(job_id, outcome)
+        await self._end(job_id, outcome)
 
     async def _resubmit_after_node_failure(self, slurm: SlurmExecutor, job_id: str, outcome: Outcome,
                                            cancel: asyncio.Event) -> bool:
@@ -492,7 +541,7 @@ class Agent:
                                   f"{decision.account} allows (retry_node_failures)\n")
         log.warning("a node failed under a job; submitting it again", job=job_id, slurm_id=record.slurm_id)
         try:
-            _check_workspace_owner(workspace, (record.decision or {}).get("workspace_owner"))
+            _refuse_uncopied_workspace(record)
             prepared = await asyncio.to_thread(prepare_job, self.site, job_id=job_id, spec=spec,
                                                decision=decision, workspace=workspace)
         except (SandboxRefused, InfrastructureError) as exc:
@@ -553,7 +602,7 @@ class Agent:
                 # What the job wrote after the last agent stopped reading still has to be delivered.
                 await pump_log(self._log_path(record), offset=record.log_offset, done=lambda: True,
                                sink=self._offset_sink(job_id))
-                self._finish(job_id, outcome)
+                await self._end(job_id, outcome)
             except Exception:  # one job's trouble must not keep the others from their final status
                 log.exception("cannot record the end of a Slurm job that ended while the agent was down",
                               job=job_id)
@@ -672,20 +721,16 @@ def slurm_executor(config: AgentConfig) -> SlurmExecutor:
                          poll_interval=config.slurm.poll_interval)
 
 
-def _check_workspace_owner(workspace: Path, owner: object) -> None:
-    """The submitted workspace, as it resolves now, must still belong to its submitter."""
-    if not isinstance(owner, int):
-        return
-    try:
-        found = workspace.stat().st_uid
-    except OSError as exc:
-        raise InfrastructureError(f"workspace {workspace}: {exc.strerror}") from None
-    if found != owner:
-        raise SandboxRefused(f"workspace {workspace} (resolves to {os.path.realpath(workspace)}) is "
-                             f"now owned by uid {found}, not by its submitter (uid {owner}); "
-                             "it was replaced after the job was submitted")
+def _refuse_uncopied_workspace(record: JobRecord) -> None:
+    """A job queued by an agent that bound submitted directories by their path (before they were
+    copied) is not started: its directory may have been swapped while it waited."""
+    if "workspace_owner" in (record.decision or {}):
+        raise SandboxRefused("this job was queued with its submitted directory as its workspace, which "
+                             "is no longer done (it could be swapped while the job waits); submit it again")
 
 
+def _first_few(items: list[str], shown: int = 10) -> str:
+    return ", ".join(items[:shown]) + (f", and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def _identity_from_record(record: JobRecord) -> Identity:

@@ -22,7 +22,8 @@ from runner.errors import InputError
 from runner.fields import Table
 from runner.policy import Policy
 from runner.tomlsource import TomlDocument, load_toml, parse_toml
-from runner.units import parse_duration
+from runner.units import parse_duration, parse_memory
+from sandbox.workspace import DEFAULT_MAX_WORKSPACE_BYTES
 
 Executor = Literal["slurm", "local"]
 MpiImplementation = Literal["openmpi", "auto", "none"]
@@ -74,6 +75,8 @@ class SandboxConfig:
     apptainer: str = "apptainer"          # a command name looked up on PATH, or an absolute path
     workdir_root: Path | None = None      # parent of each job's private /tmp; None: the job's dir
     grace_period: int = 10                # seconds between SIGTERM and SIGKILL at walltime or cancel
+    # A local-queue workspace is copied at submission (see sandbox/workspace.py); at most this much.
+    max_workspace_mb: int = DEFAULT_MAX_WORKSPACE_BYTES // (1024 * 1024)
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,14 @@ class AgentConfig:
         these; `work_root` (by default beside `state_dir`) must not contain them either.
         """
         return [path for path, _ in self.named_protected_paths()]
+
+    def named_unbindable_paths(self) -> list[tuple[Path, str]]:
+        """What no bind may be, hold or lie inside: the protected paths, and the directories
+        of the jobs (`work_root`, `workdir_root`), where every job's workspace, scratch and log live."""
+        found = [*self.named_protected_paths(), (self.work_root, "work_root")]
+        if self.sandbox.workdir_root is not None:
+            found.append((self.sandbox.workdir_root, "sandbox.workdir_root"))
+        return found
 
     def named_protected_paths(self) -> list[tuple[Path, str]]:
         # The JWKS may hold a shared HS256 key, which signs jobs: no job may see it either.
@@ -344,8 +355,10 @@ def _parse_sandbox(table: Table | None) -> SandboxConfig:
     apptainer = table.converted("apptainer", _apptainer_command, "apptainer")
     workdir_root = table.converted("workdir_root", _path, None)
     grace_period = table.converted("grace_period", parse_duration, 10)
+    max_workspace_mb = table.converted("max_workspace_size", parse_memory,
+                                       DEFAULT_MAX_WORKSPACE_BYTES // (1024 * 1024))
     table.finish()
-    return SandboxConfig(apptainer, workdir_root, grace_period)
+    return SandboxConfig(apptainer, workdir_root, grace_period, max_workspace_mb)
 
 
 def _parse_mpi(table: Table | None) -> MpiConfig:
@@ -492,10 +505,11 @@ def check_policy_against_site(policy: Policy, config: AgentConfig) -> list[str]:
     """Why the policy's granted binds are unacceptable here; empty when they are fine.
 
     A grant bind is refused when its source, symlinks resolved, is a protected path (state
-    directories, secret files), lies inside one, or contains one: binding `/etc` would expose
-    `/etc/hpc-runner/github-app.pem` as surely as binding the key itself.
+    directories, secret files) or a directory of the jobs (work_root, workdir_root), lies inside
+    one, or contains one: binding `/etc` would expose `/etc/hpc-runner/github-app.pem` as surely
+    as binding the key itself.
     """
-    protected = [(os.path.realpath(path), what) for path, what in config.named_protected_paths()]
+    protected = [(os.path.realpath(path), what) for path, what in config.named_unbindable_paths()]
     reasons: list[str] = []
     for grant in policy.grants:
         for bind in grant.binds:

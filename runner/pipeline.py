@@ -6,6 +6,7 @@ This is shared by `hpc-runner run` and the agent, whatever the source of the job
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from runner.policy import Decision, Policy
 from runner.spec import JobSpec
 from sandbox.hostmpi import HostMpi, load_or_discover
 from sandbox.images import DigestCache, VerifiedImage, verify_image
+from sandbox.pathtrust import swappable
 from sandbox.plan import JobPaths, SandboxPlan, SandboxRefused, SandboxSite, plan_local_launch, plan_sandbox
+from sandbox.workspace import Returned, Snapshot, copy_back, copy_in
 
 DEFAULT_GRACE_SECONDS = 10.0
 
@@ -56,7 +59,7 @@ class Site:
         self.policy = policy
         self.sandbox = SandboxSite(
             apptainer=config.sandbox.apptainer,
-            protected_paths=tuple(str(p) for p in protected_paths(config)),
+            protected_paths=tuple(str(p) for p in unbindable_paths(config)),
             userns=os.geteuid() == 0,
         )
         self._digests: DigestCache | None = None
@@ -90,8 +93,77 @@ def protected_paths(config: AgentConfig) -> list[Path]:
     return paths
 
 
+def unbindable_paths(config: AgentConfig) -> list[Path]:
+    """What no bind may be, hold or be inside (AgentConfig.named_unbindable_paths), and the socket."""
+    paths = [path for path, _ in config.named_unbindable_paths()]
+    return paths + [path for path in protected_paths(config) if path not in paths]
+
+
+def check_unswappable(spec: JobSpec, image_path: str) -> None:
+    """Binds and the image are opened by path when the job starts (on a compute node, after it
+    waited): refuse those that someone other than root or this account could swap or rewrite
+    before then, as the checks made now would say nothing about that moment."""
+    trusted = {0, os.geteuid()}
+    for bind in spec.binds:
+        problem = swappable(os.path.realpath(bind.source), trusted)
+        if problem:
+            raise SandboxRefused(f"bind {bind} refused: {problem}, so the path could be swapped for "
+                                 "another before the job starts; grant binds whose directories only "
+                                 "root or the service account can write")
+    problem = swappable(os.path.realpath(image_path), trusted, contents=True)
+    if problem:
+        raise SandboxRefused(f"image {spec.image} ({image_path}) refused: {problem}, so it could be "
+                             "changed after it was verified; keep images where only root or the "
+                             "service account can write")
+
+
 def job_dir(config: AgentConfig, job_id: str) -> Path:
     return config.work_root / job_id
+
+
+# Beside a job's copy of a submitted workspace: where it came from and what each entry was.
+WORKSPACE_RECORD = "workspace.json"
+
+
+@dataclass(frozen=True)
+class TakenWorkspace:
+    job_id: str
+    path: Path
+    snapshot: Snapshot
+
+
+def take_workspace(config: AgentConfig, job_id: str, submitted: Path, *, owner: int | None,
+                   agent_uid: int) -> TakenWorkspace:
+    """Copy a submitted directory into the new job's directory, which only the agent can write.
+
+    The job binds the copy, never the submitted path: that path can be swapped for a link to
+    anything the service account can read until the moment Apptainer binds it (sandbox/workspace.py).
+    `owner` is the uid the directory must belong to; None takes its owner as it is (the agent's
+    own account and root may offer any directory). Raises WorkspaceError; nothing is left behind.
+    """
+    directory = job_dir(config, job_id)
+    config.work_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700)
+    try:
+        if owner is None:
+            owner = os.stat(submitted).st_uid
+        snapshot = copy_in(submitted, directory / "workspace", owner=owner, agent_uid=agent_uid,
+                           max_bytes=config.sandbox.max_workspace_mb * 1024 * 1024)
+        snapshot.save(directory / WORKSPACE_RECORD)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return TakenWorkspace(job_id, directory / "workspace", snapshot)
+
+
+def return_workspace(config: AgentConfig, job_id: str) -> Returned | None:
+    """Give what a job created or changed in its copy back to the submitted directory; None when the
+    job's workspace was not a copy. Raises WorkspaceError when nothing could go back."""
+    directory = job_dir(config, job_id)
+    record = directory / WORKSPACE_RECORD
+    if not record.exists():
+        return None
+    return copy_back(directory / "workspace", Snapshot.load(record), job_id=job_id)
 
 
 def check_workspace(workspace: Path, protected: list[Path]) -> Path:
@@ -114,6 +186,7 @@ def prepare_job(site: Site, *, job_id: str, spec: JobSpec, decision: Decision,
     if not decision.allowed or decision.slurm is None:
         raise ValueError("prepare_job needs an allowed decision")
     real_workspace = check_workspace(workspace, protected_paths(site.config))
+    check_unswappable(spec, site.policy.images[spec.image].path)
     image = verify_image(site.policy.images[spec.image], cache=site.digest_cache(),
                          apptainer=site.config.sandbox.apptainer)
     mpi = site.host_mpi() if spec.mpi else None

@@ -593,6 +593,15 @@ class RunnerSite:
         )
 
 
+def write_service_secret(path: Path, text: str) -> Path:
+    """A file only the service account may read (0600, its own), as the agent keeps its secrets."""
+    account = pwd.getpwnam(SERVICE_USER)
+    path.write_text(text)
+    path.chmod(0o600)
+    os.chown(path, account.pw_uid, account.pw_gid)
+    return path
+
+
 def write_public_file(path: Path, text: str) -> None:
     """Write a file (as root) that every local user may read and nobody else may change."""
     path.write_text(text)

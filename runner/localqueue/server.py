@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from runner.agent import Agent, NotAllowed
+from runner.agent import Agent
 from runner.errors import HpcRunnerError, InfrastructureError, InputError
 from runner.identity import Identity
-from runner.localqueue.paths import bind_socket, check_socket_directory, check_socket_path
+from runner.localqueue.paths import check_socket_path
 from runner.localqueue.peercred import identity_for_uid, peer_uid_gid
 from runner.localqueue.protocol import MAX_REQUEST_BYTES, ProtocolError, decode_request, encode
 from runner.logging_setup import ConditionLog, get_logger
@@ -73,15 +73,15 @@ class LocalQueueServer:
         check_socket_path(self.path)
         # a socket for every local user needs a directory they can traverse
         self.path.parent.mkdir(mode=0o755 if self.mode & 0o066 else 0o700, parents=True, exist_ok=True)
-        # Before anything is done at the path: nobody else may be able to change what stands there.
-        check_socket_directory(self.path.parent)
-        # A stale socket (or anything else) is replaced by binding (see bind_socket), a live one not.
-        if (self.path.exists() or self.path.is_symlink()) and _socket_alive(self.path):
-            raise InputError(f"another agent is already listening on {self.path}")
+        if self.path.exists() or self.path.is_symlink():
+            if _socket_alive(self.path):
+                raise InputError(f"another agent is already listening on {self.path}")
+            self.path.unlink()
         try:
-            self._listener = _listen(self.path, self.mode)
+            self._listener = _listen(self.path)
         except OSError as exc:
             raise InfrastructureError(f"cannot listen on {self.path}: {exc.strerror or exc}") from None
+        os.chmod(self.path, self.mode)
         self._accepting = asyncio.create_task(self._accept_loop())
         log.info("local queue listening", socket=str(self.path))
 
@@ -175,8 +175,8 @@ class LocalQueueServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            _pid, uid, _gid = peer_uid_gid(writer.get_extra_info("socket"))
-            identity = identity_for_uid(uid)
+            _pid, uid, gid = peer_uid_gid(writer.get_extra_info("socket"))
+            identity = identity_for_uid(uid, gid)
             try:
                 request = await self._read_request(reader)
                 await self._dispatch(request, identity, uid, writer)
@@ -217,10 +217,12 @@ class LocalQueueServer:
         if not isinstance(text, str) or not isinstance(workdir, str) or not isinstance(name, str):
             raise ProtocolError("submit needs `job` (the TOML text), `name` and `workdir`")
         spec = await self._parse_job(text, name, uid)
-        workspace = _owned_workspace(Path(workdir), uid, self.agent_uid)
-        # Checked again when the job starts: the directory must still be the submitter's then.
+        if not Path(workdir).is_absolute():
+            raise ProtocolError("workdir must be an absolute path")
+        # A submitter may only offer a directory they own (the agent must not become a way into
+        # files its account can read and theirs cannot); the agent's own account and root any.
         owner = None if uid in (self.agent_uid, 0) else uid
-        record, decision = self.agent.submit(identity, spec, workspace, workspace_owner=owner)
+        record, decision = await self.agent.submit(identity, spec, Path(workdir), submitter_uid=owner)
         writer.write(encode({"ok": True, "job": job_summary(record), "decision": decision.to_json()}))
 
     async def _parse_job(self, text: str, name: str, uid: int) -> JobSpec:
@@ -257,26 +259,10 @@ class LocalQueueServer:
             await writer.drain()
 
 
-def _owned_workspace(workdir: Path, uid: int, agent_uid: int) -> Path:
-    """A submitter may only offer a directory they own: the agent must not become a way
-    into files its own account can read and theirs cannot. Returns it with symlinks resolved."""
-    if not workdir.is_absolute():
-        raise ProtocolError("workdir must be an absolute path")
-    real = Path(os.path.realpath(workdir))
+def _listen(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        info = real.stat()
-    except OSError as exc:
-        raise InputError(f"workspace {workdir}: {exc.strerror}") from None
-    if not real.is_dir():
-        raise InputError(f"workspace {workdir} is not a directory")
-    if info.st_uid != uid and uid not in (agent_uid, 0):
-        raise NotAllowed(f"workspace {workdir} is owned by uid {info.st_uid}, not by you (uid {uid})")
-    return real
-
-
-def _listen(path: Path, mode: int) -> socket.socket:
-    sock = bind_socket(path, mode)
-    try:
+        sock.bind(str(path))
         sock.listen(socket.SOMAXCONN)  # a burst of connections waits here, not in the clients' errors
         sock.setblocking(False)
     except OSError:

@@ -39,6 +39,7 @@ from conftest import (
     toml_string,
     wait_for,
     write_public_file,
+    write_service_secret,
 )
 
 from integration.test_local_queue import QueueUser
@@ -405,7 +406,7 @@ def test_a_restarted_agent_follows_a_running_job_from_the_stored_offset(
     restarted = agents(slurm_site)
     restarted.wait_for_log("reattached to a Slurm job", timeout=30)
     assert alice.wait_state(job_id, "running", timeout=2 * DEFAULT_INTERVAL_SECONDS + 5)["state"] == "running"
-    (alice.workspace / "go").touch()
+    alice.release(job_id)
 
     finished = alice.wait_end(job_id, timeout=JOB_TIMEOUT_S)
     assert (finished["state"], finished["exit_status"]) == ("succeeded", 0), finished
@@ -418,7 +419,7 @@ def test_a_job_that_ends_while_the_agent_is_down_is_reported_once_with_its_whole
     slurm_jobs: list[str]
 ) -> None:
     job_id = numbered_job_with_the_agent_killed_midway(slurm_site, agents, alice, slurm_jobs)
-    (alice.workspace / "go").touch()
+    alice.release(job_id)
     wait_until_gone_from_squeue(job_id, JOB_TIMEOUT_S)
     stored = stored_job(slurm_site, job_id)
     assert stored.slurm_id is not None
@@ -517,6 +518,54 @@ def test_a_pending_job_logs_why_it_waits(
         cancel(alice, job_id)
     for job_id in (waiting, hog):
         assert alice.wait_end(job_id, timeout=JOB_TIMEOUT_S)["state"] == "cancelled"
+
+
+# What a job sees at /work and whether it can write there; the submitter's marker file tells their
+# own directory apart from anything else.
+PROBE_SCRIPT = textwrap.dedent("""\
+    echo "listing:"; ls -A /work
+    cat /work/secret-token 2>/dev/null || true
+    touch /work/written-by-the-job
+    echo "probe done"
+    """)
+
+
+def test_a_workspace_swapped_for_a_link_while_the_job_pends_mounts_nothing_of_the_agents(
+    slurm_site: RunnerSite, agents: Callable[[RunnerSite], AgentProcess], alice: QueueUser,
+    slurm_jobs: list[str]
+) -> None:
+    """The attack: submit from ~/ws, wait until Slurm lists the job PENDING, then
+    `mv ~/ws ~/ws.real; ln -s <state_dir> ~/ws`. The job must still see only what was submitted,
+    and nothing of its may reach the state dir."""
+    agents(slurm_site)
+    token = slurm_site.state_dir / "secret-token"
+    write_service_secret(token, "agent-secret-3f9c\n")
+    ws = alice.workspace / "ws"
+    assert alice.run_as(["mkdir", "ws"]).returncode == 0
+    assert alice.run_as(["sh", "-c", "echo mine > ws/alice-marker"]).returncode == 0
+
+    hog = submit(alice, slurm_jobs, slurm_job_toml("hog", LONG_SCRIPT, time="2m", cpus_per_task=2))
+    alice.wait_state(hog, "running", timeout=JOB_TIMEOUT_S)
+    probe = alice.submit(job_toml("probe", script=PROBE_SCRIPT, time="1m"), workdir=ws)
+    slurm_jobs.append(probe)
+    alice.wait_state(probe, "pending", timeout=30)
+    wait_for(lambda: slurm_state(probe) == "PENDING", 30, what="Slurm to list the probe PENDING")
+
+    swap = alice.run_as(["sh", "-c", f"mv ws ws.real && ln -s {slurm_site.state_dir} ws"])
+    assert swap.returncode == 0, swap.stderr
+    cancel(alice, hog)
+    finished = alice.wait_end(probe, timeout=JOB_TIMEOUT_S)
+
+    log = alice.hpc_runner("logs", probe).stdout
+    assert finished["state"] == "succeeded", log
+    assert "probe done" in log
+    listing = log.split("listing:\n", 1)[1].split("probe done", 1)[0]
+    assert "alice-marker" in listing, log
+    assert DB_FILENAME not in listing and "secret-token" not in listing, log
+    assert "agent-secret-3f9c" not in log
+    assert not (slurm_site.state_dir / "written-by-the-job").exists()
+    assert token.read_text() == "agent-secret-3f9c\n"
+    assert "results not copied back" in log, log
 
 
 def test_cancel_takes_pending_and_running_jobs_out_of_slurm_within_two_polls_and_killwait(

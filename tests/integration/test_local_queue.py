@@ -111,11 +111,15 @@ class QueueUser:
         return as_user(self.name, ["hpc-runner", *args, "--config", self.site.config], cwd=self.workspace,
                        binary=binary, timeout=60)
 
-    def submit(self, job_text: str, *, expect: int = 0) -> str:
-        """Submit from the user's workspace; the job id (the last line printed)."""
+    def run_as(self, argv: list[str]) -> subprocess.CompletedProcess[Any]:
+        """A command as this user in their workspace."""
+        return as_user(self.name, argv, cwd=self.workspace, timeout=60)
+
+    def submit(self, job_text: str, *, expect: int = 0, workdir: Path | None = None) -> str:
+        """Submit from the user's workspace (or `workdir`); the job id (the last line printed)."""
         job = self.workspace / f"job-{len(list(self.workspace.glob('job-*.toml')))}.toml"
         write_public_file(job, job_text)
-        result = self.hpc_runner("submit", job)
+        result = self.hpc_runner("submit", job, *(("--workdir", workdir) if workdir else ()))
         assert result.returncode == expect, f"submit exited {result.returncode}: {result.stderr}"
         return str(result.stdout.splitlines()[-1])
 
@@ -131,6 +135,17 @@ class QueueUser:
             return record if record["state"] in states else None
 
         return wait_for(reached, timeout, interval=0.2, what=f"job {job_id} of {self.name} to be {states}")
+
+    def job_workspace(self, job_id: str) -> Path:
+        """The job's /work: the agent's copy of the workspace it was submitted from."""
+        return self.site.work_root / job_id / "workspace"
+
+    def release(self, job_id: str) -> None:
+        """Let a job of WAITING_SCRIPT go on past its wait."""
+        (self.job_workspace(job_id) / "go").touch()
+
+    def released(self, job_id: str) -> bool:
+        return (self.job_workspace(job_id) / "go").exists()
 
     def wait_end(self, job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict[str, Any]:
         return self.wait_state(job_id, "succeeded", "failed", "cancelled", "timed_out", "denied",
@@ -210,7 +225,7 @@ def test_cancel_is_for_the_submitter_and_the_admins_of_the_jobs_account(
     assert alice.status(alice_job)["state"] == "running"
     assert alice.hpc_runner("cancel", alice_job).returncode == 0
     assert alice.wait_end(alice_job)["state"] == "cancelled"
-    assert not (alice.workspace / "go").exists()
+    assert not alice.released(alice_job)
 
 
 # -- logs --------------------------------------------------------------------------------------
@@ -225,9 +240,9 @@ def test_logs_follow_streams_each_line_as_the_job_writes_it(agent: AgentProcess,
         output = OutputReader(follower.stdout)
         early = output.wait_for(b"first line\n", timeout=JOB_TIMEOUT_S)
         # The job is still waiting for /work/go, which does not exist yet: the line came live.
-        assert not (alice.workspace / "go").exists()
+        assert not alice.released(job_id)
         assert b"second line" not in early
-        (alice.workspace / "go").touch()
+        alice.release(job_id)
         assert output.read_to_end(timeout=JOB_TIMEOUT_S) == b"first line\nsecond line\n"
         assert follower.wait(timeout=JOB_TIMEOUT_S) == 0, follower.communicate()[1]
     finally:
@@ -369,7 +384,7 @@ def test_sigterm_lets_the_running_job_finish_then_the_agent_exits_0(
     assert refused.returncode == 1
     assert "shutting down" in refused.stderr
     assert agent.process.poll() is None, "the agent left before its running job finished"
-    (alice.workspace / "go").touch()
+    alice.release(job_id)
 
     assert agent.wait_exit(JOB_TIMEOUT_S) == 0
     assert stored_state(queue_site, job_id) == "succeeded"

@@ -33,6 +33,7 @@ from conftest import (
     user_workspace,
     wait_for,
     write_public_file,
+    write_service_secret,
 )
 
 from sandbox.plan import APPTAINER_ADDED_ENV, DOCUMENTED_ENV
@@ -95,12 +96,7 @@ def service_home_file() -> Iterator[Path]:
 
 def write_secret(state_dir: Path) -> Path:
     """A secret file of the service account (0600) in its state dir, as the agent keeps them."""
-    account = pwd.getpwnam(SERVICE_USER)
-    secret = state_dir / SECRET_NAME
-    secret.write_text(f"secret-{secrets.token_hex(8)}\n")
-    secret.chmod(0o600)
-    os.chown(secret, account.pw_uid, account.pw_gid)
-    return secret
+    return write_service_secret(state_dir / SECRET_NAME, f"secret-{secrets.token_hex(8)}\n")
 
 
 def create_private_state(site: RunnerSite) -> Path:
@@ -253,6 +249,26 @@ def test_policy_granting_a_bind_of_the_state_dir_is_refused_and_runs_nothing(
 
     assert result.returncode == 125, result.stderr
     assert f"bind '{bind}' contains {runner_site.state_dir}, the agent's state_dir" in result.stderr
+    assert not (runner_site.workspace / "ran.txt").exists()
+
+
+def test_a_bind_others_could_swap_before_the_job_starts_is_refused_and_runs_nothing(
+    runner_site: RunnerSite, cluster: Cluster
+) -> None:
+    """A directory above the bind that others can write lets them put a link to the state dir
+    in its place between the checks and the moment Apptainer binds it."""
+    shared = runner_site.root / "shared"
+    (shared / "data").mkdir(parents=True)
+    shared.chmod(0o777)
+    bind = f"{shared / 'data'}:/data:ro"
+    runner_site.write_policy(policy_toml(cluster.image_sha256, binds=[bind]))
+    job = runner_site.write_job("swappable",
+                                job_toml("swappable", script="touch /work/ran.txt\n", binds=[bind]))
+
+    result = runner_site.run(job)
+
+    assert result.returncode == 126, result.stderr
+    assert f"bind {bind} refused: {shared} is writable by " in result.stderr
     assert not (runner_site.workspace / "ran.txt").exists()
 
 

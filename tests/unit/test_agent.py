@@ -21,7 +21,7 @@ import runner.agent as agent_module
 from runner.agent import Agent, NotAllowed, UnknownJob
 from runner.config import AgentConfig
 from runner.embedded import load_site_policy
-from runner.errors import InfrastructureError
+from runner.errors import InfrastructureError, InputError
 from runner.executors.local import LocalLaunch, Outcome
 from runner.identity import Identity
 from runner.pipeline import PreparedJob, Site, job_dir
@@ -97,6 +97,7 @@ class FakeExecutor:
 
     def __init__(self) -> None:
         self.started: list[str] = []
+        self.launches: dict[str, LocalLaunch] = {}
         self._releases: dict[str, asyncio.Event] = {}
         self._failures: dict[str, Exception] = {}
 
@@ -113,6 +114,7 @@ class FakeExecutor:
         job_id = launch.log_path.parent.name
         if job_id in self._failures:
             raise self._failures[job_id]
+        self.launches[job_id] = launch
         self.started.append(job_id)
         waits = {asyncio.ensure_future(self._release_event(job_id).wait())}
         if cancel is not None:
@@ -142,8 +144,9 @@ class Harness:
                            policy_loader=lambda: load_site_policy(self.config), grace_seconds=1,
                            executor=self.executor)
 
-    def submit(self, identity: Identity, spec: JobSpec | None = None, **kw: Any) -> JobRecord:
-        record, _decision = self.agent.submit(identity, spec or job(), self.workspace, **kw)
+    async def submit(self, identity: Identity, spec: JobSpec | None = None, **kw: Any) -> JobRecord:
+        kw.setdefault("submitter_uid", None)
+        record, _decision = await self.agent.submit(identity, spec or job(), self.workspace, **kw)
         return record
 
     def state(self, job_id: str) -> JobState:
@@ -209,39 +212,39 @@ async def control(harnesses: Callable[..., Harness]) -> Harness:
     return harnesses(start=False)
 
 
-def test_the_submitter_may_control_their_job_and_another_member_may_not(control: Harness) -> None:
-    record = control.submit(ALICE)
+async def test_the_submitter_may_control_their_job_and_another_member_may_not(control: Harness) -> None:
+    record = await control.submit(ALICE)
     other_esm_member = Identity(source="local", user="zoe", groups=("esm",))
     assert control.agent.may_control(ALICE, record)
     assert not control.agent.may_control(other_esm_member, record)
     assert not control.agent.may_control(BOB, record)
 
 
-def test_admins_of_the_jobs_account_may_control_it_by_user_group_or_ci_team(control: Harness) -> None:
-    record = control.submit(BOB)
+async def test_admins_of_the_jobs_account_may_control_it_by_user_group_or_ci_team(control: Harness) -> None:
+    record = await control.submit(BOB)
     assert control.agent.may_control(CAROL, record)
     assert control.agent.may_control(DAVE, record)
     assert control.agent.may_control(OCEAN_LEAD_ON_GITHUB, record)
 
 
-def test_admins_of_another_account_may_not_control_a_job(control: Harness) -> None:
-    record = control.submit(ALICE)  # account esm, which has no admins
+async def test_admins_of_another_account_may_not_control_a_job(control: Harness) -> None:
+    record = await control.submit(ALICE)  # account esm, which has no admins
     for admin in (CAROL, DAVE, OCEAN_LEAD_ON_GITHUB):
         assert not control.agent.may_control(admin, record)
 
 
-def test_a_denied_job_has_no_account_so_only_its_submitter_may_control_it(control: Harness) -> None:
-    record = control.submit(BOB, job(time="2h"))  # over ocean's max_time
+async def test_a_denied_job_has_no_account_so_only_its_submitter_may_control_it(control: Harness) -> None:
+    record = await control.submit(BOB, job(time="2h"))  # over ocean's max_time
     assert record.state == JobState.denied
     assert control.agent.may_control(BOB, record)
     assert not control.agent.may_control(CAROL, record)
 
 
-def test_the_agents_own_user_and_root_may_control_every_job(
+async def test_the_agents_own_user_and_root_may_control_every_job(
     control: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     nobody = pwd.getpwnam("nobody")
-    record = control.submit(ALICE)
+    record = await control.submit(ALICE)
     with monkeypatch.context() as patch:
         patch.setattr(os, "geteuid", lambda: nobody.pw_uid)
         as_nobody = Agent(control.config, control.agent.policy, control.store)
@@ -251,8 +254,8 @@ def test_the_agents_own_user_and_root_may_control_every_job(
     assert not as_nobody.may_control(Identity(source="github", repository="o/r", actor="nobody"), record)
 
 
-def test_job_for_names_the_owner_when_refusing_and_an_unknown_id(control: Harness) -> None:
-    record = control.submit(ALICE)
+async def test_job_for_names_the_owner_when_refusing_and_an_unknown_id(control: Harness) -> None:
+    record = await control.submit(ALICE)
     with pytest.raises(NotAllowed, match=f"job {record.id} belongs to alice"):
         control.agent.job_for(BOB, record.id)
     with pytest.raises(UnknownJob, match="no job nosuchjob"):
@@ -265,7 +268,7 @@ def test_job_for_names_the_owner_when_refusing_and_an_unknown_id(control: Harnes
 
 
 async def test_a_job_runs_to_its_outcome(harness: Harness) -> None:
-    record = harness.submit(ALICE)
+    record = await harness.submit(ALICE)
     await harness.wait_started(record.id)
     harness.executor.release(record.id)
     await harness.wait_state(record.id, JobState.succeeded)
@@ -274,10 +277,10 @@ async def test_a_job_runs_to_its_outcome(harness: Harness) -> None:
 
 
 async def test_cancelling_a_queued_job_ends_it_before_it_starts(harness: Harness) -> None:
-    running = [harness.submit(ALICE, job(f"r{i}")) for i in range(2)]  # max_jobs = 2
+    running = [await harness.submit(ALICE, job(f"r{i}")) for i in range(2)]  # max_jobs = 2
     for record in running:
         await harness.wait_started(record.id)
-    queued = harness.submit(ALICE)
+    queued = await harness.submit(ALICE)
 
     harness.agent.cancel(ALICE, queued.id)
 
@@ -289,7 +292,7 @@ async def test_cancelling_a_queued_job_ends_it_before_it_starts(harness: Harness
 
 
 async def test_cancelling_a_running_job_stops_it(harness: Harness) -> None:
-    record = harness.submit(BOB)
+    record = await harness.submit(BOB)
     await harness.wait_started(record.id)
     harness.agent.cancel(CAROL, record.id)
     await harness.wait_state(record.id, JobState.cancelled)
@@ -298,16 +301,16 @@ async def test_cancelling_a_running_job_stops_it(harness: Harness) -> None:
 async def test_first_drain_takes_no_new_jobs_cancels_queued_ones_and_lets_running_ones_finish(
     harness: Harness,
 ) -> None:
-    running = [harness.submit(ALICE, job(f"r{i}")) for i in range(2)]
+    running = [await harness.submit(ALICE, job(f"r{i}")) for i in range(2)]
     for record in running:
         await harness.wait_started(record.id)
-    queued = harness.submit(BOB)
+    queued = await harness.submit(BOB)
 
     harness.agent.drain()
 
     assert harness.state(queued.id) == JobState.cancelled
     with pytest.raises(NotAllowed, match="shutting down"):
-        harness.submit(ALICE)
+        await harness.submit(ALICE)
     assert [harness.state(r.id) for r in running] == [JobState.running, JobState.running]
     harness.executor.release(running[0].id)
     await harness.wait_state(running[0].id, JobState.succeeded)
@@ -319,7 +322,7 @@ async def test_first_drain_takes_no_new_jobs_cancels_queued_ones_and_lets_runnin
 
 
 async def test_second_drain_cancels_the_running_jobs(harness: Harness) -> None:
-    record = harness.submit(ALICE)
+    record = await harness.submit(ALICE)
     await harness.wait_started(record.id)
 
     harness.agent.drain()
@@ -339,25 +342,59 @@ async def test_a_job_whose_launch_fails_ends_infra_failed_and_the_worker_goes_on
     harnesses: Callable[..., Harness],
 ) -> None:
     h = harnesses(max_jobs=1)  # one worker: it must survive the failure to run the next job
-    doomed = h.submit(ALICE, job("doomed"))
+    doomed = await h.submit(ALICE, job("doomed"))
     h.executor.fail(doomed.id, InfrastructureError("cannot start apptainer: No such file or directory"))
     await h.wait_state(doomed.id, JobState.infra_failed)
     assert "cannot start apptainer" in h.log_of(doomed.id)
 
-    after = h.submit(ALICE, job("after"))
+    after = await h.submit(ALICE, job("after"))
     await h.wait_started(after.id)
     h.executor.release(after.id)
     await h.wait_state(after.id, JobState.succeeded)
 
 
-async def test_a_workspace_that_changed_owner_after_submission_is_refused_at_start(harness: Harness) -> None:
+async def test_a_job_works_on_a_copy_of_its_workspace_and_its_results_come_back(harness: Harness) -> None:
+    (harness.workspace / "input.txt").write_text("input\n")
+    record = await harness.submit(ALICE)
+    await harness.wait_started(record.id)
+
+    launch = harness.executor.launches[record.id]
+    copy = job_dir(harness.config, record.id) / "workspace"
+    assert Path(launch.cwd) == copy
+    assert (copy / "input.txt").read_text() == "input\n"
+    (copy / "result.txt").write_text("result\n")  # what the job writes
+    assert not (harness.workspace / "result.txt").exists()
+    harness.executor.release(record.id)
+    await harness.wait_state(record.id, JobState.succeeded)
+
+    assert (harness.workspace / "result.txt").read_text() == "result\n"
+    assert harness.log_of(record.id) == ""  # the log is the job's own output
+
+
+async def test_a_workspace_that_is_not_the_submitters_is_refused_and_nothing_is_recorded(
+    harness: Harness,
+) -> None:
     owner = harness.workspace.stat().st_uid
-    record = harness.submit(ALICE, workspace_owner=owner + 1)
+    with pytest.raises(InputError, match=rf"is owned by uid {owner}, not by you \(uid {owner + 1}\)"):
+        await harness.submit(ALICE, submitter_uid=owner + 1)
+    assert harness.store.list_jobs() == []
+    assert not any(harness.config.work_root.iterdir())
 
-    await harness.wait_state(record.id, JobState.denied)
 
-    assert record.id not in harness.executor.started
-    assert "replaced after the job was submitted" in harness.log_of(record.id)
+async def test_a_job_queued_with_its_submitted_directory_as_workspace_is_not_started(
+    harnesses: Callable[..., Harness],
+) -> None:
+    """Queued by an agent that bound the submitted path itself, before workspaces were copied."""
+    h = harnesses(start=False)
+    record = h.store.add_job(source="local", identity=ALICE.to_json(), spec=job().to_json())
+    h.store.record_decision(record.id, actor="local:user:alice", decision={
+        "allowed": True, "account": "esm", "grant": "esm-members", "reasons": [],
+        "workspace": str(h.workspace), "workspace_owner": h.workspace.stat().st_uid})
+    h.agent.start()
+
+    await h.wait_state(record.id, JobState.denied)
+    assert record.id not in h.executor.started
+    assert "submit it again" in h.log_of(record.id)
 
 
 async def test_queued_jobs_count_towards_the_accounts_max_concurrent_jobs(
@@ -365,8 +402,8 @@ async def test_queued_jobs_count_towards_the_accounts_max_concurrent_jobs(
 ) -> None:
     h = harnesses(max_jobs=1)  # one job runs at a time; the others of esm wait in the queue
 
-    admitted = [h.submit(ALICE, job(f"j{i}")) for i in range(3)]
-    over, decision = h.agent.submit(ALICE, job("over"), h.workspace)
+    admitted = [await h.submit(ALICE, job(f"j{i}")) for i in range(3)]
+    over, decision = await h.agent.submit(ALICE, job("over"), h.workspace, submitter_uid=None)
 
     assert [r.state for r in admitted] == [JobState.queued] * 3
     assert over.state == JobState.denied
@@ -386,7 +423,7 @@ async def test_reload_keeps_the_old_policy_when_the_new_file_is_invalid(harness:
     audit = [e for e in harness.store.audit_entries() if e.action == "policy_reload"]
     assert audit[-1].detail["ok"] is False
     assert "grant" in audit[-1].detail["error"]
-    record = harness.submit(ALICE)
+    record = await harness.submit(ALICE)
     assert record.state == JobState.queued
 
 
@@ -396,14 +433,14 @@ async def test_reload_takes_a_valid_new_policy(harness: Harness) -> None:
 
     assert harness.agent.reload_policy() is True
 
-    assert harness.submit(ALICE).state == JobState.denied
+    assert (await harness.submit(ALICE)).state == JobState.denied
 
 
 async def test_a_queued_job_is_decided_again_by_a_reloaded_policy_when_it_starts(harness: Harness) -> None:
-    running = [harness.submit(BOB, job(f"r{i}")) for i in range(2)]
+    running = [await harness.submit(BOB, job(f"r{i}")) for i in range(2)]
     for record in running:
         await harness.wait_started(record.id)
-    queued = harness.submit(ALICE)
+    queued = await harness.submit(ALICE)
     harness.policy_path.write_text(POLICY.replace('principals = ["local:group:esm"]',
                                                   'principals = ["local:group:nobody-here"]'))
     assert harness.agent.reload_policy()

@@ -65,6 +65,7 @@ def test_the_example_config_loads_with_every_section() -> None:
     assert config.mpi.implementation == "openmpi"
     assert (config.slurm.poll_interval, config.slurm.srun, config.slurm.mpi_plugin) == (5, "srun", "pmix")
     assert config.sandbox.grace_period == 30
+    assert config.sandbox.max_workspace_mb == 2048
     assert config.buildkite is not None
     assert config.buildkite.workers == 10
     assert config.buildkite.tags == ("queue=hpc",)
@@ -86,8 +87,14 @@ def test_the_example_names_every_key_the_loader_knows() -> None:
                 "allow_unsigned", "app_id", "private_key_file", "api_url", "mode", "repositories",
                 "trigger_label", "comment_command", "push_branches", "poll_interval", "log_url",
                 "gateway_url", "gateway_token_file", "listen", "webhook_secret_file", "agent_tokens_file",
-                "socket", "grace_period", "srun", "mpi_plugin", "redacted_vars"):
+                "socket", "grace_period", "srun", "mpi_plugin", "redacted_vars", "max_workspace_size"):
         assert f"{key} =" in text, key
+
+
+def test_max_workspace_size_is_a_size_and_a_bad_one_is_named(tmp_path: Path) -> None:
+    assert load_config(write_config(tmp_path, "")).sandbox.max_workspace_mb == 1024
+    error = load_error(tmp_path, '[sandbox]\nmax_workspace_size = "lots"\n')
+    assert "sandbox.max_workspace_size" in error and "is not a memory size" in error
 
 
 def test_an_empty_config_means_the_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -444,6 +451,16 @@ def test_a_bind_through_a_symlink_into_the_state_dir_is_reported(tmp_path: Path)
     [reason] = check_policy_against_site(policy, config)
     assert f"resolves to {tmp_path}/state/db" in reason
     assert f"lies inside {tmp_path}/state" in reason
+
+
+def test_a_grant_binding_the_jobs_directories_is_reported(tmp_path: Path) -> None:
+    """Every job's workspace, scratch and log live below work_root: no job may see another's."""
+    policy = parse_policy_text(policy_binding(f"{tmp_path}/work:/w:ro", f"{tmp_path}:/all:ro",
+                                              f"{tmp_path}/work/some-job:/j"))
+    reasons = check_policy_against_site(policy, site(tmp_path))
+    assert f"is {tmp_path}/work, the agent's work_root" in reasons[0]
+    assert any(f"contains {tmp_path}/work, the agent's work_root" in r for r in reasons)
+    assert f"lies inside {tmp_path}/work, the agent's work_root" in reasons[-1]
 
 
 def test_every_offending_bind_is_reported(tmp_path: Path) -> None:
