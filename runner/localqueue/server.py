@@ -15,7 +15,7 @@ from typing import Any
 from runner.agent import Agent
 from runner.errors import HpcRunnerError, InfrastructureError, InputError
 from runner.identity import Identity
-from runner.localqueue.paths import check_socket_path
+from runner.localqueue.paths import bind_socket, check_socket_directory, check_socket_path
 from runner.localqueue.peercred import identity_for_uid, peer_uid_gid
 from runner.localqueue.protocol import MAX_REQUEST_BYTES, ProtocolError, decode_request, encode
 from runner.logging_setup import ConditionLog, get_logger
@@ -73,15 +73,15 @@ class LocalQueueServer:
         check_socket_path(self.path)
         # a socket for every local user needs a directory they can traverse
         self.path.parent.mkdir(mode=0o755 if self.mode & 0o066 else 0o700, parents=True, exist_ok=True)
-        if self.path.exists() or self.path.is_symlink():
-            if _socket_alive(self.path):
-                raise InputError(f"another agent is already listening on {self.path}")
-            self.path.unlink()
+        # Before anything is done at the path: nobody else may be able to change what stands there.
+        check_socket_directory(self.path.parent)
+        # A stale socket (or anything else) is replaced by binding (see bind_socket), a live one not.
+        if (self.path.exists() or self.path.is_symlink()) and _socket_alive(self.path):
+            raise InputError(f"another agent is already listening on {self.path}")
         try:
-            self._listener = _listen(self.path)
+            self._listener = _listen(self.path, self.mode)
         except OSError as exc:
             raise InfrastructureError(f"cannot listen on {self.path}: {exc.strerror or exc}") from None
-        os.chmod(self.path, self.mode)
         self._accepting = asyncio.create_task(self._accept_loop())
         log.info("local queue listening", socket=str(self.path))
 
@@ -175,8 +175,8 @@ class LocalQueueServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            _pid, uid, gid = peer_uid_gid(writer.get_extra_info("socket"))
-            identity = identity_for_uid(uid, gid)
+            _pid, uid, _gid = peer_uid_gid(writer.get_extra_info("socket"))
+            identity = identity_for_uid(uid)
             try:
                 request = await self._read_request(reader)
                 await self._dispatch(request, identity, uid, writer)
@@ -259,10 +259,9 @@ class LocalQueueServer:
             await writer.drain()
 
 
-def _listen(path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _listen(path: Path, mode: int) -> socket.socket:
+    sock = bind_socket(path, mode)
     try:
-        sock.bind(str(path))
         sock.listen(socket.SOMAXCONN)  # a burst of connections waits here, not in the clients' errors
         sock.setblocking(False)
     except OSError:

@@ -404,7 +404,9 @@ def test_second_sigterm_cancels_the_running_job_then_the_agent_exits_0(
 
     assert agent.wait_exit(JOB_TIMEOUT_S) == 0
     assert stored_state(queue_site, job_id) == "cancelled"
-    assert not (alice.workspace / "go").exists()
+    assert not alice.released(job_id)
+
+
 
 # -- hostile clients ---------------------------------------------------------------------------
 
