@@ -407,7 +407,6 @@ def test_second_sigterm_cancels_the_running_job_then_the_agent_exits_0(
     assert not alice.released(job_id)
 
 
-
 # -- hostile clients ---------------------------------------------------------------------------
 
 # Run as one user: opens COUNT connections to the socket and sends nothing; once the agent has
