@@ -92,8 +92,9 @@ class LocalQueueServer:
         if self._listener is not None:
             self._listener.close()
         self._parser.shutdown(wait=False, cancel_futures=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self._listener is not None:  # ours: a start that failed must not remove a live agent's socket
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
     async def _accept_loop(self) -> None:
         """Accept connections, each served by a task of its own. asyncio's own servers log every
@@ -176,7 +177,9 @@ class LocalQueueServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             _pid, uid, _gid = peer_uid_gid(writer.get_extra_info("socket"))
-            identity = identity_for_uid(uid)
+            # The user and group databases may be LDAP or SSSD, which can take seconds to answer:
+            # never on the event loop that serves every other client and the CI sources.
+            identity = await asyncio.to_thread(identity_for_uid, uid)
             try:
                 request = await self._read_request(reader)
                 await self._dispatch(request, identity, uid, writer)

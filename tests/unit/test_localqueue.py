@@ -180,6 +180,41 @@ def test_status_is_answered_while_a_pathological_job_is_being_parsed(
                        "its table's name included"]
 
 
+def test_a_user_lookup_that_hangs_holds_only_its_own_connection(
+        queue: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With LDAP or SSSD behind it, looking a user up can hang; the next client is still served."""
+    first_lookup, second_answered = threading.Event(), threading.Event()
+    real_lookup = server_module.identity_for_uid
+    held: list[bool] = []
+
+    def lookup(uid: int) -> Any:
+        if not held:
+            held.append(True)
+            first_lookup.set()
+            second_answered.wait(CLIENT_TIMEOUT_S)
+        return real_lookup(uid)
+
+    monkeypatch.setattr(server_module, "identity_for_uid", lookup)
+    answers: list[str] = []
+    first = threading.Thread(target=lambda: answers.append(queue.client().request({"op": "ping"})["user"]))
+    first.start()
+    assert first_lookup.wait(CLIENT_TIMEOUT_S)
+    assert queue.client().request({"op": "status"})["jobs"] == []
+    answers.append("second")
+    second_answered.set()
+    first.join(CLIENT_TIMEOUT_S)
+    assert answers == ["second", pwd.getpwuid(os.getuid()).pw_name]
+
+
+def test_a_start_refused_for_a_live_socket_leaves_that_socket_alone(queue: Queue) -> None:
+    second = LocalQueueServer(queue.server.agent, queue.socket)
+    with pytest.raises(Exception, match="another agent is already listening"):
+        queue.loop.run(second.start())
+    queue.loop.run(second.close())
+    assert queue.socket.exists()
+    assert queue.client().request({"op": "status"})["jobs"] == []
+
+
 def test_the_pathological_job_is_refused_and_the_queue_serves_on(queue: Queue) -> None:
     with pytest.raises(RequestFailed, match=r"^bad\.toml:1: invalid TOML: a key has more than"):
         queue.submit(PATHOLOGICAL_JOB, "bad.toml")
