@@ -27,6 +27,8 @@ from runner.sources import LogSink
 from runner.sources.buildkite import protocol
 from runner.sources.buildkite import source as source_module
 from runner.sources.buildkite.checkout import CheckoutFailed, CommitNotOnRef, checkout
+from runner.sources.buildkite.client import AgentSession
+from runner.sources.buildkite.protocol import ApiRequest
 from runner.sources.buildkite.source import BuildkiteSource
 from runner.store import JobState
 
@@ -95,7 +97,8 @@ async def make_source(tmp_path: Path, bk: BuildkiteEmulator, signer: StepSigner
         config = BuildkiteConfig(token_file=token, verification_jwks_file=jwks if signed else None,
                                  endpoint=bk.url, tags=("queue=hpc",), workers=workers,
                                  allow_unsigned=not signed, redacted_vars=redacted_vars)
-        source = BuildkiteSource(config, host, policies=FAST, http_timeout_s=5, github=github)
+        source = BuildkiteSource(config, host, policies=FAST, http_timeout_s=5, github=github,
+                                 restart_backoff_s=0.01)
         running = Running(source, asyncio.create_task(source.serve()), host)
         started.append(running)
         return running
@@ -817,3 +820,114 @@ async def test_a_job_whose_processing_raises_is_finished_once_logged_once_and_th
     assert len(running.host.ran) == (2 if where == "run" else 1)
     if where == "translation":
         assert running.host.store.find_by_external_id("buildkite", buggy) is None
+
+
+# -- failures no retry rule knows (a bug, a header aiohttp refuses) ----------------------------
+
+REFUSED_HEADER = "Forbidden control character detected in headers. Potential header injection attack."
+
+
+def raise_on(monkeypatch: pytest.MonkeyPatch, breaks: Callable[[ApiRequest], bool]) -> None:
+    """Calls for which `breaks` says so raise ValueError, as aiohttp does before sending a request
+    with a header value holding a newline; the others go to the emulator."""
+    real = AgentSession.call
+
+    async def call(self: AgentSession, request: ApiRequest, **kwargs: Any) -> Any:
+        if breaks(request):
+            raise ValueError(REFUSED_HEADER)
+        return await real(self, request, **kwargs)
+    monkeypatch.setattr(AgentSession, "call", call)
+
+
+def countdown(times: dict[str, int]) -> Callable[[ApiRequest], bool]:
+    """True for the next `times[name]` calls of each endpoint name."""
+    def breaks(request: ApiRequest) -> bool:
+        if times.get(request.name, 0) > 0:
+            times[request.name] -= 1
+            return True
+        return False
+    return breaks
+
+
+async def test_a_chunk_upload_that_raises_ends_its_stream_and_the_job_is_finished_once_and_the_next_runs(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    running = make_source()
+    running.host.outputs["broken"] = [b"line %d of a job whose log cannot be sent\n" % i for i in range(40)]
+    # Small chunks: many more of them than there are upload workers.
+    broken = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN],
+                                  env={"BUILDKITE_STEP_KEY": "broken"}, chunks_max_size_bytes=256))
+    after = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN],
+                                 env={"BUILDKITE_STEP_KEY": "after"}))
+    raise_on(monkeypatch, lambda request: request.name == "chunks" and f"/{broken}/" in request.path)
+
+    with capture_logs() as logs:
+        body = await finished(bk, broken)
+        after_body = await finished(bk, after)
+
+    # The command ran and succeeded; of its log Buildkite is told that every chunk failed.
+    assert (body["exit_status"], body.get("signal_reason")) == ("0", None)
+    assert bk.chunks(broken) == []
+    assert body["chunks_failed_count"] > 3
+    # The same agent session goes on with the next job, whose log is whole.
+    assert (after_body["exit_status"], after_body["chunks_failed_count"]) == ("0", 0)
+    assert unstamped(bk.log(after)).endswith(b"hello from the job\n")
+    assert len(bk.agents) == 1
+    tracebacks = [entry for entry in logs if entry.get("exc_info")]
+    assert [(entry["event"], entry["job"]) for entry in tracebacks] == [
+        ("a log chunk could not be uploaded; the rest of this job's log is not sent", broken)]
+
+
+async def test_heartbeats_and_pings_that_raise_do_not_end_the_session(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    faults = {"heartbeat": 2, "ping": 2}
+    raise_on(monkeypatch, countdown(faults))
+    with capture_logs() as logs:
+        make_source()
+        await wait_until(lambda: bk.agents, what="registration")
+        agent = next(iter(bk.agents.values()))
+        await wait_until(lambda: not any(faults.values()), what="the failing heartbeats and pings")
+        beats = len(agent.heartbeats)
+        job_id = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN]))
+        assert (await finished(bk, job_id))["exit_status"] == "0"
+        # Heartbeats go on after the ones that raised.
+        await wait_until(lambda: len(agent.heartbeats) > beats, what="a heartbeat after the failures")
+
+    assert list(bk.agents) == [agent.id] and bk.jobs[job_id].agent_id == agent.id
+    failures = [(entry["event"], entry["error"]) for entry in logs
+                if entry["event"] in ("heartbeat failed", "ping failed")]
+    assert sorted(failures) == sorted([("heartbeat failed", f"ValueError: {REFUSED_HEADER}")] * 2
+                                      + [("ping failed", f"ValueError: {REFUSED_HEADER}")] * 2)
+
+
+def test_restarts_wait_5s_doubling_up_to_5_minutes_and_a_long_lived_session_starts_afresh() -> None:
+    assert [source_module.restart_delay(5.0, n) for n in (1, 2, 3, 4, 6, 7, 10_000)] == [
+        5.0, 10.0, 20.0, 40.0, 160.0, 300.0, 300.0]
+    assert source_module.death_streak(3, lived_s=30.0) == 4
+    assert source_module.death_streak(3, lived_s=600.0) == 1
+
+
+async def test_a_session_that_dies_is_logged_with_a_count_and_restarted_after_a_backoff(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Connect raises three times: three sessions die, each logged once, and the fourth serves.
+    faults = {"connect": 3}
+    raise_on(monkeypatch, countdown(faults))
+    with capture_logs() as logs:
+        running = make_source()
+        job_id = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN]))
+        assert (await finished(bk, job_id))["exit_status"] == "0"
+        await running.stop()
+
+    deaths = [entry for entry in logs if entry["event"] == "Buildkite agent session failed; it is restarted"]
+    assert [(entry["deaths"], entry["log_level"], entry["exc_info"]) for entry in deaths] == [
+        (1, "error", True), (2, "error", True), (3, "error", True)]
+    assert all(entry["error"] == f"ValueError: {REFUSED_HEADER}" for entry in deaths)
+    # Each restart waits longer than the one before.
+    waits = [entry["restart_in"] for entry in deaths]
+    assert waits == sorted(waits) and waits[0] < waits[-1]
+    # Each try registered a new agent; the last one took the job, and every one was disconnected.
+    assert len(bk.agents) == 4
+    assert bk.jobs[job_id].agent_id == list(bk.agents)[-1]
+    assert all(agent.disconnected for agent in bk.agents.values())

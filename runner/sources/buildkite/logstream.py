@@ -6,9 +6,11 @@ buffered is cut into chunks. Each cut is *staged* before any of its chunks is se
 the stream's checkpoint (where to read the file again, the Buildkite offset and sequence, the
 chunker's line state) are stored in one transaction. Up to three uploads run at once; a chunk
 is retried on 429/5xx/network errors and given up after a 4xx (counted in
-`chunks_failed_count`, as the agent does). A restarted agent sends the staged chunks again,
-byte for byte, and reads on from the checkpoint: nothing is lost and no offset carries two
-different texts.
+`chunks_failed_count`, as the agent does). An upload that fails in a way no retry rule knows (a
+bug, a request aiohttp refuses to send) ends the stream: it is logged once, that chunk and every
+later one are counted as failed and never sent, and `close()` returns as usual, so the job is
+still finished. A restarted agent sends the staged chunks again, byte for byte, and reads on
+from the checkpoint: nothing is lost and no offset carries two different texts.
 """
 
 from __future__ import annotations
@@ -168,6 +170,9 @@ class LogStreamer:
         self._drained.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        # An upload raised what no retry rule knows: nothing more of this stream is sent.
+        self._broken = False
+        self._outbox_failed = False
         self._warned_truncated = start.truncated
         for piece in staged:
             self._enqueue(piece)
@@ -253,21 +258,53 @@ class LogStreamer:
                 self._flush()
 
     async def _upload(self) -> None:
+        # An upload worker ends only when cancelled: `close()` waits for the queue to be worked
+        # off, which needs the workers, so nothing a chunk does may end one.
         while True:
             piece = await self._queue.get()
             try:
-                failed = False
-                try:
-                    await self._session.call(protocol.chunk(self._job_id, piece), job_token=self._token)
-                except ApiError as exc:
-                    failed = True
-                    self._failed += 1
-                    log.warning("giving up on uploading a log chunk; the Buildkite log will be partial",
-                                job=self._job_id, sequence=piece.sequence, error=str(exc))
-                if self._outbox is not None:
-                    self._outbox.delivered(piece, failed)
+                if self._broken:
+                    self._record(piece, failed=True)
+                else:
+                    await self._send(piece)
             finally:
                 self._backlog -= len(piece.data)
                 if self._backlog <= MAX_BACKLOG_BYTES // 2:
                     self._drained.set()
                 self._queue.task_done()
+
+    async def _send(self, piece: Chunk) -> None:
+        try:
+            await self._session.call(protocol.chunk(self._job_id, piece), job_token=self._token)
+        except ApiError as exc:
+            log.warning("giving up on uploading a log chunk; the Buildkite log will be partial",
+                        job=self._job_id, sequence=piece.sequence, error=str(exc))
+            self._record(piece, failed=True)
+        except Exception:
+            # Not a failure the retry rules know (a bug, a header aiohttp refuses to send): it
+            # would recur with every chunk, so the stream ends here. What is not sent is counted,
+            # and the job is finished as usual. Uploads under way at the time may fail alike:
+            # the first one tells.
+            if not self._broken:
+                self._broken = True
+                log.exception("a log chunk could not be uploaded; the rest of this job's log is not sent",
+                              job=self._job_id, sequence=piece.sequence)
+            self._record(piece, failed=True)
+        else:
+            self._record(piece, failed=False)
+
+    def _record(self, piece: Chunk, *, failed: bool) -> None:
+        """Count a chunk given up on, and record every chunk's end so a restart does not send it again."""
+        if failed:
+            self._failed += 1
+        if self._outbox is None:
+            return
+        try:
+            self._outbox.delivered(piece, failed)
+        except Exception:
+            # The count still reaches Buildkite with the finish; a restart would only send an
+            # identical chunk again. Once is enough to say so.
+            if not self._outbox_failed:
+                self._outbox_failed = True
+                log.exception("the end of a log chunk's upload could not be recorded", job=self._job_id,
+                              sequence=piece.sequence)

@@ -1,7 +1,11 @@
 """The Buildkite source: `workers` agent sessions, each running one job at a time.
 
 Each worker registers as its own agent (the config's tags as meta_data), connects, heartbeats on
-its own timer whatever its job does, and pings every ping_interval plus jitter. A job it is given
+its own timer whatever its job does, and pings every ping_interval plus jitter; a heartbeat or
+ping that fails, unless Buildkite refuses it, is followed by the next, whatever raised. A session
+that ends with an exception (a bug, a request aiohttp refuses to send) is logged with its
+traceback and a count, disconnected, and started again after a backoff, so jobs never silently
+stop being taken. A job it is given
 is accepted, bounded in depth and size and checked for the types the source reads (before
 anything recursive sees it), its signature verified, started, translated into an
 identity and a job spec (a pull request build confirmed on GitHub when the agent has a GitHub
@@ -68,6 +72,12 @@ log = get_logger("runner.sources.buildkite")
 
 WALLTIME_EXIT_STATUS = 124
 REJECTED_HEADER = "+++ ⛔ Job signature verification failed\n"
+# A session that ends with an exception is started again after RESTART_BACKOFF_S, doubling with
+# each death in a row up to MAX_RESTART_BACKOFF_S; a session that lived HEALTHY_SESSION_S was
+# not part of a run of deaths.
+RESTART_BACKOFF_S = 5.0
+MAX_RESTART_BACKOFF_S = 300.0
+HEALTHY_SESSION_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,16 @@ def finish_report(ended: Ended, cancel_reason: str | None, chunks_failed: int) -
     return FinishReport(protocol.NOT_RUN, None, "process_run_error", chunks_failed)
 
 
+def restart_delay(base_s: float, streak: int) -> float:
+    """Seconds to wait before starting a session again after the `streak`-th death in a row."""
+    return min(MAX_RESTART_BACKOFF_S, base_s * 2.0 ** min(max(streak - 1, 0), 32))
+
+
+def death_streak(streak: int, lived_s: float) -> int:
+    """The run of deaths once a session that lived `lived_s` seconds has died."""
+    return 1 if lived_s >= HEALTHY_SESSION_S else streak + 1
+
+
 def load_trust(config: BuildkiteConfig) -> tuple[str, Jwks | None]:
     """The registration token and the verification keys; raises on a missing or open file."""
     token = read_secret_file(config.token_file, what="Buildkite agent token")
@@ -109,8 +129,9 @@ class BuildkiteSource:
     def __init__(self, config: BuildkiteConfig, host: JobHost, *,
                  policies: Mapping[str, RetryPolicy] = protocol.DEFAULT_POLICIES,
                  http_timeout_s: float = 60.0, redacted_vars: tuple[str, ...] = (),
-                 github: GithubConfig | None = None) -> None:
+                 github: GithubConfig | None = None, restart_backoff_s: float = RESTART_BACKOFF_S) -> None:
         self.config = config
+        self._restart_backoff_s = restart_backoff_s
         # With a GitHub App, pull request builds of its GitHub's repositories are confirmed there.
         self._github_config = github
         self._github: GitHubClient | None = None
@@ -139,7 +160,7 @@ class BuildkiteSource:
         try:
             for state in self.memory.open_jobs():
                 self._spawn(self._resume(state))
-            workers = [asyncio.create_task(self._worker(i)) for i in range(self.config.workers)]
+            workers = [asyncio.create_task(self._keep_serving(i)) for i in range(self.config.workers)]
             await asyncio.gather(*workers, return_exceptions=True)
             while self._jobs:
                 await asyncio.gather(*list(self._jobs), return_exceptions=True)
@@ -160,36 +181,73 @@ class BuildkiteSource:
 
     # -- one agent session -------------------------------------------------------------------
 
+    async def _keep_serving(self, index: int) -> None:
+        """Worker `index`'s agent sessions, one after another until the agent drains. A session that
+        ends with an exception (a bug, a header aiohttp refuses to send) is logged with its count
+        and started again after a backoff, so jobs never silently stop being taken; one that ends
+        by itself (told to disconnect, refused by Buildkite) ends the worker, as it did."""
+        loop = asyncio.get_running_loop()
+        deaths = streak = 0
+        while not self.host.draining.is_set():
+            began = loop.time()
+            try:
+                await self._worker(index)
+                return
+            except Exception as exc:
+                deaths += 1
+                streak = death_streak(streak, loop.time() - began)
+                delay = restart_delay(self._restart_backoff_s, streak)
+                log.exception("Buildkite agent session failed; it is restarted",
+                              worker=self._agent_name(index), deaths=deaths, restart_in=round(delay, 3),
+                              error=f"{type(exc).__name__}: {exc}")
+            await self._wait(delay, self.host.draining)
+
+    @staticmethod
+    def _agent_name(index: int) -> str:
+        return f"{socket.gethostname()}-hpc-runner-{index + 1}"
+
     async def _worker(self, index: int) -> None:
         session = self._session()
-        name = f"{socket.gethostname()}-hpc-runner-{index + 1}"
+        name = self._agent_name(index)
         try:
             answer = await session.call(protocol.register(
                 name=name, hostname=socket.gethostname(), tags=self.config.tags, version=__version__,
                 pid=os.getpid()))
             registration = protocol.parse_register(answer.data)
-            session.session_token = registration.access_token
-            session.adopt_headers(registration.request_headers)
-            if registration.endpoint:
-                session.endpoint = registration.endpoint
-            await session.call(protocol.connect())
         except (ApiError, protocol.ProtocolError) as exc:
             log.error("Buildkite agent could not register or connect", worker=name, error=str(exc))
             return
-        log.info("Buildkite agent connected", worker=name, agent_id=registration.agent_id)
-        lost = asyncio.Event()
-        beat = asyncio.create_task(self._heartbeat(session, registration.heartbeat_interval, lost))
+        session.session_token = registration.access_token
+        session.adopt_headers(registration.request_headers)
+        if registration.endpoint:
+            session.endpoint = registration.endpoint
+        # Registered: whatever happens from here, the agent is disconnected, so that a session
+        # started again does not leave this one behind in Buildkite.
         try:
-            await self._ping_loop(session, registration, lost)
+            try:
+                await session.call(protocol.connect())
+            except (ApiError, protocol.ProtocolError) as exc:
+                log.error("Buildkite agent could not register or connect", worker=name, error=str(exc))
+                return
+            log.info("Buildkite agent connected", worker=name, agent_id=registration.agent_id)
+            lost = asyncio.Event()
+            beat = asyncio.create_task(self._heartbeat(session, registration.heartbeat_interval, lost))
+            try:
+                await self._ping_loop(session, registration, lost)
+            finally:
+                beat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beat
         finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
-            with contextlib.suppress(ApiError):
+            try:
                 await session.call(protocol.disconnect())
+            except Exception as exc:   # the session's own ending is what matters
+                log.warning("Buildkite agent could not disconnect", worker=name,
+                            error=f"{type(exc).__name__}: {exc}")
             log.info("Buildkite agent disconnected", worker=name)
 
     async def _heartbeat(self, session: AgentSession, interval: int, lost: asyncio.Event) -> None:
+        told = False   # of an unexpected failure: its traceback once per session, then one line each
         while True:
             await asyncio.sleep(interval)
             try:
@@ -200,6 +258,11 @@ class BuildkiteSource:
                     lost.set()
                     return
                 log.warning("heartbeat failed", error=str(exc))
+            except Exception as exc:
+                # Not a failure Buildkite's rules know (a bug, a header aiohttp refuses): the next
+                # heartbeat is tried all the same, since a session without them is lost.
+                log.warning("heartbeat failed", error=f"{type(exc).__name__}: {exc}", exc_info=not told)
+                told = True
 
     async def _wait(self, seconds: float, *events: asyncio.Event) -> None:
         """Sleep `seconds`, or less if one of `events` is set."""
@@ -214,6 +277,7 @@ class BuildkiteSource:
                          lost: asyncio.Event) -> None:
         interval = registration.ping_interval
         skip_interval = True  # the first ping waits only the jitter
+        told = False          # of an unexpected failure, as in _heartbeat
         while not self.host.draining.is_set() and not lost.is_set():
             jitter = session.rng.uniform(0, interval)
             wait = jitter if skip_interval else interval + jitter
@@ -232,6 +296,11 @@ class BuildkiteSource:
                 continue
             except protocol.ProtocolError as exc:
                 log.warning("ping answer not understood", error=str(exc))
+                continue
+            except Exception as exc:
+                # As a failed ping: the next one is tried.
+                log.warning("ping failed", error=f"{type(exc).__name__}: {exc}", exc_info=not told)
+                told = True
                 continue
             session.adopt_headers(ping.request_headers)
             if ping.message:
@@ -253,7 +322,7 @@ class BuildkiteSource:
         try:
             await session.call(protocol.ping())
             log.info("Buildkite endpoint changed", endpoint=endpoint)
-        except (ApiError, protocol.ProtocolError) as exc:
+        except Exception as exc:   # whatever the failure, the old endpoint stays
             session.endpoint = previous
             log.warning("Buildkite offered an endpoint that does not answer; keeping the old one",
                         endpoint=endpoint, error=str(exc))
