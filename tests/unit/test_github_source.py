@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import copy
 import json
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,17 @@ from fakes.github_webhooks import SECRET, examples, send
 
 from runner.gateway.server import GatewayServer
 from runner.gateway.tokens import parse_agent_tokens
+from runner.sources.github import runs as runs_module
 from runner.sources.github.gateway_client import GatewayClient, GatewayError
+from runner.sources.github.jobsfile import parse_jobs_file
 from runner.sources.github.source import GithubSource
 from runner.sources.github.state import GithubState
 from runner.sources.github.triggers import CancelRequest
+from runner.spec import JobSpec
+from runner.tomlsource import MAX_FILE_BYTES
 
 from .buildkite_host import FakeHost
-from .github_site import COMMAND, FORK, LABEL, POLICY, REPO, Site, github_site
+from .github_site import COMMAND, FORK, JOBS, LABEL, POLICY, REPO, Site, github_site
 
 
 def completed(runs: list[dict]) -> list[dict]:  # type: ignore[type-arg]
@@ -584,3 +589,40 @@ async def test_a_denial_reported_as_a_commit_status_says_why_in_its_description(
         assert status["description"].startswith("Denied by the site's policy; grant 'core-prs': the job asks "
                                                  "for network access")
         assert len(status["description"]) <= 140
+
+
+async def test_a_large_jobs_file_is_parsed_while_the_event_loop_keeps_serving(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A jobs file near the size limit takes a second or more to parse: heartbeats and the other
+    sources, on the same event loop, must go on meanwhile."""
+    large = JOBS + "#\n" * ((MAX_FILE_BYTES - len(JOBS) - 64) // 2)   # valid, within the limit
+    loop = asyncio.get_running_loop()
+    order: list[str] = []
+    parsing = asyncio.Event()
+    ticked = threading.Event()
+
+    def parse(text: str, name: str) -> tuple[JobSpec, ...]:
+        order.append("parse started")
+        loop.call_soon_threadsafe(parsing.set)
+        jobs = parse_jobs_file(text, name)
+        # Bounded: on the event loop's own thread the tick cannot come before this returns.
+        ticked.wait(timeout=5)
+        order.append("parse done")
+        return jobs
+
+    async def tick() -> None:   # a heartbeat, another source's poll
+        await parsing.wait()
+        order.append("tick")
+        ticked.set()
+
+    async with github_site(tmp_path, jobs=large) as site:
+        await site.poll()
+        monkeypatch.setattr(runs_module, "parse_jobs_file", parse)
+        ticker = asyncio.create_task(tick())
+        number = site.open_pull(author="alice", labelled_by="alice")
+        await site.poll()
+        await asyncio.wait_for(ticker, 10)
+
+        assert order == ["parse started", "tick", "parse done"]
+        [run] = site.check_runs("hpc-runner/unit", site.gh.pull_request(REPO, number).head_sha)
+        assert run["conclusion"] == "success"

@@ -11,6 +11,8 @@ again through `JobHost.resume` and reports it exactly once.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -45,6 +47,22 @@ SOURCE = "github"
 
 class Retry(HpcRunnerError):
     """GitHub could not be asked now; the trigger is looked at again later."""
+
+
+@functools.cache
+def _parser() -> concurrent.futures.ThreadPoolExecutor:
+    # One thread: jobs files of several triggers are parsed one after another, not side by side
+    # competing with the event loop for the interpreter.
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpc-runner-jobsfile")
+
+
+async def parse_off_loop(text: str) -> tuple[JobSpec, ...]:
+    """`parse_jobs_file` in a thread of its own: a file near the size limit takes a second or more
+    to parse, which on the event loop would hold up heartbeats and every other source. `text` is
+    already within the size limit (`decode_contents`), so the thread's work is bounded; the shape
+    check is a pass over the whole text too, and runs there with the parse."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_parser(), parse_jobs_file, text, JOBS_FILE)
 
 
 class Runs:
@@ -137,7 +155,7 @@ class Runs:
         problem: tuple[checks.Conclusion, str, str] | None = None
         try:
             answer = await self.client.get(path, params={"ref": sha})
-            jobs = parse_jobs_file(decode_contents(answer), JOBS_FILE)
+            jobs = await parse_off_loop(decode_contents(answer))
         except GitHubHTTPError as exc:
             if exc.status != 404:
                 raise Retry(str(exc)) from None
