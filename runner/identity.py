@@ -22,7 +22,7 @@ _LOCAL_NAME = re.compile(LOCAL_NAME)
 _REF = re.compile(r"refs/[A-Za-z0-9._/+-]{1,250}")
 
 # What a Buildkite identity's fields may come from a step signature for (a grant's
-# `signed_fields`): the pipeline (organisation and pipeline slugs), the ref (branch or pull
+# `signed_fields`): the pipeline (organisation and pipeline slugs), the ref (branch, tag or pull
 # request), the commit, the event, the pull request (number and fork status) and the creator's
 # teams. Buildkite itself asserts each of them in the job's env; a pipeline signs one by signing
 # the env variables it comes from.

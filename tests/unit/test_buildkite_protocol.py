@@ -255,6 +255,24 @@ def test_identity_marks_as_signed_only_what_the_steps_signature_covers() -> None
     assert identity(BASE_ENV, "k", signed_env=push_names)[0].signed == ("event", "pull_request")
 
 
+def test_a_tag_builds_ref_is_its_tag_signed_only_with_the_tag() -> None:
+    # Buildkite names a tag build's branch after the tag as well.
+    tag_env = {**BASE_ENV, "BUILDKITE_TAG": "v1.0", "BUILDKITE_BRANCH": "v1.0"}
+    tag, _ = identity(tag_env, "k")
+    assert (tag.ref, tag.effective_ref, tag.event) == ("refs/tags/v1.0", "refs/tags/v1.0", "push")
+    assert identity({**BASE_ENV, "BUILDKITE_TAG": ""}, "k")[0].effective_ref == "refs/heads/main"
+    # The branch (the tag's name here) decides nothing: signing it does not sign the tag build's ref.
+    branch_signed = frozenset({"BUILDKITE_BRANCH", "BUILDKITE_PULL_REQUEST"})
+    assert "ref" not in identity(tag_env, "k", signed_env=branch_signed)[0].signed
+    assert "ref" not in identity(tag_env, "k", signed_env=frozenset({"BUILDKITE_TAG"}))[0].signed
+    tag_signed = frozenset({"BUILDKITE_TAG", "BUILDKITE_PULL_REQUEST"})
+    assert identity(tag_env, "k", signed_env=tag_signed)[0].signed == ("ref", "pull_request")
+    with pytest.raises(JobRefused, match=r"BUILDKITE_TAG is 'v1:refs/heads/main', not a git tag name"):
+        identity({**tag_env, "BUILDKITE_TAG": "v1:refs/heads/main"}, "k")
+    with pytest.raises(JobRefused, match=r"both a tag \(BUILDKITE_TAG v1.0\) and a pull request \(#12\)"):
+        identity({**tag_env, "BUILDKITE_PULL_REQUEST": "12"}, "k")
+
+
 def test_env_passes_buildkite_and_signed_variables_never_credentials() -> None:
     env = {**BASE_ENV, "BUILDKITE_AGENT_ACCESS_TOKEN": "bkaj_x", "STEP_VAR": "1", "PIPE_VAR": "2",
            "UNSIGNED": "3", "LD_PRELOAD": "/evil.so", "CI": "true"}

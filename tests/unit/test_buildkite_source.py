@@ -380,6 +380,86 @@ async def test_head_is_the_tip_of_the_claimed_branch_and_a_ref_git_would_refuse_
     assert not (tmp_path / "c" / "evil").exists()
 
 
+# -- tag builds --------------------------------------------------------------------------------
+
+# Release tags only, and only when the step's signature fixes the tag.
+ON_TAGS = POLICY.replace('principals = ["buildkite:pipeline:example/pipeline"]',
+                         'principals = ["buildkite:pipeline:example/pipeline"]\n'
+                         'refs = ["refs/tags/*"]\nsigned_fields = ["ref"]')
+# What Buildkite sends for a build of tag v1.0: the branch is the tag's name too.
+TAG_BUILD = {"BUILDKITE_TAG": "v1.0", "BUILDKITE_BRANCH": "v1.0", "BUILDKITE_PULL_REQUEST": "false"}
+
+
+def release(repo: Path) -> tuple[str, str, str]:
+    """main: first, tagged (annotated tag v1.0, as releases are), later: their shas."""
+    first = git("rev-parse", "HEAD", cwd=repo).strip()
+    shas = []
+    for name in ("tagged", "later"):
+        (repo / name).write_text(f"{name}\n")
+        git("add", name, cwd=repo)
+        git("commit", "-qm", name, cwd=repo)
+        shas.append(git("rev-parse", "HEAD", cwd=repo).strip())
+        if name == "tagged":
+            git("tag", "-a", "-m", "release 1.0", "v1.0", cwd=repo)
+    return first, shas[0], shas[1]
+
+
+@pytest.mark.parametrize("commit", ["tagged", "HEAD"])
+async def test_a_signed_tag_build_runs_the_tags_commit_under_a_grant_for_tags(
+        commit: str, bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner,
+        repo: Path, tmp_path: Path) -> None:
+    running = make_source(FakeHost(tmp_path / "site", ON_TAGS))
+    _, tagged, _ = release(repo)
+    job_id = queue(bk, signed_job(signer, "make test", repo=str(repo), plugins=[PLUGIN],
+                                  commit=tagged if commit == "tagged" else "HEAD", step_env=TAG_BUILD))
+
+    assert (await finished(bk, job_id))["exit_status"] == "0", unstamped(bk.log(job_id))
+    assert len(running.host.ran) == 1
+    record = running.host.store.find_by_external_id("buildkite", job_id)
+    assert record is not None
+    assert (record.identity["ref"], record.identity["event"]) == ("refs/tags/v1.0", "push")
+    workspace = running.host.root / "work" / record.id / "workspace"
+    assert git("rev-parse", "HEAD", cwd=workspace).strip() == tagged
+
+
+@pytest.mark.parametrize("which", ["first", "later"])
+async def test_a_tag_build_of_any_commit_but_the_tags_own_is_refused(
+        which: str, bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner,
+        repo: Path, tmp_path: Path) -> None:
+    # `first` is in the tag's history, `later` is not: a tag stands for its own commit only.
+    running = make_source(FakeHost(tmp_path / "site", ON_TAGS))
+    first, tagged, later = release(repo)
+    commit = first if which == "first" else later
+    job_id = queue(bk, signed_job(signer, "make test", repo=str(repo), plugins=[PLUGIN], commit=commit,
+                                  step_env=TAG_BUILD))
+
+    body = await finished(bk, job_id)
+
+    assert (body["exit_status"], body["signal_reason"]) == ("-1", "agent_refused")
+    log = unstamped(bk.log(job_id))
+    assert (f"hpc-runner: refused: commit {commit} is not {tagged}, the commit refs/tags/v1.0 of {repo} "
+            "points to").encode() in log, log
+    assert running.host.ran == []
+
+
+@pytest.mark.parametrize("branch", ["v1.0", "main"])
+async def test_a_grant_for_main_does_not_cover_a_tag_build_whatever_its_branch(
+        branch: str, bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner,
+        repo: Path, tmp_path: Path) -> None:
+    on_main = ON_TAGS.replace('refs = ["refs/tags/*"]', 'refs = ["refs/heads/main"]')
+    running = make_source(FakeHost(tmp_path / "site", on_main))
+    _, tagged, _ = release(repo)
+    job_id = queue(bk, signed_job(signer, "make test", repo=str(repo), plugins=[PLUGIN], commit=tagged,
+                                  step_env={**TAG_BUILD, "BUILDKITE_BRANCH": branch}))
+
+    body = await finished(bk, job_id)
+
+    assert (body["exit_status"], body["signal_reason"]) == ("-1", "agent_refused")
+    assert (b"  - grant 'pipeline': ref 'refs/tags/v1.0' is not one of the grant's refs (refs/heads/main)"
+            in unstamped(bk.log(job_id))), unstamped(bk.log(job_id))
+    assert running.host.ran == []
+
+
 # -- pull request builds confirmed through GitHub ----------------------------------------------
 
 GH_REPO = "CliMA/ClimaAtmos.jl"

@@ -10,6 +10,7 @@ from runner.identity import Identity, load_identity
 from runner.policy import Decision, Policy, load_policy
 from runner.policy import decide as decide_policy
 from runner.policy.engine import SlurmResources
+from runner.sources.buildkite.translate import identity as buildkite_identity
 from runner.spec import JobSpec, load_job, parse_job_text
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -121,8 +122,12 @@ def test_strict_site_runs_a_signed_pipeline_on_main() -> None:
 
 
 def test_strict_site_runs_a_signed_release_tag() -> None:
-    tag = Identity(source="buildkite", organization="physics", pipeline="solver-ci", ref="refs/tags/v2.0",
-                   signer="physics-2026")
+    # The identity Buildkite's job env for a build of tag v2.0 makes (its branch is the tag's name).
+    env = {"BUILDKITE_ORGANIZATION_SLUG": "physics", "BUILDKITE_PIPELINE_SLUG": "solver-ci",
+           "BUILDKITE_TAG": "v2.0", "BUILDKITE_BRANCH": "v2.0", "BUILDKITE_PULL_REQUEST": "false",
+           "BUILDKITE_SOURCE": "webhook"}
+    tag, _ = buildkite_identity(env, "physics-2026")
+    assert tag.ref == "refs/tags/v2.0"
     assert _decide("strict-site", tag, _job("physics-ci")).allowed
 
 

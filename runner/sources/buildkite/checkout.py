@@ -6,7 +6,8 @@ ends up in the workspace: a URL's user and password are removed from the clone's
 
 The branch (or pull request) a job names is what the policy decided on, but Buildkite asserts it
 and no signature covers it, nor the commit: so the commit must be reachable from that ref in the
-repository itself, or the job is refused before anything of it runs.
+repository itself, or the job is refused before anything of it runs. A tag build's commit must be
+the tag's own commit.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = ["CheckoutFailed", "CommitNotOnRef", "checkout", "without_credentials"
 _SHA = re.compile(r"[0-9a-f]{7,64}")
 # Where the claimed ref is fetched to in the clone: a name no branch or tag of origin can take.
 _CLAIMED = "refs/hpc-runner/claimed"
+_TAGS = "refs/tags/"
 
 
 class CommitNotOnRef(CheckoutFailed):
@@ -44,10 +46,11 @@ async def checkout(repository: str, commit: str, workspace: Path, *, ref: str | 
                    timeout: float = CHECKOUT_TIMEOUT_S) -> str:
     """Clone `repository` into `workspace` (new, or empty) and check out `commit`; git's output.
 
-    `ref` is the ref the job claims (`refs/heads/B`, or a pull request's `refs/pull/N/head`):
-    it is fetched, and `commit` must be reachable from it (CommitNotOnRef otherwise). `commit`
-    may be a sha or `HEAD` (Buildkite sends HEAD before it knows the sha): the tip of `ref`,
-    or without one the repository's default branch.
+    `ref` is the ref the job claims (`refs/heads/B`, a tag's `refs/tags/T`, or a pull request's
+    `refs/pull/N/head`): it is fetched, and `commit` must be reachable from it, or for a tag be
+    its commit (CommitNotOnRef otherwise). `commit` may be a sha or `HEAD` (Buildkite sends HEAD
+    before it knows the sha): the tip of `ref` (a tag's commit), or without one the repository's
+    default branch.
     """
     target = _commit(commit)
     if workspace.exists():
@@ -116,6 +119,8 @@ async def _reachable_from_claimed(repository: str, target: str, ref: str, worksp
         raise CheckoutFailed(f"git could not check out {target} of {without_credentials(repository)}: "
                              "no such commit", "".join(transcript))
     sha = out.strip()
+    if ref.startswith(_TAGS):
+        return await _is_the_tags_commit(repository, sha, ref, workspace, transcript)
     code, out = await _git("merge-base", "--is-ancestor", sha, _CLAIMED, cwd=workspace)
     if code == 1:
         raise CommitNotOnRef(f"commit {sha} is not on {ref} of {without_credentials(repository)}: a job runs "
@@ -125,4 +130,24 @@ async def _reachable_from_claimed(repository: str, target: str, ref: str, worksp
         transcript.append(out)
         raise CheckoutFailed(f"git could not tell whether {sha} is on {ref} (exit {code})",
                              "".join(transcript))
+    return sha
+
+
+async def _is_the_tags_commit(repository: str, sha: str, ref: str, workspace: Path,
+                              transcript: list[str]) -> str:
+    """`sha`, which must be the commit the claimed tag points to (CommitNotOnRef if not).
+
+    Equality, not reachability: a tag names one commit, and "reachable from the tag" would let a
+    grant for release tags run any older commit of the tag's history, one never released among
+    them. The tag is peeled (`^{commit}`): a release's annotated tag is a tag object, not a commit.
+    """
+    code, out = await _git("rev-parse", "--verify", "--quiet", f"{_CLAIMED}^{{commit}}", cwd=workspace)
+    if code != 0:
+        raise CommitNotOnRef(f"{ref} of {without_credentials(repository)} does not point to a commit",
+                             "".join(transcript))
+    tagged = out.strip()
+    if sha != tagged:
+        raise CommitNotOnRef(f"commit {sha} is not {tagged}, the commit {ref} of "
+                             f"{without_credentials(repository)} points to: a tag build runs only its "
+                             "tag's commit", "".join(transcript))
     return sha

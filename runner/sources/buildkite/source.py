@@ -556,7 +556,8 @@ class BuildkiteSource:
         assert state.runner_id is not None
         record = self.host.store.get_job(state.runner_id)
         assert record is not None
-        # The ref the policy decided on (a branch, a pull request's head): the commit must be on it.
+        # The ref the policy decided on (a branch, a pull request's head): the commit must be on it;
+        # a tag's must be the tag's commit.
         claimed = identity_from_json(record.identity).effective_ref
         self.host.note(state.runner_id, f"--- :git: hpc-runner: checking out {commit or 'HEAD'}\n")
         try:

@@ -2,10 +2,11 @@
 
 Pure functions: the caller has verified the step's signature and passes the verified key id.
 
-- Identity: organisation and pipeline slugs, branch, build creator and the creator's teams,
-  event (push, pull_request, schedule, ...), fork status of a pull request (its repository
-  differs from the pipeline's), and the signer. All of it is job env that Buildkite asserts;
-  the identity names (`signed`) the fields whose variables the step's signature covers too.
+- Identity: organisation and pipeline slugs, branch (or a tag build's tag), build creator and
+  the creator's teams, event (push, pull_request, schedule, ...), fork status of a pull request
+  (its repository differs from the pipeline's), and the signer. All of it is job env that
+  Buildkite asserts; the identity names (`signed`) the fields whose variables the step's
+  signature covers too.
 - Job spec: the step's `hpc-runner` plugin block (the job spec table of DESIGN.md, without
   `command`/`script`); the step's command becomes the spec's `script`. Plugins are signed, so
   the resources a step asks for are covered by its signature. Without a block, or a block
@@ -46,6 +47,10 @@ _BUILDKITE_PASSED = ("BUILDKITE", "CI")
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _NAME = re.compile(NAME_PATTERN)
 _ENV_NAME = re.compile(ENV_NAME_PATTERN)
+# A tag name that makes a ref the identity can hold (refs/tags/TAG, at most 250 characters after
+# refs/); what else git refuses in a ref (`..`, `.lock`) is refused by the checkout's
+# check-ref-format before any fetch.
+_TAG = re.compile(r"[A-Za-z0-9._+-][A-Za-z0-9._/+-]{0,244}")
 # BUILDKITE_SOURCE values and the policy event each stands for.
 _EVENTS = {"webhook": "push", "api": "api", "ui": "ui", "schedule": "schedule", "trigger_job": "trigger"}
 
@@ -216,10 +221,12 @@ def signed_env_names(step: Mapping[str, Any], signed_fields: Sequence[str]) -> f
 def _signed(env: Mapping[str, str], signed_env: frozenset[str]) -> tuple[str, ...]:
     """The identity fields (SIGNABLE_FIELDS) all of whose source variables are signed."""
     is_pr = env.get("BUILDKITE_PULL_REQUEST", "false").isdigit()
+    # A pull request's ref is refs/pull/N/head, a tag build's refs/tags/TAG (its BUILDKITE_BRANCH,
+    # the tag's name too, then decides nothing), anything else's is its branch.
+    made_of = set() if is_pr else {"BUILDKITE_TAG"} if env.get("BUILDKITE_TAG") else {"BUILDKITE_BRANCH"}
     sources = {
         "pipeline": {"BUILDKITE_ORGANIZATION_SLUG", "BUILDKITE_PIPELINE_SLUG"},
-        # A pull request's ref is refs/pull/N/head; anything else's is its branch.
-        "ref": {"BUILDKITE_PULL_REQUEST"} | (set() if is_pr else {"BUILDKITE_BRANCH"}),
+        "ref": {"BUILDKITE_PULL_REQUEST"} | made_of,
         "commit": {"BUILDKITE_COMMIT"},
         "event": {"BUILDKITE_PULL_REQUEST"} | (set() if is_pr else {"BUILDKITE_SOURCE"}),
         # Fork status compares the head repository with BUILDKITE_REPO.
@@ -247,8 +254,18 @@ def identity(env: Mapping[str, str], signer: str | None, *, signed_env: frozense
         notes.append(f"team names that are not slugs were ignored: {', '.join(bad)}")
     pull_request = env.get("BUILDKITE_PULL_REQUEST", "false")
     is_pr = pull_request.isdigit()
+    tag = env.get("BUILDKITE_TAG") or None
+    if tag is not None and is_pr:
+        raise JobRefused(f"the build names both a tag (BUILDKITE_TAG {tag[:100]}) and a pull request "
+                         f"(#{pull_request}): there is no one ref to decide on and check out")
     fork = False
     ref = None
+    if tag is not None:
+        if not _TAG.fullmatch(tag):
+            raise JobRefused(f"BUILDKITE_TAG is {tag[:100]!r}, not a git tag name")
+        # Buildkite names a tag build's branch after the tag: the ref the policy decides on and the
+        # checkout fetches is the tag's, never refs/heads/TAG.
+        ref = f"refs/tags/{tag}"
     if is_pr:
         pr_repo = env.get("BUILDKITE_PULL_REQUEST_REPO", "")
         # An unknown head repository counts as a fork: deny by default.
