@@ -79,3 +79,12 @@ def test_gateway_answer_quick(cluster: Cluster, tmp_path: Path) -> None:
     data = run_bench(cluster, "gateway_answer.py", tmp_path / "gateway_answer.json")
     assert data["benchmark"] == "gateway_answer"
     assert {"stored_s", "dropped_s", "large_body_s"} <= set(data["results"])
+
+
+def test_workspace_copy_quick(cluster: Cluster, tmp_path: Path) -> None:
+    data = run_bench(cluster, "workspace_copy.py", tmp_path / "workspace_copy.json")
+    assert data["benchmark"] == "workspace_copy"
+    assert {tree["tree"] for tree in data["results"]} == {"source tree", "data"}
+    for tree in data["results"]:
+        assert set(tree["variants"]) == {"cp -a", "copy in", "copy back, nothing changed",
+                                         "copy back, every file changed"}
