@@ -98,6 +98,26 @@ def test_answers_keep_only_buildkite_headers_and_refuse_zero_intervals() -> None
     assert protocol.job_state_action({"state": "running"}) is None
 
 
+def test_headers_that_no_request_may_carry_are_left_out_and_named() -> None:
+    asked = {"Buildkite-A": "1", "Buildkite-Tab": "a\tb", "Buildkite-Utf": "grüße",
+             "Buildkite-Lf": "a\nX-Injected: 1", "Buildkite-Cr": "a\rb", "Buildkite-Nul": "a\x00b",
+             "Buildkite-Del": "a\x7fb", "Buildkite-Esc": "\x1b[31m", "Buildkite-Lone": "a\ud800b",
+             "Buildkite-Bad Name": "1", "Buildkite-Colon:": "1", "X-Other": "a\nb"}
+    answer = {"id": "a", "name": "n", "access_token": "bkaa_x", "ping_interval": 2, "job_status_interval": 1,
+              "heartbeat_interval": 5, "request_headers": asked}
+    kept = {"Buildkite-A": "1", "Buildkite-Tab": "a\tb", "Buildkite-Utf": "grüße"}
+    refused = {"Buildkite-Lf", "Buildkite-Cr", "Buildkite-Nul", "Buildkite-Del", "Buildkite-Esc",
+               "Buildkite-Lone", "Buildkite-Bad Name", "Buildkite-Colon:"}
+    registration = protocol.parse_register(answer)
+    ping = protocol.parse_ping({"request_headers": asked})
+    for parsed in (registration, ping):
+        assert parsed.request_headers == kept
+        assert set(parsed.refused_headers) == refused
+    assert "control character" in registration.refused_headers["Buildkite-Lf"]
+    assert "name" in registration.refused_headers["Buildkite-Bad Name"]
+    assert protocol.parse_ping({"action": "idle"}).refused_headers == {}
+
+
 # -- the client against the emulator -----------------------------------------------------------
 
 

@@ -676,6 +676,50 @@ async def test_headers_from_register_and_ping_are_echoed_and_heartbeats_go_on_du
     assert any(r.headers.get("Buildkite-Shard") == "9" for r in bk.requests("finish"))
 
 
+UNSENDABLE = "Buildkite asked for a header that cannot be sent; it is left out"
+
+
+@pytest.mark.parametrize("where", ["register", "ping"])
+async def test_a_header_value_with_a_newline_is_left_out_once_told_and_the_session_goes_on(
+        where: str, bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner,
+        repo: Path) -> None:
+    """aiohttp refuses to send a header value holding a newline: sent back as asked, it would make
+    every later call of the session raise."""
+    asked = {"Buildkite-Shard": "9", "Buildkite-Broken": "a\r\nX-Injected: 1"}
+    if where == "register":
+        bk.request_headers = asked
+    else:
+        bk.ping_request_headers = asked
+    with capture_logs() as logs:
+        running = make_source()
+        await wait_until(lambda: bk.agents, what="registration")
+        agent = next(iter(bk.agents.values()))
+        # Pings answered with the header come and go; heartbeats go on.
+        await wait_until(lambda: agent.pings >= 2 and len(agent.heartbeats) >= 2, timeout=10,
+                         what="pings and heartbeats after the header was asked for")
+        running.host.hold["long"] = hold = asyncio.Event()
+        job_id = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN],
+                                      env={"BUILDKITE_STEP_KEY": "long"}))
+        await wait_until(lambda: running.host.ran, what="the job to run")
+        beats = len(agent.heartbeats)
+        await wait_until(lambda: len(agent.heartbeats) > beats, timeout=10, what="a heartbeat during the job")
+        hold.set()
+        assert (await finished(bk, job_id))["exit_status"] == "0"
+        after = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN]))
+        assert (await finished(bk, after))["exit_status"] == "0"
+
+    # One session served throughout, with the valid header echoed and the other never sent.
+    assert list(bk.agents) == [agent.id] and bk.jobs[after].agent_id == agent.id
+    assert [e for e in logs if e["event"] == "Buildkite agent session failed; it is restarted"] == []
+    assert all(set(r.missing_headers) == {"Buildkite-Broken"} and not r.unexpected_headers
+               for r in bk.header_violations())
+    assert not any("Buildkite-Broken" in r.headers or "X-Injected" in r.headers for r in bk.recorded)
+    assert all(r.headers.get("Buildkite-Shard") == "9" for r in bk.requests("finish"))
+    # Told once, naming the header, however many answers asked for it.
+    told = [(e["log_level"], e["header"]) for e in logs if e["event"] == UNSENDABLE]
+    assert told == [("warning", "Buildkite-Broken")]
+
+
 async def test_a_ping_naming_another_endpoint_moves_the_agent_there_only_once_it_answers(
         bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
     with socket.socket() as unused:   # a port nobody listens on
@@ -979,6 +1023,45 @@ async def test_heartbeats_and_pings_that_raise_do_not_end_the_session(
                 if entry["event"] in ("heartbeat failed", "ping failed")]
     assert sorted(failures) == sorted([("heartbeat failed", f"ValueError: {REFUSED_HEADER}")] * 2
                                       + [("ping failed", f"ValueError: {REFUSED_HEADER}")] * 2)
+
+
+async def test_a_job_state_poll_that_raises_is_followed_by_the_next_and_the_job_keeps_its_outcome(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    faults = {"job_state": 2}
+    raise_on(monkeypatch, countdown(faults))
+    with capture_logs() as logs:
+        running = make_source()
+        running.host.hold["first"] = first_hold = asyncio.Event()
+        running.host.hold["second"] = asyncio.Event()
+        first = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN],
+                                     env={"BUILDKITE_STEP_KEY": "first"}))
+        await wait_until(lambda: not faults["job_state"], what="the job-state polls that raise")
+        # Polling goes on after them.
+        await wait_until(lambda: bk.requests("job_state"), timeout=10, what="a job-state poll answered")
+        first_hold.set()
+        first_body = await finished(bk, first)
+
+        faults["job_state"] = 1
+        second = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN],
+                                      env={"BUILDKITE_STEP_KEY": "second"}))
+        await wait_until(lambda: not faults["job_state"], what="the second job's poll that raises")
+        bk.cancel_job(second)
+        second_body = await finished(bk, second)
+
+    # The command ended well: so does the job, whatever its polls raised.
+    assert (first_body["exit_status"], first_body.get("signal_reason")) == ("0", None)
+    assert unstamped(bk.log(first)).endswith(b"hello from the job\n")
+    # A cancel after a poll that raised still cancels.
+    assert (second_body["exit_status"], second_body["signal"], second_body["signal_reason"]) == (
+        "-1", "SIGTERM", "cancel")
+    failures = [(e["job"], e["error"], bool(e.get("exc_info"))) for e in logs
+                if e["event"] == "Buildkite job-state poll failed"]
+    # Its traceback once per job, then one line each.
+    assert failures == [(first, f"ValueError: {REFUSED_HEADER}", True),
+                        (first, f"ValueError: {REFUSED_HEADER}", False),
+                        (second, f"ValueError: {REFUSED_HEADER}", True)]
+    assert list(bk.agents) == [bk.jobs[second].agent_id]
 
 
 def test_restarts_wait_5s_doubling_up_to_5_minutes_and_a_long_lived_session_starts_afresh() -> None:

@@ -62,13 +62,22 @@ class AgentSession:
         self._registration_token = registration_token
         self.session_token: str | None = None
         self.request_headers: dict[str, str] = {}
+        self._refused_told: set[str] = set()
         self._policies = policies
         self._sleep = sleep
         self.rng = rng or random.Random()
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
-    def adopt_headers(self, headers: Mapping[str, str] | None) -> None:
-        """A register or ping answer's `request_headers` replace the whole set (None: keep it)."""
+    def adopt_headers(self, headers: Mapping[str, str] | None,
+                      refused: Mapping[str, str] | None = None) -> None:
+        """A register or ping answer's `request_headers` replace the whole set (None: keep it).
+        `refused` (name: why) are the ones it asked for that no request may carry, left out of
+        `headers`: each is logged once per session, however many ping answers repeat it."""
+        for name, why in (refused or {}).items():
+            if name not in self._refused_told:
+                self._refused_told.add(name)
+                log.warning("Buildkite asked for a header that cannot be sent; it is left out",
+                            header=name, problem=why)
         if headers is not None:
             self.request_headers = dict(headers)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,11 @@ TokenKind = Literal["registration", "session", "job"]
 
 # Only headers with this prefix, from register and ping answers, are sent back on later requests.
 SERVER_HEADER_PREFIX = "Buildkite-"
+# A header name is an RFC 9110 token. A value may not hold a control character but tab, nor DEL
+# (RFC 9110 section 5.5): aiohttp raises ValueError before sending such a request. Nor a lone
+# surrogate, which cannot be encoded as UTF-8.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_UNSENDABLE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 # Buildkite's enum of reasons for a job that did not end by itself (a Rails enum: others are refused).
 SIGNAL_REASONS = frozenset({"agent_refused", "agent_stop", "cancel", "signature_rejected",
                             "process_run_error", "stack_error"})
@@ -192,12 +198,32 @@ def _positive_int(data: Mapping[str, Any], key: str) -> int:
     return value
 
 
-def server_headers(value: object) -> dict[str, str]:
-    """The `request_headers` an answer asks for, keeping only `Buildkite-` names."""
+def header_problem(name: str, value: str) -> str | None:
+    """Why no HTTP request may carry this header, or None when one can."""
+    if not _HEADER_NAME.fullmatch(name):
+        return "its name is not a valid header name"
+    if _UNSENDABLE_VALUE.search(value):
+        return "its value holds a control character (a newline?) that no request may carry"
+    return None
+
+
+def server_headers(value: object) -> tuple[dict[str, str], dict[str, str]]:
+    """The `request_headers` an answer asks for, keeping only `Buildkite-` names: those that can be
+    sent back, and those that cannot (name: why). Sending one that cannot would make every later
+    call of the session fail, so it is left out while the others are kept."""
     if not isinstance(value, Mapping):
-        return {}
-    return {str(k): str(v) for k, v in value.items()
-            if isinstance(k, str) and k.startswith(SERVER_HEADER_PREFIX) and isinstance(v, str)}
+        return {}, {}
+    kept: dict[str, str] = {}
+    refused: dict[str, str] = {}
+    for name, text in value.items():
+        if not (isinstance(name, str) and name.startswith(SERVER_HEADER_PREFIX) and isinstance(text, str)):
+            continue
+        problem = header_problem(name, text)
+        if problem is None:
+            kept[name] = text
+        else:
+            refused[name] = problem
+    return kept, refused
 
 
 @dataclass(frozen=True)
@@ -210,6 +236,8 @@ class Registration:
     ping_interval: int
     job_status_interval: int
     heartbeat_interval: int
+    # Headers the answer asked for that no request may carry (name: why), left out of request_headers.
+    refused_headers: dict[str, str] = field(default_factory=dict)
 
 
 def parse_register(data: object) -> Registration:
@@ -219,13 +247,15 @@ def parse_register(data: object) -> Registration:
     if not isinstance(token, str) or not token:
         raise ProtocolError("register answer has no access_token")
     endpoint = data.get("endpoint")
+    headers, refused = server_headers(data.get("request_headers"))
     return Registration(
         agent_id=str(data.get("id", "")), name=str(data.get("name", "")), access_token=token,
         endpoint=endpoint if isinstance(endpoint, str) and endpoint else None,
-        request_headers=server_headers(data.get("request_headers")),
+        request_headers=headers,
         ping_interval=_positive_int(data, "ping_interval"),
         job_status_interval=_positive_int(data, "job_status_interval"),
         heartbeat_interval=_positive_int(data, "heartbeat_interval"),
+        refused_headers=refused,
     )
 
 
@@ -237,6 +267,8 @@ class Ping:
     endpoint: str | None
     # None: the answer said nothing about headers, so the current set stays.
     request_headers: dict[str, str] | None
+    # As in Registration: asked for, but left out of request_headers.
+    refused_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def dispatches(self) -> bool:
@@ -251,12 +283,15 @@ def parse_ping(data: object) -> Ping:
     job = data.get("job")
     job_id = job.get("id") if isinstance(job, Mapping) else None
     endpoint = data.get("endpoint")
-    headers = server_headers(data["request_headers"]) if "request_headers" in data else None
+    headers: dict[str, str] | None = None
+    refused: dict[str, str] = {}
+    if "request_headers" in data:
+        headers, refused = server_headers(data["request_headers"])
     message = data.get("message")
     return Ping(action=str(action), message=message if isinstance(message, str) and message else None,
                 job_id=job_id if isinstance(job_id, str) and job_id else None,
                 endpoint=endpoint if isinstance(endpoint, str) and endpoint else None,
-                request_headers=headers)
+                request_headers=headers, refused_headers=refused)
 
 
 JobStateAction = Literal["cancel", "timeout"]

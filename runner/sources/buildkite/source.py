@@ -1,8 +1,9 @@
 """The Buildkite source: `workers` agent sessions, each running one job at a time.
 
 Each worker registers as its own agent (the config's tags as meta_data), connects, heartbeats on
-its own timer whatever its job does, and pings every ping_interval plus jitter; a heartbeat or
-ping that fails, unless Buildkite refuses it, is followed by the next, whatever raised. A session
+its own timer whatever its job does, and pings every ping_interval plus jitter; a heartbeat,
+ping or job-state poll that fails, unless Buildkite refuses it, is followed by the next, whatever
+raised, and a `Buildkite-*` header no request may carry is left out. A session
 that ends with an exception (a bug, a request aiohttp refuses to send) is logged with its
 traceback and a count, disconnected, and started again after a backoff, so jobs never silently
 stop being taken. A job it is given
@@ -218,7 +219,7 @@ class BuildkiteSource:
             log.error("Buildkite agent could not register or connect", worker=name, error=str(exc))
             return
         session.session_token = registration.access_token
-        session.adopt_headers(registration.request_headers)
+        session.adopt_headers(registration.request_headers, registration.refused_headers)
         if registration.endpoint:
             session.endpoint = registration.endpoint
         # Registered: whatever happens from here, the agent is disconnected, so that a session
@@ -302,7 +303,7 @@ class BuildkiteSource:
                 log.warning("ping failed", error=f"{type(exc).__name__}: {exc}", exc_info=not told)
                 told = True
                 continue
-            session.adopt_headers(ping.request_headers)
+            session.adopt_headers(ping.request_headers, ping.refused_headers)
             if ping.message:
                 log.info("message from Buildkite", message=ping.message)
             if ping.endpoint and ping.endpoint != session.endpoint:
@@ -638,7 +639,9 @@ class BuildkiteSource:
     async def _watch(self, session: AgentSession, state: JobState, cancel: asyncio.Event,
                      reason: list[str], lost: asyncio.Event | None = None) -> None:
         """Poll the job's state; cancellation in Buildkite (or a revoked job token) cancels it,
-        and so does the loss of the agent's session (as the agent's ungraceful stop does)."""
+        and so does the loss of the agent's session (as the agent's ungraceful stop does). A poll
+        that raises is followed by the next: the job's outcome is its own."""
+        told = False   # of an unexpected failure: its traceback once per job, then one line each
         while not cancel.is_set():
             delay = protocol.jittered(state.job_status_interval, session.rng)
             if lost is None:
@@ -655,6 +658,13 @@ class BuildkiteSource:
                 if exc.status == 401:
                     self._cancel(state, cancel, reason, "Buildkite no longer accepts the job's token")
                     return
+                continue
+            except Exception as exc:
+                # Not a failure Buildkite's rules know (a bug, a request aiohttp refuses to send):
+                # as a failed poll, since the next one may still bring the job's cancellation.
+                log.warning("Buildkite job-state poll failed", job=state.bk_id,
+                            error=f"{type(exc).__name__}: {exc}", exc_info=not told)
+                told = True
                 continue
             action = protocol.job_state_action(answer.data)
             if action == "cancel":
