@@ -2,9 +2,17 @@
 
 The log file is the job's output: stdout and stderr share one O_APPEND descriptor, so the kernel
 keeps the order of their writes and nothing passes through this process; readers follow the file
-(`runner.logs.tail`). The job runs in its own session, so a walltime or a cancellation can end the
-whole process group, children included. A process that leaves the group (setsid) escapes it:
-only the Slurm executor, with cgroups, can contain such a job.
+(`runner.logs.tail`).
+
+A walltime, a cancellation or a command that exits leaving processes behind ends every process of
+the job: SIGTERM, the grace period, then SIGKILL. The job's process group is not enough: Apptainer
+moves a container's processes into groups of their own (and under `--sharens` its forwarding of
+signals fails), a daemon starts a session of its own, and the launcher's orphans are re-parented
+to this process (a child subreaper). So the job's processes are found in /proc (see
+`job_processes`): its launcher's session, whatever descends from it, and whatever was once seen as
+the job's. What still escapes is a process that leaves the session (setsid) and loses its parent
+before the job ends: re-parented to this process, it no longer tells which job it came from, and
+several jobs share this process. Only the Slurm executor, with cgroups, contains such a job.
 
 Memory is held by RLIMIT_DATA, the one limit an unprivileged process can set that Apptainer (a
 Go program that reserves far more address space than it uses, which RLIMIT_AS would count)
@@ -25,7 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,9 +44,12 @@ __all__ = ["LocalExecutor", "LocalLaunch", "Outcome"]
 
 LOG_MODE = 0o640
 POLL_SECONDS = 0.02
-# After SIGKILL the group is gone as soon as its members are reaped; this only bounds a wait
+# After SIGKILL the job is gone as soon as its processes are reaped; this only bounds a wait
 # for processes the kernel is still tearing down.
 KILL_WAIT_SECONDS = 0.5
+# Stopping the job's processes before SIGKILL takes one look more than the job has generations
+# of processes still being started; a job that outruns this many is killed as far as it was found.
+STOP_ROUNDS = 20
 PR_SET_CHILD_SUBREAPER = 36
 # Apptainer's starter needs about 150 MiB of data of its own: a smaller limit would kill every
 # job before it began, so a job asking for less memory is held to this much.
@@ -97,7 +108,7 @@ class LocalExecutor:
         """Run `launch` to its end; setting `cancel` stops it as a walltime would.
 
         Raises InfrastructureError if the program cannot be started. Cancelling the task that
-        awaits this kills the job's group at once; use `cancel` for a graceful stop.
+        awaits this kills the job's processes at once; use `cancel` for a graceful stop.
         """
         if cancel is not None and cancel.is_set():
             return Outcome("cancelled", None, "cancelled before it started")
@@ -105,12 +116,13 @@ class LocalExecutor:
         log_fd = _open_log(launch.log_path)
         try:
             process = await _spawn(launch, log_fd)
+            job = JobProcesses(process.pid)
             try:
-                return await _supervise(process, launch, log_fd, cancel)
+                return await _supervise(process, job, launch, log_fd, cancel)
             except asyncio.CancelledError:
-                _killpg(process.pid, signal.SIGKILL)
+                job.kill()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await _wait_group_gone(process, KILL_WAIT_SECONDS)
+                    await _wait_job_gone(process, job, KILL_WAIT_SECONDS)
                 raise
         finally:
             os.close(log_fd)
@@ -167,22 +179,22 @@ async def _spawn(launch: LocalLaunch, log_fd: int) -> asyncio.subprocess.Process
         raise InfrastructureError(message) from None
 
 
-async def _supervise(process: asyncio.subprocess.Process, launch: LocalLaunch, log_fd: int,
-                     cancel: asyncio.Event | None) -> Outcome:
+async def _supervise(process: asyncio.subprocess.Process, job: JobProcesses, launch: LocalLaunch,
+                     log_fd: int, cancel: asyncio.Event | None) -> Outcome:
     ending = await _wait_for_end(process, launch.walltime_seconds, cancel)
     if ending == "exited":
         code = process.returncode
         assert code is not None
         # Background children outlive the command that started them; they are part of the job.
-        if _group_alive(process.pid, reap=True):
-            await _end_group(process, log_fd, "the job's command exited but left processes running",
-                             launch.grace_seconds)
+        if job.alive():
+            await _end_job(process, job, log_fd, "the job's command exited but left processes running",
+                           launch.grace_seconds)
         return _exit_outcome(code)
     if ending == "timed_out":
         detail = why = f"walltime of {_seconds(launch.walltime_seconds)} exceeded"
     else:
         detail, why = "cancelled", "job cancelled"
-    await _end_group(process, log_fd, why, launch.grace_seconds)
+    await _end_job(process, job, log_fd, why, launch.grace_seconds)
     return Outcome(ending, _shell_status(process.returncode), detail)
 
 
@@ -203,23 +215,26 @@ async def _wait_for_end(process: asyncio.subprocess.Process, walltime: float,
     return "cancelled" if cancelled in done else "timed_out"
 
 
-async def _end_group(process: asyncio.subprocess.Process, log_fd: int, why: str, grace: float) -> None:
-    """SIGTERM to the whole group, then SIGKILL to whatever is left after `grace` seconds."""
+async def _end_job(process: asyncio.subprocess.Process, job: JobProcesses, log_fd: int, why: str,
+                   grace: float) -> None:
+    """SIGTERM to every process of the job, then SIGKILL to whatever is left after `grace` seconds."""
     _note(log_fd, f"hpc-runner: {why}; sent SIGTERM")
-    _killpg(process.pid, signal.SIGTERM)
-    if await _wait_group_gone(process, grace):
+    job.terminate()
+    if await _wait_job_gone(process, job, grace):
         return
     _note(log_fd, f"hpc-runner: {why}; sent SIGKILL")
-    _killpg(process.pid, signal.SIGKILL)
-    await _wait_group_gone(process, KILL_WAIT_SECONDS)
+    job.kill()
+    await _wait_job_gone(process, job, KILL_WAIT_SECONDS)
 
 
-async def _wait_group_gone(process: asyncio.subprocess.Process, timeout: float) -> bool:
+async def _wait_job_gone(process: asyncio.subprocess.Process, job: JobProcesses, timeout: float) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
+        # Only once asyncio has reaped the launcher: reaping it here would take its exit status
+        # away from asyncio's child watcher.
         finished = process.returncode is not None
-        if finished and not _group_alive(process.pid, reap=True):
+        if finished and not job.alive():
             return True
         remaining = deadline - loop.time()
         if remaining <= 0:
@@ -231,46 +246,178 @@ async def _wait_group_gone(process: asyncio.subprocess.Process, timeout: float) 
                 await asyncio.wait_for(process.wait(), min(remaining, POLL_SECONDS))
 
 
-def _group_alive(pgid: int, *, reap: bool) -> bool:
-    """Whether any process of the group exists, after reaping those that are our zombies.
+@dataclass(frozen=True)
+class ProcessInfo:
+    """What /proc/PID/stat tells about whose a process is."""
 
-    Only call with reap=True once the leader has been reaped by asyncio: reaping it here would
-    take its exit status away from asyncio's child watcher.
-    """
-    if reap:
-        _reap_group(pgid)
+    pid: int
+    ppid: int
+    sid: int
+    # Clock ticks after boot when it started: with the pid, this names one process for good (a
+    # pid alone may have been handed out again).
+    start: int
+    zombie: bool
+
+
+def parse_stat(pid: int, text: bytes) -> ProcessInfo | None:
+    """The contents of /proc/PID/stat as a ProcessInfo; None if they are not in the kernel's form."""
+    # The command's name (the second field, in parentheses) may itself hold spaces and ")".
+    fields = text.rpartition(b")")[2].split()
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return ProcessInfo(pid=pid, ppid=int(fields[1]), sid=int(fields[3]), start=int(fields[19]),
+                           zombie=fields[0] == b"Z")
+    except (IndexError, ValueError):
+        return None
 
 
-def _reap_group(pgid: int) -> None:
-    # The job's orphans are re-parented to us (see _become_subreaper); as zombies they would keep
-    # the group, and its id, alive.
-    while True:
+def job_processes(table: Mapping[int, ProcessInfo], leader: int,
+                  known: Mapping[int, int]) -> dict[int, ProcessInfo]:
+    """The processes in `table` (pid -> info) of the job whose launcher is `leader`.
+
+    - those in the launcher's session (it leads the session): the kernel hands a session's number
+      to no new process while any process is still in the session, so no other job's and none
+      of the agent's carry it. Apptainer's processes move to groups of their own but stay in it;
+    - those seen as the job's before (`known`: pid -> start time): a process re-parented to the
+      agent after leaving the session no longer shows whose it is;
+    - and every descendant of those, whatever group or session it has moved to.
+    """
+    members = {pid: info for pid, info in table.items() if info.sid == leader or known.get(pid) == info.start}
+    children: dict[int, list[ProcessInfo]] = {}
+    for info in table.values():
+        children.setdefault(info.ppid, []).append(info)
+    pending = list(members)
+    while pending:
+        for child in children.get(pending.pop(), ()):
+            if child.pid not in members:
+                members[child.pid] = child
+                pending.append(child.pid)
+    return members
+
+
+class JobProcesses:
+    """The processes of one running job, followed through /proc: found, signalled and reaped."""
+
+    def __init__(self, leader: int) -> None:
+        self._leader = leader
+        # Every process found as the job's, by pid and start time: it stays the job's after it
+        # has left the session and been re-parented to the agent.
+        self._known: dict[int, int] = {}
+        # The filesystem servers terminate() spared until the rest of the job has ended.
+        self._spared: set[tuple[int, int]] = set()
+
+    def find(self) -> dict[int, ProcessInfo]:
+        """The job's processes now (a look at every process on the machine), but for the zombies
+        among them that were ours to reap."""
+        members = job_processes(_process_table(None), self._leader, self._known)
+        members.pop(os.getpid(), None)
+        # A known process missing from this look has ended: only those found are kept.
+        self._known = {pid: info.start for pid, info in members.items()}
+        return {pid: info for pid, info in members.items() if not self._reaped(info)}
+
+    def alive(self) -> bool:
+        """Whether any process of the job is left (other than the launcher's zombie, which asyncio
+        reaps). Cheap while a process seen before still runs; a full look only once none does.
+
+        The filesystem servers that terminate() spared get their SIGTERM once they are all that
+        is left.
+        """
+        seen = _process_table(self._known)
+        if any(not info.zombie and info.start == self._known[pid] and (pid, info.start) not in self._spared
+               for pid, info in seen.items()):
+            return True
+        left = [info for info in self.find().values() if info.pid != self._leader or not info.zombie]
+        if self._spared and all((info.pid, info.start) in self._spared for info in left if not info.zombie):
+            for info in left:
+                if (info.pid, info.start) in self._spared:
+                    _send(info.pid, signal.SIGTERM)
+            self._spared.clear()
+        return bool(left)
+
+    def terminate(self) -> None:
+        """SIGTERM to every process of the job but its filesystem servers (see `_serves_fuse`),
+        which `alive` ends once the rest has: until then, the rest may still need their files."""
+        for info in self.find().values():
+            if _serves_fuse(info.pid):
+                self._spared.add((info.pid, info.start))
+            else:
+                _send(info.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL to every process of the job.
+
+        They are stopped first, and looked for again until no new one appears: a stopped process
+        starts no other, so none is born between the last look and the SIGKILL, to be re-parented
+        to the agent out of the job's sight.
+        """
+        stopped: set[tuple[int, int]] = set()
+        for _ in range(STOP_ROUNDS):
+            fresh = [info for info in self.find().values()
+                     if not info.zombie and (info.pid, info.start) not in stopped]
+            if not fresh:
+                break
+            for info in fresh:
+                _send(info.pid, signal.SIGSTOP)
+                stopped.add((info.pid, info.start))
+        for pid in self.find():
+            _send(pid, signal.SIGKILL)
+
+    def _reaped(self, info: ProcessInfo) -> bool:
+        """Reap `info` if it is a zombie child of ours: the job's orphans are re-parented to us
+        (see _become_subreaper), and as zombies they would keep the job's session alive."""
+        if not info.zombie or info.ppid != os.getpid() or info.pid == self._leader:
+            return False
         try:
-            pid, _ = os.waitpid(-pgid, os.WNOHANG)
+            pid, _ = os.waitpid(info.pid, os.WNOHANG)
         except ChildProcessError:
-            return
-        if pid == 0:
-            return
+            return False
+        return pid == info.pid
 
 
-def _killpg(pgid: int, signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signum)
+def _process_table(pids: Iterable[int] | None) -> dict[int, ProcessInfo]:
+    """/proc/PID/stat of `pids`, or of every process when None; processes gone meanwhile are left out."""
+    if pids is None:
+        pids = (int(name) for name in os.listdir("/proc") if name.isdigit())
+    table = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                text = stat.read()
+        except OSError:
+            continue
+        info = parse_stat(pid, text)
+        if info is not None:
+            table[pid] = info
+    return table
+
+
+def _serves_fuse(pid: int) -> bool:
+    """Whether the process holds /dev/fuse open: it serves a filesystem. Apptainer's squashfuse
+    serves the container's image: ended with the rest, it would leave a job cleaning up after a
+    SIGTERM with no files ("Transport endpoint is not connected")."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
+                return True
+    return False
+
+
+def _send(pid: int, signum: signal.Signals) -> None:
+    # A process may be gone meanwhile; one the agent may not signal (a setuid helper) is left to
+    # its own launcher.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signum)
 
 
 @functools.cache
 def _become_subreaper() -> bool:
     """Make orphaned job processes our children instead of PID 1's.
 
-    A PID 1 that does not reap (common in containers) leaves killed strays as zombies that keep
-    their process group in existence; as their subreaper we reap them ourselves.
+    As their subreaper we reap them ourselves (a PID 1 that does not reap, common in containers,
+    would leave them as zombies that keep the job's session in existence).
     """
     if not sys.platform.startswith("linux"):
         return False

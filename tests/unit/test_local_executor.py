@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import signal
 import stat
+import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import wait_until
 
 from runner.errors import InfrastructureError
-from runner.executors.local import MIN_MEMORY_LIMIT_BYTES, LocalExecutor, LocalLaunch, Outcome, memory_limit
+from runner.executors.local import (
+    MIN_MEMORY_LIMIT_BYTES,
+    LocalExecutor,
+    LocalLaunch,
+    Outcome,
+    ProcessInfo,
+    job_processes,
+    memory_limit,
+    parse_stat,
+)
 
 DEADLINE_S = 10.0
 ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
@@ -318,3 +330,223 @@ async def test_the_walltime_is_written_as_a_person_would(tmp_path: Path) -> None
     outcome = await LocalExecutor().run(spec)
     assert outcome.detail == "walltime of 1s exceeded"
     assert "hpc-runner: walltime of 1s exceeded; sent SIGTERM\n" in log_of(spec)
+
+
+# --- processes that leave the job's group or session -------------------------------------------
+
+# Moves into a process group of its own, as Apptainer moves a container's processes, then says so.
+MOVES_OUT = (f"{sys.executable} -I -S -c 'import os, time; os.setpgid(0, 0); "
+             "print(\"moved=%d\" % os.getpid(), flush=True); time.sleep(1000)' &")
+# Starts a session of its own, as a daemon does (setsid(1) execs its command in it; a background
+# job of a shell without job control leads no group, so setsid need not fork), then says so.
+DETACHES = "setsid sh -c 'echo detached=$$; exec sleep 1000' &"
+
+
+def until_logged(*names: str) -> str:
+    """Shell that waits until the job's log (job.log in its working directory) names them all."""
+    return f"until {' && '.join(f'grep -q {name}= job.log' for name in names)}; do sleep 0.01; done"
+
+
+def running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(b")")[2].split()[0] != b"Z"
+
+
+@pytest.fixture
+def strays() -> Iterator[Callable[..., list[int]]]:
+    """`strays(spec, *names)`: the pids the job logged as NAME=PID, killed after the test whatever
+    its outcome, so that a failing test leaves nothing behind."""
+    seen: list[int] = []
+
+    def logged(spec: LocalLaunch, *names: str) -> list[int]:
+        pids = [int(pid) for name in names for pid in re.findall(rf"\b{name}=(\d+)", log_of(spec))]
+        seen.extend(pids)
+        return pids
+
+    yield logged
+    for pid in seen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+async def test_walltime_ends_processes_that_left_the_group_or_the_session(
+        tmp_path: Path, strays: Callable[..., list[int]]) -> None:
+    script = "\n".join(["echo leader=$$", MOVES_OUT, DETACHES, until_logged("moved", "detached"),
+                        "exec sleep 1000"])
+    spec = launch(tmp_path, script, walltime=2.0, grace=5.0)
+    outcome = await LocalExecutor().run(spec)
+    pids = strays(spec, "moved", "detached")
+    assert outcome.state == "timed_out"
+    assert len(pids) == 2, log_of(spec)
+    assert [pid for pid in pids if running(pid)] == []
+    # SIGTERM reached them: they did not wait out the grace period.
+    assert "SIGKILL" not in log_of(spec)
+
+
+async def test_cancel_kills_processes_that_left_the_group_or_the_session_ignoring_sigterm(
+        tmp_path: Path, strays: Callable[..., list[int]]) -> None:
+    script = "\n".join(["trap '' TERM", "echo leader=$$", MOVES_OUT, DETACHES, "exec sleep 1000"])
+    spec = launch(tmp_path, script, grace=0.3)
+    cancel = asyncio.Event()
+    running_job = asyncio.ensure_future(LocalExecutor().run(spec, cancel))
+    await wait_until(lambda: "moved=" in log_of(spec) and "detached=" in log_of(spec), "the job to start")
+    cancel.set()
+    outcome = await asyncio.wait_for(running_job, DEADLINE_S)
+    pids = strays(spec, "moved", "detached")
+    assert outcome.state == "cancelled"
+    assert log_of(spec).endswith("hpc-runner: job cancelled; sent SIGKILL\n")
+    assert [pid for pid in pids if running(pid)] == []
+
+
+async def test_what_a_finished_job_left_in_another_group_is_ended_and_reaped(
+        tmp_path: Path, strays: Callable[..., list[int]]) -> None:
+    script = "\n".join(["echo leader=$$", MOVES_OUT, until_logged("moved"), "exit 0"])
+    spec = launch(tmp_path, script, grace=5.0)
+    outcome = await asyncio.wait_for(LocalExecutor().run(spec), DEADLINE_S)
+    (moved,) = strays(spec, "moved")
+    assert outcome == Outcome("succeeded", 0, "exit status 0")
+    assert "hpc-runner: the job's command exited but left processes running; sent SIGTERM" in log_of(spec)
+    # Re-parented to us when the job's shell exited, and reaped: not even a zombie is left.
+    assert not Path(f"/proc/{moved}").exists()
+
+
+async def test_cancelling_the_task_kills_processes_that_left_the_group_or_the_session(
+        tmp_path: Path, strays: Callable[..., list[int]]) -> None:
+    script = "\n".join(["trap '' TERM", "echo leader=$$", MOVES_OUT, DETACHES, "exec sleep 1000"])
+    spec = launch(tmp_path, script)
+    running_job = asyncio.ensure_future(LocalExecutor().run(spec))
+    await wait_until(lambda: "moved=" in log_of(spec) and "detached=" in log_of(spec), "the job to start")
+    running_job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running_job
+    pids = strays(spec, "moved", "detached")
+    assert [pid for pid in pids if running(pid)] == []
+
+
+async def test_a_job_starting_session_after_session_while_ignoring_sigterm_is_ended_whole(
+        tmp_path: Path, strays: Callable[..., list[int]]) -> None:
+    # Every new session's parent is the job's shell, which dies with them: one started between
+    # a look at the job's processes and the SIGKILL would be re-parented to us, in a session that
+    # is none of the job's, and get away.
+    script = "trap '' TERM\necho leader=$$\nwhile :; do\n" + DETACHES + "\nsleep 0.01\ndone"
+    spec = launch(tmp_path, script, grace=0.3)
+    cancel = asyncio.Event()
+    running_job = asyncio.ensure_future(LocalExecutor().run(spec, cancel))
+    await wait_until(lambda: log_of(spec).count("detached=") >= 5, "the job to start sessions")
+    cancel.set()
+    outcome = await asyncio.wait_for(running_job, DEADLINE_S)
+    pids = strays(spec, "detached")
+    assert outcome.state == "cancelled"
+    assert [pid for pid in pids if running(pid)] == []
+
+
+async def test_ending_a_job_leaves_other_jobs_and_the_agents_own_children_alone(
+        tmp_path: Path, strays: Callable[..., list[int]]) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    # The agent's own child (a git, an sbatch), and one of B's processes re-parented to the agent
+    # (their subshell exits at once), are children of the agent just like A's orphans would be.
+    agents_own = subprocess.Popen(["sleep", "1000"])
+    try:
+        first = launch(tmp_path / "a", "\n".join(["echo leader=$$", MOVES_OUT, "exec sleep 1000"]), grace=5.0)
+        orphan = "(sleep 1000 & echo orphan=$!)"
+        second = launch(tmp_path / "b", "\n".join(["echo leader=$$", MOVES_OUT, orphan, "exec sleep 1000"]),
+                        grace=5.0)
+        cancel_first, cancel_second = asyncio.Event(), asyncio.Event()
+        first_job = asyncio.ensure_future(LocalExecutor().run(first, cancel_first))
+        second_job = asyncio.ensure_future(LocalExecutor().run(second, cancel_second))
+        await wait_until(lambda: "moved=" in log_of(first) and "moved=" in log_of(second)
+                         and "orphan=" in log_of(second), "both jobs to start")
+        cancel_first.set()
+        assert (await asyncio.wait_for(first_job, DEADLINE_S)).state == "cancelled"
+        firsts = strays(first, "moved", "leader")
+        seconds = strays(second, "moved", "orphan", "leader")
+        assert [pid for pid in firsts if running(pid)] == []
+        assert [pid for pid in seconds if not running(pid)] == []
+        assert agents_own.poll() is None
+
+        cancel_second.set()
+        assert (await asyncio.wait_for(second_job, DEADLINE_S)).state == "cancelled"
+        assert [pid for pid in seconds if running(pid)] == []
+        assert agents_own.poll() is None
+    finally:
+        agents_own.kill()
+        agents_own.wait()
+
+
+# Holds /dev/fuse open, as a FUSE server (Apptainer's squashfuse) does; on SIGTERM it says whether
+# the job's shell, its parent, had already ended.
+FUSE_SERVER = f"""{sys.executable} -I -S -c '
+import os, signal, sys, time
+fuse = os.open("/dev/fuse", os.O_RDWR)
+shell = os.getppid()
+def ended(*_):
+    print("server ended", "before" if os.getppid() == shell else "after", "the rest", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, ended)
+print("server=%d" % os.getpid(), flush=True)
+while True:
+    time.sleep(1)
+' &"""
+
+
+@pytest.mark.skipif(not os.access("/dev/fuse", os.R_OK | os.W_OK), reason="no /dev/fuse to open")
+async def test_a_filesystem_server_of_the_job_is_terminated_only_after_the_rest_has_ended(
+        tmp_path: Path, strays: Callable[..., list[int]]) -> None:
+    # The shell's cleanup takes a while and needs its files (in a container, squashfuse serves them).
+    script = "\n".join(["echo leader=$$", FUSE_SERVER, until_logged("server"),
+                        "trap 'sleep 0.3; echo rest ended; exit 0' TERM", "echo ready",
+                        "while :; do sleep 0.05; done"])
+    spec = launch(tmp_path, script, grace=5.0)
+    cancel = asyncio.Event()
+    running_job = asyncio.ensure_future(LocalExecutor().run(spec, cancel))
+    await wait_until(lambda: "ready" in log_of(spec), "the job to start")
+    cancel.set()
+    outcome = await asyncio.wait_for(running_job, DEADLINE_S)
+    strays(spec, "server")
+    assert outcome.state == "cancelled"
+    assert log_of(spec).endswith("rest ended\nserver ended after the rest\n"), log_of(spec)
+
+
+# --- which processes are the job's ---------------------------------------------------------------
+
+def process(pid: int, ppid: int, sid: int, start: int = 100, zombie: bool = False) -> ProcessInfo:
+    return ProcessInfo(pid=pid, ppid=ppid, sid=sid, start=start, zombie=zombie)
+
+
+AGENT = 999
+
+
+def test_a_jobs_processes_are_its_session_those_seen_as_its_own_and_all_their_descendants() -> None:
+    table = {info.pid: info for info in [
+        process(AGENT, 1, 5),
+        process(10, AGENT, 10),  # the launcher, leading its session
+        process(11, 10, 10),  # in its session (in a group of its own, as Apptainer's are)
+        process(12, AGENT, 10, zombie=True),  # re-parented to the agent, still in the session
+        process(13, 10, 13),  # a session of its own, but its parent is the job's
+        process(14, 13, 14),  # and its child, in yet another session
+        process(15, AGENT, 15, start=500),  # a session of its own and no parent left: seen before
+        process(16, AGENT, 16, start=700),  # a process with the pid of one seen before, but started later
+        process(20, AGENT, 20),  # another job's launcher
+        process(21, 20, 20),  # and its process
+        process(22, AGENT, 20),  # and its orphan
+        process(30, AGENT, 5),  # the agent's own child
+    ]}
+    members = job_processes(table, 10, {15: 500, 16: 600})
+    assert sorted(members) == [10, 11, 12, 13, 14, 15]
+    assert members[12] == table[12]
+
+
+def test_the_process_table_entry_is_read_whatever_the_command_is_called() -> None:
+    own = parse_stat(os.getpid(), Path("/proc/self/stat").read_bytes())
+    assert own is not None
+    assert (own.ppid, own.sid, own.zombie) == (os.getppid(), os.getsid(0), False)
+    fields = " ".join(["Z", "7", "8", "9", *["0"] * 15, "4242", "0"])
+    assert parse_stat(5, f"5 (a) S 1 2 3 (b)) {fields}".encode()) == ProcessInfo(5, 7, 9, 4242, True)
+    assert parse_stat(5, b"5 (truncated) S 1") is None
