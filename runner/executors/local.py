@@ -56,10 +56,14 @@ PR_SET_CHILD_SUBREAPER = 36
 MIN_MEMORY_LIMIT_BYTES = 256 * 1024 * 1024
 # Sets the limit and becomes the job (same pid, so the job still leads its session). Run in a
 # process of its own rather than as a preexec_fn, which is unsafe in the agent's threaded process.
+# Python starts with SIGPIPE and SIGXFSZ ignored, and an ignored signal stays ignored across
+# exec: both are set back to their defaults, as the job would have them without the limit.
 _LIMIT_AND_EXEC = (
-    "import os, resource, sys\n"
+    "import os, resource, signal, sys\n"
     "limit = int(sys.argv[1])\n"
     "resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))\n"
+    "for number in (signal.SIGPIPE, signal.SIGXFSZ):\n"
+    "    signal.signal(number, signal.SIG_DFL)\n"
     "try:\n"
     "    os.execv(sys.argv[2], sys.argv[3:])\n"
     "except OSError as exc:\n"

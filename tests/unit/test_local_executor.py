@@ -178,6 +178,19 @@ async def test_a_job_within_its_limit_runs_and_its_children_are_held_to_it(tmp_p
                                     "bytes"]
 
 
+async def test_a_limited_job_starts_with_the_signal_dispositions_of_an_unlimited_one(tmp_path: Path) -> None:
+    """The limit is set by a Python process that then becomes the job: Python ignores SIGPIPE and
+    SIGXFSZ, and ignored signals survive exec, so `yes | head` would go on writing into a closed pipe."""
+    script = "grep -E '^Sig(Ign|Blk):' /proc/self/status; yes | head -n 1"
+    plain = LocalLaunch(argv=("/bin/sh", "-c", script), env=ENV, cwd=str(tmp_path),
+                        log_path=tmp_path / "plain.log", walltime_seconds=30)
+    spec = limited(tmp_path, ("/bin/sh", "-c", script), 300)
+    assert (await LocalExecutor().run(plain)).state == "succeeded"
+    assert (await LocalExecutor().run(spec)).state == "succeeded"
+    assert log_of(spec) == plain.log_path.read_text()
+    assert "Broken pipe" not in log_of(spec)
+
+
 async def test_a_program_that_cannot_start_under_a_limit_is_an_infrastructure_error(tmp_path: Path) -> None:
     spec = limited(tmp_path, ("/nonexistent/apptainer", "exec"), 300)
     with pytest.raises(InfrastructureError, match="/nonexistent/apptainer"):
