@@ -31,10 +31,11 @@ from bench._common import (
 from runner.config import parse_config_text
 from runner.executors.slurm import SlurmCli, SlurmExecutor, SubprocessRunner
 from runner.identity import identity_from_json
-from runner.pipeline import PreparedJob, Site, prepare_job
+from runner.job import new_job_id
+from runner.job.prepared import PreparedJob
+from runner.pipeline import Site, prepare_job
 from runner.policy import decide, parse_policy_text
 from runner.spec import parse_job_text
-from runner.store import new_job_id
 
 RUNUSER = shutil.which("runuser", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/runuser"
 # An account of the dev cluster's Slurm accounting that the service account may charge.

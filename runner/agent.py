@@ -19,23 +19,18 @@ from typing import Any, Protocol
 
 from runner.config import AgentConfig
 from runner.errors import HpcRunnerError, InfrastructureError, InputError
-from runner.executors.local import LocalExecutor, LocalLaunch, Outcome
+from runner.executors.local import LocalExecutor, LocalLaunch, local_launch
 from runner.executors.slurm import SlurmExecutor, SlurmJob, SlurmSite, SlurmUnavailable, SubmissionFailed
 from runner.identity import Identity
+from runner.job import JobState, Outcome, new_job_id
+from runner.job.prepared import PreparedJob
 from runner.logging_setup import get_logger
-from runner.pipeline import (
-    PreparedJob,
-    Site,
-    job_dir,
-    prepare_job,
-    return_workspace,
-    take_workspace,
-)
+from runner.pipeline import Site, job_dir, prepare_job, return_workspace, take_workspace
 from runner.policy import Decision, Policy, Usage, decide
 from runner.slurmflow import follow_slurm_job, pump_log
 from runner.sources import Admission, Admitted, Ended, LogSink
 from runner.spec import JobSpec, spec_from_json
-from runner.store import JobRecord, JobState, Store, new_job_id
+from runner.store import JobRecord, Store
 from sandbox.plan import SandboxRefused
 from sandbox.workspace import WorkspaceError
 
@@ -430,7 +425,7 @@ class Agent:
         self.store.append_audit(actor="agent", action="started", job_id=record.id,
                                 detail={"argv": list(prepared.argv), "image": prepared.image.path,
                                         "image_sha256": prepared.image.sha256})
-        outcome = await self._executor.run(prepared.local_launch(self._grace), cancel)
+        outcome = await self._executor.run(local_launch(prepared, self._grace), cancel)
         await self._end(record.id, outcome)
 
     async def _end(self, job_id: str, outcome: Outcome) -> None:

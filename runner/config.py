@@ -184,6 +184,10 @@ class AgentConfig:
         """
         return [path for path, _ in self.named_protected_paths()]
 
+    def socket_path(self) -> Path:
+        """Where the local queue listens: `socket`, else inside the private state dir."""
+        return self.socket or self.state_dir / "agent.sock"
+
     def named_unbindable_paths(self) -> list[tuple[Path, str]]:
         """What no bind may be, hold or lie inside: the protected paths, and the directories
         of the jobs (`work_root`, `workdir_root`), where every job's workspace, scratch and log live."""

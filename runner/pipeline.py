@@ -13,42 +13,18 @@ from pathlib import Path
 from runner.binds import is_within
 from runner.config import AgentConfig
 from runner.errors import InfrastructureError
-from runner.executors.local import LocalLaunch, memory_limit
-from runner.localqueue.paths import socket_path
+from runner.job.prepared import PreparedJob
 from runner.policy import Decision, Policy
 from runner.spec import JobSpec
 from sandbox.hostmpi import HostMpi, load_or_discover
-from sandbox.images import DigestCache, VerifiedImage, verify_image
+from sandbox.images import DigestCache, verify_image
 from sandbox.pathtrust import swappable
-from sandbox.plan import JobPaths, SandboxPlan, SandboxRefused, SandboxSite, plan_local_launch, plan_sandbox
+from sandbox.plan import JobPaths, SandboxRefused, SandboxSite, plan_local_launch, plan_sandbox
 from sandbox.workspace import Returned, Snapshot, copy_back, copy_in
-
-DEFAULT_GRACE_SECONDS = 10.0
 
 
 class WorkspaceRefused(SandboxRefused):
     """The workspace would expose something a job must never see."""
-
-
-@dataclass(frozen=True)
-class PreparedJob:
-    job_id: str
-    spec: JobSpec
-    decision: Decision
-    image: VerifiedImage
-    plan: SandboxPlan
-    argv: tuple[str, ...]
-    workspace: Path
-    job_dir: Path
-    log_path: Path
-
-    def local_launch(self, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> LocalLaunch:
-        assert self.decision.slurm is not None
-        return LocalLaunch(argv=self.argv, env=dict(self.plan.host_env), cwd=str(self.workspace),
-                           log_path=self.log_path, walltime_seconds=self.decision.slurm.time_seconds,
-                           grace_seconds=grace_seconds,
-                           # the job's memory per node, held per process (see runner.executors.local)
-                           memory_limit_bytes=memory_limit(self.decision.slurm.memory_mb))
 
 
 class Site:
@@ -87,7 +63,7 @@ def protected_paths(config: AgentConfig) -> list[Path]:
     queue's socket. Jobs run as the agent's own account, so a job that reached the socket would
     be taken for the agent's user, who may see and cancel every job."""
     paths = config.protected_paths()
-    socket = socket_path(config)
+    socket = config.socket_path()
     if not any(is_within(str(socket), str(path)) for path in paths):
         paths.append(socket)
     return paths

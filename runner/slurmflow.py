@@ -12,10 +12,10 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from runner.executors.local import Outcome
 from runner.executors.slurm import SlurmExecutor, SlurmJob
 from runner.executors.slurm.cli import SlurmUnavailable
 from runner.executors.slurm.tracker import StateChanged, TrackerEvent
+from runner.job import Outcome
 from runner.logs.tail import follow
 
 # (offset, data) of each new piece of the log; (0, b"") says the file restarted from 0.

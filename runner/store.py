@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from runner.job import ACTIVE_STATES, TERMINAL_STATES, JobState, is_job_id, new_job_id, slurm_job_name
 from runner.sqlitefile import StoreError, open_database, user_version, write_transaction
 
 __all__ = [
@@ -29,50 +26,19 @@ __all__ = [
     "EXECUTORS",
     "MIGRATIONS",
     "SCHEMA_VERSION",
-    "SLURM_JOB_NAME_PREFIX",
     "SOURCES",
     "AuditEntry",
     "JobRecord",
-    "JobState",
     "SourceJob",
     "StagedChunk",
     "Store",
     "StoreError",
-    "new_job_id",
 ]
 
 DB_FILENAME = "state.sqlite3"
 SOURCES = frozenset({"local", "buildkite", "github"})
 EXECUTORS = frozenset({"local", "slurm"})
-SLURM_JOB_NAME_PREFIX = "hpcr-"
 
-# Ids are used in Slurm job names, file names and URLs, so they stay within [0-9a-z-].
-_JOB_ID_PATTERN = re.compile(r"[0-9a-z][0-9a-z-]{0,62}")
-
-
-
-class JobState(StrEnum):
-    queued = "queued"
-    denied = "denied"
-    pending = "pending"          # submitted to Slurm, waiting for resources
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-    timed_out = "timed_out"
-    infra_failed = "infra_failed"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in _TERMINAL_STATES
-
-
-_TERMINAL_STATES = frozenset({
-    JobState.denied, JobState.succeeded, JobState.failed, JobState.cancelled,
-    JobState.timed_out, JobState.infra_failed,
-})
-# Jobs holding (or about to hold) cluster resources: what a project account's concurrency cap counts.
-_ACTIVE_STATES = (JobState.pending, JobState.running)
 
 
 # --- schema -----------------------------------------------------------------------------------------
@@ -183,7 +149,7 @@ class JobRecord:
     @property
     def slurm_job_name(self) -> str:
         """The Slurm job name by which a restarted agent finds this job again in `squeue`."""
-        return SLURM_JOB_NAME_PREFIX + self.id
+        return slurm_job_name(self.id)
 
 
 @dataclass(frozen=True)
@@ -216,38 +182,6 @@ class AuditEntry:
 
 
 # --- job ids ------------------------------------------------------------------------------------------
-
-# Crockford's base32, lowercase: no i, l, o, u to misread, and ASCII order equals numeric order,
-# so ids sort as strings in the order they were made.
-_ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
-_ID_TIME_CHARS = 9                       # 45 bits of milliseconds: good until the year 3084
-_ID_RANDOM_CHARS = 4                     # 20 bits
-_ID_RANDOM_BITS = 5 * _ID_RANDOM_CHARS
-_id_lock = threading.Lock()
-_last_id_value = 0
-
-
-def new_job_id() -> str:
-    """A 13-character id: creation time in ms, then random bits; unique and increasing in this process.
-
-    Within one millisecond the random part is incremented rather than redrawn (as ULIDs do), so ids
-    drawn in a tight loop neither collide nor lose their creation order.
-    """
-    global _last_id_value
-    candidate = (time.time_ns() // 1_000_000) << _ID_RANDOM_BITS | secrets.randbits(_ID_RANDOM_BITS)
-    with _id_lock:
-        value = max(candidate, _last_id_value + 1)
-        _last_id_value = value
-    return _encode_id(value)
-
-
-def _encode_id(value: int) -> str:
-    chars = []
-    for _ in range(_ID_TIME_CHARS + _ID_RANDOM_CHARS):
-        value, digit = divmod(value, 32)
-        chars.append(_ID_ALPHABET[digit])
-    return "".join(reversed(chars))
-
 
 # --- the store ----------------------------------------------------------------------------------------
 
@@ -287,7 +221,7 @@ class Store:
         if source not in SOURCES:
             raise StoreError(f"unknown job source {source!r}; expected one of {sorted(SOURCES)}")
         job_id = new_job_id() if job_id is None else job_id
-        if not _JOB_ID_PATTERN.fullmatch(job_id):
+        if not is_job_id(job_id):
             raise StoreError(f"job id {job_id!r} must be 1-63 characters of [0-9a-z-], starting alphanumeric")
         state = JobState(state)
         now = time.time()
@@ -424,7 +358,7 @@ class Store:
 
     def mark_final_reported(self, job_id: str) -> bool:
         """True for exactly one caller, across processes: the one that must report the final status."""
-        terminal = [s.value for s in _TERMINAL_STATES]
+        terminal = [s.value for s in TERMINAL_STATES]
         with self._transaction() as conn:
             cursor = conn.execute(
                 "UPDATE jobs SET final_reported = 1, updated_at = ? WHERE id = ? AND final_reported = 0"
@@ -440,9 +374,9 @@ class Store:
         """Jobs submitted and not yet finished, per project account of their decision."""
         rows = self._read(
             "SELECT json_extract(decision, '$.account') AS account, count(*) AS n FROM jobs"
-            f" WHERE state IN ({', '.join('?' * len(_ACTIVE_STATES))})"
+            f" WHERE state IN ({', '.join('?' * len(ACTIVE_STATES))})"
             " AND json_extract(decision, '$.account') IS NOT NULL GROUP BY account",
-            [s.value for s in _ACTIVE_STATES])
+            [s.value for s in ACTIVE_STATES])
         return {str(row["account"]): int(row["n"]) for row in rows}
 
     # --- CI sources ---

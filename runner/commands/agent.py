@@ -14,7 +14,7 @@ from runner.agent import Agent
 from runner.config import AgentConfig, default_config, load_config
 from runner.embedded import load_site_policy
 from runner.errors import InputError
-from runner.localqueue.paths import socket_mode, socket_path
+from runner.localqueue.paths import socket_mode
 from runner.localqueue.server import LocalQueueServer
 from runner.logging_setup import get_logger
 from runner.policy import Policy
@@ -88,7 +88,7 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
     """Serve the local queue until drained (SIGTERM, or `stop` set by an embedding caller)."""
     with Store.open(config.state_dir) as store:
         agent = Agent(config, policy, store, policy_loader=reload, grace_seconds=grace_seconds)
-        server = LocalQueueServer(agent, socket_path(config), mode=socket_mode(config))
+        server = LocalQueueServer(agent, config.socket_path(), mode=socket_mode(config))
         # Before the socket announces the agent: a SIGTERM from then on must drain, not kill it.
         agent.install_signal_handlers()
         await server.start()

@@ -13,7 +13,6 @@ from runner import exitcodes
 from runner.config import AgentConfig, default_config, load_config
 from runner.errors import InputError
 from runner.localqueue.client import LocalQueueClient
-from runner.localqueue.paths import socket_path
 from runner.spec import parse_job_text
 
 
@@ -40,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def _client(args: argparse.Namespace) -> LocalQueueClient:
     config: AgentConfig = load_config(args.config) if args.config else default_config()
-    return LocalQueueClient(socket_path(config))
+    return LocalQueueClient(config.socket_path())
 
 
 def run_submit(args: argparse.Namespace) -> int:

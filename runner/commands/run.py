@@ -14,16 +14,18 @@ from runner.commands.policy import local_identity
 from runner.config import AgentConfig, default_config, load_config
 from runner.embedded import load_site_policy
 from runner.errors import InfrastructureError, InputError
-from runner.executors.local import LocalExecutor, Outcome
+from runner.executors.local import LocalExecutor, local_launch
 from runner.executors.slurm import SlurmUnavailable, SubmissionFailed
 from runner.executors.slurm.executor import append_log_line
 from runner.identity import Identity, load_identity
+from runner.job import JobState, Outcome, new_job_id
+from runner.job.prepared import PreparedJob
 from runner.logs.tail import follow
-from runner.pipeline import PreparedJob, Site, prepare_job
+from runner.pipeline import Site, prepare_job
 from runner.policy import decide
 from runner.slurmflow import follow_slurm_job, pump_log
 from runner.spec import JobSpec, load_job
-from runner.store import JobState, Store, new_job_id
+from runner.store import Store
 from sandbox.plan import SandboxRefused
 
 
@@ -167,7 +169,7 @@ async def _execute_on_slurm(prepared: PreparedJob, store: Store, config: AgentCo
 async def _execute(prepared: PreparedJob, grace_seconds: float) -> Outcome:
     """Run the job while copying its log to stdout; Ctrl-C or SIGTERM cancels it."""
     cancel = _cancel_on_signals()
-    task = asyncio.create_task(LocalExecutor().run(prepared.local_launch(grace_seconds), cancel))
+    task = asyncio.create_task(LocalExecutor().run(local_launch(prepared, grace_seconds), cancel))
     out = sys.stdout.buffer
     async for _offset, chunk in follow(prepared.log_path, done=task.done):
         out.write(chunk)

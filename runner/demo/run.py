@@ -16,7 +16,6 @@ from runner.commands.agent import serve
 from runner.config import AgentConfig, default_config
 from runner.embedded import ensure_embedded_policy
 from runner.localqueue.client import LocalQueueClient
-from runner.localqueue.paths import socket_path
 from runner.logging_setup import configure_logging
 from runner.policy import load_policy
 
@@ -103,8 +102,8 @@ async def _demo(root: Path) -> int:
     if agent.done():
         await agent
         return 1
-    _say(f"agent ready: local queue on {socket_path(config)}, policy {policy_path}")
-    client = LocalQueueClient(socket_path(config), timeout=None)
+    _say(f"agent ready: local queue on {config.socket_path()}, policy {policy_path}")
+    client = LocalQueueClient(config.socket_path(), timeout=None)
     results = []
     try:
         for example in EXAMPLES:

@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Literal
 
 from runner.errors import InfrastructureError
+from runner.job import Outcome
+from runner.job.prepared import PreparedJob
 
 __all__ = ["LocalExecutor", "LocalLaunch", "Outcome"]
 
@@ -51,6 +53,8 @@ KILL_WAIT_SECONDS = 0.5
 # of processes still being started; a job that outruns this many is killed as far as it was found.
 STOP_ROUNDS = 20
 PR_SET_CHILD_SUBREAPER = 36
+# Between SIGTERM and SIGKILL at walltime or cancel, unless the config says otherwise.
+DEFAULT_GRACE_SECONDS = 10.0
 # Apptainer's starter needs about 150 MiB of data of its own: a smaller limit would kill every
 # job before it began, so a job asking for less memory is held to this much.
 MIN_MEMORY_LIMIT_BYTES = 256 * 1024 * 1024
@@ -71,9 +75,6 @@ _LIMIT_AND_EXEC = (
     "    sys.exit(127)\n"
 )
 
-# "infra_failed": the job did not fail, the cluster did (a node failure); another try may work.
-# Only the Slurm executor can tell; a local job never ends so.
-OutcomeState = Literal["succeeded", "failed", "timed_out", "cancelled", "infra_failed"]
 
 
 @dataclass(frozen=True)
@@ -94,15 +95,14 @@ class LocalLaunch:
             raise ValueError("argv must name a program")
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """How a job ended; `exit_status` follows the shell: 128+N when killed by signal N."""
-
-    state: OutcomeState
-    exit_status: int | None
-    detail: str
-    # The job did not fail by its own doing (a node failed under it): running it again may work.
-    retryable: bool = False
+def local_launch(prepared: PreparedJob, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> LocalLaunch:
+    """How this executor starts a prepared job: its argv in its workspace, its log as the output."""
+    assert prepared.decision.slurm is not None
+    return LocalLaunch(argv=prepared.argv, env=dict(prepared.plan.host_env), cwd=str(prepared.workspace),
+                       log_path=prepared.log_path, walltime_seconds=prepared.decision.slurm.time_seconds,
+                       grace_seconds=grace_seconds,
+                       # the job's memory per node, held per process (see the module's docstring)
+                       memory_limit_bytes=memory_limit(prepared.decision.slurm.memory_mb))
 
 
 class LocalExecutor:

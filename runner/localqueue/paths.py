@@ -18,10 +18,6 @@ from runner.secrets import user_name
 MAX_SOCKET_PATH_BYTES = 107
 
 
-def socket_path(config: AgentConfig) -> Path:
-    return config.socket or config.state_dir / "agent.sock"
-
-
 def socket_mode(config: AgentConfig) -> int:
     """Inside the private state dir only the agent's user can reach the socket anyway; a socket
     the admin placed elsewhere is for every local user (the policy decides what each may do)."""

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Protocol
 
 from runner.identity import Identity
+from runner.job import JobState
 from runner.policy import Decision, Policy
 from runner.spec import JobSpec
-from runner.store import JobState, Store
+from runner.store import Store
 
 # (offset, data) of each new piece of the job's output file; (0, b"") says the file restarted.
 LogSink = Callable[[int, bytes], Awaitable[None]]

@@ -32,7 +32,6 @@ from conftest import (
 )
 
 from runner.config import parse_config_text
-from runner.executors.local import Outcome
 from runner.executors.slurm import (
     SlurmCli,
     SlurmExecutor,
@@ -43,11 +42,12 @@ from runner.executors.slurm import (
 )
 from runner.executors.slurm.tracker import Finished, QueryFailed, StateChanged, TrackerEvent
 from runner.identity import identity_from_json
+from runner.job import Outcome, new_job_id
+from runner.job.prepared import PreparedJob
 from runner.logs.tail import LineAssembler, follow
-from runner.pipeline import PreparedJob, Site, prepare_job
+from runner.pipeline import Site, prepare_job
 from runner.policy import decide, parse_policy_text
 from runner.spec import parse_job_text
-from runner.store import new_job_id
 
 pytestmark = pytest.mark.cluster
 

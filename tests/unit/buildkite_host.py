@@ -13,11 +13,12 @@ import os
 from pathlib import Path
 
 from runner.identity import identity_from_json
+from runner.job import JobState
 from runner.logs.tail import follow
 from runner.policy import Policy, decide
 from runner.policy.model import parse_policy_text
 from runner.sources import Admission, Admitted, Ended, LogSink
-from runner.store import JobState, Store
+from runner.store import Store
 
 POLICY = """version = 1
 

@@ -22,12 +22,14 @@ from runner.agent import Agent, NotAllowed, UnknownJob
 from runner.config import AgentConfig
 from runner.embedded import load_site_policy
 from runner.errors import InfrastructureError, InputError
-from runner.executors.local import LocalLaunch, Outcome
+from runner.executors.local import LocalLaunch
 from runner.identity import Identity
-from runner.pipeline import PreparedJob, Site, job_dir
+from runner.job import JobState, Outcome
+from runner.job.prepared import PreparedJob
+from runner.pipeline import Site, job_dir
 from runner.policy import Decision
 from runner.spec import JobSpec, parse_job_mapping, parse_job_text, spec_from_json
-from runner.store import JobRecord, JobState, Store
+from runner.store import JobRecord, Store
 from sandbox.images import VerifiedImage
 from sandbox.plan import SandboxPlan
 

@@ -24,13 +24,13 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from runner.config import BuildkiteConfig
+from runner.job import JobState
 from runner.sources import Ended, LogSink
 from runner.sources.buildkite import protocol
 from runner.sources.buildkite import source as source_module
 from runner.sources.buildkite.client import AgentSession
 from runner.sources.buildkite.intake import MAX_NESTING, MAX_TEXT, MAX_VALUES, job_problem
 from runner.sources.buildkite.source import BuildkiteSource
-from runner.store import JobState
 
 from .buildkite_host import FakeHost
 

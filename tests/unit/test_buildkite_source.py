@@ -23,6 +23,7 @@ from fakes.github_api import GitHubEmulator
 from structlog.testing import capture_logs
 
 from runner.config import BuildkiteConfig, GithubConfig
+from runner.job import JobState
 from runner.sources import LogSink
 from runner.sources.buildkite import protocol
 from runner.sources.buildkite import source as source_module
@@ -30,7 +31,6 @@ from runner.sources.buildkite.checkout import CheckoutFailed, CommitNotOnRef, ch
 from runner.sources.buildkite.client import AgentSession
 from runner.sources.buildkite.protocol import ApiRequest
 from runner.sources.buildkite.source import BuildkiteSource
-from runner.store import JobState
 
 from .buildkite_host import POLICY, FakeHost
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from runner.job import JobState
 from runner.sources import Ended
 from runner.sources.github.checks import (
     MAX_DESCRIPTION_CHARS,
@@ -21,7 +22,6 @@ from runner.sources.github.checks import (
     tail_utf8,
     update_body,
 )
-from runner.store import JobState
 
 
 def test_clipping_counts_bytes_and_never_splits_a_character() -> None:

@@ -22,12 +22,12 @@ from runner.executors.local import (
     MIN_MEMORY_LIMIT_BYTES,
     LocalExecutor,
     LocalLaunch,
-    Outcome,
     ProcessInfo,
     job_processes,
     memory_limit,
     parse_stat,
 )
+from runner.job import Outcome
 
 DEADLINE_S = 10.0
 ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}

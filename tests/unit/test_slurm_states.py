@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from runner.executors.local import Outcome
 from runner.executors.slurm.states import (
     FINAL_STATES,
     PENDING_STATES,
@@ -20,6 +19,7 @@ from runner.executors.slurm.states import (
     pending_line_due,
     report_from_record,
 )
+from runner.job import Outcome
 
 # Every state squeue(1) documents, long names.
 SQUEUE_STATES = {

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from runner.executors.local import Outcome
 from runner.executors.slurm.cli import SlurmUnavailable, SqueueRow
 from runner.executors.slurm.tracker import (
     Finished,
@@ -21,6 +20,7 @@ from runner.executors.slurm.tracker import (
     TrackerEvent,
     backoff_delay,
 )
+from runner.job import Outcome
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from runner.errors import InfrastructureError
-from runner.store import SLURM_JOB_NAME_PREFIX
+from runner.job import SLURM_JOB_NAME_PREFIX
 
 __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",

@@ -18,12 +18,10 @@ import pwd
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from runner.errors import InfrastructureError
-from runner.executors.local import Outcome
 from runner.executors.slurm.cli import SlurmCli, SlurmUnavailable, SqueueRow, SubmissionFailed
-from runner.executors.slurm.plan import EXIT_STATUS_NAME, SlurmSite, SubmitOptions, plan_batch, slurm_job_name
+from runner.executors.slurm.plan import EXIT_STATUS_NAME, SlurmSite, SubmitOptions, plan_batch
 from runner.executors.slurm.states import (
     FINAL_STATES,
     PENDING_STATES,
@@ -47,9 +45,8 @@ from runner.executors.slurm.tracker import (
     read_exit_status,
     report_from_row,
 )
-
-if TYPE_CHECKING:
-    from runner.pipeline import PreparedJob
+from runner.job import Outcome, slurm_job_name
+from runner.job.prepared import PreparedJob
 
 __all__ = ["Reconciliation", "SlurmExecutor", "SlurmJob", "append_log_line"]
 

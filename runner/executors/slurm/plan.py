@@ -37,14 +37,11 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING
 
-from runner.store import SLURM_JOB_NAME_PREFIX
+from runner.job import slurm_job_name
+from runner.job.prepared import PreparedJob
 from runner.units import slurm_memory, slurm_time
 from sandbox.plan import plan_srun_launch
-
-if TYPE_CHECKING:
-    from runner.pipeline import PreparedJob
 
 __all__ = [
     "BATCH_SCRIPT_NAME",
@@ -62,7 +59,6 @@ BATCH_SCRIPT_NAME = "slurm.sh"
 EXIT_STATUS_NAME = "exit-status"
 # Slurm stores comments of any length, but they are shown in squeue and in people's terminals.
 COMMENT_MAX_CHARS = 200
-_JOB_ID = re.compile(r"[0-9a-z][0-9a-z-]{0,62}")
 # `--begin` values as sbatch documents them: now+N[units], a time of day, or a date and time.
 _BEGIN = re.compile(r"now(\+\d+((second|minute|hour|day|week)s?)?)?|[0-9][0-9:T-]*|midnight|noon|"
                     r"teatime|today|tomorrow")
@@ -99,12 +95,6 @@ class BatchJob:
     script: str
     script_path: str  # where the executor keeps a copy, for people
     status_path: str  # where the script writes the exit status
-
-
-def slurm_job_name(job_id: str) -> str:
-    if not _JOB_ID.fullmatch(job_id):
-        raise ValueError(f"job id {job_id!r} cannot name a Slurm job")
-    return SLURM_JOB_NAME_PREFIX + job_id
 
 
 def sanitize_comment(text: str, limit: int = COMMENT_MAX_CHARS) -> str:

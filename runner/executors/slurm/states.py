@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from runner.executors.local import Outcome
+from runner.job import Outcome
 
 __all__ = [
     "FINAL_STATES",

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from runner.executors.local import Outcome
 from runner.executors.slurm.cli import SlurmUnavailable, SqueueRow
 from runner.executors.slurm.states import (
     FINAL_STATES,
@@ -36,6 +35,7 @@ from runner.executors.slurm.states import (
     parse_exit_status,
     report_from_record,
 )
+from runner.job import Outcome
 
 __all__ = [
     "DEFAULT_INTERVAL_SECONDS",

@@ -45,6 +45,7 @@ import aiohttp
 from runner import __version__
 from runner.config import BuildkiteConfig, GithubConfig
 from runner.identity import identity_from_json
+from runner.job import JobState as RunnerState
 from runner.logging_setup import get_logger
 from runner.logs.redact import secret_values
 from runner.secrets import read_secret_file
@@ -65,7 +66,6 @@ from runner.sources.buildkite.protocol import FinishReport, RetryPolicy
 from runner.sources.buildkite.state import JobMemory, JobState
 from runner.sources.buildkite.translate import JobRefused, Translated, translate
 from runner.sources.github.rest import GitHubClient, GitHubError
-from runner.store import JobState as RunnerState
 from runner.trust.buildkite_signature import Jwks, SignatureRejected, verify_step_signature
 from runner.trust.jwks_file import read_verification_jwks
 

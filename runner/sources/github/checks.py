@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from runner.job import JobState
 from runner.logs.redact import Redactor
 from runner.sources import Ended
 from runner.sources.github.rest import GitHubClient, GitHubHTTPError, api_path
-from runner.store import JobState
 
 MAX_OUTPUT_BYTES = 65535
 MAX_DESCRIPTION_CHARS = 140

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from runner.identity import Identity
+from runner.job import JobState
 from runner.logging_setup import get_logger
 from runner.policy import Decision
 from runner.sources import Ended
@@ -19,7 +20,7 @@ from runner.sources.github import checks, triggers
 from runner.sources.github.checks import LogTail, Outcome, Report, code, log_text
 from runner.sources.github.rest import GitHubClient, GitHubError
 from runner.sources.github.run_state import RunState
-from runner.store import JobState, Store
+from runner.store import Store
 
 log = get_logger("runner.sources.github")
 

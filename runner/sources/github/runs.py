@@ -23,6 +23,7 @@ from typing import Any
 from runner.config import GithubConfig
 from runner.errors import HpcRunnerError, InputError
 from runner.identity import identity_from_json
+from runner.job import JobState
 from runner.logging_setup import get_logger
 from runner.logs.redact import secret_values
 from runner.sources import Admission, Ended, JobHost
@@ -38,7 +39,6 @@ from runner.sources.github.run_state import LiveRun, RunState
 from runner.sources.github.state import GithubState
 from runner.sources.github.triggers import CancelRequest, Trigger
 from runner.spec import JobSpec, parse_job_mapping
-from runner.store import JobState
 
 log = get_logger("runner.sources.github")
 

@@ -1,0 +1,21 @@
+"""How a job ended, as every executor reports it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# "infra_failed": the job did not fail, the cluster did (a node failure); another try may work.
+# Only the Slurm executor can tell; a local job never ends so.
+OutcomeState = Literal["succeeded", "failed", "timed_out", "cancelled", "infra_failed"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended; `exit_status` follows the shell: 128+N when killed by signal N."""
+
+    state: OutcomeState
+    exit_status: int | None
+    detail: str
+    # The job did not fail by its own doing (a node failed under it): running it again may work.
+    retryable: bool = False
