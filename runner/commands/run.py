@@ -12,7 +12,6 @@ from runner import exitcodes
 from runner.agent import slurm_executor
 from runner.commands.policy import local_identity
 from runner.config import AgentConfig, default_config, load_config
-from runner.embedded import load_site_policy
 from runner.errors import InfrastructureError, InputError
 from runner.executors.local import LocalExecutor, local_launch
 from runner.executors.slurm import SlurmUnavailable, SubmissionFailed
@@ -23,6 +22,7 @@ from runner.job.prepared import PreparedJob
 from runner.logs.tail import follow
 from runner.pipeline import Site, prepare_job
 from runner.policy import decide
+from runner.site_policy import load_site_policy
 from runner.slurmflow import follow_slurm_job, pump_log
 from runner.spec import JobSpec, load_job
 from runner.store import Store

@@ -12,12 +12,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from runner.commands.agent import serve
 from runner.config import AgentConfig, default_config
 from runner.embedded import ensure_embedded_policy
 from runner.localqueue.client import LocalQueueClient
 from runner.logging_setup import configure_logging
 from runner.policy import load_policy
+from runner.serve import serve
 
 DEMO_GRACE_SECONDS = 2.0
 

@@ -20,7 +20,6 @@ import pytest
 import runner.agent as agent_module
 from runner.agent import Agent, NotAllowed, UnknownJob
 from runner.config import AgentConfig
-from runner.embedded import load_site_policy
 from runner.errors import InfrastructureError, InputError
 from runner.executors.local import LocalLaunch
 from runner.identity import Identity
@@ -28,6 +27,7 @@ from runner.job import JobState, Outcome
 from runner.job.prepared import PreparedJob
 from runner.pipeline import Site, job_dir
 from runner.policy import Decision
+from runner.site_policy import load_site_policy
 from runner.spec import JobSpec, parse_job_mapping, parse_job_text, spec_from_json
 from runner.store import JobRecord, Store
 from sandbox.images import VerifiedImage

@@ -29,10 +29,10 @@ from fakes.background_loop import BackgroundLoop
 import runner.localqueue.server as server_module
 from runner.agent import Agent
 from runner.config import AgentConfig
-from runner.embedded import load_site_policy
 from runner.localqueue.client import AgentUnavailable, LocalQueueClient, RequestFailed
 from runner.localqueue.protocol import MAX_REQUEST_BYTES
 from runner.localqueue.server import LocalQueueServer
+from runner.site_policy import load_site_policy
 from runner.store import Store
 from runner.tomlsource import MAX_FILE_BYTES, MAX_KEY_PARTS
 
@@ -303,7 +303,7 @@ def test_the_agent_raises_its_soft_open_file_limit_to_the_hard_one() -> None:
     code = ("import resource\n"
             "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
             "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
-            "from runner.commands.agent import raise_open_file_limit\n"
+            "from runner.serve import raise_open_file_limit\n"
             "print(raise_open_file_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                             timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})

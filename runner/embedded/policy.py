@@ -1,4 +1,4 @@
-"""The embedded default: a policy and an image that make the agent useful with no config."""
+"""The embedded default policy: this user may run the demo image, within small caps."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import pwd
 from importlib import resources
 from pathlib import Path
 
-from runner.config import AgentConfig, check_policy_against_site
-from runner.demo.image import build_demo_image, default_image_path, sha256_of
-from runner.errors import InputError
-from runner.policy import Policy, load_policy
+from runner.config import AgentConfig
+from runner.embedded.image import build_demo_image, default_image_path, sha256_of
 
 
 def _toml_string(value: str) -> str:
@@ -47,21 +45,3 @@ def ensure_embedded_policy(config: AgentConfig, *, image: Path | None = None,
         handle.write(text)
     os.replace(partial, path)
     return path
-
-
-def load_site_policy(config: AgentConfig, *, explicit: str | None = None) -> Policy:
-    """The policy to run under: --policy, else the config's, else the embedded default.
-
-    A policy whose grants would bind the agent's state or secrets into jobs is refused here,
-    whatever the policy file itself says.
-    """
-    if explicit:
-        policy = load_policy(explicit)
-    elif config.policy is not None:
-        policy = load_policy(config.policy)
-    else:
-        policy = load_policy(ensure_embedded_policy(config))
-    problems = check_policy_against_site(policy, config)
-    if problems:
-        raise InputError("; ".join(problems), file=policy.source)
-    return policy
