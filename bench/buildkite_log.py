@@ -1,6 +1,6 @@
 """Buildkite log streaming: throughput, line latency, and the cost of 50 jobs at once.
 
-The agent's side (`runner.sources.buildkite.logstream.LogStreamer` with its durable outbox in a
+The agent's side (`runner.sources.buildkite.report.LogStreamer` with its durable outbox in a
 real state store, fed by the agent's file follower) runs in a child process, so its CPU time
 and peak RSS are its own; the agent API emulator runs in this process and records when each
 chunk arrives.
@@ -63,7 +63,7 @@ async def child_main(spec: dict[str, Any]) -> dict[str, Any]:
     from runner.logs.tail import follow
     from runner.sources.buildkite import protocol
     from runner.sources.buildkite.client import AgentSession
-    from runner.sources.buildkite.logstream import LogSettings, LogStreamer
+    from runner.sources.buildkite.report import LogSettings, LogStreamer
     from runner.sources.buildkite.state import JobMemory, JobState
     from runner.store import Store
 

@@ -29,7 +29,7 @@ from runner.embedded import embedded_policy_path
 from runner.errors import InputError
 from runner.policy import load_policy
 from runner.secrets import SecretFileError, check_not_writable_by_others, read_secret_file, user_name
-from runner.trust.jwks_file import read_verification_jwks
+from runner.sources.buildkite.signature_keys import read_verification_jwks
 
 Status = Literal["ok", "warn", "FAIL"]
 

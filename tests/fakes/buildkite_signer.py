@@ -16,7 +16,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from runner.trust.buildkite_signature import ENV_FIELD_PREFIX, plugin_full_source, signed_payload
+from runner.sources.buildkite.signature import ENV_FIELD_PREFIX, plugin_full_source, signed_payload
 
 from .buildkite_api import make_job
 

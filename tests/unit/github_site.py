@@ -22,8 +22,8 @@ from fakes.github_activity import ActivityGitHub
 
 from runner.config import GithubConfig
 from runner.sources.github.appauth import AppAuth, load_private_key
+from runner.sources.github.client import GitHubClient
 from runner.sources.github.gateway_client import GatewayClient
-from runner.sources.github.rest import GitHubClient
 from runner.sources.github.source import GithubSource
 from runner.sources.github.state import GithubState
 

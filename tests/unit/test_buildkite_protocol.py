@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from fakes.buildkite_api import BuildkiteEmulator, make_job
 
-from runner.logs.chunks import Chunk
 from runner.sources.buildkite import protocol
 from runner.sources.buildkite.checkout import without_credentials
+from runner.sources.buildkite.chunks import Chunk
 from runner.sources.buildkite.client import AgentSession, ApiError
 from runner.sources.buildkite.protocol import RetryPolicy, Verdict, classify, next_delay
 from runner.sources.buildkite.translate import (
@@ -328,8 +328,8 @@ def test_credentials_are_removed_from_a_checkout_url() -> None:
 
 
 def test_the_streamers_fast_chunker_writes_what_the_chunker_writes() -> None:
-    from runner.logs.chunks import Chunker
-    from runner.sources.buildkite.logstream import _Chunker
+    from runner.sources.buildkite.chunks import Chunker
+    from runner.sources.buildkite.report import _Chunker
     rng = random.Random(7)
     alphabet = [b"a", b"b", b"\n", b"\x1b", b"[", b"K", b"2", b"\xff", b" "]
     for round_index in range(200):

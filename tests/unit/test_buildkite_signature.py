@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from runner.trust.buildkite_signature import (
+from runner.sources.buildkite.signature import (
     Jwks,
     JwksError,
     SignatureRejected,

@@ -22,7 +22,7 @@ from runner.sources.github.appauth import (
     load_private_key,
     parse_token_response,
 )
-from runner.sources.github.rest import GitHubClient, GitHubHTTPError
+from runner.sources.github.client import GitHubClient, GitHubHTTPError
 from tests.fakes.github_api import GitHubEmulator, ManualClock
 
 REPO = "CliMA/ClimaAtmos.jl"

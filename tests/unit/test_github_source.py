@@ -29,7 +29,7 @@ from runner.sources.github.gateway_client import GatewayClient, GatewayError
 from runner.sources.github.jobsfile import parse_jobs_file
 from runner.sources.github.source import GithubSource
 from runner.sources.github.state import GithubState
-from runner.sources.github.triggers import CancelRequest
+from runner.sources.github.translate import CancelRequest
 from runner.spec import JobSpec
 from runner.tomlsource import MAX_FILE_BYTES
 

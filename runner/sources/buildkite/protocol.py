@@ -23,7 +23,7 @@ from enum import Enum
 from typing import Any, Literal
 
 from runner.errors import HpcRunnerError
-from runner.logs.chunks import Chunk
+from runner.sources.buildkite.chunks import Chunk
 
 TokenKind = Literal["registration", "session", "job"]
 

@@ -54,20 +54,20 @@ from runner.sources import Admission, Ended, JobHost
 from runner.sources.buildkite import protocol
 from runner.sources.buildkite.checkout import CheckoutFailed, CommitNotOnRef, checkout
 from runner.sources.buildkite.client import AgentSession, ApiError
-from runner.sources.buildkite.github_confirm import (
+from runner.sources.buildkite.confirm import (
     NotConfirmed,
     confirm_pull_request,
     github_web_host,
     pull_request_claim,
 )
 from runner.sources.buildkite.intake import finishing_part, job_problem
-from runner.sources.buildkite.logstream import LogSettings, LogStreamer
 from runner.sources.buildkite.protocol import FinishReport, RetryPolicy
+from runner.sources.buildkite.report import LogSettings, LogStreamer
+from runner.sources.buildkite.signature import Jwks, SignatureRejected, verify_step_signature
+from runner.sources.buildkite.signature_keys import read_verification_jwks
 from runner.sources.buildkite.state import JobMemory, JobState
 from runner.sources.buildkite.translate import JobRefused, Translated, translate
-from runner.sources.github.rest import GitHubClient, GitHubError
-from runner.trust.buildkite_signature import Jwks, SignatureRejected, verify_step_signature
-from runner.trust.jwks_file import read_verification_jwks
+from runner.sources.github.client import GitHubClient, GitHubError
 
 log = get_logger("runner.sources.buildkite")
 

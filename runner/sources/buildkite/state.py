@@ -1,7 +1,7 @@
 """What the agent remembers of each Buildkite job it accepted, so a restart loses nothing.
 
 One row per accepted job (the accept answer with its job token, the phase reached, the runner
-job id, the finish report) and the log outbox of `logstream`, all in the agent's state store
+job id, the finish report) and the log outbox of `report`, all in the agent's state store
 (its directory is 0700 and never bound into a job).
 """
 
@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from runner.logs.chunks import Chunk
-from runner.sources.buildkite.logstream import StreamCheckpoint
+from runner.sources.buildkite.chunks import Chunk
 from runner.sources.buildkite.protocol import FinishReport
+from runner.sources.buildkite.report import StreamCheckpoint
 from runner.store import Store
 
 SOURCE = "buildkite"

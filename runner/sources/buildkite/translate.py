@@ -26,6 +26,7 @@ from typing import Any
 from runner.errors import HpcRunnerError, InputError
 from runner.fields import MAX_STRING
 from runner.identity import SIGNABLE_FIELDS, Identity
+from runner.sources.buildkite.signature import ENV_FIELD_PREFIX, plugin_full_source
 from runner.spec import (
     ENV_NAME_PATTERN,
     NAME_PATTERN,
@@ -34,7 +35,6 @@ from runner.spec import (
     JobSpec,
     parse_job_mapping,
 )
-from runner.trust.buildkite_signature import ENV_FIELD_PREFIX, plugin_full_source
 
 PLUGIN_NAME = "hpc-runner"
 DEFAULT_JOB_NAME = "buildkite-job"

@@ -1,5 +1,18 @@
-"""GitHub as a source of jobs: the GitHub App's authentication and its REST client.
+"""The GitHub source: a GitHub App's triggers confirmed through the API, run and reported as check runs.
 
-``appauth`` makes the app's JWT and keeps installation tokens; ``rest`` is the client every other
-GitHub module talks through (its docstring lists the public API).
+Its modules by role, in the same order as the Buildkite source's:
+
+- client: `client` (the REST client every other module talks through; its docstring lists the
+  API) and `appauth` (the app's JWT and its installation tokens);
+- intake: `intake` (triggers taken, confirmed and recorded once), `poller` (poll mode) and
+  `gateway_client` (gateway mode: the webhook gateway's deliveries);
+- confirm: `confirm` (what a trigger claims, read through the API with the app's own credentials);
+- translate: `translate` (whether a trigger runs, as which identity and at which SHA) and
+  `jobsfile` (the jobs of a repository's `.hpc-runner.toml`);
+- checkout: `checkout` (the commit fetched with the installation token, for that fetch only);
+- report: `report` (what GitHub is told about a job, and when) and `checks` (the check run and
+  commit status calls);
+- state: `state` (triggers, runs and polling cursors, across restarts);
+- source: `source` (the parts wired together), `runs` (a trigger's jobs, each to its one final
+  report) and `background` (the work in flight).
 """

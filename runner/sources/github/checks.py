@@ -41,7 +41,7 @@ from typing import Any, Literal
 from runner.job import JobState
 from runner.logs.redact import Redactor
 from runner.sources import Ended
-from runner.sources.github.rest import GitHubClient, GitHubHTTPError, api_path
+from runner.sources.github.client import GitHubClient, GitHubHTTPError, api_path
 
 MAX_OUTPUT_BYTES = 65535
 MAX_DESCRIPTION_CHARS = 140

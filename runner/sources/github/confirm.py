@@ -1,6 +1,6 @@
 """Reading, through the API and with the agent's own credentials, what a trigger claims.
 
-Each trigger becomes `Facts` for `triggers.assess`: the pull request as it is now (head SHA, fork,
+Each trigger becomes `Facts` for `translate.assess`: the pull request as it is now (head SHA, fork,
 open, labels, when it last changed), who really applied the label and when (the issue events, not a
 webhook's `sender`), what the comment really says, who wrote it and when, who pushed which SHA (the
 repository activity), that person's permission on the repository and their membership in the teams
@@ -16,8 +16,8 @@ from typing import Any
 
 from runner.config import GithubConfig
 from runner.logging_setup import get_logger
-from runner.sources.github.rest import GitHubClient, GitHubHTTPError, api_path, next_link
-from runner.sources.github.triggers import (
+from runner.sources.github.client import GitHubClient, GitHubHTTPError, api_path, next_link
+from runner.sources.github.translate import (
     HEAD_REWRITES,
     MAX_PULL_COMMITS,
     Approval,

@@ -3,7 +3,7 @@
 `poll_once` lists what changed in a repository; in gateway mode `serve_gateway` long-polls the
 gateway and `serve_delivery` keeps each delivery leased while its jobs run, acknowledging it once
 they are reported (or giving it back when GitHub could not be asked). Either way `take` confirms a
-trigger (`confirm`, `triggers.assess`), records it under its key so it is acted on once, and hands
+trigger (`confirm`, `translate.assess`), records it under its key so it is acted on once, and hands
 it to `runs`; a commit that needs an approval gets an `action_required` report instead (once per
 commit for a label, for every refused run command of someone with write permission), marked
 approved once an approval comes. `cancel` checks that a cancel request's author may write to the
@@ -21,9 +21,10 @@ from typing import Any
 from runner.config import GithubConfig
 from runner.logging_setup import get_logger
 from runner.sources import JobHost
-from runner.sources.github import checks, triggers
+from runner.sources.github import checks, translate
 from runner.sources.github.background import Background, pause
 from runner.sources.github.checks import Outcome, code
+from runner.sources.github.client import GitHubClient, GitHubError, GitHubHTTPError, api_path
 from runner.sources.github.confirm import Confirmed, Confirmer, NotConfirmed
 from runner.sources.github.gateway_client import (
     Delivery,
@@ -33,11 +34,10 @@ from runner.sources.github.gateway_client import (
     LeaseLost,
 )
 from runner.sources.github.poller import Poller
-from runner.sources.github.reports import Reports
-from runner.sources.github.rest import GitHubClient, GitHubError, GitHubHTTPError, api_path
+from runner.sources.github.report import Reports
 from runner.sources.github.runs import Retry, Runs
 from runner.sources.github.state import GithubState
-from runner.sources.github.triggers import CancelRequest, Ignore, NeedsApproval, Run, Trigger
+from runner.sources.github.translate import CancelRequest, Ignore, NeedsApproval, Run, Trigger
 
 log = get_logger("runner.sources.github")
 
@@ -133,7 +133,7 @@ class Intake:
     async def serve_delivery(self, delivery: Delivery) -> None:
         """Act on one delivery while keeping its lease; acknowledge once its jobs are reported."""
         assert self.gateway is not None
-        item = triggers.from_delivery(
+        item = translate.from_delivery(
             delivery.event, delivery.payload, repositories=self.config.repositories,
             trigger_label=self.config.trigger_label, comment_command=self.config.comment_command,
             push_branches=self.config.push_branches, delivery_id=delivery.delivery_id)
@@ -177,9 +177,9 @@ class Intake:
                 event = await self.confirmer.label_event(repository, trigger.number)
                 if event is not None and trigger.sha is not None \
                         and self._seen(trigger, event.id, trigger.sha):
-                    return self.runs.running(triggers.trigger_key(trigger, label_event=event.id))
+                    return self.runs.running(translate.trigger_key(trigger, label_event=event.id))
             confirmed = await self.confirmer.confirm(
-                trigger, team_names=triggers.policy_teams(self.host.policy),
+                trigger, team_names=translate.policy_teams(self.host.policy),
                 bound_sha_of=lambda event: self._bound_sha(trigger, event.id), label_event=event)
         except NotConfirmed as exc:
             log.info("trigger not confirmed by the API; nothing runs", trigger=trigger.describe(),
@@ -200,13 +200,13 @@ class Intake:
             log.info("the label is no longer on the pull request", repository=repository,
                      number=trigger.number)
             return None
-        verdict = triggers.assess(trigger, facts, how_to=triggers.how_to_approve(
+        verdict = translate.assess(trigger, facts, how_to=translate.how_to_approve(
             self.config.trigger_label, self.config.comment_command, facts.head_sha))
         if isinstance(verdict, Ignore):
             log.info("trigger ignored", repository=repository, reason=verdict.reason)
             if trigger.kind == "comment":
-                self.state.claim_trigger(triggers.trigger_key(trigger), repository=repository, kind="comment",
-                                         sha=None, outcome="ignored", detail=verdict.reason)
+                self.state.claim_trigger(translate.trigger_key(trigger), repository=repository,
+                                         kind="comment", sha=None, outcome="ignored", detail=verdict.reason)
             return None
         key = self._key(trigger, confirmed)
         if isinstance(verdict, NeedsApproval):
@@ -240,19 +240,19 @@ class Intake:
         if trigger.kind == "label":
             if confirmed.label_event is None:
                 return None
-            return triggers.trigger_key(trigger, label_event=confirmed.label_event.id)
-        return triggers.trigger_key(trigger)
+            return translate.trigger_key(trigger, label_event=confirmed.label_event.id)
+        return translate.trigger_key(trigger)
 
     def _seen(self, trigger: Trigger, event_id: int, sha: str) -> bool:
         """Whether this label event was already acted on for this head (run, or approval asked)."""
-        row = self.state.trigger(triggers.trigger_key(trigger, label_event=event_id))
+        row = self.state.trigger(translate.trigger_key(trigger, label_event=event_id))
         if row is not None and row.sha == sha:
             return True
         return row is not None and self.state.trigger(_approval_marker(trigger.repository, trigger.number,
                                                                        sha)) is not None
 
     def _bound_sha(self, trigger: Trigger, event_id: int) -> str | None:
-        row = self.state.trigger(triggers.trigger_key(trigger, label_event=event_id))
+        row = self.state.trigger(translate.trigger_key(trigger, label_event=event_id))
         return row.sha if row is not None else None
 
     async def _clone_url(self, repository: str) -> str:
@@ -358,8 +358,8 @@ class Intake:
                 comment = await self.confirmer.comment(request.repository, request.comment_id)
                 user = comment.get("user") or {}
                 command = self.config.comment_command or ""
-                verb = triggers.comment_verb(str(comment.get("body") or ""), command)
-                if triggers.is_bot(user) or verb != "cancel":
+                verb = translate.comment_verb(str(comment.get("body") or ""), command)
+                if translate.is_bot(user) or verb != "cancel":
                     return
                 actor = str(user.get("login"))
             if actor is None:
@@ -369,7 +369,7 @@ class Intake:
             return
         except GitHubError as exc:
             raise Retry(str(exc)) from None
-        if not triggers.has_write(permission):
+        if not translate.has_write(permission):
             log.info("cancel request ignored: no write permission", actor=actor,
                      repository=request.repository)
             return

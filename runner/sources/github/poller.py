@@ -27,10 +27,10 @@ from datetime import datetime
 from typing import Any
 
 from runner.config import GithubConfig
+from runner.sources.github.client import GitHubClient, api_path
 from runner.sources.github.confirm import pages
-from runner.sources.github.rest import GitHubClient, api_path
 from runner.sources.github.state import GithubState
-from runner.sources.github.triggers import (
+from runner.sources.github.translate import (
     CancelRequest,
     Trigger,
     branch_pushes,

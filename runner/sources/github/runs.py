@@ -3,8 +3,8 @@
 The jobs come from `.hpc-runner.toml` at the confirmed SHA (a missing or broken file is reported on
 the commit instead). Each job is admitted by the agent (the policy decides), gets its report, is
 checked out on this node (the installation token used for the fetch only, and redacted from the
-log), runs through `JobHost.run` while `reports` keeps GitHub told, and ends with one final report.
-Every step is recorded (`run_state`, `state`) before the next, so a restarted agent follows a job
+log), runs through `JobHost.run` while `report` keeps GitHub told, and ends with one final report.
+Every step is recorded (`state`) before the next, so a restarted agent follows a job
 again through `JobHost.resume` and reports it exactly once.
 """
 
@@ -16,7 +16,7 @@ import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +27,23 @@ from runner.job import JobState
 from runner.logging_setup import get_logger
 from runner.logs.redact import secret_values
 from runner.sources import Admission, Ended, JobHost
-from runner.sources.github import checks, reports
+from runner.sources.github import checks
 from runner.sources.github.appauth import AppAuth
 from runner.sources.github.background import Background, pause
 from runner.sources.github.checkout import CheckoutFailed
 from runner.sources.github.checks import LogTail, Report, code
+from runner.sources.github.client import GitHubClient, GitHubError, GitHubHTTPError, api_path
 from runner.sources.github.jobsfile import JOBS_FILE, decode_contents, parse_jobs_file
-from runner.sources.github.reports import Reports
-from runner.sources.github.rest import GitHubClient, GitHubError, GitHubHTTPError, api_path
-from runner.sources.github.run_state import LiveRun, RunState
-from runner.sources.github.state import GithubState
-from runner.sources.github.triggers import CancelRequest, Trigger
+from runner.sources.github.report import (
+    Reports,
+    preamble,
+    queued_title,
+    report_progress,
+    send_final_report,
+    summary,
+)
+from runner.sources.github.state import GithubState, RunState
+from runner.sources.github.translate import CancelRequest, Trigger
 from runner.spec import JobSpec, parse_job_mapping
 
 log = get_logger("runner.sources.github")
@@ -63,6 +69,15 @@ async def parse_off_loop(text: str) -> tuple[JobSpec, ...]:
     check is a pass over the whole text too, and runs there with the parse."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_parser(), parse_jobs_file, text, JOBS_FILE)
+
+
+@dataclass
+class LiveRun:
+    """A job this agent is running now, for cancellation."""
+
+    state: RunState
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled_by: str | None = None
 
 
 class Runs:
@@ -235,14 +250,14 @@ class Runs:
         spec = parse_job_mapping(state.spec, f"{state.repository}:{JOBS_FILE}")
         identity = identity_from_json(state.identity, f"GitHub job {state.external_id}")
         admitted = self.host.admit(Admission(SOURCE, state.external_id, identity, spec,
-                                             log_preamble=reports.preamble(state, identity)))
+                                             log_preamble=preamble(state, identity)))
         fresh = state.job_id is None
         if fresh:
             state.job_id = admitted.job_id
             state.details_url = checks.details_url(self.config.log_url, admitted.job_id)
-            state.summary = reports.summary(state, identity, admitted.decision,
+            state.summary = summary(state, identity, admitted.decision,
                                             comment_command=self.config.comment_command)
-            state.title = reports.queued_title(admitted.decision)
+            state.title = queued_title(admitted.decision)
             state.phase = "admitted"
             self._save(state)
         report = self.reports.for_run(state)
@@ -315,7 +330,7 @@ class Runs:
 
         running = asyncio.ensure_future(runner(job_id, sink=sink, cancel=live.cancel))
         try:
-            return await reports.report_progress(state, report, tail, running, store=store,
+            return await report_progress(state, report, tail, running, store=store,
                                                  update_interval=self.update_interval)
         except asyncio.CancelledError:
             running.cancel()
@@ -323,7 +338,7 @@ class Runs:
 
     async def _finish(self, state: RunState, report: Report, ended: Ended, tail: LogTail,
                       cancelled_by: str | None = None) -> None:
-        outcome = await reports.send_final_report(state, report, ended, tail, cancelled_by=cancelled_by,
+        outcome = await send_final_report(state, report, ended, tail, cancelled_by=cancelled_by,
                                                   stopping=self.host.stopping,
                                                   retry_seconds=self.retry_seconds)
         if outcome is None:

@@ -5,7 +5,7 @@ long-polls the webhook gateway for deliveries, keeps each delivery leased while 
 acknowledges it once they are reported. Either way a trigger goes the same path:
 
 1. `confirm` reads through the API, with the app's own credentials, what the trigger claims, and
-   `triggers.assess` decides: run (as which identity, at which SHA), ask for approval (a check run
+   `translate.assess` decides: run (as which identity, at which SHA), ask for approval (a check run
    `action_required` saying why), or ignore;
 2. the trigger is recorded under its key (`state`): a key is acted on once, across restarts and,
    in gateway mode, across agents (an agent handed a delivery whose lease another agent lost looks
@@ -23,7 +23,7 @@ delivery) or a `/hpc-runner cancel` comment on the pull request (both modes), by
 permission, cancels the pull request's running jobs (scancel).
 
 This module wires the parts together: `intake` (triggers in, steps 1 and 2, approvals, cancel
-requests), `runs` (a trigger's jobs, steps 3 and 4), `reports` (what GitHub is told about a job) and
+requests), `runs` (a trigger's jobs, steps 3 and 4), `report` (what GitHub is told about a job) and
 `background` (the work in flight). They share the agent's `JobHost`, the REST client and the
 `GithubState`, handed to each of them here.
 """
@@ -39,19 +39,19 @@ import aiohttp
 from runner.config import GithubConfig
 from runner.logging_setup import get_logger
 from runner.sources import JobHost
-from runner.sources.github import checks, triggers
+from runner.sources.github import checks, translate
 from runner.sources.github.appauth import AppAuth, load_private_key
 from runner.sources.github.background import Background
 from runner.sources.github.checkout import checkout
+from runner.sources.github.client import GitHubClient
 from runner.sources.github.confirm import Confirmer
 from runner.sources.github.gateway_client import Delivery, GatewayClient
 from runner.sources.github.intake import Intake
 from runner.sources.github.poller import Poller
-from runner.sources.github.reports import Reports
-from runner.sources.github.rest import GitHubClient
+from runner.sources.github.report import Reports
 from runner.sources.github.runs import Runs
 from runner.sources.github.state import GithubState
-from runner.sources.github.triggers import CancelRequest, Trigger
+from runner.sources.github.translate import CancelRequest, Trigger
 
 log = get_logger("runner.sources.github")
 
@@ -90,7 +90,7 @@ class GithubSource:
         self.stopped = asyncio.Event()
 
     async def serve(self) -> None:
-        wildcards = triggers.wildcard_teams(self.host.policy)
+        wildcards = translate.wildcard_teams(self.host.policy)
         if wildcards:
             log.warning("the policy names every team of an organisation; GitHub identities only hold "
                         "the teams the policy names one by one", principals=list(wildcards))

@@ -6,9 +6,9 @@
   `comment:owner/repo:<comment id>`, `push:owner/repo:main@<sha>`), with the SHA it was bound to and
   where it got. A key is acted on once, whatever the agent does meanwhile: a label event bound to one
   SHA never approves another.
-* `runs`: one row per job reported on GitHub (its check run or commit status, the runner job, the
-  summary shown), open until the final report went out, so a restarted agent follows the job
-  again and reports it exactly once.
+* `runs`: one row per job reported on GitHub (a `RunState`: its check run or commit status, the
+  runner job, the summary shown), open until the final report went out, so a restarted agent
+  follows the job again and reports it exactly once.
 * `cursors`: how far each repository's comment and activity lists were read, and which pull
   requests were last seen in which state, so polling after a restart neither misses nor repeats.
 """
@@ -75,6 +75,34 @@ class RunRow:
     trigger_key: str
     repository: str
     data: dict[str, Any]
+
+
+@dataclass
+class RunState:
+    """What `runs.data` holds for one job: enough to follow and report it after a restart."""
+
+    external_id: str
+    trigger_key: str
+    repository: str
+    sha: str
+    job: str
+    spec: dict[str, Any]
+    identity: dict[str, Any]
+    ref: str
+    clone_url: str
+    number: int | None = None
+    job_id: str | None = None
+    summary: str = ""
+    title: str = ""
+    details_url: str | None = None
+    kind: str | None = None             # "check" or "status" once the report exists
+    check_run_id: int | None = None
+    phase: str = "new"                  # new, admitted, running (host.run called), reported
+
+    @classmethod
+    def from_row(cls, row: RunRow) -> RunState:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in row.data.items() if k in known})
 
 
 class GithubState:

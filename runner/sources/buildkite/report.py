@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from runner.logging_setup import get_logger
-from runner.logs.chunks import Chunk, Chunker, timestamp_prefix
 from runner.logs.redact import Redactor
 from runner.sources.buildkite import protocol
+from runner.sources.buildkite.chunks import Chunk, Chunker, timestamp_prefix
 from runner.sources.buildkite.client import AgentSession, ApiError
 
 log = get_logger("runner.sources.buildkite")

@@ -9,7 +9,7 @@ import pytest
 from fakes.github_webhooks import examples
 
 from runner.policy.model import parse_policy_text
-from runner.sources.github.triggers import (
+from runner.sources.github.translate import (
     Approval,
     CancelRequest,
     Command,

@@ -18,7 +18,7 @@ import pytest
 from runner.config import GithubConfig
 from runner.secrets import SecretFileError
 from runner.sources.github.appauth import AppAuth
-from runner.sources.github.rest import (
+from runner.sources.github.client import (
     GitHubClient,
     GitHubHTTPError,
     GitHubRateLimited,

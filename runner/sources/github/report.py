@@ -16,10 +16,10 @@ from runner.job import JobState
 from runner.logging_setup import get_logger
 from runner.policy import Decision
 from runner.sources import Ended
-from runner.sources.github import checks, triggers
+from runner.sources.github import checks, translate
 from runner.sources.github.checks import LogTail, Outcome, Report, code, log_text
-from runner.sources.github.rest import GitHubClient, GitHubError
-from runner.sources.github.run_state import RunState
+from runner.sources.github.client import GitHubClient, GitHubError
+from runner.sources.github.state import RunState
 from runner.store import Store
 
 log = get_logger("runner.sources.github")
@@ -79,7 +79,7 @@ def summary(state: RunState, identity: Identity, decision: Decision, *, comment_
     else:
         sections["Decision"] = "denied by the site's policy"
         sections["Reasons"] = list(decision.reasons)
-    cancel = triggers.cancel_command(comment_command or "")
+    cancel = translate.cancel_command(comment_command or "")
     if cancel and state.number is not None:
         sections["Cancel"] = f"comment {code(cancel)} on the pull request (write permission needed)"
     if state.details_url:

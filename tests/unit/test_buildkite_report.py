@@ -11,10 +11,10 @@ from typing import cast
 import pytest
 from structlog.testing import capture_logs
 
-from runner.logs.chunks import Chunk
+from runner.sources.buildkite.chunks import Chunk
 from runner.sources.buildkite.client import AgentSession, Answer
-from runner.sources.buildkite.logstream import UPLOAD_WORKERS, LogSettings, LogStreamer, StreamCheckpoint
 from runner.sources.buildkite.protocol import ApiRequest
+from runner.sources.buildkite.report import UPLOAD_WORKERS, LogSettings, LogStreamer, StreamCheckpoint
 
 # aiohttp's refusal of a header value holding a newline, raised before anything is sent.
 REFUSED = ValueError("Forbidden control character detected in headers. Potential header injection attack.")

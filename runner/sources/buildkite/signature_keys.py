@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from runner.secrets import SecretFileError, check_not_writable_by_others, read_secret_file
+from runner.sources.buildkite.signature import Jwks, load_jwks
 from runner.tomlsource import read_text_limited
-from runner.trust.buildkite_signature import Jwks, load_jwks
 
 WHAT = "Buildkite signature keys (JWKS)"
 

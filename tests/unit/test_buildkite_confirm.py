@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from runner.identity import Identity
-from runner.sources.buildkite.github_confirm import (
+from runner.sources.buildkite.confirm import (
     NotConfirmed,
     PullRequestClaim,
     check_pull,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.logs.chunks import DEFAULT_LOG_MAX_BYTES, Chunk, Chunker, timestamp_prefix
+from runner.sources.buildkite.chunks import DEFAULT_LOG_MAX_BYTES, Chunk, Chunker, timestamp_prefix
 
 T0 = 1_700_000_000.0
 BIG = 1 << 20

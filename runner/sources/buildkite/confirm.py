@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.identity import Identity
-from runner.sources.github.rest import GitHubClient, GitHubHTTPError, api_path
-from runner.sources.github.triggers import is_fork
+from runner.sources.github.client import GitHubClient, GitHubHTTPError, api_path
+from runner.sources.github.translate import is_fork
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,100}")
 _SCP_LIKE = re.compile(r"(?:[^@/]+@)?(?P<host>[^:/]+):(?P<path>[^/].*)")

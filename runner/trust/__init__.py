@@ -1,1 +1,0 @@
-"""Deciding whether a job may run: signatures on the steps that CI services hand us."""
