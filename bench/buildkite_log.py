@@ -64,7 +64,7 @@ async def child_main(spec: dict[str, Any]) -> dict[str, Any]:
     from runner.sources.buildkite import protocol
     from runner.sources.buildkite.client import AgentSession
     from runner.sources.buildkite.report import LogSettings, LogStreamer
-    from runner.sources.buildkite.state import JobMemory, JobState
+    from runner.sources.buildkite.state import AcceptedJob, JobMemory
     from runner.store import Store
 
     store = Store.open(Path(spec["state_dir"]))
@@ -74,7 +74,7 @@ async def child_main(spec: dict[str, Any]) -> dict[str, Any]:
         session = AgentSession(http, spec["url"], "unused")
 
         async def one(job: dict[str, str]) -> None:
-            state = JobState(bk_id=job["id"], job={}, token=job["token"], request_headers={},
+            state = AcceptedJob(bk_id=job["id"], job={}, token=job["token"], request_headers={},
                              job_status_interval=1)
             memory.save(state)
             streamer = LogStreamer(session, job["id"], job["token"], LogSettings(100 * 1024, 1, 1 << 30),

@@ -13,9 +13,9 @@ from runner.sources.github.checks import (
     clip_utf8,
     code,
     code_block,
+    completion_of,
     create_body,
     log_text,
-    outcome_of,
     readable,
     status_body,
     status_state,
@@ -92,8 +92,8 @@ def test_a_resumed_tail_is_seeded_from_the_file() -> None:
     (Ended(JobState.infra_failed, None, "git clone failed"), "failure", "Could not run"),
 ])
 def test_how_a_job_ended_becomes_a_conclusion(ended: Ended, conclusion: str, title: str) -> None:
-    outcome = outcome_of(ended)
-    assert (outcome.conclusion, outcome.title) == (conclusion, title)
+    completion = completion_of(ended)
+    assert (completion.conclusion, completion.title) == (conclusion, title)
 
 
 def test_commit_statuses_say_the_outcome_in_at_most_140_characters() -> None:

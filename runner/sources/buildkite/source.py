@@ -45,7 +45,7 @@ import aiohttp
 from runner import __version__
 from runner.config import BuildkiteConfig, GithubConfig
 from runner.identity import identity_from_json
-from runner.job import JobState as RunnerState
+from runner.job import JobState
 from runner.logging_setup import get_logger
 from runner.logs.redact import secret_values
 from runner.secrets import read_secret_file
@@ -65,7 +65,7 @@ from runner.sources.buildkite.protocol import FinishReport, RetryPolicy
 from runner.sources.buildkite.report import LogSettings, LogStreamer
 from runner.sources.buildkite.signature import Jwks, SignatureRejected, verify_step_signature
 from runner.sources.buildkite.signature_keys import read_verification_jwks
-from runner.sources.buildkite.state import JobMemory, JobState
+from runner.sources.buildkite.state import AcceptedJob, JobMemory
 from runner.sources.buildkite.translate import JobRefused, Translated, translate
 from runner.sources.github.client import GitHubClient, GitHubError
 
@@ -92,15 +92,15 @@ class NotRun:
 def finish_report(ended: Ended, cancel_reason: str | None, chunks_failed: int) -> FinishReport:
     """Buildkite's view of how a runner job ended (see the table in the module docstring)."""
     state = ended.state
-    if state == RunnerState.succeeded:
+    if state == JobState.succeeded:
         return FinishReport(0, chunks_failed_count=chunks_failed)
-    if state == RunnerState.failed and ended.exit_status is not None:
+    if state == JobState.failed and ended.exit_status is not None:
         return FinishReport(ended.exit_status, chunks_failed_count=chunks_failed)
-    if state == RunnerState.cancelled:
+    if state == JobState.cancelled:
         return FinishReport(protocol.NOT_RUN, "SIGTERM", cancel_reason or "cancel", chunks_failed)
-    if state == RunnerState.timed_out:
+    if state == JobState.timed_out:
         return FinishReport(WALLTIME_EXIT_STATUS, chunks_failed_count=chunks_failed)
-    if state == RunnerState.denied:
+    if state == JobState.denied:
         return FinishReport(protocol.NOT_RUN, None, "agent_refused", chunks_failed)
     return FinishReport(protocol.NOT_RUN, None, "process_run_error", chunks_failed)
 
@@ -342,14 +342,14 @@ class BuildkiteSource:
         problem = job_problem(job)
         if problem is not None:
             job = finishing_part(job)
-        state = JobState(bk_id=bk_id, job=job, token=str(job.get("token") or session.session_token),
+        state = AcceptedJob(bk_id=bk_id, job=job, token=str(job.get("token") or session.session_token),
                          request_headers=dict(session.request_headers),
                          job_status_interval=registration.job_status_interval)
         log.info("Buildkite job accepted", job=bk_id)
         await self._to_its_finish(session, state, self._begin(session, state, problem, lost))
         return True
 
-    async def _begin(self, session: AgentSession, state: JobState, problem: str | None,
+    async def _begin(self, session: AgentSession, state: AcceptedJob, problem: str | None,
                      lost: asyncio.Event) -> None:
         self.memory.save(state)
         if problem is None:
@@ -358,7 +358,7 @@ class BuildkiteSource:
             log.warning("Buildkite job refused as sent", job=state.bk_id, reason=problem)
             await self._refuse(session, state, f"hpc-runner: refused: {problem}\n", "agent_refused")
 
-    async def _to_its_finish(self, session: AgentSession, state: JobState,
+    async def _to_its_finish(self, session: AgentSession, state: AcceptedJob,
                              processing: Coroutine[Any, Any, None]) -> None:
         """Await a job's `processing`; whatever it raises (a bug included) ends the job in one finish
         (-1), and the session goes on with the next job. Cancellation goes through."""
@@ -368,7 +368,7 @@ class BuildkiteSource:
             log.exception("Buildkite job failed in the agent; it is finished as not run", job=state.bk_id)
             await self._finish_after_error(session, state, exc)
 
-    async def _finish_after_error(self, session: AgentSession, state: JobState, error: Exception) -> None:
+    async def _finish_after_error(self, session: AgentSession, state: AcceptedJob, error: Exception) -> None:
         if state.finish_sent:
             return  # the finish is out (or was going out when the error came): it stays the only one
         why = (f"hpc-runner: the agent failed while handling this job ({type(error).__name__}); "
@@ -381,7 +381,7 @@ class BuildkiteSource:
                 detail = f"the agent failed while handling it: {type(error).__name__}"
                 self.host.note(state.runner_id, why)
                 self.host.fail(state.runner_id, detail)
-                await self._report_runner_end(session, state, Ended(RunnerState.infra_failed, None, detail))
+                await self._report_runner_end(session, state, Ended(JobState.infra_failed, None, detail))
             elif await self._start(session, state):
                 await self._refuse(session, state, why, "process_run_error")
         except Exception as again:
@@ -399,13 +399,13 @@ class BuildkiteSource:
 
     # -- one job -------------------------------------------------------------------------------
 
-    async def _resume(self, state: JobState) -> None:
+    async def _resume(self, state: AcceptedJob) -> None:
         session = self._session()
         session.adopt_headers(state.request_headers)
         log.info("carrying on with a Buildkite job after a restart", job=state.bk_id, phase=state.phase)
         await self._to_its_finish(session, state, self._process(session, state, resumed=True))
 
-    async def _process(self, session: AgentSession, state: JobState, *, resumed: bool = False,
+    async def _process(self, session: AgentSession, state: AcceptedJob, *, resumed: bool = False,
                        lost: asyncio.Event | None = None) -> None:
         """Take a job from where its state says to its finish. `lost` is set when Buildkite refuses
         the session's heartbeat: the agent is then gone for Buildkite, and its job is cancelled."""
@@ -439,7 +439,7 @@ class BuildkiteSource:
             state.phase = "admitted"
             self.memory.save(state)
             if not admitted.decision.allowed:
-                await self._report_runner_end(session, state, Ended(RunnerState.denied, None, None))
+                await self._report_runner_end(session, state, Ended(JobState.denied, None, None))
                 return
             failed = await self._checkout(state, translated.repository, translated.commit, admitted.workspace)
             if failed is not None:
@@ -447,7 +447,7 @@ class BuildkiteSource:
             await self._run(session, state, resumed=False, lost=lost)
             return
         record = self.host.store.get_job(state.runner_id or "")
-        if record is not None and record.state == RunnerState.queued:
+        if record is not None and record.state == JobState.queued:
             # Admitted, but the agent stopped before the job was submitted (during its checkout).
             env = state.job.get("env") or {}
             workspace = Path(str((record.decision or {}).get("workspace", "")))
@@ -459,7 +459,7 @@ class BuildkiteSource:
             return
         await self._run(session, state, resumed=resumed, lost=lost)
 
-    async def _confirm_pull_request(self, state: JobState, translated: Translated
+    async def _confirm_pull_request(self, state: AcceptedJob, translated: Translated
                                     ) -> tuple[Translated, str] | NotRun:
         """With a GitHub App, a pull request build of its GitHub's repositories is confirmed there:
         the translation with the confirmed head as its commit, and the log's line about it ("" when
@@ -486,7 +486,7 @@ class BuildkiteSource:
         return (replace(translated, commit=head), f"hpc-runner: GitHub confirms pull request #{claim.number} "
                 f"of {claim.repository}: head {head}, {fork}\n")
 
-    def _verify(self, state: JobState) -> tuple[str | None, list[str], str] | str:
+    def _verify(self, state: AcceptedJob) -> tuple[str | None, list[str], str] | str:
         """(signer, signed fields, log lines) of a trusted job, or the log text of a rejection."""
         job = state.job
         raw_step = job.get("step")
@@ -512,7 +512,7 @@ class BuildkiteSource:
         lines = f"~~~ ✅ Job signature verified (key {verified.kid}, {verified.alg})\n"
         return verified.kid, fields, lines
 
-    async def _start(self, session: AgentSession, state: JobState) -> bool:
+    async def _start(self, session: AgentSession, state: AcceptedJob) -> bool:
         if state.started:
             return True
         try:
@@ -528,12 +528,12 @@ class BuildkiteSource:
         self.memory.save(state)
         return True
 
-    def _secrets(self, state: JobState) -> list[str]:
+    def _secrets(self, state: AcceptedJob) -> list[str]:
         env = {str(k): str(v) for k, v in (state.job.get("env") or {}).items()}
         found = secret_values(env, self._redacted_vars)
         return [*found, state.token]
 
-    def _streamer(self, session: AgentSession, state: JobState, *, durable: bool) -> LogStreamer:
+    def _streamer(self, session: AgentSession, state: AcceptedJob, *, durable: bool) -> LogStreamer:
         settings = LogSettings.from_job(state.job)
         if durable:
             return LogStreamer(session, state.bk_id, state.token, settings, secrets=self._secrets(state),
@@ -541,7 +541,7 @@ class BuildkiteSource:
                                staged=self.memory.staged(state))
         return LogStreamer(session, state.bk_id, state.token, settings, secrets=self._secrets(state))
 
-    async def _refuse(self, session: AgentSession, state: JobState, text: str, reason: str) -> None:
+    async def _refuse(self, session: AgentSession, state: AcceptedJob, text: str, reason: str) -> None:
         """A job that never becomes a runner job: its log is these lines, its status -1."""
         streamer = self._streamer(session, state, durable=False)
         streamer.start()
@@ -552,7 +552,8 @@ class BuildkiteSource:
         self.memory.save(state)
         await self._finish(session, state)
 
-    async def _checkout(self, state: JobState, repository: str, commit: str, workspace: Path) -> Ended | None:
+    async def _checkout(self, state: AcceptedJob, repository: str, commit: str,
+                        workspace: Path) -> Ended | None:
         """Check the job's commit out; None when done, else how the job ended (it never runs)."""
         assert state.runner_id is not None
         record = self.host.store.get_job(state.runner_id)
@@ -569,10 +570,10 @@ class BuildkiteSource:
                            + f"hpc-runner: {'refused: ' if refused else ''}{exc}\n")
             ended = self.host.fail(state.runner_id, str(exc))
             # Not a failure of git: the job is not what it claims, so Buildkite hears agent_refused.
-            return Ended(RunnerState.denied, None, str(exc)) if refused else ended
+            return Ended(JobState.denied, None, str(exc)) if refused else ended
         return None
 
-    async def _run(self, session: AgentSession, state: JobState, *, resumed: bool,
+    async def _run(self, session: AgentSession, state: AcceptedJob, *, resumed: bool,
                    lost: asyncio.Event | None = None) -> None:
         """Run (or follow again) the admitted runner job with its log streamed, then finish."""
         assert state.runner_id is not None
@@ -594,11 +595,12 @@ class BuildkiteSource:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         failed = await streamer.close()
-        if not reason and self.host.stopping.is_set() and ended.state == RunnerState.cancelled:
+        if not reason and self.host.stopping.is_set() and ended.state == JobState.cancelled:
             reason.append("agent_stop")
         await self._conclude(session, state, finish_report(ended, reason[0] if reason else None, failed))
 
-    async def _report_runner_end(self, session: AgentSession, state: JobState, ended: Ended | None) -> None:
+    async def _report_runner_end(self, session: AgentSession, state: AcceptedJob,
+                                 ended: Ended | None) -> None:
         """A runner job that ended without running (denied, checkout failed): send its log, finish."""
         assert state.runner_id is not None
         record = self.host.store.get_job(state.runner_id)
@@ -612,13 +614,13 @@ class BuildkiteSource:
         failed = await streamer.close()
         await self._conclude(session, state, finish_report(ended, None, failed))
 
-    async def _conclude(self, session: AgentSession, state: JobState, report: FinishReport) -> None:
+    async def _conclude(self, session: AgentSession, state: AcceptedJob, report: FinishReport) -> None:
         state.report = report
         state.phase = "finishing"
         self.memory.save(state)
         await self._finish(session, state)
 
-    async def _finish(self, session: AgentSession, state: JobState) -> None:
+    async def _finish(self, session: AgentSession, state: AcceptedJob) -> None:
         """Send finish once: an 'already finished' answer to a repeated finish counts as done."""
         assert state.report is not None
         repeated = state.finish_sent
@@ -636,7 +638,7 @@ class BuildkiteSource:
                 log.error("Buildkite did not accept the job's finish", job=state.bk_id, error=str(exc))
         self.memory.close(state)
 
-    async def _watch(self, session: AgentSession, state: JobState, cancel: asyncio.Event,
+    async def _watch(self, session: AgentSession, state: AcceptedJob, cancel: asyncio.Event,
                      reason: list[str], lost: asyncio.Event | None = None) -> None:
         """Poll the job's state; cancellation in Buildkite (or a revoked job token) cancels it,
         and so does the loss of the agent's session (as the agent's ungraceful stop does). A poll
@@ -672,7 +674,7 @@ class BuildkiteSource:
             elif action == "timeout":
                 self._cancel(state, cancel, reason, "the job reached its Buildkite timeout")
 
-    def _cancel(self, state: JobState, cancel: asyncio.Event, reason: list[str], why: str, *,
+    def _cancel(self, state: AcceptedJob, cancel: asyncio.Event, reason: list[str], why: str, *,
                 signal_reason: str = "cancel") -> None:
         log.info("cancelling a Buildkite job", job=state.bk_id, why=why)
         if state.runner_id is not None:

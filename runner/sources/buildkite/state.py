@@ -24,7 +24,9 @@ Phase = Literal["accepted", "admitted", "finishing"]
 
 
 @dataclass
-class JobState:
+class AcceptedJob:
+    """A Buildkite job this agent accepted: the accept answer, its job token, and how far it got."""
+
     bk_id: str
     job: dict[str, Any]                    # the accept answer
     token: str
@@ -45,7 +47,7 @@ class JobState:
 
     @classmethod
     def from_row(cls, bk_id: str, data: dict[str, Any], checkpoint: dict[str, Any] | None,
-                 chunks_failed: int) -> JobState:
+                 chunks_failed: int) -> AcceptedJob:
         report = data.get("report")
         point = StreamCheckpoint.from_json(checkpoint or {})
         point = StreamCheckpoint(**{**point.to_json(), "chunks_failed": chunks_failed})
@@ -64,21 +66,21 @@ class JobMemory:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def save(self, state: JobState) -> None:
+    def save(self, state: AcceptedJob) -> None:
         self._store.put_source_job(SOURCE, state.bk_id, state.to_json())
 
-    def open_jobs(self) -> list[JobState]:
-        return [JobState.from_row(row.external_id, row.data, row.checkpoint, row.chunks_failed)
+    def open_jobs(self) -> list[AcceptedJob]:
+        return [AcceptedJob.from_row(row.external_id, row.data, row.checkpoint, row.chunks_failed)
                 for row in self._store.open_source_jobs(SOURCE)]
 
-    def close(self, state: JobState) -> None:
+    def close(self, state: AcceptedJob) -> None:
         self._store.close_source_job(SOURCE, state.bk_id)
 
-    def staged(self, state: JobState) -> list[Chunk]:
+    def staged(self, state: AcceptedJob) -> list[Chunk]:
         rows = self._store.staged_log(SOURCE, state.bk_id)
         return [Chunk(row.sequence, row.offset, row.size, row.data) for row in rows]
 
-    def outbox(self, state: JobState) -> Outbox:
+    def outbox(self, state: AcceptedJob) -> Outbox:
         return Outbox(self._store, state)
 
 
@@ -86,7 +88,7 @@ class Outbox:
     """`LogOutbox` of one job: staged chunks, the checkpoint and the runner job's file offset move
     together in one transaction."""
 
-    def __init__(self, store: Store, state: JobState) -> None:
+    def __init__(self, store: Store, state: AcceptedJob) -> None:
         self._store = store
         self._state = state
         # Deliveries are recorded with the next staging (or at the end), not one transaction each:

@@ -203,11 +203,11 @@ def log_text(tail: LogTail, *, full_log: str | None) -> str:
     return block
 
 
-# ------------------------------------------------------------------------------------ outcomes
+# ------------------------------------------------------------------------------------ completions
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Completion:
     """How a report ends: conclusion, title and the lines that explain it."""
 
     conclusion: Conclusion
@@ -215,22 +215,22 @@ class Outcome:
     lines: tuple[str, ...] = ()
 
 
-def outcome_of(ended: Ended) -> Outcome:
+def completion_of(ended: Ended) -> Completion:
     state = ended.state
     detail = (ended.detail,) if ended.detail else ()
     if state == JobState.succeeded:
-        return Outcome("success", "Succeeded")
+        return Completion("success", "Succeeded")
     if state == JobState.failed:
         if ended.exit_status is not None:
-            return Outcome("failure", f"Failed with exit status {ended.exit_status}", detail)
-        return Outcome("failure", "Failed", detail)
+            return Completion("failure", f"Failed with exit status {ended.exit_status}", detail)
+        return Completion("failure", "Failed", detail)
     if state == JobState.cancelled:
-        return Outcome("cancelled", "Cancelled", detail)
+        return Completion("cancelled", "Cancelled", detail)
     if state == JobState.timed_out:
-        return Outcome("timed_out", "Reached its walltime", detail)
+        return Completion("timed_out", "Reached its walltime", detail)
     if state == JobState.denied:
-        return Outcome("failure", "Denied by the site's policy", detail)
-    return Outcome("failure", "Could not run", detail)
+        return Completion("failure", "Denied by the site's policy", detail)
+    return Completion("failure", "Could not run", detail)
 
 
 def status_state(status: Status, conclusion: Conclusion | None) -> str:
@@ -393,12 +393,14 @@ class Report:
                 return
         await self._status(status or "in_progress", None, title)
 
-    async def complete(self, outcome: Outcome, *, summary: str, text: str | None) -> None:
+    async def complete(self, completion: Completion, *, summary: str, text: str | None) -> None:
         if self.kind == "check" and self.check_run_id is not None:
-            body = update_body(title=outcome.title, summary=summary, text=text, conclusion=outcome.conclusion)
+            body = update_body(title=completion.title, summary=summary, text=text,
+                               conclusion=completion.conclusion)
             if await self._patch(body):
                 return
-        await self._status("completed", outcome.conclusion, self._described(outcome.title, outcome.lines))
+        await self._status("completed", completion.conclusion,
+                           self._described(completion.title, completion.lines))
 
     def _described(self, title: str, lines: tuple[str, ...]) -> str:
         return "; ".join((title, *lines, *((self.status_note,) if self.status_note else ())))

@@ -23,7 +23,7 @@ from runner.logging_setup import get_logger
 from runner.sources import JobHost
 from runner.sources.github import checks, translate
 from runner.sources.github.background import Background, pause
-from runner.sources.github.checks import Outcome, code
+from runner.sources.github.checks import Completion, code
 from runner.sources.github.client import GitHubClient, GitHubError, GitHubHTTPError, api_path
 from runner.sources.github.confirm import Confirmed, Confirmer, NotConfirmed
 from runner.sources.github.gateway_client import (
@@ -313,7 +313,7 @@ class Intake:
             "Why it did not run": list(verdict.reasons)})
         try:
             if waiting.get("kind"):
-                await report.complete(Outcome("action_required", title), summary=summary, text=None)
+                await report.complete(Completion("action_required", title), summary=summary, text=None)
             else:
                 await report.open(title=title, summary=summary, conclusion="action_required")
         except GitHubError as exc:
@@ -337,11 +337,11 @@ class Intake:
         ref = json.loads(row.detail)
         report = self.reports.for_commit(trigger.repository, sha, marker, kind=ref.get("kind"),
                                          check_run_id=ref.get("check_run_id"))
-        outcome = Outcome("success", f"Approved by @{trigger.actor}")
+        completion = Completion("success", f"Approved by @{trigger.actor}")
         summary = checks.summary({"Approved": f"{trigger.describe()}; the jobs run as check runs "
                                               "named `hpc-runner/<job>`"})
         try:
-            await report.complete(outcome, summary=summary, text=None)
+            await report.complete(completion, summary=summary, text=None)
         except GitHubError as exc:
             log.warning("could not mark the approval on GitHub", repository=trigger.repository,
                         error=str(exc))

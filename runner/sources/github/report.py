@@ -17,7 +17,7 @@ from runner.logging_setup import get_logger
 from runner.policy import Decision
 from runner.sources import Ended
 from runner.sources.github import checks, translate
-from runner.sources.github.checks import LogTail, Outcome, Report, code, log_text
+from runner.sources.github.checks import Completion, LogTail, Report, code, log_text
 from runner.sources.github.client import GitHubClient, GitHubError
 from runner.sources.github.state import RunState
 from runner.store import Store
@@ -137,28 +137,28 @@ async def report_progress(state: RunState, report: Report, tail: LogTail, runnin
 
 async def send_final_report(state: RunState, report: Report, ended: Ended, tail: LogTail, *,
                             cancelled_by: str | None, stopping: asyncio.Event,
-                            retry_seconds: float) -> Outcome | None:
-    """Send the job's one final report; the outcome sent, or None when GitHub did not take it and
+                            retry_seconds: float) -> Completion | None:
+    """Send the job's one final report; how it completed, or None when GitHub did not take it and
     the run stays open (the next start of the agent sends it)."""
     tail.close()
-    outcome = checks.outcome_of(ended)
+    completion = checks.completion_of(ended)
     if cancelled_by and ended.state == JobState.cancelled:
-        outcome = Outcome("cancelled", f"Cancelled by {cancelled_by}", outcome.lines)
+        completion = Completion("cancelled", f"Cancelled by {cancelled_by}", completion.lines)
     elif ended.state == JobState.cancelled and stopping.is_set():
-        outcome = Outcome("cancelled", "Cancelled: the agent was stopped", outcome.lines)
+        completion = Completion("cancelled", "Cancelled: the agent was stopped", completion.lines)
     text_summary = state.summary
-    if outcome.lines:
-        text_summary += "\n" + checks.summary({"Outcome": list(outcome.lines)})
+    if completion.lines:
+        text_summary += "\n" + checks.summary({"Outcome": list(completion.lines)})
     text = log_text(tail, full_log=state.details_url)
     for attempt in range(1, FINAL_REPORT_ATTEMPTS + 1):
         try:
             if report.kind is None:
-                await report.open(title=outcome.title, summary=text_summary, conclusion=outcome.conclusion,
-                                  text=text)
+                await report.open(title=completion.title, summary=text_summary,
+                                  conclusion=completion.conclusion, text=text)
                 state.kind, state.check_run_id = report.kind, report.check_run_id
             else:
-                await report.complete(outcome, summary=text_summary, text=text)
-            return outcome
+                await report.complete(completion, summary=text_summary, text=text)
+            return completion
         except GitHubError as exc:
             log.error("could not send the job's final report", job=state.external_id, error=str(exc),
                       attempt=attempt)

@@ -338,12 +338,12 @@ class Runs:
 
     async def _finish(self, state: RunState, report: Report, ended: Ended, tail: LogTail,
                       cancelled_by: str | None = None) -> None:
-        outcome = await send_final_report(state, report, ended, tail, cancelled_by=cancelled_by,
+        completion = await send_final_report(state, report, ended, tail, cancelled_by=cancelled_by,
                                                   stopping=self.host.stopping,
                                                   retry_seconds=self.retry_seconds)
-        if outcome is None:
+        if completion is None:
             return
         state.phase = "reported"
         self._save(state)
         self.state.close_run(state.external_id)
-        log.info("GitHub job reported", job=state.external_id, conclusion=outcome.conclusion)
+        log.info("GitHub job reported", job=state.external_id, conclusion=completion.conclusion)
