@@ -22,6 +22,7 @@ from runner.logging_setup import ConditionLog, get_logger
 from runner.logs.tail import follow
 from runner.spec import JobSpec, parse_job_text
 from runner.store import JobRecord
+from runner.tasks import TaskSet
 from runner.tomlsource import check_size
 
 log = get_logger("runner.localqueue")
@@ -61,7 +62,7 @@ class LocalQueueServer:
         self.max_connections_per_user = max_connections_per_user
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
-        self._serving: set[asyncio.Task[None]] = set()
+        self._serving = TaskSet()   # a task per connection, held until it ends
         self._connection_closed = asyncio.Event()
         self._connections: Counter[int] = Counter()   # open connections by uid
         self._parsing: dict[int, asyncio.Lock] = {}    # one parse at a time by uid
@@ -121,9 +122,7 @@ class LocalQueueServer:
             if uid is None:
                 conn.close()
                 continue
-            task = asyncio.create_task(self._serve(conn, uid))
-            self._serving.add(task)
-            task.add_done_callback(self._serving.discard)
+            self._serving.spawn(self._serve(conn, uid))
 
     def _admit(self, conn: socket.socket) -> int | None:
         """The uid of the connection's user, counted against their cap; None (after answering

@@ -68,6 +68,7 @@ from runner.sources.buildkite.signature_keys import read_verification_jwks
 from runner.sources.buildkite.state import AcceptedJob, JobMemory
 from runner.sources.buildkite.translate import JobRefused, Translated, translate
 from runner.sources.github.client import GitHubClient, GitHubError
+from runner.tasks import TaskSet, pause
 
 log = get_logger("runner.sources.buildkite")
 
@@ -144,7 +145,7 @@ class BuildkiteSource:
         self._jwks: Jwks | None = None
         self._token = ""
         self._http: aiohttp.ClientSession | None = None
-        self._jobs: set[asyncio.Task[None]] = set()
+        self._jobs = TaskSet()   # the jobs resumed after a restart
         self.stopped = asyncio.Event()
 
     def load_trust(self) -> None:
@@ -160,20 +161,14 @@ class BuildkiteSource:
             self._github = GitHubClient.from_config(self._github_config, self._http)
         try:
             for state in self.memory.open_jobs():
-                self._spawn(self._resume(state))
+                self._jobs.spawn(self._resume(state))
             workers = [asyncio.create_task(self._keep_serving(i)) for i in range(self.config.workers)]
             await asyncio.gather(*workers, return_exceptions=True)
-            while self._jobs:
-                await asyncio.gather(*list(self._jobs), return_exceptions=True)
+            await self._jobs.wait_idle()
         finally:
             await self._http.close()
             self.stopped.set()
             log.info("Buildkite source stopped")
-
-    def _spawn(self, coroutine: Any) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coroutine)
-        self._jobs.add(task)
-        task.add_done_callback(self._jobs.discard)
 
     def _session(self) -> AgentSession:
         assert self._http is not None
@@ -201,7 +196,7 @@ class BuildkiteSource:
                 log.exception("Buildkite agent session failed; it is restarted",
                               worker=self._agent_name(index), deaths=deaths, restart_in=round(delay, 3),
                               error=f"{type(exc).__name__}: {exc}")
-            await self._wait(delay, self.host.draining)
+            await pause(delay, self.host.draining)
 
     @staticmethod
     def _agent_name(index: int) -> str:
@@ -265,15 +260,6 @@ class BuildkiteSource:
                 log.warning("heartbeat failed", error=f"{type(exc).__name__}: {exc}", exc_info=not told)
                 told = True
 
-    async def _wait(self, seconds: float, *events: asyncio.Event) -> None:
-        """Sleep `seconds`, or less if one of `events` is set."""
-        waiters = [asyncio.create_task(e.wait()) for e in events]
-        try:
-            await asyncio.wait(waiters, timeout=seconds)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-
     async def _ping_loop(self, session: AgentSession, registration: protocol.Registration,
                          lost: asyncio.Event) -> None:
         interval = registration.ping_interval
@@ -282,7 +268,7 @@ class BuildkiteSource:
         while not self.host.draining.is_set() and not lost.is_set():
             jitter = session.rng.uniform(0, interval)
             wait = jitter if skip_interval else interval + jitter
-            await self._wait(wait, self.host.draining, lost)
+            await pause(wait, self.host.draining, lost)
             skip_interval = False
             if self.host.draining.is_set() or lost.is_set():
                 return
@@ -649,7 +635,7 @@ class BuildkiteSource:
             if lost is None:
                 await asyncio.sleep(delay)
             else:
-                await self._wait(delay, lost)
+                await pause(delay, lost)
                 if lost.is_set():
                     self._cancel(state, cancel, reason, "Buildkite refused this agent's heartbeat",
                                  signal_reason="agent_stop")

@@ -13,6 +13,6 @@ Its modules by role, in the same order as the Buildkite source's:
 - report: `report` (what GitHub is told about a job, and when) and `checks` (the check run and
   commit status calls);
 - state: `state` (triggers, runs and polling cursors, across restarts);
-- source: `source` (the parts wired together), `runs` (a trigger's jobs, each to its one final
-  report) and `background` (the work in flight).
+- source: `source` (the parts wired together) and `runs` (a trigger's jobs, each to its one final
+  report).
 """

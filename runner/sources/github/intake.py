@@ -22,7 +22,6 @@ from runner.config import GithubConfig
 from runner.logging_setup import get_logger
 from runner.sources import JobHost
 from runner.sources.github import checks, translate
-from runner.sources.github.background import Background, pause
 from runner.sources.github.checks import Completion, code
 from runner.sources.github.client import GitHubClient, GitHubError, GitHubHTTPError, api_path
 from runner.sources.github.confirm import Confirmed, Confirmer, NotConfirmed
@@ -38,6 +37,7 @@ from runner.sources.github.report import Reports
 from runner.sources.github.runs import Retry, Runs
 from runner.sources.github.state import GithubState
 from runner.sources.github.translate import CancelRequest, Ignore, NeedsApproval, Run, Trigger
+from runner.tasks import TaskSet, pause
 
 log = get_logger("runner.sources.github")
 
@@ -49,7 +49,7 @@ class Intake:
 
     def __init__(self, config: GithubConfig, host: JobHost, *, client: GitHubClient, state: GithubState,
                  confirmer: Confirmer, poller: Poller, gateway: GatewayClient | None, runs: Runs,
-                 reports: Reports, background: Background) -> None:
+                 reports: Reports, background: TaskSet) -> None:
         self.config = config
         self.host = host
         self.client = client
@@ -69,7 +69,7 @@ class Intake:
                 if self.host.draining.is_set():
                     break
                 await self.poll_once(repository)
-            await pause(self.host.draining, self.config.poll_interval)
+            await pause(self.config.poll_interval, self.host.draining)
 
     async def poll_once(self, repository: str) -> None:
         """One round for one repository: list what changed, act on each item in order."""
@@ -117,11 +117,11 @@ class Intake:
                 if isinstance(exc, GatewayAuthError):
                     # Only a new token (or the gateway's tokens file fixed) helps: say so loudly.
                     log.error("the gateway refuses this agent's token; retrying in a minute", error=str(exc))
-                    await pause(self.host.draining, 60.0)
+                    await pause(60.0, self.host.draining)
                     continue
                 log.warning("gateway not reachable; retrying", error=str(exc), failures=failures)
-                await pause(self.host.draining, min(60.0, 2.0 ** min(failures, 6)) if exc.retry_after is None
-                                 else exc.retry_after)
+                backoff = min(60.0, 2.0 ** min(failures, 6)) if exc.retry_after is None else exc.retry_after
+                await pause(backoff, self.host.draining)
                 continue
             failures = 0
             if delivery is None:

@@ -29,7 +29,6 @@ from runner.logs.redact import secret_values
 from runner.sources import Admission, Ended, JobHost
 from runner.sources.github import checks
 from runner.sources.github.appauth import AppAuth
-from runner.sources.github.background import Background, pause
 from runner.sources.github.checkout import CheckoutFailed
 from runner.sources.github.checks import LogTail, Report, code
 from runner.sources.github.client import GitHubClient, GitHubError, GitHubHTTPError, api_path
@@ -45,6 +44,7 @@ from runner.sources.github.report import (
 from runner.sources.github.state import GithubState, RunState
 from runner.sources.github.translate import CancelRequest, Trigger
 from runner.spec import JobSpec, parse_job_mapping
+from runner.tasks import TaskSet, pause
 
 log = get_logger("runner.sources.github")
 
@@ -84,7 +84,7 @@ class Runs:
     """The jobs of the triggers this agent took, while they run (see the module docstring)."""
 
     def __init__(self, config: GithubConfig, host: JobHost, *, client: GitHubClient, auth: AppAuth,
-                 state: GithubState, reports: Reports, background: Background, update_interval: float,
+                 state: GithubState, reports: Reports, background: TaskSet, update_interval: float,
                  retry_seconds: float, redacted_vars: tuple[str, ...],
                  checkout_fn: Callable[..., Awaitable[str]]) -> None:
         self.config = config
@@ -140,7 +140,7 @@ class Runs:
             except Retry as exc:
                 log.warning("cannot read the jobs file yet; trying again in a minute", repository=repository,
                             error=str(exc))
-                await pause(self.host.draining, self.retry_seconds)
+                await pause(self.retry_seconds, self.host.draining)
                 if self.host.draining.is_set():
                     return
         runs = []
@@ -236,7 +236,7 @@ class Runs:
                     # again by its external id, the checkout from scratch): try again later.
                     log.warning("GitHub did not answer while preparing a job; trying again",
                                 job=state.external_id, error=str(exc), retry_in=self.retry_seconds)
-                    await pause(self.host.draining, self.retry_seconds)
+                    await pause(self.retry_seconds, self.host.draining)
                     if self.host.draining.is_set():
                         return
         except asyncio.CancelledError:

@@ -24,7 +24,7 @@ permission, cancels the pull request's running jobs (scancel).
 
 This module wires the parts together: `intake` (triggers in, steps 1 and 2, approvals, cancel
 requests), `runs` (a trigger's jobs, steps 3 and 4), `report` (what GitHub is told about a job) and
-`background` (the work in flight). They share the agent's `JobHost`, the REST client and the
+a `TaskSet` (the work in flight). They share the agent's `JobHost`, the REST client and the
 `GithubState`, handed to each of them here.
 """
 
@@ -41,7 +41,6 @@ from runner.logging_setup import get_logger
 from runner.sources import JobHost
 from runner.sources.github import checks, translate
 from runner.sources.github.appauth import AppAuth, load_private_key
-from runner.sources.github.background import Background
 from runner.sources.github.checkout import checkout
 from runner.sources.github.client import GitHubClient
 from runner.sources.github.confirm import Confirmer
@@ -52,6 +51,7 @@ from runner.sources.github.report import Reports
 from runner.sources.github.runs import Runs
 from runner.sources.github.state import GithubState
 from runner.sources.github.translate import CancelRequest, Trigger
+from runner.tasks import TaskSet
 
 log = get_logger("runner.sources.github")
 
@@ -80,7 +80,7 @@ class GithubSource:
         self.poller = Poller(client, state, config)
         self.reports = Reports(client)
         self.forbidden = self.reports.forbidden     # repositories where checks are not allowed
-        self.background = Background()
+        self.background = TaskSet()
         self.runs = Runs(config, host, client=client, auth=auth, state=state, reports=self.reports,
                          background=self.background, update_interval=update_interval,
                          retry_seconds=retry_seconds, redacted_vars=redacted_vars, checkout_fn=checkout_fn)
