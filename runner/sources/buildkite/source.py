@@ -67,6 +67,7 @@ from runner.sources.buildkite.signature import Jwks, SignatureRejected, verify_s
 from runner.sources.buildkite.signature_keys import read_verification_jwks
 from runner.sources.buildkite.state import AcceptedJob, JobMemory
 from runner.sources.buildkite.translate import JobRefused, Translated, translate
+from runner.sources.checkout_failure import end_failed_checkout
 from runner.sources.github.client import GitHubClient, GitHubError
 from runner.tasks import TaskSet, pause
 
@@ -552,9 +553,7 @@ class BuildkiteSource:
             await checkout(repository, commit, workspace, ref=claimed)
         except CheckoutFailed as exc:
             refused = isinstance(exc, CommitNotOnRef)
-            self.host.note(state.runner_id, exc.output + ("" if exc.output.endswith("\n") else "\n")
-                           + f"hpc-runner: {'refused: ' if refused else ''}{exc}\n")
-            ended = self.host.fail(state.runner_id, str(exc))
+            ended = end_failed_checkout(self.host, state.runner_id, exc, refused=refused)
             # Not a failure of git: the job is not what it claims, so Buildkite hears agent_refused.
             return Ended(JobState.denied, None, str(exc)) if refused else ended
         return None

@@ -27,6 +27,7 @@ from runner.job import JobState
 from runner.logging_setup import get_logger
 from runner.logs.redact import secret_values
 from runner.sources import Admission, Ended, JobHost
+from runner.sources.checkout_failure import end_failed_checkout
 from runner.sources.github import checks
 from runner.sources.github.appauth import AppAuth
 from runner.sources.github.checkout import CheckoutFailed
@@ -283,9 +284,7 @@ class Runs:
                 await self._checkout(state.clone_url, state.sha, admitted.workspace, ref=state.ref,
                                      token=token)
             except CheckoutFailed as exc:
-                output = exc.output if exc.output.endswith("\n") or not exc.output else exc.output + "\n"
-                self.host.note(admitted.job_id, output + f"hpc-runner: {exc}\n")
-                ended = self.host.fail(admitted.job_id, str(exc))
+                ended = end_failed_checkout(self.host, admitted.job_id, exc)
                 await self._finish(state, report, ended, self._tail_from_file(admitted.log_path, tail))
                 return
             state.phase = "running"
