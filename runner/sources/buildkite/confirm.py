@@ -20,18 +20,15 @@ from typing import Any
 from runner.identity import Identity
 from runner.sources.github.client import GitHubClient, GitHubHTTPError, api_path
 from runner.sources.github.translate import is_fork
+from runner.sources.refusal import Refusal
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,100}")
 _SCP_LIKE = re.compile(r"(?:[^@/]+@)?(?P<host>[^:/]+):(?P<path>[^/].*)")
 _FULL_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
-class NotConfirmed(Exception):
-    """GitHub does not back the job's claims up; `reason` is one line for the job log."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
+class NotConfirmed(Refusal):
+    """GitHub does not back the job's claims up."""
 
 
 @dataclass(frozen=True)

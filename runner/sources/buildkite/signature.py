@@ -31,7 +31,8 @@ import rfc8785
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
-from runner.errors import HpcRunnerError, InputError
+from runner.errors import InputError
+from runner.sources.refusal import Refusal
 
 # The agent's signing keys are EdDSA, ES512 or PS512; ES256 is what cloud KMS keys
 # produce; HS256 is what the agent's own tests verify with, and the agent accepts any
@@ -67,15 +68,8 @@ _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_SAFE_INTEGER = 2**53 - 1
 
 
-class SignatureRejected(HpcRunnerError):
-    """The job must not run: its signature is missing, invalid, or does not match the job.
-
-    `reason` is one line for a person reading the job log.
-    """
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
+class SignatureRejected(Refusal):
+    """The job must not run: its signature is missing, invalid, or does not match the job."""
 
 
 class JwksError(InputError):

@@ -436,10 +436,10 @@ class BuildkiteSource:
         record = self.host.store.get_job(state.runner_id or "")
         if record is not None and record.state == JobState.queued:
             # Admitted, but the agent stopped before the job was submitted (during its checkout).
-            env = state.job.get("env") or {}
+            env = state.env
             workspace = Path(str((record.decision or {}).get("workspace", "")))
-            failed = await self._checkout(state, str(env.get("BUILDKITE_REPO", "")),
-                                          str(env.get("BUILDKITE_COMMIT", "")), workspace)
+            failed = await self._checkout(state, env.get("BUILDKITE_REPO", ""),
+                                          env.get("BUILDKITE_COMMIT", ""), workspace)
             if failed is not None:
                 return await self._report_runner_end(session, state, failed)
             await self._run(session, state, resumed=False, lost=lost)
@@ -453,9 +453,7 @@ class BuildkiteSource:
         there is nothing to confirm); or how the job ends without running."""
         if self._github is None:
             return translated, ""
-        raw = state.job.get("env")
-        env = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, Mapping) else {}
-        claim = pull_request_claim(env, translated.identity, github_web_host(self._github.api_url))
+        claim = pull_request_claim(state.env, translated.identity, github_web_host(self._github.api_url))
         if claim is None:
             return translated, ""
         try:
@@ -478,7 +476,7 @@ class BuildkiteSource:
         job = state.job
         raw_step = job.get("step")
         step: dict[str, Any] = raw_step if isinstance(raw_step, dict) else {}
-        env = {str(k): str(v) for k, v in (job.get("env") or {}).items()}
+        env = state.env
         signature = step.get("signature")
         if self._jwks is None:
             note = ("hpc-runner: this agent has no verification keys (allow_unsigned): "
@@ -516,8 +514,7 @@ class BuildkiteSource:
         return True
 
     def _secrets(self, state: AcceptedJob) -> list[str]:
-        env = {str(k): str(v) for k, v in (state.job.get("env") or {}).items()}
-        found = secret_values(env, self._redacted_vars)
+        found = secret_values(state.env, self._redacted_vars)
         return [*found, state.token]
 
     def _streamer(self, session: AgentSession, state: AcceptedJob, *, durable: bool) -> LogStreamer:

@@ -7,7 +7,7 @@ job id, the finish report) and the log outbox of `report`, all in the agent's st
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,6 +38,12 @@ class AcceptedJob:
     report: FinishReport | None = None
     finish_sent: bool = False
     checkpoint: StreamCheckpoint = field(default_factory=StreamCheckpoint)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The job's env as strings (intake has checked it is a map of strings, when it is there)."""
+        raw = self.job.get("env")
+        return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, Mapping) else {}
 
     def to_json(self) -> dict[str, Any]:
         return {"job": self.job, "token": self.token, "request_headers": self.request_headers,

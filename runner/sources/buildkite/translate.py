@@ -23,10 +23,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from runner.errors import HpcRunnerError, InputError
+from runner.errors import InputError
 from runner.fields import MAX_STRING
 from runner.identity import SIGNABLE_FIELDS, Identity
 from runner.sources.buildkite.signature import ENV_FIELD_PREFIX, plugin_full_source
+from runner.sources.refusal import Refusal
 from runner.spec import (
     ENV_NAME_PATTERN,
     NAME_PATTERN,
@@ -55,12 +56,8 @@ _TAG = re.compile(r"[A-Za-z0-9._+-][A-Za-z0-9._/+-]{0,244}")
 _EVENTS = {"webhook": "push", "api": "api", "ui": "ui", "schedule": "schedule", "trigger_job": "trigger"}
 
 
-class JobRefused(HpcRunnerError):
-    """The job cannot be run as given; `reason` is one line for the job log."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
+class JobRefused(Refusal):
+    """The job cannot be run as given."""
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ from runner.sources.github.translate import (
 
 MAX_PAGES = 10
 RECHECK_SECONDS = 60.0
+# The new items of a list read past its cursor: each with the id the cursor moves to once handled.
+Picked = list[tuple[Trigger | CancelRequest, int | None]]
 
 
 @dataclass(frozen=True)
@@ -94,42 +96,44 @@ class Poller:
     async def _comments(self, repository: str, command: str) -> list[Observed]:
         path = self._path("/repos/{owner}/{repo}/issues/comments", repository)
         params: dict[str, str | int] = {"sort": "created", "direction": "desc", "per_page": 100}
-        known = self._state.cursor(repository, "comments")
+
+        def commands(items: list[Any], after: int) -> Picked:
+            return [(item, item.comment_id)
+                    for item in command_comments(repository, items, after_id=after, command=command)]
+
+        return await self._past_cursor(repository, "comments", path, params, commands)
+
+    async def _pushes(self, repository: str) -> list[Observed]:
+        path = self._path("/repos/{owner}/{repo}/activity", repository)
+
+        def pushes(items: list[Any], after: int) -> Picked:
+            return [(item, item.activity_id)
+                    for item in branch_pushes(repository, items, after_id=after,
+                                              branches=self._config.push_branches)]
+
+        return await self._past_cursor(repository, "activity", path, {"per_page": 100}, pushes)
+
+    async def _past_cursor(self, repository: str, cursor: str, path: str, params: dict[str, str | int],
+                           new: Callable[[list[Any], int], Picked]) -> list[Observed]:
+        """What a list GitHub gives newest first (comments, activity) holds past the id `cursor` names:
+        `new(items, after)` picks the triggers, each with the id the cursor moves to once it is handled.
+        A repository's first round only sets the starting point."""
+        known = self._state.cursor(repository, cursor)
         after = int(known) if known is not None else None
         items: list[Any] = []
         async for page in pages(self._client, path, params, max_pages=MAX_PAGES):
             items += page
             # Newest first: once a page reaches what was seen, the next pages hold nothing new.
-            if after is None or any(isinstance(c, dict) and isinstance(c.get("id"), int) and c["id"] <= after
-                                    for c in page):
+            if after is None or any(isinstance(i, dict) and isinstance(i.get("id"), int) and i["id"] <= after
+                                    for i in page):
                 break
         newest = newest_id(items, after or 0)
         if after is None:
-            return [Observed(None, _setter(self._state, repository, "comments", str(newest)))]
-        found = [Observed(item, _setter(self._state, repository, "comments", str(item.comment_id)))
-                 for item in command_comments(repository, items, after_id=after, command=command)]
+            return [Observed(None, _setter(self._state, repository, cursor, str(newest)))]
+        found = [Observed(item, _setter(self._state, repository, cursor, str(item_id)))
+                 for item, item_id in new(items, after)]
         if newest > after:
-            found.append(Observed(None, _setter(self._state, repository, "comments", str(newest))))
-        return found
-
-    async def _pushes(self, repository: str) -> list[Observed]:
-        path = self._path("/repos/{owner}/{repo}/activity", repository)
-        known = self._state.cursor(repository, "activity")
-        after = int(known) if known is not None else None
-        items: list[Any] = []
-        async for page in pages(self._client, path, {"per_page": 100}, max_pages=MAX_PAGES):
-            items += page
-            if after is None or any(isinstance(a, dict) and isinstance(a.get("id"), int) and a["id"] <= after
-                                    for a in page):
-                break
-        newest = newest_id(items, after or 0)
-        if after is None:
-            return [Observed(None, _setter(self._state, repository, "activity", str(newest)))]
-        found = [Observed(item, _setter(self._state, repository, "activity", str(item.activity_id)))
-                 for item in branch_pushes(repository, items, after_id=after,
-                                           branches=self._config.push_branches)]
-        if newest > after:
-            found.append(Observed(None, _setter(self._state, repository, "activity", str(newest))))
+            found.append(Observed(None, _setter(self._state, repository, cursor, str(newest))))
         return found
 
 
