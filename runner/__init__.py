@@ -1,3 +1,3 @@
-"""hpc-runner: a CI agent for HPC clusters."""
+"""hpc-runner: a CI agent for HPC clusters. How the code is built: docs/architecture.md."""
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""`hpc-runner`: the command-line entry point (contract in DESIGN.md)."""
+"""`hpc-runner`: the command-line entry point (the commands and their exit statuses: README, "Commands")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exit statuses of the CLI contract (DESIGN.md)."""
+"""Exit statuses of the CLI, as the README's "Commands" table states them."""
 
 OK = 0
 INVALID_INPUT = 1          # policy check / explain on invalid files

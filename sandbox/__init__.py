@@ -1,4 +1,5 @@
-"""Apptainer: the sandbox command line (pure), its env file, and host MPI discovery."""
+"""Apptainer: the sandbox command line (`plan`, pure), its env file, the images verified before every
+run, host MPI discovery, a submitted workspace copied in and back, and paths nobody else can swap."""
 
 from sandbox.envfile import EnvFileError, render_env_file, single_quote
 from sandbox.hostmpi import (

@@ -1,1 +1,2 @@
-"""Job logs: following a growing log file and cutting it into lines for the reporters."""
+"""Job logs: `tail` follows a growing log file byte for byte (into a sink), `redact` hides secrets
+in it before a source sends it on."""

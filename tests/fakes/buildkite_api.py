@@ -1,7 +1,7 @@
 """An in-process emulator of Buildkite's agent REST API (``/v3``), for tests of the agent.
 
-It speaks the protocol the open-source ``buildkite-agent`` speaks, as written down in
-``/work/shared/research/buildkite.md`` (sections 1, 2 and 7), and is deliberately strict where the
+It speaks the protocol the open-source ``buildkite-agent`` speaks (its ``api`` client: the
+requests, the answers, the job JSON, the error bodies), and is deliberately strict where the
 real service is strict, so that a client bug shows up as a failing request here rather than as a
 lost job in production:
 
@@ -61,13 +61,13 @@ ENDPOINTS: frozenset[str] = frozenset(
 )
 
 # The agent's own vocabulary for why a job ended abnormally; the server (a Rails enum) rejects
-# anything else, so a typo in the client must fail here too (research §1.3 step 11).
+# anything else, so a typo in the client must fail here too.
 SIGNAL_REASONS: frozenset[str] = frozenset(
     {"agent_refused", "agent_stop", "cancel", "signature_rejected", "process_run_error", "stack_error"}
 )
 
 # States in which the job's process may still be running on the agent, so chunks, job-state polls
-# and the finish call are legitimate (a cancel does not stop the log stream; research §1.5).
+# and the finish call are legitimate (a cancel does not stop the log stream).
 _LIVE_STATES = frozenset({"running", "canceling", "timing_out"})
 # What a live state becomes once the agent has finished the job.
 _FINAL_STATE = {"running": "finished", "canceling": "canceled", "timing_out": "timed_out"}
@@ -189,7 +189,7 @@ def make_job(
     signature: Mapping[str, Any] | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
-    """Job JSON shaped like ``api.Job`` (research §2), with the env Buildkite always sends.
+    """Job JSON shaped like ``api.Job``, with the env Buildkite always sends.
 
     ``signature`` (``{"algorithm", "signed_fields", "value"}``) is placed on the step, where the
     backend stores it; ``fields`` override any top-level key (``chunks_max_size_bytes`` ...).
@@ -226,7 +226,7 @@ def make_job(
         "env": job_env,
         "step": job_step,
         "matrix_permutation": {},
-        # Positive values: the agent refuses to stream with a zero chunk size (research §1.4).
+        # Positive values: the agent refuses to stream with a zero chunk size.
         "chunks_max_size_bytes": 100 * 1024,
         "chunks_interval_seconds": 1,
         "log_max_size_bytes": 1024 * 1024 * 1024,
@@ -251,7 +251,7 @@ def _now() -> str:
 
 
 def _error(status: int, message: str, *, headers: Mapping[str, str] | None = None) -> web.Response:
-    # Buildkite's error bodies are ``{"message": ...}`` (research §1.1).
+    # Buildkite's error bodies are ``{"message": ...}``.
     return web.json_response({"message": message}, status=status, headers=headers)
 
 
@@ -284,7 +284,7 @@ class BuildkiteEmulator:
         request_headers: Mapping[str, str] | None = None,
         job_token_expires_on_finish: bool = False,
     ) -> None:
-        # The agent feeds these straight into Go tickers, which panic on 0 (research §1.5).
+        # The agent feeds these straight into Go tickers, which panic on 0.
         for name, value in (
             ("ping_interval", ping_interval),
             ("job_status_interval", job_status_interval),
@@ -299,9 +299,9 @@ class BuildkiteEmulator:
         self.heartbeat_interval = heartbeat_interval
         self.request_headers: dict[str, str] = dict(request_headers or {})
         # What ping responses carry as ``request_headers``: None omits the key (the client keeps
-        # its set), a dict (even empty) replaces the client's set (research §1.1).
+        # its set), a dict (even empty) replaces the client's set.
         self.ping_request_headers: dict[str, str] | None = None
-        # What ping responses carry as ``endpoint`` (research §1.1: the client test-pings it, then
+        # What ping responses carry as ``endpoint`` (the client test-pings it, then
         # moves there); None omits it. ``edge_url`` serves the same API under another path.
         self.ping_endpoint: str | None = None
         # Buildkite has been seen answering late calls either as "already finished" (422/400) or as
@@ -396,7 +396,7 @@ class BuildkiteEmulator:
         locked: bool = False,
         lock_retry_after: int | None = None,
     ) -> str:
-        """Schedule a job (job JSON of research §2; see ``make_job``); returns its id.
+        """Schedule a job (job JSON shaped like ``api.Job``; see ``make_job``); returns its id.
 
         ``agent_query_rules`` (``["queue=hpc", "gpu=true"]``, ``*`` globs allowed) decide which
         agents' pings receive it; without a ``queue`` rule it targets the default queue, like an
@@ -494,7 +494,7 @@ class BuildkiteEmulator:
     def non_json(self, endpoint: str, *, times: int = 1, status: int = 200, processed: bool = False,
                  body: str | None = None) -> None:
         """A 2xx HTML page instead of JSON (a proxy or CDN answering), which the agent must treat
-        as retryable (research §1.1/§1.2); or `body`, any other text no JSON reader can take."""
+        as retryable; or `body`, any other text no JSON reader can take."""
         self._add_fault(endpoint, Fault(kind="non_json", remaining=times, status=status, processed=processed,
                                         message=body))
 
@@ -593,7 +593,7 @@ class BuildkiteEmulator:
             return "none", None
         scheme, _, token = header.partition(" ")
         # The agent API authenticates with ``Token``; ``Bearer`` is for user tokens on the REST and
-        # GraphQL APIs (research §1.1).
+        # GraphQL APIs.
         if scheme != "Token" or not token:
             return "unknown", None
         if token in self.registration_tokens:
@@ -614,7 +614,7 @@ class BuildkiteEmulator:
                 record.missing_headers[key] = value
         expected_lower = {k.lower() for k in agent.expected_headers}
         for key, value in sent.items():
-            # The client adds this one itself from its request deadline (research §1.1).
+            # The client adds this one itself from its request deadline.
             if key.lower() == "buildkite-timeout-milliseconds":
                 continue
             if key.lower() not in expected_lower:
@@ -690,7 +690,7 @@ class BuildkiteEmulator:
         if record.token_kind != "session" or token is None:
             raise _Reject(401, "Invalid access token")
         if token in self._revoked_sessions:
-            # The session token dies with the disconnect (research §1.1).
+            # The session token dies with the disconnect.
             record.agent_id = self._revoked_sessions[token]
             raise _Reject(401, "Invalid access token")
         agent = self.agents[self._sessions[token]]
@@ -741,7 +741,7 @@ class BuildkiteEmulator:
         env = data.setdefault("env", {})
         if not isinstance(env, dict):
             return data  # a malformed job, as a test queued it: the agent must cope with it as sent
-        # Accepting applies the agent to the job's environment (research §1.3 step 6, §4 tags).
+        # Accepting applies the agent to the job's environment (its tags among them).
         env["BUILDKITE_AGENT_ID"] = agent.id
         env["BUILDKITE_AGENT_NAME"] = agent.name
         for key, value in agent.tags.items():
@@ -835,7 +835,7 @@ class BuildkiteEmulator:
         if not agent.connected:
             raise _Reject(422, "Agent is not connected")
         agent.pings += 1
-        # Ping carries no intervals: those come from register only (research §1.3 step 5).
+        # Ping carries no intervals: those come from register only.
         payload: dict[str, Any] = {}
         if agent.action:
             payload["action"] = agent.action
@@ -887,7 +887,7 @@ class BuildkiteEmulator:
         if job.locked:
             headers = {"Retry-After": str(job.lock_retry_after)} if job.lock_retry_after is not None else None
             return _error(423, f"Job {job.id} is waiting on dependencies", headers=headers)
-        # Acquiring ignores agent tags and means assigned + accepted at once (research §1.6).
+        # Acquiring ignores agent tags and means assigned + accepted at once.
         job.state = "accepted"
         job.agent_id = agent.id
         agent.assigned_job = job.id
@@ -911,7 +911,7 @@ class BuildkiteEmulator:
     async def _h_chunks(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
         job = self._job_for_token(record, request)
         if job.state in _TERMINAL_STATES:
-            # What Buildkite answers to chunks after the job finished (research §1.4).
+            # What Buildkite answers to chunks after the job finished.
             raise _Reject(400, "Job can't have chunks")
         if job.state not in _LIVE_STATES:
             raise _Reject(422, f"This job can't have chunks while it is in a '{job.state}' state")
@@ -933,7 +933,7 @@ class BuildkiteEmulator:
             raise _Reject(400, f"Chunk size {size} does not match its {len(data)} uncompressed bytes")
         chunk = ChunkRecord(sequence, offset, size, len(record.body), data, time.monotonic())
         # Keyed by offset: the library controller numbers sequences from 0, the agent from 1, and
-        # three upload workers deliver out of order (research §1.4).
+        # three upload workers deliver out of order.
         seen_offset = job.chunk_sequences.get(sequence)
         existing = job.chunks_by_offset.get(offset)
         if seen_offset is not None and seen_offset != offset:
@@ -960,7 +960,7 @@ class BuildkiteEmulator:
         if job.state not in _LIVE_STATES:
             raise _Reject(422, f"This job can't be finished while it is in a '{job.state}' state")
         exit_status = body.get("exit_status")
-        # Sent as a string of an int, "-1" meaning "did not run" (research §1.3 step 11).
+        # Sent as a string of an int, "-1" meaning "did not run".
         if not isinstance(exit_status, str):
             raise _Reject(422, "exit_status must be a string")
         try:

@@ -6,7 +6,7 @@ an unknown operation, a bad parameter or a body the description does not allow i
 unless the test took the violation with ``take_violations()``. Responses are built from the
 description's own examples and checked against its response schemas too.
 
-Beyond the schema it is strict where GitHub is (research/github.md):
+Beyond the schema it is strict where GitHub is:
 
 * auth: the app JWT (RS256, verified with the app's public key; ``iss`` the app id; ``exp`` at
   most 10 minutes after ``iat`` and ahead of the clock; ``iat`` not in the future beyond 60 s of
@@ -533,7 +533,7 @@ class GitHubEmulator:
             etag = 'W/"' + hashlib.sha256(encoded).hexdigest() + '"'
             headers["ETag"] = etag
             if request.headers.get("If-None-Match") == etag:
-                # Conditional requests that come back 304 are free (research §3.4).
+                # Conditional requests that come back 304 do not count against the rate limit.
                 record.status = 304
                 return web.Response(status=304, headers={**headers, **self._limit_headers(bucket)})
         refused_for_limit = status in (403, 429) and record.fault == "exhausted"

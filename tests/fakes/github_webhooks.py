@@ -1,5 +1,5 @@
 """GitHub's webhook sender, as the gateway sees it: official example payloads, signed and sent with
-GitHub's headers (research/github.md §2.1-2.2).
+GitHub's headers (the event, the delivery and hook ids, ``X-Hub-Signature-256``).
 
 Examples come from ``@octokit/webhooks-examples`` (installed at test time by ``npm_packages``):
 its ``api.github.com/index.json`` is a list of ``{name, actions, examples: [body, ...]}``. The

@@ -1,4 +1,4 @@
-"""The example policies in policies/ are valid and answer the cases DESIGN.md describes."""
+"""The example policies in policies/ are valid and decide the cases their comments describe."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_example_job_is_valid(path: Path) -> None:
 
 # --- research-group.toml --------------------------------------------------------------------------
 
-def test_alices_pull_request_runs_the_design_job_with_the_accounts_slurm_request() -> None:
+def test_alices_pull_request_runs_the_mpi_tests_job_with_the_accounts_slurm_request() -> None:
     decision = decide_policy(_policy("research-group"), load_identity(EXAMPLES / "alice-pr.json"),
                              load_job(EXAMPLES / "mpi-tests.toml"))
     assert (decision.allowed, decision.grant, decision.account, decision.reasons) == (
@@ -59,7 +59,7 @@ def test_alices_pull_request_runs_the_design_job_with_the_accounts_slurm_request
     assert decision.mpi and not decision.network_isolated
 
 
-def test_the_buildkite_identity_of_the_design_runs_the_design_job() -> None:
+def test_the_example_buildkite_identity_runs_the_mpi_tests_job() -> None:
     decision = decide_policy(_policy("research-group"), load_identity(EXAMPLES / "buildkite-main.json"),
                              load_job(EXAMPLES / "mpi-tests.toml"))
     assert (decision.allowed, decision.grant) == (True, "clima-prs")

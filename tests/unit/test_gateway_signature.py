@@ -1,4 +1,4 @@
-"""The webhook signature, against GitHub's documented test vector (research/github.md §2.2)."""
+"""The webhook signature, against the test vector of GitHub's "Validating webhook deliveries"."""
 
 from __future__ import annotations
 

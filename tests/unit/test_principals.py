@@ -37,7 +37,7 @@ LOCAL_ALICE: dict[str, Any] = {"source": "local", "user": "alice", "groups": ["e
     ("github:repo:CliMA/*", PrincipalPattern("github", "repo", "CliMA", "*")),
     ("buildkite:pipeline:atmos/*", PrincipalPattern("buildkite", "pipeline", "atmos", "*")),
 ])
-def test_every_principal_type_of_the_design_parses(text: str, pattern: PrincipalPattern) -> None:
+def test_every_principal_type_parses(text: str, pattern: PrincipalPattern) -> None:
     assert parse_principal(text) == pattern
     assert str(pattern) == text
 
@@ -227,7 +227,7 @@ def _write(tmp_path: Path, text: str | bytes) -> Path:
     return path
 
 
-def test_load_identity_reads_a_design_identity(tmp_path: Path) -> None:
+def test_load_identity_reads_an_identity_file(tmp_path: Path) -> None:
     path = _write(tmp_path, json.dumps(GITHUB_ALICE))
     assert load_identity(path) == identity_from_json(GITHUB_ALICE)
 

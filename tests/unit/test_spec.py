@@ -12,8 +12,9 @@ from runner.errors import InputError
 from runner.spec import JobSpec, Resources, load_job, parse_job_mapping, parse_job_text
 from runner.tomlsource import MAX_KEY_PARTS, MAX_NESTING, parse_toml
 
-# The job of DESIGN.md; the line numbers of the error tests below refer to it.
-DESIGN_JOB = """\
+# The example job of policies/examples/mpi-tests.toml; the line numbers of the error tests below
+# refer to this text.
+EXAMPLE_JOB = """\
 [job]
 name = "mpi-tests"
 image = "clima-ci"
@@ -39,7 +40,7 @@ enabled = true
 MINIMAL_JOB = '[job]\nname = "smoke"\nimage = "smoke"\ncommand = ["true"]\n'
 
 
-def _with(old: str, new: str, text: str = DESIGN_JOB) -> str:
+def _with(old: str, new: str, text: str = EXAMPLE_JOB) -> str:
     """The job text with one line replaced (so that every other line keeps its number)."""
     assert text.count(old) == 1, old
     return text.replace(old, new)
@@ -51,8 +52,8 @@ def _error(text: str, name: str = "job.toml") -> InputError:
     return caught.value
 
 
-def test_design_job_parses_into_typed_objects() -> None:
-    spec = parse_job_text(DESIGN_JOB, "job.toml")
+def test_example_job_parses_into_typed_objects() -> None:
+    spec = parse_job_text(EXAMPLE_JOB, "job.toml")
     assert spec == JobSpec(
         name="mpi-tests", image="clima-ci", command=("julia", "--project", "test/runtests.jl"),
         env={"JULIA_NUM_THREADS": "4"}, binds=(Bind("/groups/esm/data", "/data", "ro"),),
@@ -93,13 +94,13 @@ def test_env_may_be_written_as_a_subtable() -> None:
 
 
 def test_parsed_env_cannot_be_changed_afterwards() -> None:
-    spec = parse_job_text(DESIGN_JOB)
+    spec = parse_job_text(EXAMPLE_JOB)
     with pytest.raises(TypeError):
         spec.env["LD_PRELOAD"] = "/evil.so"  # type: ignore[index]
 
 
 def test_job_to_json_is_plain_data() -> None:
-    assert parse_job_text(DESIGN_JOB).to_json() == {
+    assert parse_job_text(EXAMPLE_JOB).to_json() == {
         "name": "mpi-tests", "image": "clima-ci", "command": ["julia", "--project", "test/runtests.jl"],
         "script": None, "env": {"JULIA_NUM_THREADS": "4"}, "binds": ["/groups/esm/data:/data:ro"],
         "network": False, "mpi": True,

@@ -412,7 +412,7 @@ def _retry_after_seconds(value: str) -> float | None:
     return max(0.0, seconds)
 
 
-# The open-source agent's schedules (research notes, section 1), one per endpoint.
+# The open-source buildkite-agent's retry schedules, one per endpoint.
 DEFAULT_POLICIES: Mapping[str, RetryPolicy] = {
     "register": RetryPolicy(30, constant(10)),
     "connect": RetryPolicy(10, constant(5), retry_all=True),

@@ -7,7 +7,7 @@ Pure functions: the caller has verified the step's signature and passes the veri
   (its repository differs from the pipeline's), and the signer. All of it is job env that
   Buildkite asserts; the identity names (`signed`) the fields whose variables the step's
   signature covers too.
-- Job spec: the step's `hpc-runner` plugin block (the job spec table of DESIGN.md, without
+- Job spec: the step's `hpc-runner` plugin block (the README's `[job]` table, without
   `command`/`script`); the step's command becomes the spec's `script`. Plugins are signed, so
   the resources a step asks for are covered by its signature. Without a block, or a block
   without `image`, the policy's only image is used when it has exactly one.

@@ -1,6 +1,6 @@
 """Authenticating as a GitHub App: the app's JWT and the installation access tokens.
 
-GitHub's rules (research/github.md §1): the JWT is signed RS256 with the app's private key,
+GitHub's rules for a GitHub App: the JWT is signed RS256 with the app's private key,
 ``iss`` is the app id (a string), ``iat`` is set 60 s in the past against clock drift and ``exp``
 may be at most 10 minutes ahead of GitHub's clock, so ours is ``now + 540`` (lifetime 600 s) and a
 local clock a few seconds fast still passes. An installation token is minted by

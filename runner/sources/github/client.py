@@ -25,7 +25,7 @@ Errors: ``GitHubHTTPError`` (a 4xx/5xx GitHub will not get over; ``.status``, ``
 limit resets later than ``max_wait``), ``GitHubUnavailable`` (no answer after the retries),
 ``GitHubAuthError`` (from ``appauth``). All are ``HpcRunnerError``.
 
-What it does for the caller, following GitHub's REST guidance (research/github.md §3.4):
+What it does for the caller, following GitHub's own guidance for REST clients (best practices, rate limits):
 
 * sends ``Accept: application/vnd.github+json``, ``X-GitHub-Api-Version: 2022-11-28`` and a
   ``User-Agent``;

@@ -1,6 +1,6 @@
 """A repository's jobs: the `[[jobs]]` tables of `.hpc-runner.toml` at the commit under test.
 
-Each `[[jobs]]` entry is a job spec exactly as in a `[job]` file (DESIGN.md), read by the same
+Each `[[jobs]]` entry is a job spec exactly as in a `[job]` file (README, "Job spec"), read by the same
 strict parser, so an error names the file, its line and the dotted field
 (`.hpc-runner.toml:7: jobs[1].resources.time: ...`). The file is read through the contents API at
 the head SHA (never from a checkout: nothing of the commit runs before the policy has decided), and

@@ -1,6 +1,6 @@
 """What starts a run on GitHub, and whether it may: pure functions, no I/O.
 
-Three things trigger a run (research/github.md §2.4):
+Three things trigger a run (README, "GitHub"):
 
 * a pull request labelled with `trigger_label` (the labeller's approval);
 * a new issue comment on a pull request whose line is exactly `comment_command` (edits never count:
@@ -574,7 +574,7 @@ def assess(trigger: Trigger, facts: Facts, *, how_to: str = "") -> Verdict:
 
 
 def github_identity(trigger: Trigger, facts: Facts) -> Identity:
-    """The identity the policy sees (DESIGN.md), validated like an `--identity` file."""
+    """The identity the policy sees (README, "GitHub"), validated like an `--identity` file."""
     if trigger.kind == "push":
         event, ref = "push", f"refs/heads/{trigger.branch}"
     else:
