@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, Self
 
 from runner.errors import HpcRunnerError
 
@@ -64,6 +66,43 @@ def write_transaction(conn: sqlite3.Connection, name: str) -> Iterator[sqlite3.C
 
 def user_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+class StateFile:
+    """An open state file: its one connection and its path, closed when a `with` block ends.
+
+    Each kind of state file (the agent's store, the gateway's queue, a source's own tables) opens
+    its file with `open_database` in a classmethod of its own and names itself in `label`, which
+    starts the messages of its failed reads and writes.
+    """
+
+    label: ClassVar[str]
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def schema_version(self) -> int:
+        return user_version(self._conn)
+
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self._conn, f"{self.label} {self.path}")
+
+    def _read(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
+        try:
+            return self._conn.execute(sql, tuple(params)).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.label} {self.path}: {exc}") from exc
 
 
 def prepare_state_dir(state_dir: Path, *, holds: str) -> None:

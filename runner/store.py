@@ -12,14 +12,12 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from runner.job import ACTIVE_STATES, TERMINAL_STATES, JobState, is_job_id, new_job_id, slurm_job_name
-from runner.sqlitefile import StoreError, open_database, user_version, write_transaction
+from runner.sqlitefile import StateFile, StoreError, open_database
 
 __all__ = [
     "DB_FILENAME",
@@ -185,12 +183,10 @@ class AuditEntry:
 
 # --- the store ----------------------------------------------------------------------------------------
 
-class Store:
+class Store(StateFile):
     """The agent's state database. Open with `Store.open(state_dir)`; one connection per instance."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        self._conn = conn
-        self.path = path
+    label = "state store"
 
     @classmethod
     def open(cls, state_dir: Path | str) -> Store:
@@ -201,16 +197,6 @@ class Store:
     @property
     def state_dir(self) -> Path:
         return self.path.parent
-
-    def close(self) -> None:
-        self._conn.close()
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     # --- jobs ---
 
@@ -488,9 +474,6 @@ class Store:
 
     # --- maintenance ---
 
-    def schema_version(self) -> int:
-        return user_version(self._conn)
-
     def integrity_check(self) -> None:
         """Raise StoreError unless SQLite finds the database file and its foreign keys sound."""
         problems = [str(row[0]) for row in self._read("PRAGMA integrity_check", [])]
@@ -501,15 +484,6 @@ class Store:
             raise StoreError(f"{self.path} has {len(broken)} rows whose foreign keys point nowhere")
 
     # --- plumbing ---
-
-    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
-        return write_transaction(self._conn, f"state store {self.path}")
-
-    def _read(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
-        try:
-            return self._conn.execute(sql, tuple(params)).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreError(f"state store {self.path}: {exc}") from exc
 
     def _one(self, sql: str, params: Iterable[Any]) -> JobRecord | None:
         rows = self._read(sql, params)

@@ -18,12 +18,10 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
-from runner.sqlitefile import StoreError, open_database, user_version, write_transaction
+from runner.sqlitefile import StateFile, StoreError, open_database
 
 DB_FILENAME = "gateway.sqlite3"
 # GitHub lets a delivery be redelivered for 3 days; a week of remembered ids covers that with room.
@@ -84,12 +82,13 @@ def new_lease_id() -> str:
     return secrets.token_urlsafe(18)
 
 
-class DeliveryQueue:
+class DeliveryQueue(StateFile):
     """The queue database. Open with `DeliveryQueue.open(state_dir)`."""
 
+    label = "gateway queue"
+
     def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], float]) -> None:
-        self._conn = conn
-        self.path = path
+        super().__init__(conn, path)
         self._clock = clock
 
     @classmethod
@@ -98,16 +97,6 @@ class DeliveryQueue:
         conn = open_database(path, MIGRATIONS, what="gateway queue",
                              holds="webhook deliveries and the agents' leases")
         return cls(conn, path, clock)
-
-    def close(self) -> None:
-        self._conn.close()
-
-    def __enter__(self) -> DeliveryQueue:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     # --- deliveries ---
 
@@ -209,17 +198,3 @@ class DeliveryQueue:
             cursor = conn.execute("DELETE FROM deliveries WHERE acked_at IS NOT NULL AND acked_at < ?",
                                   (self._clock() - older_than,))
             return cursor.rowcount
-
-    def schema_version(self) -> int:
-        return user_version(self._conn)
-
-    # --- plumbing ---
-
-    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
-        return write_transaction(self._conn, f"gateway queue {self.path}")
-
-    def _read(self, sql: str, params: tuple[object, ...]) -> list[sqlite3.Row]:
-        try:
-            return self._conn.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreError(f"gateway queue {self.path}: {exc}") from exc
