@@ -16,8 +16,13 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Collection
+from typing import Literal
 
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
+
+# Why others could change what a directory holds: an account outside the trusted ones owns it, or
+# its group or everyone may write it.
+Exposure = Literal["owner", "writers"]
 
 
 def _who_writes(info: os.stat_result) -> str:
@@ -29,11 +34,29 @@ def _who_writes(info: os.stat_result) -> str:
     return " and ".join(writers)
 
 
-def _problem(path: str, info: os.stat_result, trusted: Collection[int]) -> str | None:
+def exposure(info: os.stat_result, trusted: Collection[int], *, sticky_is_enough: bool) -> Exposure | None:
+    """Whether anyone outside `trusted` could change what `info` describes: rewrite a file, or
+    rename, remove or add a directory's entries.
+
+    With `sticky_is_enough`, a sticky directory others may write is fine: the caller knows that
+    what matters in it belongs to a trusted account, so nobody else can rename or remove it.
+    """
+    if info.st_uid not in trusted:
+        return "owner"
+    if info.st_mode & _OTHERS_WRITE and not (sticky_is_enough and info.st_mode & stat.S_ISVTX):
+        return "writers"
+    return None
+
+
+def _problem(path: str, info: os.stat_result, trusted: Collection[int], *,
+             sticky_is_enough: bool = False) -> str | None:
     if stat.S_ISLNK(info.st_mode):
         return f"{path} is a symbolic link"
-    if info.st_uid not in trusted:
+    found = exposure(info, trusted, sticky_is_enough=sticky_is_enough)
+    if found == "owner":
         return f"{path} belongs to uid {info.st_uid}"
+    if found == "writers":
+        return f"{path} is writable by {_who_writes(info)}"
     return None
 
 
@@ -50,13 +73,9 @@ def swappable(path: str, trusted: Collection[int], *, contents: bool = False) ->
         for index, part in enumerate(parts):
             below = os.path.join(current, part)
             below_info = os.lstat(below)
-            problem = _problem(current, info, trusted)
+            problem = _problem(current, info, trusted, sticky_is_enough=below_info.st_uid in trusted)
             if problem:
                 return problem
-            if info.st_mode & _OTHERS_WRITE:
-                sticky_and_ours = info.st_mode & stat.S_ISVTX and below_info.st_uid in trusted
-                if not sticky_and_ours:
-                    return f"{current} is writable by {_who_writes(info)}"
             if index < len(parts) - 1 and stat.S_ISLNK(below_info.st_mode):
                 return f"{below} is a symbolic link"
             current, info = below, below_info
@@ -73,8 +92,6 @@ def _contents_problem(path: str, info: os.stat_result, trusted: Collection[int])
     problem = _problem(path, info, trusted)
     if problem:
         return problem
-    if info.st_mode & _OTHERS_WRITE:
-        return f"{path} is writable by {_who_writes(info)}"
     if not stat.S_ISDIR(info.st_mode):
         return None
     for root, dirs, files in os.walk(path, onerror=_raise):
@@ -84,8 +101,6 @@ def _contents_problem(path: str, info: os.stat_result, trusted: Collection[int])
             if stat.S_ISLNK(entry_info.st_mode):
                 continue  # a link inside an image resolves inside the container
             problem = _problem(entry, entry_info, trusted)
-            if problem is None and entry_info.st_mode & _OTHERS_WRITE:
-                problem = f"{entry} is writable by {_who_writes(entry_info)}"
             if problem:
                 return problem
     return None

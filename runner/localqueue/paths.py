@@ -13,6 +13,7 @@ from pathlib import Path
 from runner.config import AgentConfig
 from runner.errors import InputError
 from runner.secrets import user_name
+from sandbox.pathtrust import exposure
 
 # sockaddr_un holds 108 bytes on Linux, the terminating NUL included.
 MAX_SOCKET_PATH_BYTES = 107
@@ -28,9 +29,10 @@ def directory_problem(st: os.stat_result, *, sticky_is_enough: bool) -> str | No
     """Why someone other than us (or root) could replace what a directory holds; None if nobody can."""
     if not stat.S_ISDIR(st.st_mode):
         return "is not a directory"
-    if st.st_uid not in (0, os.geteuid()):
+    found = exposure(st, (0, os.geteuid()), sticky_is_enough=sticky_is_enough)
+    if found == "owner":
         return f"is owned by {user_name(st.st_uid)}, who could replace what it holds"
-    if st.st_mode & 0o022 and not (sticky_is_enough and st.st_mode & stat.S_ISVTX):
+    if found == "writers":
         return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
     return None
 
