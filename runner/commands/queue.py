@@ -43,15 +43,12 @@ def _client(args: argparse.Namespace) -> LocalQueueClient:
 
 
 def run_submit(args: argparse.Namespace) -> int:
+    # An unreadable or invalid job file is an InputError naming it; main reports it like any other.
     try:
         text = Path(args.job).read_text(encoding="utf-8")
-        parse_job_text(text, args.job)  # fail early, with the file's own name and lines
     except OSError as exc:
-        print(f"hpc-runner: {args.job}: {exc.strerror}", file=sys.stderr)
-        return exitcodes.INVALID_INPUT
-    except InputError as exc:
-        print(f"hpc-runner: {exc}", file=sys.stderr)
-        return exitcodes.INVALID_INPUT
+        raise InputError(exc.strerror or str(exc), file=args.job) from None
+    parse_job_text(text, args.job)  # fail early, before the agent sees the job
     workdir = Path(args.workdir or ".").resolve()
     reply = _client(args).request({"op": "submit", "job": text, "name": args.job, "workdir": str(workdir)})
     job, decision = reply["job"], reply["decision"]
