@@ -212,9 +212,9 @@ class PlannedJob:
 
 
 def plan_job(job_text: str, job_dir: Path, host_mpi: HostMpi | None) -> PlannedJob:
-    """Decide, verify the image, plan and write the job's files, as `runner.pipeline` does.
+    """Decide, verify the image, plan and write the job's files, as `runner.lifecycle.prepare` does.
 
-    `runner.pipeline.Site` is not used: it plans for the user it runs as, and this script
+    `runner.lifecycle.prepare.Site` is not used: it plans for the user it runs as, and this script
     runs as root while the jobs run as the service account, as they do in production.
     """
     spec = parse_job_text(job_text, f"<{job_dir.name}>")

@@ -33,7 +33,7 @@ from runner.executors.slurm import SlurmCli, SlurmExecutor, SubprocessRunner
 from runner.identity import identity_from_json
 from runner.job import new_job_id
 from runner.job.prepared import PreparedJob
-from runner.pipeline import Site, prepare_job
+from runner.lifecycle.prepare import Site, prepare_job
 from runner.policy import decide, parse_policy_text
 from runner.spec import parse_job_text
 

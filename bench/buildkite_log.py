@@ -1,7 +1,7 @@
 """Buildkite log streaming: throughput, line latency, and the cost of 50 jobs at once.
 
-The agent's side (`runner.sources.buildkite.report.LogStreamer` with its durable outbox in a
-real state store, fed by the agent's file follower) runs in a child process, so its CPU time
+The agent's side (`runner.sources.buildkite.report.LogStreamer` with its durable outbox in the
+Buildkite source's real state file, fed by the agent's file follower) runs in a child process, so its CPU time
 and peak RSS are its own; the agent API emulator runs in this process and records when each
 chunk arrives.
 
@@ -64,11 +64,9 @@ async def child_main(spec: dict[str, Any]) -> dict[str, Any]:
     from runner.sources.buildkite import protocol
     from runner.sources.buildkite.client import AgentSession
     from runner.sources.buildkite.report import LogSettings, LogStreamer
-    from runner.sources.buildkite.state import AcceptedJob, JobMemory
-    from runner.store import Store
+    from runner.sources.buildkite.state import AcceptedJob, BuildkiteState, JobMemory
 
-    store = Store.open(Path(spec["state_dir"]))
-    memory = JobMemory(store)
+    memory = JobMemory(BuildkiteState.open(Path(spec["state_dir"])))
     stop = Path(spec["stop_file"]) if spec.get("stop_file") else None
     async with aiohttp.ClientSession() as http:
         session = AgentSession(http, spec["url"], "unused")

@@ -1,63 +1,51 @@
-"""The long-running agent: admits jobs under the policy and runs them, one place for all sources.
+"""The long-running agent's jobs: the local queue's workers, the door CI sources come in by
+(`runner.sources.JobHost`), access control, drain and policy reload.
 
-Sources (the local queue today) hand it a verified identity, a job spec and a workspace;
-the agent decides, records, prepares and executes, and answers status, log and cancel
-requests. All store access happens on the event loop's thread.
+A job's life itself (admission, preparation, running, following, its end, recovery after a
+restart) is `runner.lifecycle`'s; the agent decides when each job gets its turn. All store access
+happens on the event loop's thread. See docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import shutil
 import signal
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from runner.config import AgentConfig
-from runner.errors import HpcRunnerError, InfrastructureError, InputError
-from runner.executors.local import LocalExecutor, LocalLaunch, local_launch
-from runner.executors.slurm import SlurmExecutor, SlurmJob, SlurmSite, SlurmUnavailable, SubmissionFailed
+from runner.errors import InputError
+from runner.executors.slurm import SlurmExecutor, SlurmJob, SlurmSite
 from runner.identity import Identity
-from runner.job import JobState, Outcome, new_job_id
-from runner.job.prepared import PreparedJob
+from runner.job import Ended, JobRecord, JobState, Outcome
+from runner.lifecycle.access import NotAllowed, UnknownJob, may_control, refuse_unless_allowed
+from runner.lifecycle.admission import Admission, Admissions, Admitted, SubmittedWorkspace
+from runner.lifecycle.driver import Executor, JobDriver, StateWatcher
+from runner.lifecycle.notes import append_to_log
+from runner.lifecycle.prepare import Site
+from runner.lifecycle.recovery import find_slurm_jobs, recover_records
 from runner.logging_setup import get_logger
-from runner.pipeline import Site, job_dir, prepare_job, return_workspace, take_workspace
-from runner.policy import Decision, Policy, Usage, decide
-from runner.slurmflow import follow_slurm_job, pump_log
-from runner.sources import Admission, Admitted, Ended, LogSink
-from runner.spec import JobSpec, spec_from_json
-from runner.store import JobRecord, Store
-from sandbox.plan import SandboxRefused
-from sandbox.workspace import WorkspaceError
+from runner.logs.tail import LogSink
+from runner.policy import Decision, Policy
+from runner.spec import JobSpec
+from runner.store import Store
+
+__all__ = ["Agent", "NotAllowed", "UnknownJob", "slurm_executor"]
 
 log = get_logger("runner.agent")
 
 
-class NotAllowed(HpcRunnerError):
-    """The caller may not do this (for example cancel another user's job)."""
-
-
-class UnknownJob(HpcRunnerError):
-    pass
-
-
-class Executor(Protocol):
-    async def run(self, launch: LocalLaunch, cancel: asyncio.Event | None = None) -> Outcome: ...
-
-
-# States a job holds a place in its account's max_concurrent_jobs in: the local queue is the
-# account's queue, so waiting for a free slot counts as much as running.
-_COUNTED_STATES = (JobState.queued, JobState.pending, JobState.running)
-
-
 @dataclass
-class _Running:
+class _Turn:
+    """A job waiting for, or holding, one of the agent's `max_jobs` slots."""
+
     cancel: asyncio.Event
-    task: asyncio.Task[None]
+    task: asyncio.Task[None] | asyncio.Task[Ended]
+    started: bool = False  # holds its slot: a cancel reaches it through `cancel` only
+    unwatch: list[Callable[[], None]] = field(default_factory=list)
 
 
 class Agent:
@@ -68,27 +56,26 @@ class Agent:
         self.config = config
         self.site = Site(config, policy)
         self.store = store
-        self._executor: Executor = executor or LocalExecutor()
         # With executor = "slurm" every job goes through Slurm; the local executor is unused.
-        self._slurm = slurm or (slurm_executor(config) if config.executor == "slurm" else None)
+        if slurm is None and config.executor == "slurm":
+            slurm = slurm_executor(config)
+        self.driver = JobDriver(self.site, store, grace_seconds=grace_seconds, local=executor, slurm=slurm)
+        self.admissions = Admissions(self.site, store, append_to_log, accepting=lambda: self._accepting)
         self._background: set[asyncio.Task[None]] = set()
         self._policy_loader = policy_loader
-        self._grace = grace_seconds
         self._queue: asyncio.Queue[str] = asyncio.Queue()
-        self._running: dict[str, _Running] = {}
-        # Slurm jobs of a previous agent that were cancelled before `_reattach` followed them again.
+        self._turns: dict[str, _Turn] = {}
+        # Slurm jobs of a previous agent that were cancelled before they were followed again.
         self._cancel_on_reattach: set[str] = set()
         self._slots = asyncio.Semaphore(config.max_jobs)
         self._accepting = True
         self._workers: list[asyncio.Task[None]] = []
         self._uid = os.geteuid()
         self.finished = asyncio.Event()
-        # CI sources (runner.sources) watch these: the first SIGTERM drains, the second stops.
+        # CI sources watch these: the first SIGTERM drains, the second stops.
         self._draining = asyncio.Event()
         self._stopping = asyncio.Event()
-        # Log sinks of CI source jobs: their output goes to the CI service, not only to the file.
-        self._sinks: dict[str, Callable[[int, bytes], Any]] = {}
-        # What `_reattach` found of CI source jobs, for their sources to `resume`.
+        # What the reattachment found of CI source jobs, for their sources to `resume`.
         self._found_running: dict[str, SlurmJob] = {}
         self._found_finished: dict[str, Outcome] = {}
         self._reattached = asyncio.Event()
@@ -97,67 +84,41 @@ class Agent:
     def policy(self) -> Policy:
         return self.site.policy
 
-    # -- admission -----------------------------------------------------------------------------
+    # -- the local queue ---------------------------------------------------------------------------
 
     async def submit(self, identity: Identity, spec: JobSpec, submitted: Path, *,
                      submitter_uid: int | None) -> tuple[JobRecord, Decision]:
         """Decide and record a job of the local queue; an allowed one is queued with its own copy
         of the submitted directory as its workspace. Raises NotAllowed when draining, InputError
-        when the directory cannot be copied (nothing is recorded then).
+        when the directory cannot be copied (nothing is recorded then)."""
+        admitted = await self.admissions.admit(Admission(
+            "local", None, identity, spec, submitted=SubmittedWorkspace(submitted, submitter_uid)))
+        if admitted.decision.allowed:
+            self._queue.put_nowait(admitted.job_id)
+        return self.driver.get(admitted.job_id), admitted.decision
 
-        The job never binds `submitted` itself: its submitter could swap it for a link to anything
-        the agent's account can read while the job waits (pipeline.take_workspace). `submitter_uid`
-        is the uid the directory must belong to (None: the agent's own account or root, any).
-        """
-        if not self._accepting:
-            raise NotAllowed("the agent is shutting down and takes no new jobs")
-        decision = decide(self.policy, identity, spec, Usage(running_by_account=self._active_by_account()))
-        job_id = new_job_id()
-        log_path = job_dir(self.config, job_id) / "output.log"
-        payload = decision.to_json() | {"submitted_workspace": str(submitted)}
-        if decision.allowed:
+    async def _worker(self) -> None:
+        while True:
+            job_id = await self._queue.get()
+            record = self.store.get_job(job_id)
+            if record is None or record.state != JobState.queued:
+                continue
             try:
-                taken = await asyncio.to_thread(take_workspace, self.config, job_id, submitted,
-                                                owner=submitter_uid, agent_uid=self._uid)
-            except (WorkspaceError, OSError) as exc:
-                raise InputError(str(exc) if isinstance(exc, WorkspaceError)
-                                 else f"workspace {submitted}: {exc.strerror}") from None
-            payload |= {"workspace": str(taken.path), "workspace_origin": taken.snapshot.origin.to_json()}
-            if taken.snapshot.left_out:  # the log is the job's own output: the agent speaks only of trouble
-                self._write_log(log_path, "hpc-runner: not copied into the job's workspace (not a file, "
-                                          f"directory or link): {_first_few(taken.snapshot.left_out)}\n")
-            log.info("workspace copied", job=job_id, submitted=str(submitted),
-                     entries=len(taken.snapshot.entries), bytes=taken.snapshot.bytes)
-        if not self._accepting:  # drained while the copy was made
-            shutil.rmtree(job_dir(self.config, job_id), ignore_errors=True)
-            raise NotAllowed("the agent is shutting down and takes no new jobs")
-        record = self.store.add_job(source="local", identity=identity.to_json(), spec=spec.to_json(),
-                                    job_id=job_id, log_path=log_path)
-        self.store.record_decision(job_id, actor=identity.actor_principal, decision=payload)
-        if decision.allowed:
-            self._queue.put_nowait(job_id)
-        else:
-            self._write_log(log_path, "hpc-runner: denied by policy:\n"
-                            + "".join(f"  - {reason}\n" for reason in decision.reasons))
-        log.info("job admitted" if decision.allowed else "job denied", job=job_id,
-                 actor=identity.actor_principal, grant=decision.grant, reasons=list(decision.reasons))
-        return self.store.get_job(job_id) or record, decision
+                await self._take_turn(job_id, cancel=asyncio.Event(), sink=self._offset_sink(job_id),
+                                      offset=record.log_offset)
+            except Exception:  # one job's trouble must not stop the worker
+                log.exception("job failed in the agent", job=job_id)
 
-    def _active_by_account(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for record in self.store.list_jobs(states=_COUNTED_STATES):
-            account = (record.decision or {}).get("account")
-            if isinstance(account, str):
-                counts[account] = counts.get(account, 0) + 1
-        return counts
+    def _offset_sink(self, job_id: str) -> LogSink:
+        """The local queue's log sink: the log file is the delivery; the offset is what was read."""
+        async def sink(offset: int, data: bytes) -> None:
+            if not data:  # the file restarted from 0 (truncated or rotated)
+                self.store.set_log_offset(job_id, 0, reset=True)
+            else:
+                self.store.set_log_offset(job_id, offset + len(data))
+        return sink
 
-    def _write_log(self, path: Path, text: str) -> None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        with os.fdopen(fd, "a", encoding="utf-8") as handle:
-            handle.write(text)
-
-    # -- CI sources (runner.sources.JobHost) ---------------------------------------------------
+    # -- the door of the CI sources (runner.sources.JobHost) ---------------------------------------
 
     @property
     def draining(self) -> asyncio.Event:
@@ -167,163 +128,85 @@ class Agent:
     def stopping(self) -> asyncio.Event:
         return self._stopping
 
-    def admit(self, admission: Admission) -> Admitted:
-        """Decide and record a CI job; the same external job admitted again gets its first record."""
-        existing = self.store.find_by_external_id(admission.source, admission.external_id)
-        if existing is not None:
-            _, decision, workspace = self._redecide(existing)
-            return Admitted(existing.id, decision, self._log_path(existing), workspace, new=False)
-        identity = admission.identity
-        decision = decide(self.policy, identity, admission.spec,
-                          Usage(running_by_account=self._active_by_account()))
-        job_id = new_job_id()
-        log_path = job_dir(self.config, job_id) / "output.log"
-        workspace = admission.workspace or job_dir(self.config, job_id) / "workspace"
-        self.store.add_job(source=admission.source, external_id=admission.external_id,
-                           identity=identity.to_json(), spec=admission.spec.to_json(), job_id=job_id,
-                           log_path=log_path)
-        if admission.log_preamble:
-            self._write_log(log_path, admission.log_preamble)
-        if not decision.allowed:
-            self._write_log(log_path, "hpc-runner: denied by policy:\n"
-                            + "".join(f"  - {reason}\n" for reason in decision.reasons))
-        self.store.record_decision(job_id, actor=identity.actor_principal,
-                                   decision=decision.to_json() | {"workspace": str(workspace)})
-        log.info("job admitted" if decision.allowed else "job denied", job=job_id, source=admission.source,
-                 external_id=admission.external_id, actor=identity.actor_principal, grant=decision.grant,
-                 reasons=list(decision.reasons))
-        return Admitted(job_id, decision, log_path, workspace, new=True)
+    async def admit(self, admission: Admission) -> Admitted:
+        return await self.admissions.admit(admission)
+
+    def job(self, job_id: str) -> JobRecord | None:
+        return self.store.get_job(job_id)
 
     def note(self, job_id: str, text: str) -> None:
-        record = self.store.get_job(job_id)
-        if record is None:
-            raise UnknownJob(f"no job {job_id}")
-        self._write_log(self._log_path(record), text)
+        self.driver.note(job_id, text)
 
     def fail(self, job_id: str, detail: str) -> Ended:
-        record = self.store.get_job(job_id)
-        if record is None:
-            raise UnknownJob(f"no job {job_id}")
-        if not record.state.is_terminal:
-            self.store.set_state(job_id, JobState.infra_failed, outcome_detail=detail)
-        self._report_final(job_id)
-        return self._ended(job_id)
+        return self.driver.fail(job_id, detail, noted=True)
 
-    def _ended(self, job_id: str) -> Ended:
-        record = self.store.get_job(job_id)
-        assert record is not None
-        return Ended(record.state, record.exit_status, record.outcome_detail)
+    async def run(self, job_id: str, *, sink: LogSink, cancel: asyncio.Event, offset: int = 0,
+                  on_change: StateWatcher | None = None) -> Ended:
+        """Run an admitted CI job to its end, its log from `offset` fed to `sink`; `cancel` cancels it."""
+        if self.driver.get(job_id).state.is_terminal:
+            return self.driver.ended(job_id)
+        return await self._take_turn(job_id, cancel=cancel, sink=sink, offset=offset, on_change=on_change)
 
-    async def run(self, job_id: str, *, sink: LogSink, cancel: asyncio.Event) -> Ended:
-        """Run an admitted CI job to its end, its output fed to `sink`; `cancel` cancels it."""
-        record = self.store.get_job(job_id)
-        if record is None:
-            raise UnknownJob(f"no job {job_id}")
-        if record.state.is_terminal:
-            return self._ended(job_id)
-        task = asyncio.current_task()
-        assert task is not None
-        self._running[job_id] = _Running(cancel, task)
-        self._sinks[job_id] = sink
+    async def resume(self, job_id: str, *, sink: LogSink, cancel: asyncio.Event, offset: int = 0,
+                     on_change: StateWatcher | None = None) -> Ended:
+        """Carry on with a CI job a previous agent had: follow it again, or deliver the rest of its log."""
+        if self.driver.get(job_id).state == JobState.queued:
+            return await self.run(job_id, sink=sink, cancel=cancel, offset=offset, on_change=on_change)
+        await self._reattached.wait()
+        turn = self._enter(job_id, cancel, on_change)
+        turn.started = True
+        try:
+            running = self._found_running.pop(job_id, None)
+            if running is not None and self.driver.slurm is not None:
+                return await self.driver.follow(job_id, running, cancel=cancel, sink=sink, offset=offset)
+            return await self.driver.deliver_end(job_id, self._found_finished.pop(job_id, None), sink=sink,
+                                                 offset=offset)
+        finally:
+            self._leave(job_id)
+
+    # -- turns -------------------------------------------------------------------------------------
+
+    async def _take_turn(self, job_id: str, *, cancel: asyncio.Event, sink: LogSink, offset: int,
+                         on_change: StateWatcher | None = None) -> Ended:
+        """Wait for a slot, then drive the job (unless it ended meanwhile: a cancel while queued)."""
+        self._enter(job_id, cancel, on_change)
         try:
             async with self._slots:
-                record = self.store.get_job(job_id)
-                assert record is not None
+                record = self.driver.get(job_id)
                 if record.state != JobState.queued:
-                    return self._ended(job_id)
+                    return self.driver.ended(job_id)
+                self._turns[job_id].started = True
                 if cancel.is_set():
-                    self._write_log(self._log_path(record), "hpc-runner: cancelled before it started\n")
-                    self.store.set_state(job_id, JobState.cancelled,
-                                         outcome_detail="cancelled before it started")
-                    self._report_final(job_id)
-                    return self._ended(job_id)
-                try:
-                    if self._slurm is not None:
-                        await self._execute(record, cancel)
-                    else:
-                        await self._execute_locally_with_sink(record, cancel, sink)
-                except Exception as exc:
-                    log.exception("job failed in the agent", job=job_id)
-                    self._fail(record, f"the agent could not run the job: {exc}")
-            return self._ended(job_id)
+                    self.driver.cancel_queued(job_id, actor="agent", detail="cancelled before it started",
+                                              note="hpc-runner: cancelled before it started\n")
+                    return self.driver.ended(job_id)
+                return await self.driver.drive(job_id, cancel=cancel, sink=sink, offset=offset)
         finally:
-            self._sinks.pop(job_id, None)
-            self._running.pop(job_id, None)
-            self._maybe_finished()
+            self._leave(job_id)
 
-    async def _execute_locally_with_sink(self, record: JobRecord, cancel: asyncio.Event,
-                                         sink: LogSink) -> None:
-        execution = asyncio.create_task(self._execute(record, cancel))
-        current = self.store.get_job(record.id)
-        assert current is not None
-        await pump_log(self._log_path(record), offset=current.log_offset, done=execution.done, sink=sink)
-        await execution
-
-    async def resume(self, job_id: str, *, sink: LogSink, cancel: asyncio.Event) -> Ended:
-        """Carry on with a CI job a previous agent had: follow it again, or deliver the rest of its log."""
-        record = self.store.get_job(job_id)
-        if record is None:
-            raise UnknownJob(f"no job {job_id}")
-        if record.state == JobState.queued:
-            return await self.run(job_id, sink=sink, cancel=cancel)
-        await self._reattached.wait()
+    def _enter(self, job_id: str, cancel: asyncio.Event, on_change: StateWatcher | None) -> _Turn:
         task = asyncio.current_task()
         assert task is not None
-        self._running[job_id] = _Running(cancel, task)
-        self._sinks[job_id] = sink
-        try:
-            record = self.store.get_job(job_id)
-            assert record is not None
-            running = self._found_running.pop(job_id, None)
-            finished = self._found_finished.pop(job_id, None)
-            if running is not None and self._slurm is not None:
-                log.info("reattached to a Slurm job", job=job_id, slurm_id=running.slurm_id)
-                await self._follow_slurm(self._slurm, job_id, running, cancel)
-            else:
-                await pump_log(self._log_path(record), offset=record.log_offset, done=lambda: True, sink=sink)
-                if finished is not None:
-                    self._finish(job_id, finished)
-                elif not record.state.is_terminal:
-                    self._finish(job_id, Outcome("infra_failed", None, "the agent stopped while the job "
-                                                 "ran and cannot find it again"))
-                else:
-                    self._report_final(job_id)
-            return self._ended(job_id)
-        finally:
-            self._sinks.pop(job_id, None)
-            self._running.pop(job_id, None)
-            self._maybe_finished()
+        turn = _Turn(cancel, task)
+        if on_change is not None:
+            turn.unwatch.append(self.driver.watch(job_id, on_change))
+        self._turns[job_id] = turn
+        return turn
 
-    def _sink_for(self, job_id: str) -> Callable[[int, bytes], Any]:
-        return self._sinks.get(job_id) or self._offset_sink(job_id)
+    def _leave(self, job_id: str) -> None:
+        turn = self._turns.pop(job_id, None)
+        for unwatch in turn.unwatch if turn is not None else []:
+            unwatch()
+        self._maybe_finished()
 
-    # -- control -------------------------------------------------------------------------------
+    # -- control -----------------------------------------------------------------------------------
 
     def may_control(self, identity: Identity, record: JobRecord) -> bool:
-        """The submitter, an admin of the job's account, or the agent's own user."""
-        if identity.user is not None and record.identity.get("user") == identity.user \
-                and record.identity.get("source") == identity.source:
-            return True
-        if identity.source == "local" and identity.user is not None:
-            try:
-                import pwd
-                if pwd.getpwnam(identity.user).pw_uid in (self._uid, 0):
-                    return True
-            except KeyError:
-                pass
-        account = (record.decision or {}).get("account")
-        if account:
-            principals = identity.principals()
-            return any(admin.matches(p) for admin in self.policy.admins_of(account) for p in principals)
-        return False
+        return may_control(self.policy, identity, record, agent_uid=self._uid)
 
     def job_for(self, identity: Identity, job_id: str) -> JobRecord:
-        record = self.store.get_job(job_id)
-        if record is None:
-            raise UnknownJob(f"no job {job_id}")
-        if not self.may_control(identity, record):
-            raise NotAllowed(f"job {job_id} belongs to {record.identity.get('user', '?')}; only they "
-                             "or an admin of its account may see or cancel it")
+        record = self.driver.get(job_id)
+        refuse_unless_allowed(self.policy, identity, record, agent_uid=self._uid)
         return record
 
     def visible_jobs(self, identity: Identity) -> list[JobRecord]:
@@ -334,311 +217,37 @@ class Agent:
         if record.state.is_terminal:
             return record
         self.store.append_audit(actor=identity.actor_principal, action="cancel", job_id=job_id, detail={})
-        running = self._running.get(job_id)
-        if running is not None:
-            running.cancel.set()
+        turn = self._turns.get(job_id)
+        if turn is not None and turn.started:
+            turn.cancel.set()
             return record
-        if self._slurm is not None and record.executor == "slurm" \
+        if self.driver.slurm is not None and record.executor == "slurm" \
                 and record.state in (JobState.pending, JobState.running):
             # Submitted before the agent restarted and not followed again yet: marking it
             # cancelled here would leave it running in Slurm. Its follower cancels it there.
             self._cancel_on_reattach.add(job_id)
             return record
-        self._write_log(self._log_path(record),
-                        f"hpc-runner: cancelled by {identity.actor_principal} before it started\n")
-        record = self.store.set_state(job_id, JobState.cancelled, actor=identity.actor_principal,
-                                      outcome_detail=f"cancelled by {identity.actor_principal} while queued")
-        self._report_final(job_id)
-        return record
+        return self.driver.cancel_queued(
+            job_id, actor=identity.actor_principal,
+            detail=f"cancelled by {identity.actor_principal} while queued",
+            note=f"hpc-runner: cancelled by {identity.actor_principal} before it started\n")
 
-    # -- execution -----------------------------------------------------------------------------
-
-    async def _worker(self) -> None:
-        while True:
-            job_id = await self._queue.get()
-            record = self.store.get_job(job_id)
-            if record is None or record.state != JobState.queued:
-                continue
-            async with self._slots:
-                record = self.store.get_job(job_id)
-                if record is None or record.state != JobState.queued:
-                    continue
-                cancel = asyncio.Event()
-                task = asyncio.current_task()
-                assert task is not None
-                self._running[job_id] = _Running(cancel, task)
-                try:
-                    await self._execute(record, cancel)
-                except Exception as exc:  # one job's failure must not stop the worker
-                    log.exception("job failed in the agent", job=job_id)
-                    try:
-                        self._fail(record, f"the agent could not run the job: {exc}")
-                    except Exception:
-                        log.exception("cannot record the job's failure", job=job_id)
-                finally:
-                    self._running.pop(job_id, None)
-                    self._maybe_finished()
-
-    def _fail(self, record: JobRecord, detail: str) -> None:
-        """End a job the agent could not run as infra_failed, unless it already ended."""
-        current = self.store.get_job(record.id)
-        if current is None or current.state.is_terminal:
-            return
-        with contextlib.suppress(OSError):  # the state matters more than the note
-            self._write_log(self._log_path(record), f"hpc-runner: {detail}\n")
-        self.store.set_state(record.id, JobState.infra_failed, outcome_detail=detail)
-        self._report_final(record.id)
-
-    def _log_path(self, record: JobRecord) -> Path:
-        return Path(record.log_path or job_dir(self.config, record.id) / "output.log")
-
-    def _redecide(self, record: JobRecord) -> tuple[JobSpec, Decision, Path]:
-        """The recorded job under the current policy: its spec, the decision and its workspace."""
-        spec = spec_from_json(record.spec, f"job {record.id}")
-        decision = decide(self.policy, _identity_from_record(record), spec)
-        return spec, decision, Path((record.decision or {}).get("workspace", "/nonexistent"))
-
-    async def _execute(self, record: JobRecord, cancel: asyncio.Event) -> None:
-        spec, decision, workspace = self._redecide(record)
-        log_path = self._log_path(record)
-        if not decision.allowed:
-            # The policy changed (SIGHUP) between admission and start: the new one rules.
-            self._write_log(log_path, "hpc-runner: denied by the reloaded policy:\n"
-                            + "".join(f"  - {r}\n" for r in decision.reasons))
-            self.store.set_state(record.id, JobState.denied, outcome_detail="; ".join(decision.reasons))
-            return
-        try:
-            _refuse_uncopied_workspace(record)
-            prepared = await asyncio.to_thread(prepare_job, self.site, job_id=record.id, spec=spec,
-                                               decision=decision, workspace=workspace)
-        except (SandboxRefused, InfrastructureError) as exc:
-            state = JobState.denied if isinstance(exc, SandboxRefused) else JobState.infra_failed
-            self._write_log(log_path, f"hpc-runner: {exc}\n")
-            self.store.set_state(record.id, state, outcome_detail=str(exc))
-            if state != JobState.denied:  # denials are answered at admission, never as final statuses
-                self._report_final(record.id)
-            return
-        if self._slurm is not None:
-            await self._run_on_slurm(self._slurm, record, prepared, cancel)
-            return
-        self.store.set_state(record.id, JobState.running)
-        self.store.append_audit(actor="agent", action="started", job_id=record.id,
-                                detail={"argv": list(prepared.argv), "image": prepared.image.path,
-                                        "image_sha256": prepared.image.sha256})
-        outcome = await self._executor.run(local_launch(prepared, self._grace), cancel)
-        await self._end(record.id, outcome)
-
-    async def _end(self, job_id: str, outcome: Outcome) -> None:
-        """A job that ran has ended: its results go back to the submitted directory before its
-        final state is recorded, so whoever sees the state finds the results in place."""
-        record = self.store.get_job(job_id)
-        if record is not None and not record.state.is_terminal:
-            await self._return_workspace(record)
-        self._finish(job_id, outcome)
-
-    async def _return_workspace(self, record: JobRecord) -> None:
-        try:
-            returned = await asyncio.to_thread(return_workspace, self.config, record.id)
-        except (WorkspaceError, OSError) as exc:
-            log.warning("results not copied back", job=record.id, error=str(exc))
-            self._write_log(self._log_path(record), f"hpc-runner: results not copied back: {exc}; they stay "
-                                                    f"in {job_dir(self.config, record.id) / 'workspace'}\n")
-            return
-        if returned is None:
-            return
-        log.info("results copied back", job=record.id, files=returned.files, bytes=returned.bytes,
-                 not_returned=len(returned.not_returned))
-        if returned.not_returned:
-            self._write_log(self._log_path(record), "hpc-runner: not copied back to "
-                            f"{(record.decision or {}).get('submitted_workspace')}: "
-                            f"{_first_few(returned.not_returned)}\n")
-
-    def _finish(self, job_id: str, outcome: Outcome) -> None:
-        """Record a job's end and report its final status exactly once, across restarts."""
-        current = self.store.get_job(job_id)
-        if current is not None and not current.state.is_terminal:
-            self.store.set_state(job_id, JobState(outcome.state), exit_status=outcome.exit_status,
-                                 outcome_detail=outcome.detail)
-        self._report_final(job_id)
-
-    def _report_final(self, job_id: str) -> None:
-        if self.store.mark_final_reported(job_id):
-            record = self.store.get_job(job_id)
-            assert record is not None
-            self.store.append_audit(actor="agent", action="final_status", job_id=job_id,
-                                    detail={"state": str(record.state), "exit_status": record.exit_status,
-                                            "detail": record.outcome_detail})
-            log.info("job finished", job=job_id, state=str(record.state), exit_status=record.exit_status)
-
-    # -- Slurm ---------------------------------------------------------------------------------
-
-    async def _run_on_slurm(self, slurm: SlurmExecutor, record: JobRecord, prepared: PreparedJob,
-                            cancel: asyncio.Event) -> None:
-        # Recorded before sbatch, so a restart between the two looks for the job by its name.
-        self.store.set_slurm_id(record.id, None, "slurm")
-        self.store.set_state(record.id, JobState.pending)
-        try:
-            job = await slurm.submit(prepared, comment=record.external_id or f"hpc-runner job {record.id}")
-        except SubmissionFailed as exc:
-            self._finish(record.id, Outcome("failed", None, f"Slurm refused the job: {exc.slurm_message}"))
-            return
-        except SlurmUnavailable as exc:
-            self._finish(record.id, Outcome("infra_failed", None, f"could not submit to Slurm: {exc}"))
-            return
-        assert job.slurm_id is not None
-        self.store.set_slurm_id(record.id, job.slurm_id, "slurm")
-        self.store.append_audit(actor="agent", action="submitted", job_id=record.id,
-                                detail={"slurm_id": job.slurm_id, "image": prepared.image.path,
-                                        "image_sha256": prepared.image.sha256})
-        await self._follow_slurm(slurm, record.id, job, cancel)
-
-    async def _follow_slurm(self, slurm: SlurmExecutor, job_id: str, job: SlurmJob,
-                            cancel: asyncio.Event) -> None:
-        record = self.store.get_job(job_id)
-        assert record is not None
-
-        def running() -> None:
-            current = self.store.get_job(job_id)
-            if current is not None and current.state == JobState.pending:
-                self.store.set_state(job_id, JobState.running)
-
-        outcome = await follow_slurm_job(slurm, job, offset=record.log_offset, sink=self._sink_for(job_id),
-                                         cancel=cancel, grace_seconds=self._grace, on_running=running)
-        if outcome.retryable and not cancel.is_set() \
-                and await self._resubmit_after_node_failure(slurm, job_id, outcome, cancel):
-            return
-        await self._end(job_id, outcome)
-
-    async def _resubmit_after_node_failure(self, slurm: SlurmExecutor, job_id: str, outcome: Outcome,
-                                           cancel: asyncio.Event) -> bool:
-        """Submit a job a failed node ended once more, if its account allows; False: it ends here.
-
-        The policy decides again (it may have been reloaded since the job was admitted), and the
-        "resubmitted" audit entry, written before sbatch, keeps it to one retry across restarts.
-        """
-        record = self.store.get_job(job_id)
-        if record is None or record.state.is_terminal:
-            return False
-        log_path = self._log_path(record)
-        if any(entry.action == "resubmitted" for entry in self.store.audit_entries(job_id=job_id)):
-            self._write_log(log_path, f"hpc-runner: {outcome.detail}; it was already submitted again "
-                                      "once, so it ends here\n")
-            return False
-        spec, decision, workspace = self._redecide(record)
-        if not decision.allowed or not decision.retry_node_failure:
-            why = "the policy no longer allows the job" if not decision.allowed else \
-                f"account {decision.account} does not retry node failures (retry_node_failures)"
-            self._write_log(log_path, f"hpc-runner: {outcome.detail}; not submitted again: {why}\n")
-            return False
-        self.store.append_audit(actor="agent", action="resubmitted", job_id=job_id,
-                                detail={"reason": outcome.detail, "previous_slurm_id": record.slurm_id})
-        self._write_log(log_path, f"hpc-runner: {outcome.detail}; submitting it again, once, as account "
-                                  f"{decision.account} allows (retry_node_failures)\n")
-        log.warning("a node failed under a job; submitting it again", job=job_id, slurm_id=record.slurm_id)
-        try:
-            _refuse_uncopied_workspace(record)
-            prepared = await asyncio.to_thread(prepare_job, self.site, job_id=job_id, spec=spec,
-                                               decision=decision, workspace=workspace)
-        except (SandboxRefused, InfrastructureError) as exc:
-            self._write_log(log_path, f"hpc-runner: cannot submit the job again: {exc}\n")
-            return False
-        await self._run_on_slurm(slurm, record, prepared, cancel)
-        return True
-
-    def _offset_sink(self, job_id: str) -> Callable[[int, bytes], Any]:
-        """The local queue's log sink: the log file is the delivery; the offset is what was read."""
-        async def sink(offset: int, data: bytes) -> None:
-            if not data:  # the file restarted from 0 (truncated or rotated)
-                self.store.set_log_offset(job_id, 0, reset=True)
-            else:
-                self.store.set_log_offset(job_id, offset + len(data))
-        return sink
-
-    async def _reattach(self, slurm: SlurmExecutor) -> None:
-        try:
-            await self._reattach_jobs(slurm)
-        finally:
-            self._reattached.set()
-
-    async def _reattach_jobs(self, slurm: SlurmExecutor) -> None:
-        """Find the jobs a previous agent had in Slurm: follow the live ones, finish the rest.
-
-        Jobs of CI sources are only looked up: their sources `resume` them with their log sinks.
-        """
-        records = [r for r in self.store.list_jobs(states=[JobState.pending, JobState.running])
-                   if r.executor == "slurm"]
-        known = [SlurmJob(r.id, job_dir(self.config, r.id), self._log_path(r), r.slurm_id) for r in records]
-        delay = 1.0
-        while True:
-            try:
-                found = await slurm.reconcile(known)
-                break
-            except SlurmUnavailable as exc:
-                log.warning("cannot reach Slurm to reattach jobs; retrying", error=str(exc), retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 60.0)
-        sources = {r.id for r in records if r.source != "local"}
-        for job_id, job in found.running.items():
-            if job.slurm_id is not None:
-                self.store.set_slurm_id(job_id, job.slurm_id, "slurm")
-            if job_id in sources:  # its source follows it again, with its own log sink (`resume`)
-                self._found_running[job_id] = job
-                continue
-            log.info("reattached to a Slurm job", job=job_id, slurm_id=job.slurm_id)
-            self._spawn_follower(slurm, job_id, job)
-        for job_id, outcome in found.finished.items():
-            self._cancel_on_reattach.discard(job_id)
-            if job_id in sources:
-                self._found_finished[job_id] = outcome
-                continue
-            record = self.store.get_job(job_id)
-            assert record is not None
-            try:
-                # What the job wrote after the last agent stopped reading still has to be delivered.
-                await pump_log(self._log_path(record), offset=record.log_offset, done=lambda: True,
-                               sink=self._offset_sink(job_id))
-                await self._end(job_id, outcome)
-            except Exception:  # one job's trouble must not keep the others from their final status
-                log.exception("cannot record the end of a Slurm job that ended while the agent was down",
-                              job=job_id)
-        for row in found.unknown_hpcr:
-            log.warning("a Slurm job named like ours is not in the agent's records; an admin should look",
-                        slurm_id=row.slurm_id, name=row.name, state=row.state)
-            self.store.append_audit(actor="agent", action="unknown_slurm_job",
-                                    detail={"slurm_id": row.slurm_id, "name": row.name, "state": row.state})
-
-    def _spawn_follower(self, slurm: SlurmExecutor, job_id: str, job: SlurmJob) -> None:
-        cancel = asyncio.Event()
-        if job_id in self._cancel_on_reattach:
-            self._cancel_on_reattach.discard(job_id)
-            cancel.set()
-
-        async def follow_it() -> None:
-            try:
-                await self._follow_slurm(slurm, job_id, job, cancel)
-            except Exception as exc:
-                log.exception("lost track of a reattached job", job=job_id)
-                record = self.store.get_job(job_id)
-                if record is not None:
-                    self._fail(record, f"the agent lost track of the Slurm job: {exc}")
-            finally:
-                self._running.pop(job_id, None)
-                self._maybe_finished()
-
-        task = asyncio.create_task(follow_it())
-        self._running[job_id] = _Running(cancel, task)
-
-    # -- lifecycle -----------------------------------------------------------------------------
+    # -- start, reattach, reload, drain ------------------------------------------------------------
 
     def start(self) -> None:
-        self._recover()
-        if self._slurm is not None:
-            task = asyncio.create_task(self._reattach(self._slurm))
-            self._background.add(task)
-            task.add_done_callback(self._background_done)
+        for record in recover_records(self.driver):
+            if record.source == "local":  # a CI source resumes its own
+                self._queue.put_nowait(record.id)
+        if self.driver.slurm is not None:
+            self._in_background(self._reattach(self.driver.slurm))
         else:
             self._reattached.set()
         self._workers = [asyncio.create_task(self._worker()) for _ in range(self.config.max_jobs)]
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)
@@ -647,18 +256,49 @@ class Agent:
             log.error("reattaching to Slurm jobs failed; restart the agent to try again",
                       error=repr(task.exception()))
 
-    def _recover(self) -> None:
-        """Jobs a previous agent left behind: queued ones run, local runs cannot be reattached."""
-        for record in self.store.list_jobs(states=[JobState.queued], source="local"):
-            self._queue.put_nowait(record.id)
-        for record in self.store.list_jobs():
-            # ended, but the previous agent stopped before it reported the final status
-            if record.state.is_terminal and record.state != JobState.denied and not record.final_reported:
-                self._report_final(record.id)
-        for record in self.store.list_jobs(states=[JobState.running, JobState.pending]):
-            if record.executor in (None, "local"):
-                self._finish(record.id, Outcome("infra_failed", None,
-                                                "the agent stopped while the job ran locally"))
+    async def _reattach(self, slurm: SlurmExecutor) -> None:
+        """Find the jobs a previous agent had in Slurm: follow the live ones, finish the rest.
+        Jobs of CI sources are only looked up: their sources `resume` them with their log sinks."""
+        try:
+            found = await find_slurm_jobs(self.driver, slurm)
+            for job_id, job in found.reconciliation.running.items():
+                if found.records[job_id].source != "local":
+                    self._found_running[job_id] = job
+                else:
+                    self._follow_again(job_id, job)
+            for job_id, outcome in found.reconciliation.finished.items():
+                self._cancel_on_reattach.discard(job_id)
+                if found.records[job_id].source != "local":
+                    self._found_finished[job_id] = outcome
+                    continue
+                try:
+                    # What the job wrote after the last agent stopped reading still has to be delivered.
+                    await self.driver.deliver_end(job_id, outcome, sink=self._offset_sink(job_id),
+                                                  offset=found.records[job_id].log_offset)
+                except Exception:  # one job's trouble must not keep the others from their final status
+                    log.exception("cannot record the end of a Slurm job that ended while the agent was down",
+                                  job=job_id)
+        finally:
+            self._reattached.set()
+
+    def _follow_again(self, job_id: str, job: SlurmJob) -> None:
+        cancel = asyncio.Event()
+        if job_id in self._cancel_on_reattach:
+            self._cancel_on_reattach.discard(job_id)
+            cancel.set()
+
+        async def follow_it() -> None:
+            try:
+                await self.driver.follow(job_id, job, cancel=cancel, sink=self._offset_sink(job_id),
+                                         offset=self.driver.get(job_id).log_offset)
+            except Exception as exc:
+                log.exception("lost track of a reattached job", job=job_id)
+                self.driver.fail(job_id, f"the agent lost track of the Slurm job: {exc}")
+            finally:
+                self._leave(job_id)
+
+        task = asyncio.create_task(follow_it())
+        self._turns[job_id] = _Turn(cancel, task, started=True)
 
     def reload_policy(self) -> bool:
         if self._policy_loader is None:
@@ -681,20 +321,20 @@ class Agent:
             self._accepting = False
             self._draining.set()
             for record in self.store.list_jobs(states=[JobState.queued], source="local"):
-                if record.id not in self._running:
-                    self.store.set_state(record.id, JobState.cancelled,
-                                         outcome_detail="the agent shut down before the job started")
-                    self._report_final(record.id)
-            log.info("draining: no new jobs; running jobs finish", running=len(self._running))
+                turn = self._turns.get(record.id)
+                if turn is None or not turn.started:  # still waiting for its turn
+                    self.driver.cancel_queued(record.id, actor="agent",
+                                              detail="the agent shut down before the job started")
+            log.info("draining: no new jobs; running jobs finish", running=len(self._turns))
         else:
-            log.info("second SIGTERM: cancelling running jobs", running=len(self._running))
+            log.info("second SIGTERM: cancelling running jobs", running=len(self._turns))
             self._stopping.set()
-            for running in self._running.values():
-                running.cancel.set()
+            for turn in self._turns.values():
+                turn.cancel.set()
         self._maybe_finished()
 
     def _maybe_finished(self) -> None:
-        if not self._accepting and not self._running:
+        if not self._accepting and not self._turns:
             self.finished.set()
 
     def install_signal_handlers(self) -> None:
@@ -707,27 +347,10 @@ class Agent:
         for worker in [*self._workers, *self._background]:
             worker.cancel()
         await asyncio.gather(*self._workers, *self._background, return_exceptions=True)
-        if self._slurm is not None:
-            await self._slurm.close()
+        if self.driver.slurm is not None:
+            await self.driver.slurm.close()
 
 
 def slurm_executor(config: AgentConfig) -> SlurmExecutor:
     return SlurmExecutor(site=SlurmSite(srun=config.slurm.srun, mpi_plugin=config.slurm.mpi_plugin),
                          poll_interval=config.slurm.poll_interval)
-
-
-def _refuse_uncopied_workspace(record: JobRecord) -> None:
-    """A job queued by an agent that bound submitted directories by their path (before they were
-    copied) is not started: its directory may have been swapped while it waited."""
-    if "workspace_owner" in (record.decision or {}):
-        raise SandboxRefused("this job was queued with its submitted directory as its workspace, which "
-                             "is no longer done (it could be swapped while the job waits); submit it again")
-
-
-def _first_few(items: list[str], shown: int = 10) -> str:
-    return ", ".join(items[:shown]) + (f", and {len(items) - shown} more" if len(items) > shown else "")
-
-
-def _identity_from_record(record: JobRecord) -> Identity:
-    from runner.identity import identity_from_json
-    return identity_from_json(record.identity, f"job {record.id}")

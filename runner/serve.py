@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from runner.localqueue.server import LocalQueueServer
 from runner.logging_setup import get_logger
 from runner.policy import Policy
 from runner.sources.buildkite.source import BuildkiteSource
+from runner.sources.buildkite.state import BuildkiteState
 from runner.sources.github.source import serve_github
 from runner.store import Store
 
@@ -53,7 +55,7 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
                 *, grace_seconds: float = 10.0, ready: Callable[[], None] | None = None,
                 stop: asyncio.Event | None = None) -> int:
     """Serve the local queue until drained (SIGTERM, or `stop` set by an embedding caller)."""
-    with Store.open(config.state_dir) as store:
+    with Store.open(config.state_dir) as store, contextlib.ExitStack() as source_states:
         agent = Agent(config, policy, store, policy_loader=reload, grace_seconds=grace_seconds)
         server = LocalQueueServer(agent, config.socket_path(), mode=socket_mode(config))
         # Before the socket announces the agent: a SIGTERM from then on must drain, not kill it.
@@ -62,7 +64,8 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
         agent.start()
         sources: list[asyncio.Task[None]] = []
         if config.buildkite is not None:
-            buildkite = BuildkiteSource(config.buildkite, agent, github=config.github)
+            state = source_states.enter_context(BuildkiteState.open(config.state_dir))
+            buildkite = BuildkiteSource(config.buildkite, agent, state, github=config.github)
             buildkite.load_trust()
             sources.append(asyncio.create_task(buildkite.serve()))
         if config.github is not None:

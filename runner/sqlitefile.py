@@ -8,10 +8,11 @@ migration per transaction; writes take the write lock up front (BEGIN IMMEDIATE)
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -231,3 +232,21 @@ def split_sql(script: str) -> list[str]:
 
 def _is_only_comments(text: str) -> bool:
     return all(not line.strip() or line.strip().startswith("--") for line in text.splitlines())
+
+
+def encode_json(value: Mapping[str, Any], what: str) -> str:
+    try:
+        # Canonical form: equal values give equal text, so digests and comparisons of rows are stable.
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{what} cannot be stored as JSON: {exc}") from exc
+
+
+def decode_object(text: Any, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{what} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise StoreError(f"{what} is not a JSON object")
+    return value

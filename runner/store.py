@@ -7,7 +7,6 @@ method is one short transaction, so the CLI (`hpc-runner status`) can read while
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import time
@@ -16,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.job import ACTIVE_STATES, TERMINAL_STATES, JobState, is_job_id, new_job_id, slurm_job_name
-from runner.sqlitefile import StateFile, StoreError, open_database
+from runner.job import TERMINAL_STATES, JobState, is_job_id, new_job_id
+from runner.job.record import JobRecord
+from runner.sqlitefile import StateFile, StoreError, decode_object, encode_json, open_database
 
 __all__ = [
     "DB_FILENAME",
@@ -27,8 +27,6 @@ __all__ = [
     "SOURCES",
     "AuditEntry",
     "JobRecord",
-    "SourceJob",
-    "StagedChunk",
     "Store",
     "StoreError",
 ]
@@ -88,9 +86,9 @@ BEGIN
 END;
 """
 
-# What a CI source remembers of each job it took (its own id, its credentials for reporting, how
-# far it got), and the log chunks it has cut but not yet delivered. A chunk is stored before it is
-# sent, so a restarted agent sends exactly the same bytes again rather than cutting anew.
+# What the Buildkite source remembered of its jobs, and its undelivered log chunks. No longer
+# written: each source keeps its own state file now, and the Buildkite source's first open of
+# its file takes over the open rows (runner/sources/buildkite/state.py).
 _MIGRATION_2 = """
 CREATE TABLE source_jobs (
     source        TEXT NOT NULL,
@@ -121,53 +119,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 # --- records -----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class JobRecord:
-    """One row of `jobs`, with its JSON columns decoded."""
-
-    id: str
-    source: str
-    external_id: str | None
-    identity: dict[str, Any]
-    spec: dict[str, Any]
-    decision: dict[str, Any] | None
-    executor: str | None
-    slurm_id: str | None
-    state: JobState
-    exit_status: int | None
-    outcome_detail: str | None
-    log_path: str | None
-    log_offset: int
-    created_at: float
-    updated_at: float
-    finished_at: float | None
-    final_reported: bool
-
-    @property
-    def slurm_job_name(self) -> str:
-        """The Slurm job name by which a restarted agent finds this job again in `squeue`."""
-        return slurm_job_name(self.id)
-
-
-@dataclass(frozen=True)
-class SourceJob:
-    """A CI source's memory of one of its jobs (see `put_source_job`)."""
-
-    source: str
-    external_id: str
-    data: dict[str, Any]
-    checkpoint: dict[str, Any] | None
-    chunks_failed: int
-
-
-@dataclass(frozen=True)
-class StagedChunk:
-    sequence: int
-    offset: int
-    size: int
-    data: bytes
-
 
 @dataclass(frozen=True)
 class AuditEntry:
@@ -213,8 +164,8 @@ class Store(StateFile):
         now = time.time()
         row = {
             "id": job_id, "source": source, "external_id": external_id,
-            "identity": _encode_json(identity, f"job {job_id} identity"),
-            "spec": _encode_json(spec, f"job {job_id} spec"),
+            "identity": encode_json(identity, f"job {job_id} identity"),
+            "spec": encode_json(spec, f"job {job_id} spec"),
             "state": state.value,
             "log_path": None if log_path is None else os.fspath(log_path),
             "created_at": now, "updated_at": now,
@@ -246,7 +197,7 @@ class Store(StateFile):
         Anything but `decision["allowed"] is True` counts as a denial and ends the job, unless it
         already ended (e.g. cancelled while waiting for the decision): then only the record is kept.
         """
-        encoded = _encode_json(decision, f"decision for job {job_id}")
+        encoded = encode_json(decision, f"decision for job {job_id}")
         denied = decision.get("allowed") is not True
         with self._transaction() as conn:
             job = self._require_job(conn, job_id)
@@ -356,89 +307,14 @@ class Store(StateFile):
                 raise StoreError(f"job {job_id} is still {job.state.value}; it has no final status to report")
             return False
 
-    def running_count_by_account(self) -> dict[str, int]:
-        """Jobs submitted and not yet finished, per project account of their decision."""
+    def count_by_account(self, states: Iterable[JobState]) -> dict[str, int]:
+        """Jobs in `states`, per project account of their decision."""
+        wanted = [JobState(state).value for state in states]
         rows = self._read(
             "SELECT json_extract(decision, '$.account') AS account, count(*) AS n FROM jobs"
-            f" WHERE state IN ({', '.join('?' * len(ACTIVE_STATES))})"
-            " AND json_extract(decision, '$.account') IS NOT NULL GROUP BY account",
-            [s.value for s in ACTIVE_STATES])
+            f" WHERE state IN ({', '.join('?' * len(wanted))})"
+            " AND json_extract(decision, '$.account') IS NOT NULL GROUP BY account", wanted)
         return {str(row["account"]): int(row["n"]) for row in rows}
-
-    # --- CI sources ---
-
-    def put_source_job(self, source: str, external_id: str, data: Mapping[str, Any]) -> None:
-        """Create or replace what `source` remembers of its job `external_id` (still open)."""
-        encoded = _encode_json(data, f"{source} job {external_id}")
-        now = time.time()
-        with self._transaction() as conn:
-            conn.execute(
-                "INSERT INTO source_jobs (source, external_id, data, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (source, external_id)"
-                " DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
-                (source, external_id, encoded, now, now))
-
-    def open_source_jobs(self, source: str) -> list[SourceJob]:
-        """The jobs of `source` not yet closed, oldest first."""
-        rows = self._read("SELECT * FROM source_jobs WHERE source = ? AND done = 0 ORDER BY created_at",
-                          (source,))
-        return [SourceJob(row["source"], row["external_id"],
-                          _decode_object(row["data"], f"{source} job {row['external_id']}"),
-                          None if row["checkpoint"] is None
-                          else _decode_object(row["checkpoint"], f"{source} job {row['external_id']} log"),
-                          int(row["chunks_failed"])) for row in rows]
-
-    def close_source_job(self, source: str, external_id: str) -> None:
-        """The source is done with the job (reported): forget its undelivered chunks."""
-        with self._transaction() as conn:
-            conn.execute("UPDATE source_jobs SET done = 1, updated_at = ?"
-                         " WHERE source = ? AND external_id = ?", (time.time(), source, external_id))
-            conn.execute("DELETE FROM log_outbox WHERE source = ? AND external_id = ?", (source, external_id))
-
-    def stage_log(self, source: str, external_id: str, chunks: Iterable[tuple[int, int, int, bytes]],
-                  checkpoint: Mapping[str, Any], *, job_id: str | None, file_offset: int,
-                  delivered: Iterable[tuple[int, bool]] = ()) -> None:
-        """Store chunks about to be sent and the log checkpoint after them, in one transaction;
-        the runner job's log offset (where its output file is read again) moves with them.
-        `delivered` are chunks sent since (see `unstage_log`), recorded in the same transaction."""
-        encoded = _encode_json(checkpoint, f"{source} job {external_id} log checkpoint")
-        now = time.time()
-        with self._transaction() as conn:
-            self._unstage(conn, source, external_id, delivered)
-            conn.executemany(
-                'INSERT OR REPLACE INTO log_outbox (source, external_id, sequence, "offset", size, data)'
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [(source, external_id, seq, offset, size, data) for seq, offset, size, data in chunks])
-            cursor = conn.execute("UPDATE source_jobs SET checkpoint = ?, updated_at = ?"
-                                  " WHERE source = ? AND external_id = ?",
-                                  (encoded, now, source, external_id))
-            if cursor.rowcount == 0:
-                raise StoreError(f"no {source} job {external_id} in {self.path}")
-            if job_id is not None:
-                self._require_job(conn, job_id)
-                conn.execute("UPDATE jobs SET log_offset = ?, updated_at = ? WHERE id = ?",
-                             (max(0, file_offset), now, job_id))
-
-    def unstage_log(self, source: str, external_id: str, delivered: Iterable[tuple[int, bool]]) -> None:
-        """Staged chunks (by sequence) were delivered, or given up on (failed, which is counted)."""
-        with self._transaction() as conn:
-            self._unstage(conn, source, external_id, delivered)
-
-    def _unstage(self, conn: sqlite3.Connection, source: str, external_id: str,
-                 delivered: Iterable[tuple[int, bool]]) -> None:
-        done = list(delivered)
-        conn.executemany("DELETE FROM log_outbox WHERE source = ? AND external_id = ? AND sequence = ?",
-                         [(source, external_id, sequence) for sequence, _ in done])
-        failed = sum(1 for _, given_up in done if given_up)
-        if failed:
-            conn.execute("UPDATE source_jobs SET chunks_failed = chunks_failed + ?, updated_at = ?"
-                         " WHERE source = ? AND external_id = ?", (failed, time.time(), source, external_id))
-
-    def staged_log(self, source: str, external_id: str) -> list[StagedChunk]:
-        rows = self._read('SELECT sequence, "offset", size, data FROM log_outbox'
-                          " WHERE source = ? AND external_id = ? ORDER BY sequence", (source, external_id))
-        return [StagedChunk(int(r["sequence"]), int(r["offset"]), int(r["size"]), bytes(r["data"]))
-                for r in rows]
 
     # --- audit ---
 
@@ -468,7 +344,7 @@ class Store(StateFile):
             raise StoreError(f"an audit entry needs an actor and an action, got {actor!r} and {action!r}")
         cursor = conn.execute(
             "INSERT INTO audit (at, job_id, actor, action, detail) VALUES (?, ?, ?, ?, ?)",
-            (time.time(), job_id, actor, action, _encode_json(detail, f"audit detail of {action!r}")))
+            (time.time(), job_id, actor, action, encode_json(detail, f"audit detail of {action!r}")))
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
@@ -507,24 +383,6 @@ class Store(StateFile):
 
 # --- rows <-> records ----------------------------------------------------------------------------------
 
-def _encode_json(value: Mapping[str, Any], what: str) -> str:
-    try:
-        # Canonical form: equal values give equal text, so digests and comparisons of rows are stable.
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise StoreError(f"{what} cannot be stored as JSON: {exc}") from exc
-
-
-def _decode_object(text: Any, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except (TypeError, ValueError) as exc:
-        raise StoreError(f"{what} is not valid JSON in the state database: {exc}") from exc
-    if not isinstance(value, dict):
-        raise StoreError(f"{what} in the state database is not a JSON object")
-    return value
-
-
 def _job_from_row(row: sqlite3.Row) -> JobRecord:
     job_id = str(row["id"])
     try:
@@ -536,9 +394,9 @@ def _job_from_row(row: sqlite3.Row) -> JobRecord:
         id=job_id,
         source=row["source"],
         external_id=row["external_id"],
-        identity=_decode_object(row["identity"], f"job {job_id} identity"),
-        spec=_decode_object(row["spec"], f"job {job_id} spec"),
-        decision=None if decision is None else _decode_object(decision, f"job {job_id} decision"),
+        identity=decode_object(row["identity"], f"job {job_id} identity"),
+        spec=decode_object(row["spec"], f"job {job_id} spec"),
+        decision=None if decision is None else decode_object(decision, f"job {job_id} decision"),
         executor=row["executor"],
         slurm_id=row["slurm_id"],
         state=state,
@@ -561,5 +419,5 @@ def _audit_from_row(row: sqlite3.Row) -> AuditEntry:
         job_id=row["job_id"],
         actor=row["actor"],
         action=row["action"],
-        detail=_decode_object(row["detail"], f"audit entry {seq} detail"),
+        detail=decode_object(row["detail"], f"audit entry {seq} detail"),
     )

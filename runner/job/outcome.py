@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from runner.job.states import JobState
+
 # "infra_failed": the job did not fail, the cluster did (a node failure); another try may work.
 # Only the Slurm executor can tell; a local job never ends so.
 OutcomeState = Literal["succeeded", "failed", "timed_out", "cancelled", "infra_failed"]
@@ -19,3 +21,12 @@ class Outcome:
     detail: str
     # The job did not fail by its own doing (a node failed under it): running it again may work.
     retryable: bool = False
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How a job ended, as the agent recorded it: what a source reports to its CI service."""
+
+    state: JobState
+    exit_status: int | None
+    detail: str | None

@@ -1,4 +1,4 @@
-"""A job ready to start: what preparation (runner.pipeline) made of an allowed decision.
+"""A job ready to start: what preparation (runner.lifecycle.prepare) made of an allowed decision.
 
 Executors take it as it is; how each launches it is theirs (runner.executors), so nothing here
 knows of an executor.

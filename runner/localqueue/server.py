@@ -15,13 +15,13 @@ from typing import Any
 from runner.agent import Agent
 from runner.errors import HpcRunnerError, InfrastructureError, InputError
 from runner.identity import Identity
+from runner.job import JobRecord
 from runner.localqueue.paths import bind_socket, check_socket_directory, check_socket_path
 from runner.localqueue.peercred import identity_for_uid, peer_uid_gid
 from runner.localqueue.protocol import MAX_REQUEST_BYTES, ProtocolError, decode_request, encode
 from runner.logging_setup import ConditionLog, get_logger
 from runner.logs.tail import follow
 from runner.spec import JobSpec, parse_job_text
-from runner.store import JobRecord
 from runner.tasks import TaskSet
 from runner.tomlsource import check_size
 
@@ -250,7 +250,7 @@ class LocalQueueServer:
         def done() -> bool:
             if not follow_log:
                 return True
-            current = self.agent.store.get_job(job_id)
+            current = self.agent.job(job_id)
             return current is None or current.state.is_terminal
 
         path = Path(record.log_path)

@@ -9,15 +9,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from pathlib import Path
 
-__all__ = ["DEFAULT_MAX_LINE", "RESTART", "LineAssembler", "follow"]
+__all__ = ["DEFAULT_MAX_LINE", "RESTART", "LineAssembler", "LogSink", "follow", "pump"]
 
 # Yielded when the file was truncated or replaced: what follows starts again at offset 0. It is
 # the only empty chunk `follow` ever yields, so a consumer that just concatenates is unaffected.
 RESTART: tuple[int, bytes] = (0, b"")
 DEFAULT_MAX_LINE = 1 << 20
+
+# Where `pump` delivers a log: (offset, data) of each new piece; `RESTART` says the file restarted.
+LogSink = Callable[[int, bytes], Awaitable[None]]
 
 
 async def follow(path: Path, *, offset: int = 0, done: Callable[[], bool], poll_interval: float = 0.1,
@@ -44,6 +47,12 @@ async def follow(path: Path, *, offset: int = 0, done: Callable[[], bool], poll_
             await asyncio.sleep(poll_interval)
     finally:
         reader.close()
+
+
+async def pump(path: Path, *, offset: int, done: Callable[[], bool], sink: LogSink) -> None:
+    """Feed the log from `offset` to `sink` until `done()` and everything written is read."""
+    async for chunk_offset, data in follow(path, offset=offset, done=done):
+        await sink(chunk_offset, data)
 
 
 class _Reader:

@@ -44,8 +44,8 @@ from runner.executors.slurm.tracker import Finished, QueryFailed, StateChanged, 
 from runner.identity import identity_from_json
 from runner.job import Outcome, new_job_id
 from runner.job.prepared import PreparedJob
+from runner.lifecycle.prepare import Site, prepare_job
 from runner.logs.tail import LineAssembler, follow
-from runner.pipeline import Site, prepare_job
 from runner.policy import decide, parse_policy_text
 from runner.spec import parse_job_text
 

@@ -13,11 +13,12 @@ import os
 from pathlib import Path
 
 from runner.identity import identity_from_json
-from runner.job import JobState
+from runner.job import JobRecord, JobState
 from runner.logs.tail import follow
 from runner.policy import Policy, decide
 from runner.policy.model import parse_policy_text
-from runner.sources import Admission, Admitted, Ended, LogSink
+from runner.sources import Admission, Admitted, Ended, LogSink, StateWatcher
+from runner.sources.buildkite.state import BuildkiteState
 from runner.store import Store
 
 POLICY = """version = 1
@@ -43,6 +44,7 @@ class FakeHost:
     def __init__(self, root: Path, policy_text: str = POLICY) -> None:
         self.root = root
         self.store = Store.open(root / "state")
+        self._buildkite_state: BuildkiteState | None = None
         self._policy = parse_policy_text(policy_text)
         self._draining = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -53,6 +55,12 @@ class FakeHost:
         self.hold: dict[str, asyncio.Event] = {}   # a job named here waits for the event (or cancel)
         self.ran: list[str] = []
         self.exit_status = 0
+
+    def buildkite_state(self) -> BuildkiteState:
+        """The Buildkite source's own state file, beside this host's store (as the agent's is)."""
+        if self._buildkite_state is None:
+            self._buildkite_state = BuildkiteState.open(self.root / "state")
+        return self._buildkite_state
 
     @property
     def policy(self) -> Policy:
@@ -69,7 +77,7 @@ class FakeHost:
     def log_path(self, job_id: str) -> Path:
         return self.root / "work" / job_id / "output.log"
 
-    def admit(self, admission: Admission) -> Admitted:
+    async def admit(self, admission: Admission) -> Admitted:
         existing = self.store.find_by_external_id(admission.source, admission.external_id)
         if existing is not None:
             decision = decide(self.policy, identity_from_json(existing.identity), admission.spec)
@@ -89,6 +97,9 @@ class FakeHost:
                       + "".join(f"  - {r}\n" for r in decision.reasons))
         return Admitted(record.id, decision, path, workspace, new=True)
 
+    def job(self, job_id: str) -> JobRecord | None:
+        return self.store.get_job(job_id)
+
     def note(self, job_id: str, text: str) -> None:
         path = self.log_path(job_id)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,31 +111,33 @@ class FakeHost:
         self.store.mark_final_reported(job_id)
         return Ended(JobState.infra_failed, None, detail)
 
-    async def run(self, job_id: str, *, sink: LogSink, cancel: asyncio.Event) -> Ended:
+    async def run(self, job_id: str, *, sink: LogSink, cancel: asyncio.Event, offset: int = 0,
+                  on_change: StateWatcher | None = None) -> Ended:
         record = self.store.get_job(job_id)
         assert record is not None
         self.ran.append(job_id)
-        self.store.set_state(job_id, JobState.running)
+        record = self.store.set_state(job_id, JobState.running)
+        if on_change is not None:
+            on_change(record)
         writer = asyncio.create_task(self._write(job_id, str(record.spec["name"]), cancel))
-        return await self._follow(job_id, writer, sink)
+        return await self._follow(job_id, writer, sink, offset)
 
-    async def resume(self, job_id: str, *, sink: LogSink, cancel: asyncio.Event) -> Ended:
+    async def resume(self, job_id: str, *, sink: LogSink, cancel: asyncio.Event, offset: int = 0,
+                     on_change: StateWatcher | None = None) -> Ended:
         record = self.store.get_job(job_id)
         assert record is not None
         if record.state == JobState.queued:
-            return await self.run(job_id, sink=sink, cancel=cancel)
+            return await self.run(job_id, sink=sink, cancel=cancel, offset=offset, on_change=on_change)
         if record.state.is_terminal:
             done = asyncio.get_running_loop().create_future()
             done.set_result(None)
             writer: asyncio.Future[None] = done
         else:
             writer = asyncio.create_task(self._write(job_id, str(record.spec["name"]), cancel, resume=True))
-        return await self._follow(job_id, writer, sink)
+        return await self._follow(job_id, writer, sink, offset)
 
-    async def _follow(self, job_id: str, writer: asyncio.Future[None], sink: LogSink) -> Ended:
-        record = self.store.get_job(job_id)
-        assert record is not None
-        async for offset, data in follow(self.log_path(job_id), offset=record.log_offset, done=writer.done,
+    async def _follow(self, job_id: str, writer: asyncio.Future[None], sink: LogSink, start: int) -> Ended:
+        async for offset, data in follow(self.log_path(job_id), offset=start, done=writer.done,
                                          poll_interval=0.02):
             await sink(offset, data)
         await writer

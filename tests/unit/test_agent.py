@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-import runner.agent as agent_module
+import runner.lifecycle.driver as driver_module
 from runner.agent import Agent, NotAllowed, UnknownJob
 from runner.config import AgentConfig
 from runner.errors import InfrastructureError, InputError
@@ -25,7 +25,7 @@ from runner.executors.local import LocalLaunch
 from runner.identity import Identity
 from runner.job import JobState, Outcome
 from runner.job.prepared import PreparedJob
-from runner.pipeline import Site, job_dir
+from runner.lifecycle.prepare import Site, job_dir
 from runner.policy import Decision
 from runner.site_policy import load_site_policy
 from runner.spec import JobSpec, parse_job_mapping, parse_job_text, spec_from_json
@@ -185,7 +185,7 @@ class Harness:
 async def harnesses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                     ) -> AsyncIterator[Callable[..., Harness]]:
     """Makes agents (started unless start=False) on the fake pipeline; closes them all afterwards."""
-    monkeypatch.setattr(agent_module, "prepare_job", fake_prepare)
+    monkeypatch.setattr(driver_module, "prepare_job", fake_prepare)
     made: list[Harness] = []
 
     def make(*, max_jobs: int = 2, start: bool = True) -> Harness:

@@ -25,7 +25,7 @@ from structlog.testing import capture_logs
 
 from runner.config import BuildkiteConfig
 from runner.job import JobState
-from runner.sources import Ended, LogSink
+from runner.sources import Ended, LogSink, StateWatcher
 from runner.sources.buildkite import protocol
 from runner.sources.buildkite import source as source_module
 from runner.sources.buildkite.client import AgentSession
@@ -118,7 +118,8 @@ class MemorySession(AgentSession):
 class QuickHost(FakeHost):
     """Admits with the real policy and store; a run ends at once, recorded."""
 
-    async def run(self, job_id: str, *, sink: LogSink, cancel: asyncio.Event) -> Ended:
+    async def run(self, job_id: str, *, sink: LogSink, cancel: asyncio.Event, offset: int = 0,
+                  on_change: StateWatcher | None = None) -> Ended:
         self.ran.append(job_id)
         self.store.set_state(job_id, JobState.succeeded, exit_status=0)
         return Ended(JobState.succeeded, 0, None)
@@ -140,7 +141,7 @@ def sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[bo
     for signed in (True, False):
         config = BuildkiteConfig(token_file=token, verification_jwks_file=jwks if signed else None,
                                  allow_unsigned=not signed)
-        made[signed] = BuildkiteSource(config, host)
+        made[signed] = BuildkiteSource(config, host, host.buildkite_state())
         made[signed].load_trust()
     yield made
     host.store.close()

@@ -97,8 +97,8 @@ async def make_source(tmp_path: Path, bk: BuildkiteEmulator, signer: StepSigner
         config = BuildkiteConfig(token_file=token, verification_jwks_file=jwks if signed else None,
                                  endpoint=bk.url, tags=("queue=hpc",), workers=workers,
                                  allow_unsigned=not signed, redacted_vars=redacted_vars)
-        source = BuildkiteSource(config, host, policies=FAST, http_timeout_s=5, github=github,
-                                 restart_backoff_s=0.01)
+        source = BuildkiteSource(config, host, host.buildkite_state(), policies=FAST, http_timeout_s=5,
+                                 github=github, restart_backoff_s=0.01)
         running = Running(source, asyncio.create_task(source.serve()), host)
         started.append(running)
         return running
@@ -916,12 +916,12 @@ async def test_a_job_whose_processing_raises_is_finished_once_logged_once_and_th
     else:
         real_run = running.host.run
 
-        async def run(job_id: str, *, sink: LogSink, cancel: asyncio.Event) -> Any:
+        async def run(job_id: str, *, sink: LogSink, cancel: asyncio.Event, **kwargs: Any) -> Any:
             async def breaking(offset: int, data: bytes) -> None:
                 await sink(offset, data)
                 raise KeyError("a bug")
             buggy_job = job_id == running.host.store.list_jobs()[0].id
-            return await real_run(job_id, sink=breaking if buggy_job else sink, cancel=cancel)
+            return await real_run(job_id, sink=breaking if buggy_job else sink, cancel=cancel, **kwargs)
         monkeypatch.setattr(running.host, "run", run)
     with capture_logs() as logs:
         buggy = queue(bk, signed_job(signer, "make", repo=str(repo), plugins=[PLUGIN],

@@ -9,7 +9,7 @@ import pytest
 
 from runner.binds import Bind
 from runner.config import AgentConfig, SandboxConfig
-from runner.pipeline import check_unswappable, unbindable_paths
+from runner.lifecycle.prepare import check_unswappable, unbindable_paths
 from runner.spec import JobSpec
 from sandbox.pathtrust import swappable
 from sandbox.plan import JobPaths, SandboxRefused, SandboxSite, plan_sandbox

@@ -20,7 +20,7 @@ import pytest
 
 from runner import store as store_module
 from runner.errors import HpcRunnerError
-from runner.job import JobState
+from runner.job import ACTIVE_STATES, JobState
 from runner.sqlitefile import split_sql
 from runner.store import DB_FILENAME, SCHEMA_VERSION, JobRecord, Store, StoreError
 
@@ -430,7 +430,8 @@ def test_running_jobs_are_counted_per_account(store: Store) -> None:
     job_in("clima", JobState.succeeded)
     job_in("ocean", JobState.running)
     add(store)                                   # undecided
-    assert store.running_count_by_account() == {"clima": 2, "ocean": 1}
+    assert store.count_by_account(ACTIVE_STATES) == {"clima": 2, "ocean": 1}
+    assert store.count_by_account([JobState.queued, *ACTIVE_STATES]) == {"clima": 3, "ocean": 1}
 
 
 def test_a_malformed_row_is_reported_with_its_job(store: Store, state_dir: Path) -> None:

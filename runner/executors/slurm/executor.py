@@ -40,6 +40,7 @@ from runner.executors.slurm.tracker import (
     Finished,
     JobNote,
     PendingInfo,
+    StateChanged,
     Tracker,
     TrackerEvent,
     read_exit_status,
@@ -204,6 +205,42 @@ class SlurmExecutor:
             self._loop_task = asyncio.get_running_loop().create_task(self.tracker.run(), name="slurm-tracker")
         else:
             self.tracker.wake()
+
+    async def follow(self, job: SlurmJob, *, cancel: asyncio.Event, grace_seconds: float,
+                     on_running: Callable[[], None] | None = None) -> Outcome:
+        """Watch a submitted job to its end; setting `cancel` cancels it in Slurm (with the grace
+        period), however long Slurm takes to answer. `on_running` is called once it runs."""
+
+        def on_event(event: TrackerEvent) -> None:
+            if isinstance(event, StateChanged) and event.phase == "running" and on_running is not None:
+                on_running()
+
+        watch = asyncio.create_task(self.watch(job, on_event=on_event))
+        canceller: asyncio.Task[None] | None = None
+        try:
+            waiter = asyncio.create_task(cancel.wait())
+            await asyncio.wait({watch, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if not watch.done() and job.slurm_id is not None:
+                canceller = asyncio.create_task(self._cancel_until_answered(job.slurm_id, grace_seconds))
+            return await watch
+        finally:
+            for task in (watch, canceller):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+
+    async def _cancel_until_answered(self, slurm_id: str, grace_seconds: float) -> None:
+        # Slurm may be briefly unreachable (a controller restart): keep asking until it answers.
+        delay = 1.0
+        while True:
+            try:
+                await self.cancel(slurm_id, grace_seconds)
+                return
+            except SlurmUnavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     # -- cancel ----------------------------------------------------------------------------------
 

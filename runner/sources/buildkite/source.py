@@ -48,8 +48,8 @@ from runner.identity import identity_from_json
 from runner.job import JobState
 from runner.logging_setup import get_logger
 from runner.logs.redact import secret_values
+from runner.logs.tail import pump
 from runner.secrets import read_secret_file
-from runner.slurmflow import pump_log
 from runner.sources import Admission, Ended, JobHost
 from runner.sources.buildkite import protocol
 from runner.sources.buildkite.checkout import CheckoutFailed, CommitNotOnRef, checkout
@@ -65,7 +65,7 @@ from runner.sources.buildkite.protocol import FinishReport, RetryPolicy
 from runner.sources.buildkite.report import LogSettings, LogStreamer
 from runner.sources.buildkite.signature import Jwks, SignatureRejected, verify_step_signature
 from runner.sources.buildkite.signature_keys import read_verification_jwks
-from runner.sources.buildkite.state import AcceptedJob, JobMemory
+from runner.sources.buildkite.state import AcceptedJob, BuildkiteState, JobMemory
 from runner.sources.buildkite.translate import JobRefused, Translated, translate
 from runner.sources.checkout_failure import end_failed_checkout
 from runner.sources.github.client import GitHubClient, GitHubError
@@ -129,7 +129,7 @@ def load_trust(config: BuildkiteConfig) -> tuple[str, Jwks | None]:
 class BuildkiteSource:
     """Serves `config.workers` agent sessions for the agent `host` until it drains."""
 
-    def __init__(self, config: BuildkiteConfig, host: JobHost, *,
+    def __init__(self, config: BuildkiteConfig, host: JobHost, state: BuildkiteState, *,
                  policies: Mapping[str, RetryPolicy] = protocol.DEFAULT_POLICIES,
                  http_timeout_s: float = 60.0, redacted_vars: tuple[str, ...] = (),
                  github: GithubConfig | None = None, restart_backoff_s: float = RESTART_BACKOFF_S) -> None:
@@ -139,7 +139,7 @@ class BuildkiteSource:
         self._github_config = github
         self._github: GitHubClient | None = None
         self.host = host
-        self.memory = JobMemory(host.store)
+        self.memory = JobMemory(state)
         self._policies = policies
         self._timeout = http_timeout_s
         self._redacted_vars = (*config.redacted_vars, *redacted_vars)
@@ -324,7 +324,7 @@ class BuildkiteSource:
             log.warning("could not accept a Buildkite job", job=bk_id, error=str(exc))
             return False
         job = answer.data if isinstance(answer.data, dict) else {}
-        # Bounded and typed before anything recursive (the store's JSON, canonicalisation,
+        # Bounded and typed before anything recursive (the state file's JSON, canonicalisation,
         # translation) sees the job; of a job out of bounds only what finishes it is kept.
         problem = job_problem(job)
         if problem is not None:
@@ -420,8 +420,9 @@ class BuildkiteSource:
                 await self._refuse(session, state, lines + notes + confirmed.line, confirmed.signal_reason)
                 return
             translated, confirmation = confirmed
-            admitted = self.host.admit(Admission("buildkite", state.bk_id, translated.identity,
-                                                 translated.spec, log_preamble=lines + notes + confirmation))
+            admission = Admission("buildkite", state.bk_id, translated.identity, translated.spec,
+                                  log_preamble=lines + notes + confirmation)
+            admitted = await self.host.admit(admission)
             state.runner_id = admitted.job_id
             state.phase = "admitted"
             self.memory.save(state)
@@ -433,7 +434,7 @@ class BuildkiteSource:
                 return await self._report_runner_end(session, state, failed)
             await self._run(session, state, resumed=False, lost=lost)
             return
-        record = self.host.store.get_job(state.runner_id or "")
+        record = self.host.job(state.runner_id or "")
         if record is not None and record.state == JobState.queued:
             # Admitted, but the agent stopped before the job was submitted (during its checkout).
             env = state.env
@@ -540,7 +541,7 @@ class BuildkiteSource:
                         workspace: Path) -> Ended | None:
         """Check the job's commit out; None when done, else how the job ended (it never runs)."""
         assert state.runner_id is not None
-        record = self.host.store.get_job(state.runner_id)
+        record = self.host.job(state.runner_id)
         assert record is not None
         # The ref the policy decided on (a branch, a pull request's head): the commit must be on it;
         # a tag's must be the tag's commit.
@@ -566,7 +567,9 @@ class BuildkiteSource:
         watcher = asyncio.create_task(self._watch(session, state, cancel, reason, lost))
         try:
             runner = self.host.resume if resumed else self.host.run
-            ended = await runner(state.runner_id, sink=streamer.sink, cancel=cancel)
+            # The log from where the last stream's checkpoint stopped: nothing twice, nothing lost.
+            ended = await runner(state.runner_id, sink=streamer.sink, cancel=cancel,
+                                 offset=state.checkpoint.file_offset)
         except BaseException:
             # Cancelled, or failed: this stream stops here (the next one carries on from its
             # checkpoint), so none of its tasks goes on sending.
@@ -585,14 +588,14 @@ class BuildkiteSource:
                                  ended: Ended | None) -> None:
         """A runner job that ended without running (denied, checkout failed): send its log, finish."""
         assert state.runner_id is not None
-        record = self.host.store.get_job(state.runner_id)
+        record = self.host.job(state.runner_id)
         assert record is not None
         if ended is None:
             ended = Ended(record.state, record.exit_status, record.outcome_detail)
         streamer = self._streamer(session, state, durable=True)
         streamer.start()
-        await pump_log(Path(record.log_path or ""), offset=state.checkpoint.file_offset, done=lambda: True,
-                       sink=streamer.sink)
+        await pump(Path(record.log_path or ""), offset=state.checkpoint.file_offset, done=lambda: True,
+                   sink=streamer.sink)
         failed = await streamer.close()
         await self._conclude(session, state, finish_report(ended, None, failed))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from runner.identity import Identity
@@ -20,7 +21,6 @@ from runner.sources.github import checks, translate
 from runner.sources.github.checks import Completion, LogTail, Report, code, log_text
 from runner.sources.github.client import GitHubClient, GitHubError
 from runner.sources.github.state import RunState
-from runner.store import Store
 
 log = get_logger("runner.sources.github")
 
@@ -100,9 +100,11 @@ def progress_title(status: str) -> str:
 
 
 async def report_progress(state: RunState, report: Report, tail: LogTail, running: asyncio.Future[Ended], *,
-                          store: Store, update_interval: float) -> Ended:
+                          is_running: Callable[[], bool], keep_offset: Callable[[int], None],
+                          update_interval: float) -> Ended:
     """Until `running` ends, tell GitHub how the job goes when something changed, at most every
-    `update_interval`; the log offset reported is stored so a restart carries on from there."""
+    `update_interval`; the log offset reported is kept (`keep_offset`) so a restart carries on
+    from there."""
     assert state.job_id is not None
     job_id = state.job_id
     sent_version = -1
@@ -113,14 +115,12 @@ async def report_progress(state: RunState, report: Report, tail: LogTail, runnin
         await asyncio.wait({running}, timeout=tick)
         if running.done():
             break
-        record = store.get_job(job_id)
-        status = "in_progress" if (record is not None and record.state == JobState.running) or tail.end \
-            else "queued"
+        status = "in_progress" if is_running() or tail.end else "queued"
         changed = tail.version != sent_version or status != sent_status
         if not changed or time.monotonic() - last_write < update_interval:
             continue
         if tail.end:
-            store.set_log_offset(job_id, tail.end)
+            keep_offset(tail.end)
         try:
             await report.update(title=progress_title(status), summary=state.summary,
                                 text=log_text(tail, full_log=state.details_url),
@@ -131,7 +131,7 @@ async def report_progress(state: RunState, report: Report, tail: LogTail, runnin
         last_write = time.monotonic()
     ended = running.result()
     if tail.end:
-        store.set_log_offset(job_id, tail.end)
+        keep_offset(tail.end)
     return ended
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from runner.config import GithubConfig
 from runner.errors import HpcRunnerError, InputError
 from runner.identity import identity_from_json
-from runner.job import JobState
+from runner.job import JobRecord, JobState
 from runner.logging_setup import get_logger
 from runner.logs.redact import secret_values
 from runner.sources import Admission, Ended, JobHost
@@ -250,8 +250,8 @@ class Runs:
     async def _drive(self, state: RunState, live: LiveRun) -> None:
         spec = parse_job_mapping(state.spec, f"{state.repository}:{JOBS_FILE}")
         identity = identity_from_json(state.identity, f"GitHub job {state.external_id}")
-        admitted = self.host.admit(Admission(SOURCE, state.external_id, identity, spec,
-                                             log_preamble=preamble(state, identity)))
+        admitted = await self.host.admit(Admission(SOURCE, state.external_id, identity, spec,
+                                                   log_preamble=preamble(state, identity)))
         fresh = state.job_id is None
         if fresh:
             state.job_id = admitted.job_id
@@ -291,9 +291,7 @@ class Runs:
             self._save(state)
             runner = self.host.run
         else:
-            record = self.host.store.get_job(admitted.job_id)
-            offset = record.log_offset if record is not None else 0
-            tail = self._tail_from_file(admitted.log_path, tail, end=offset)
+            tail = self._tail_from_file(admitted.log_path, tail, end=state.log_offset)
             runner = self.host.resume
         ended = await self._watch(state, report, live, tail, runner)
         await self._finish(state, report, ended, tail, live.cancelled_by)
@@ -320,17 +318,28 @@ class Runs:
         """Run the job; meanwhile tell GitHub how it goes, at most every `update_interval`."""
         assert state.job_id is not None
         job_id = state.job_id
-        store = self.host.store
+        record = self.host.job(job_id)
+        running_seen = record is not None and record.state == JobState.running
+
+        def on_change(record: JobRecord) -> None:
+            nonlocal running_seen
+            running_seen = running_seen or record.state == JobState.running
+
+        def keep_offset(offset: int) -> None:
+            if offset != state.log_offset:
+                state.log_offset = offset
+                self._save(state)
 
         async def sink(offset: int, data: bytes) -> None:
             if not data and offset == 0:
-                store.set_log_offset(job_id, 0, reset=True)
+                keep_offset(0)
             tail.feed(offset, data)
 
-        running = asyncio.ensure_future(runner(job_id, sink=sink, cancel=live.cancel))
+        running = asyncio.ensure_future(runner(job_id, sink=sink, cancel=live.cancel, offset=state.log_offset,
+                                               on_change=on_change))
         try:
-            return await report_progress(state, report, tail, running, store=store,
-                                                 update_interval=self.update_interval)
+            return await report_progress(state, report, tail, running, is_running=lambda: running_seen,
+                                         keep_offset=keep_offset, update_interval=self.update_interval)
         except asyncio.CancelledError:
             running.cancel()
             raise

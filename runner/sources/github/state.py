@@ -98,6 +98,7 @@ class RunState:
     kind: str | None = None             # "check" or "status" once the report exists
     check_run_id: int | None = None
     phase: str = "new"                  # new, admitted, running (host.run called), reported
+    log_offset: int = 0                 # how far into the job's log the last report read
 
     @classmethod
     def from_row(cls, row: RunRow) -> RunState:

@@ -1,6 +1,6 @@
 """From an allowed decision to a launch: verify the image, plan the sandbox, write job files.
 
-This is shared by `hpc-runner run` and the agent, whatever the source of the job.
+This is shared by `hpc-runner run` and the agent, whatever the source of the job (runner.lifecycle.driver).
 """
 
 from __future__ import annotations
