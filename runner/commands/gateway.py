@@ -23,7 +23,7 @@ from runner.gateway.server import GatewayServer
 from runner.gateway.tokens import AgentTokens, load_agent_tokens
 from runner.logging_setup import get_logger
 from runner.secrets import SecretFileError, read_secret_file
-from runner.store import StoreError
+from runner.sqlitefile import StoreError
 
 log = get_logger("runner.gateway")
 

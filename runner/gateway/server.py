@@ -33,7 +33,7 @@ from runner.gateway.webhook import (
     too_large,
 )
 from runner.logging_setup import get_logger
-from runner.store import StoreError
+from runner.sqlitefile import StoreError
 
 log = get_logger("runner.gateway")
 

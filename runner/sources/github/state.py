@@ -18,13 +18,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from runner.sqlitefile import open_database, write_transaction
+from runner.sqlitefile import StateFile, open_database
 
 FILENAME = "github.sqlite"
 
@@ -106,12 +104,10 @@ class RunState:
         return cls(**{k: v for k, v in row.data.items() if k in known})
 
 
-class GithubState:
+class GithubState(StateFile):
     """The source's tables; all calls on the event loop's thread, each one short transaction."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        self._conn = conn
-        self.path = path
+    label = "GitHub state"
 
     @classmethod
     def open(cls, state_dir: Path) -> GithubState:
@@ -119,19 +115,6 @@ class GithubState:
         conn = open_database(path, MIGRATIONS, what="GitHub state",
                              holds="which GitHub triggers ran and how far their jobs got")
         return cls(conn, path)
-
-    def close(self) -> None:
-        self._conn.close()
-
-    def __enter__(self) -> GithubState:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
-        return write_transaction(self._conn, f"GitHub state {self.path}")
 
     # --- triggers ---
 
