@@ -13,6 +13,7 @@ Commands that the service account would run in production run here as that accou
 from __future__ import annotations
 
 import asyncio
+import difflib
 import grp
 import json
 import os
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import pytest
 
@@ -61,6 +62,7 @@ _RUNUSER = shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin:/bin") or "/us
 _CHECK_TIMEOUT = 20.0
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 async def wait_until(check: Callable[[], Any], what: str = "the condition", timeout: float = 20.0) -> Any:
@@ -72,6 +74,35 @@ async def wait_until(check: Callable[[], Any], what: str = "the condition", time
             pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.005)
     return value
+
+
+def check_golden(path: Path, text: str, what: str) -> None:
+    """Fail, with a diff, unless ``text`` is the golden file ``path`` (``what`` names the text);
+    with UPDATE_GOLDEN=1 in the environment, write ``text`` to ``path`` instead."""
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        return
+    expected = path.read_text() if path.exists() else ""
+    if text != expected:
+        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
+                                            f"{path.name} (golden)", f"{path.name} (planned)"))
+        pytest.fail(f"{what} differs from {path} (UPDATE_GOLDEN=1 rewrites it):\n{diff}", pytrace=False)
+
+
+def closing_factory(make: Callable[P, T], close: Callable[[T], object]) -> Iterator[Callable[P, T]]:
+    """The body of a fixture that yields a factory: ``make`` makes each thing a test asks for, and
+    ``close`` closes every one of them, in the order made, once the test is over."""
+    made: list[T] = []
+
+    def factory(*args: P.args, **kwargs: P.kwargs) -> T:
+        item = make(*args, **kwargs)
+        made.append(item)
+        return item
+
+    yield factory
+    for item in made:
+        close(item)
 
 
 def git(*args: str | os.PathLike[str], cwd: Path) -> str:
@@ -382,10 +413,48 @@ def toml_string(value: str | os.PathLike[str]) -> str:
     return json.dumps(os.fspath(value))
 
 
+TomlValue = str | os.PathLike[str] | bool | int | Sequence[str]
+
+
+def toml_value(value: TomlValue) -> str:
+    """``value`` as TOML: a string (or path), a boolean, an integer or an array of strings."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, (str, os.PathLike)):
+        return toml_string(value)
+    return f"[{', '.join(toml_string(item) for item in value)}]"
+
+
+def toml_table(header: str, **keys: TomlValue) -> str:
+    """A table of a policy or config: its ``header`` (``[name]`` or ``[[name]]``), a line a key."""
+    return "\n".join([header, *(f"{key} = {toml_value(value)}" for key, value in keys.items())]) + "\n"
+
+
+def policy_document(*tables: str) -> str:
+    """A policy file of version 1 holding ``tables`` (from `toml_table`), a blank line between two."""
+    return "\n".join(["version = 1\n", *tables])
+
+
+def image_table(path: str | os.PathLike[str], sha256: str) -> str:
+    """The policy's catalogue entry for the test image, named ``TEST_IMAGE_NAME``."""
+    return toml_table(f"[images.{TEST_IMAGE_NAME}]", path=path, sha256=sha256)
+
+
+def binds_policy(*binds: str, grant: str = "data") -> str:
+    """A policy whose one grant, ``grant``, gives local user alice ``binds`` (and no image)."""
+    return policy_document(
+        toml_table("[accounts.esm]", slurm_account="esm", partitions=["batch"]),
+        toml_table("[[grants]]", name=grant, principals=["local:user:alice"], account="esm", binds=binds))
+
+
 def policy_toml(
     image_sha256: str,
     *,
     image_path: Path = TEST_IMAGE,
+    slurm_account: str = "ci",
+    partitions: Sequence[str] = ("local",),
     principals: Sequence[str] = (f"local:user:{SERVICE_USER}",),
     max_time: str = "10m",
     mpi: bool = True,
@@ -393,26 +462,11 @@ def policy_toml(
     binds: Sequence[str] = (),
 ) -> str:
     """A policy with one account ``ci``, the test image as ``test``, and one grant ``ci-jobs``."""
-    return f"""version = 1
-
-[accounts.ci]
-slurm_account = "ci"
-partitions = ["local"]
-max_time = "{max_time}"
-
-[images.{TEST_IMAGE_NAME}]
-path = {toml_string(image_path)}
-sha256 = "{image_sha256}"
-
-[[grants]]
-name = "ci-jobs"
-principals = [{", ".join(toml_string(p) for p in principals)}]
-account = "ci"
-images = ["{TEST_IMAGE_NAME}"]
-mpi = {str(mpi).lower()}
-network = {str(network).lower()}
-binds = [{", ".join(toml_string(b) for b in binds)}]
-"""
+    return policy_document(
+        toml_table("[accounts.ci]", slurm_account=slurm_account, partitions=partitions, max_time=max_time),
+        image_table(image_path, image_sha256),
+        toml_table("[[grants]]", name="ci-jobs", principals=principals, account="ci",
+                   images=[TEST_IMAGE_NAME], mpi=mpi, network=network, binds=binds))
 
 
 def job_toml(
@@ -423,6 +477,7 @@ def job_toml(
     env: Mapping[str, str] | None = None,
     time: str | None = None,
     tasks: int | None = None,
+    partition: str | None = None,
     mpi: bool = False,
     network: bool = False,
     binds: Sequence[str] = (),
@@ -446,6 +501,8 @@ def job_toml(
         resources.append(f"time = {toml_string(time)}")
     if tasks is not None:
         resources.append(f"tasks = {tasks}")
+    if partition is not None:
+        resources.append(f"partition = {toml_string(partition)}")
     if resources:
         lines += ["", "[job.resources]", *resources]
     if mpi:
@@ -616,12 +673,13 @@ def config_toml(
     max_jobs: int = 2,
     grace_period: str = "1s",
     apptainer: str | None = None,
+    executor: str = "local",
 ) -> str:
     lines = [
         f"state_dir = {toml_string(root / 'state')}",
         f"work_root = {toml_string(root / 'work')}",
         f"policy = {toml_string(policy)}",
-        'executor = "local"',
+        f"executor = {toml_string(executor)}",
         f"max_jobs = {max_jobs}",
     ]
     if socket is not None:
@@ -640,6 +698,7 @@ def make_runner_site(
     max_jobs: int = 2,
     grace_period: str = "1s",
     apptainer: str | None = None,
+    executor: str = "local",
 ) -> RunnerSite:
     """Write config.toml and policy.toml (``policy_toml`` defaults) into ``root``, a directory of
     the service account, and create its workspace."""
@@ -647,7 +706,7 @@ def make_runner_site(
     write_public_file(policy, policy_toml(image_sha256))
     config = root / "config.toml"
     write_public_file(config, config_toml(root, policy=policy, socket=socket, max_jobs=max_jobs,
-                                          grace_period=grace_period, apptainer=apptainer))
+                                          grace_period=grace_period, apptainer=apptainer, executor=executor))
     workspace = root / "workspace"
     workspace.mkdir(mode=0o755)
     account = pwd.getpwnam(SERVICE_USER)
@@ -722,16 +781,7 @@ def start_agent(site: RunnerSite, timeout: float = 20.0) -> AgentProcess:
 @pytest.fixture
 def agents() -> Iterator[Callable[[RunnerSite], AgentProcess]]:
     """Starts agents (``agents(site)``) and stops every one still running at the end of the test."""
-    started: list[AgentProcess] = []
-
-    def start(site: RunnerSite) -> AgentProcess:
-        agent = start_agent(site)
-        started.append(agent)
-        return agent
-
-    yield start
-    for agent in started:
-        agent.stop()
+    yield from closing_factory(start_agent, AgentProcess.stop)
 
 
 @pytest.fixture

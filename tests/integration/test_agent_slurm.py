@@ -28,15 +28,18 @@ from pathlib import Path
 import pytest
 from conftest import (
     SERVICE_USER,
+    TEST_IMAGE_NAME,
     AgentProcess,
     Cluster,
     OutputReader,
     RunnerSite,
+    image_table,
     job_toml,
     make_runner_site,
+    policy_document,
     slurm_job_fields,
     spawn_as_user,
-    toml_string,
+    toml_table,
     wait_for,
     write_public_file,
     write_service_secret,
@@ -115,33 +118,14 @@ def slurm_policy(cluster: Cluster, *, slurm_account: str = SLURM_ACCOUNT,
     `max_memory` keeps each job's memory request small: the node's default per CPU is half its
     memory, which would let a single one-CPU job block every job that asks for two CPUs.
     """
-    return textwrap.dedent(f"""\
-        version = 1
-
-        [accounts.esm]
-        slurm_account = {toml_string(slurm_account)}
-        partitions = ["debug"]
-        max_time = "2m"
-        max_memory = "1G"
-        retry_node_failures = {str(retry_node_failures).lower()}
-
-        [images.test]
-        path = {toml_string(cluster.image)}
-        sha256 = "{cluster.image_sha256}"
-
-        [[grants]]
-        name = "esm-members"
-        principals = ["local:group:hpcr-esm"]
-        account = "esm"
-        images = ["test"]
-
-        [[grants]]
-        name = "service"
-        principals = ["local:user:{SERVICE_USER}"]
-        account = "esm"
-        images = ["test"]
-        mpi = true
-        """)
+    return policy_document(
+        toml_table("[accounts.esm]", slurm_account=slurm_account, partitions=["debug"], max_time="2m",
+                   max_memory="1G", retry_node_failures=retry_node_failures),
+        image_table(cluster.image, cluster.image_sha256),
+        toml_table("[[grants]]", name="esm-members", principals=["local:group:hpcr-esm"], account="esm",
+                   images=[TEST_IMAGE_NAME]),
+        toml_table("[[grants]]", name="service", principals=[f"local:user:{SERVICE_USER}"], account="esm",
+                   images=[TEST_IMAGE_NAME], mpi=True))
 
 
 def slurm_job_toml(name: str, script: str, *, time: str, cpus_per_task: int = 1) -> str:
@@ -155,11 +139,9 @@ def slurm_site(cluster: Cluster, service_tmp: Path, shared_socket: Path, queue_u
                ) -> RunnerSite:
     """An agent config with executor = "slurm" whose socket every local user may reach."""
     service_tmp.chmod(0o755)  # the users' workspaces live in it
-    site = make_runner_site(service_tmp, cluster.image_sha256, socket=shared_socket, max_jobs=4)
+    site = make_runner_site(service_tmp, cluster.image_sha256, socket=shared_socket, max_jobs=4,
+                            executor="slurm")
     site.write_policy(slurm_policy(cluster))
-    config = site.config.read_text()
-    assert 'executor = "local"' in config
-    write_public_file(site.config, config.replace('executor = "local"', 'executor = "slurm"'))
     # The bounds below count polling cycles of the tracker's default interval.
     assert load_config(site.config).slurm.poll_interval == DEFAULT_INTERVAL_SECONDS
     return site

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import (
+    TEST_IMAGE_NAME,
     VENV,
     AgentProcess,
     Cluster,
@@ -30,10 +31,13 @@ from conftest import (
     RunnerSite,
     as_service_user,
     as_user,
+    image_table,
     job_toml,
     make_runner_site,
+    policy_document,
     spawn_as_user,
     toml_string,
+    toml_table,
     user_workspace,
     wait_for,
     write_public_file,
@@ -51,37 +55,16 @@ WAITING_SCRIPT = (
 
 def queue_policy(cluster: Cluster, *, esm_grant: bool = True) -> str:
     """Each group its own account and grant; alice administers ocean (bob's account)."""
-    esm = textwrap.dedent("""
-        [[grants]]
-        name = "esm-members"
-        principals = ["local:group:hpcr-esm"]
-        account = "esm"
-        images = ["test"]
-        """)
-    return textwrap.dedent(f"""\
-        version = 1
-
-        [accounts.esm]
-        slurm_account = "esm"
-        partitions = ["local"]
-        max_time = "5m"
-
-        [accounts.ocean]
-        slurm_account = "ocean"
-        partitions = ["local"]
-        max_time = "1m"
-        admins = ["local:user:{ALICE}"]
-
-        [images.test]
-        path = {toml_string(cluster.image)}
-        sha256 = "{cluster.image_sha256}"
-        """) + (esm if esm_grant else "") + textwrap.dedent("""
-        [[grants]]
-        name = "ocean-members"
-        principals = ["local:group:hpcr-ocean"]
-        account = "ocean"
-        images = ["test"]
-        """)
+    esm = toml_table("[[grants]]", name="esm-members", principals=["local:group:hpcr-esm"], account="esm",
+                     images=[TEST_IMAGE_NAME])
+    ocean = toml_table("[[grants]]", name="ocean-members", principals=["local:group:hpcr-ocean"],
+                       account="ocean", images=[TEST_IMAGE_NAME])
+    return policy_document(
+        toml_table("[accounts.esm]", slurm_account="esm", partitions=["local"], max_time="5m"),
+        toml_table("[accounts.ocean]", slurm_account="ocean", partitions=["local"], max_time="1m",
+                   admins=[f"local:user:{ALICE}"]),
+        image_table(cluster.image, cluster.image_sha256),
+        *([esm] if esm_grant else []), ocean)
 
 
 @pytest.fixture

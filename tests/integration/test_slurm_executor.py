@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
 import shutil
 import signal
 import subprocess
@@ -22,8 +21,10 @@ from pathlib import Path
 import pytest
 from conftest import (
     SERVICE_USER,
-    TEST_IMAGE_NAME,
     Cluster,
+    give_tree_to_service_user,
+    job_toml,
+    policy_toml,
     service_env,
     slurm_job_fields,
     toml_string,
@@ -59,49 +60,16 @@ SLURMCTLD_PIDFILE = Path("/run/slurm/slurmctld.pid")
 SLURM_ACCOUNT = "hpcr-test"
 
 
-def policy_text(image_sha256: str, image: Path, *, slurm_account: str = SLURM_ACCOUNT) -> str:
-    return f"""version = 1
-
-[accounts.ci]
-slurm_account = "{slurm_account}"
-# "nope" is granted but does not exist in Slurm: sbatch must refuse it.
-partitions = ["debug", "batch", "nope"]
-max_time = "10m"
-
-[images.{TEST_IMAGE_NAME}]
-path = {toml_string(image)}
-sha256 = "{image_sha256}"
-
-[[grants]]
-name = "ci"
-principals = ["local:user:{SERVICE_USER}"]
-account = "ci"
-images = ["{TEST_IMAGE_NAME}"]
-mpi = true
-"""
+def policy_text(cluster: Cluster, *, slurm_account: str = SLURM_ACCOUNT) -> str:
+    # "nope" is granted but does not exist in Slurm: sbatch must refuse it.
+    return policy_toml(cluster.image_sha256, image_path=cluster.image, slurm_account=slurm_account,
+                       partitions=("debug", "batch", "nope"))
 
 
 def job_text(script: str | None = None, *, command: list[str] | None = None, time: str = "5m",
              tasks: int = 1, partition: str | None = None, mpi: bool = False) -> str:
-    lines = ["[job]", 'name = "slurm-test"', f'image = "{TEST_IMAGE_NAME}"']
-    if script is not None:
-        lines.append("script = '''\n" + script + "'''")
-    if command is not None:
-        lines.append("command = [" + ", ".join(toml_string(arg) for arg in command) + "]")
-    lines += ["", "[job.resources]", f'time = "{time}"', f"tasks = {tasks}"]
-    if partition:
-        lines.append(f'partition = "{partition}"')
-    if mpi:
-        lines += ["", "[job.mpi]", "enabled = true"]
-    return "\n".join(lines) + "\n"
-
-
-def give_to_service_account(path: Path) -> None:
-    account = pwd.getpwnam(SERVICE_USER)
-    for directory, _, files in os.walk(path):
-        os.chown(directory, account.pw_uid, account.pw_gid)
-        for name in files:
-            os.chown(os.path.join(directory, name), account.pw_uid, account.pw_gid)
+    return job_toml("slurm-test", script=script, command=command, time=time, tasks=tasks,
+                    partition=partition, mpi=mpi)
 
 
 def service_cli(path_prefix: Path | None = None) -> SlurmCli:
@@ -115,6 +83,7 @@ def service_cli(path_prefix: Path | None = None) -> SlurmCli:
 @dataclass
 class SlurmSite:
     root: Path
+    cluster: Cluster
     site: Site
     workspace: Path
     executor: SlurmExecutor
@@ -124,7 +93,7 @@ class SlurmSite:
         """Decide and prepare a job as the pipeline does; its files then belong to the service account."""
         policy = self.site.policy
         if slurm_account is not None:
-            policy = parse_policy_text(policy_text(_sha(), _image(), slurm_account=slurm_account), "policy")
+            policy = parse_policy_text(policy_text(self.cluster, slurm_account=slurm_account), "policy")
         spec = parse_job_text(text, "job.toml")
         decision = decide(policy, identity_from_json({"source": "local", "user": SERVICE_USER}), spec)
         assert decision.allowed, decision.reasons
@@ -136,7 +105,7 @@ class SlurmSite:
                                workspace=self.workspace)
         # Slurm writes the log as the service account; root's notes then append to its file.
         prepared.log_path.touch()
-        give_to_service_account(site.config.work_root)
+        give_tree_to_service_user(site.config.work_root)
         return prepared
 
     async def submit(self, prepared: PreparedJob, options: SubmitOptions | None = None,
@@ -148,17 +117,9 @@ class SlurmSite:
         return job
 
 
-def _image() -> Path:
-    return Path("/var/cache/hpc-runner-dev/images/hpc-runner-test.sif")
-
-
-def _sha() -> str:
-    return _image().with_name(_image().name + ".sha256").read_text().strip()
-
-
 @pytest.fixture
 async def slurm(cluster: Cluster, service_tmp: Path) -> AsyncIterator[SlurmSite]:
-    policy = parse_policy_text(policy_text(cluster.image_sha256, cluster.image), "policy")
+    policy = parse_policy_text(policy_text(cluster), "policy")
     config = parse_config_text(f"""state_dir = {toml_string(service_tmp / "state")}
 work_root = {toml_string(service_tmp / "work")}
 executor = "slurm"
@@ -169,9 +130,9 @@ max_jobs = 10
     site.sandbox = replace(site.sandbox, userns=False)
     workspace = service_tmp / "workspace"
     workspace.mkdir()
-    give_to_service_account(workspace)
+    give_tree_to_service_user(workspace)
     executor = SlurmExecutor(service_cli(), user=SERVICE_USER, poll_interval=POLL)
-    env = SlurmSite(service_tmp, site, workspace, executor)
+    env = SlurmSite(service_tmp, cluster, site, workspace, executor)
     try:
         yield env
     finally:
@@ -398,7 +359,7 @@ async def test_a_failing_squeue_changes_nothing_and_tracking_recovers(slurm: Slu
     switch = slurm.root / "squeue-fails"
     (wrappers / "squeue").write_text(SQUEUE_WRAPPER.format(switch=switch))
     (wrappers / "squeue").chmod(0o755)
-    give_to_service_account(wrappers)
+    give_tree_to_service_user(wrappers)
     switch.touch()
     executor = SlurmExecutor(service_cli(wrappers), user=SERVICE_USER, poll_interval=POLL)
     try:

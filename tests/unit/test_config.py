@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import binds_policy
 
 from runner.config import (
     AgentConfig,
@@ -399,31 +400,14 @@ repositories = ["octo/hello"]
 """)
 
 
-def policy_binding(*binds: str) -> str:
-    quoted = ", ".join(f'"{bind}"' for bind in binds)
-    return f"""\
-version = 1
-
-[accounts.esm]
-slurm_account = "esm"
-partitions = ["batch"]
-
-[[grants]]
-name = "data"
-principals = ["local:user:alice"]
-account = "esm"
-binds = [{quoted}]
-"""
-
-
 def test_a_policy_with_harmless_binds_is_accepted(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
-    policy = parse_policy_text(policy_binding(f"{tmp_path}/data:/data:ro"))
+    policy = parse_policy_text(binds_policy(f"{tmp_path}/data:/data:ro"))
     assert check_policy_against_site(policy, site(tmp_path)) == []
 
 
 def test_a_grant_binding_the_state_dir_is_reported(tmp_path: Path) -> None:
-    policy = parse_policy_text(policy_binding(f"{tmp_path}/state:/state"))
+    policy = parse_policy_text(binds_policy(f"{tmp_path}/state:/state"))
     [reason] = check_policy_against_site(policy, site(tmp_path))
     assert "grant 'data'" in reason
     assert f"{tmp_path}/state:/state:rw" in reason
@@ -431,13 +415,13 @@ def test_a_grant_binding_the_state_dir_is_reported(tmp_path: Path) -> None:
 
 
 def test_a_grant_binding_inside_the_state_dir_is_reported(tmp_path: Path) -> None:
-    policy = parse_policy_text(policy_binding(f"{tmp_path}/state/jobs:/jobs:ro"))
+    policy = parse_policy_text(binds_policy(f"{tmp_path}/state/jobs:/jobs:ro"))
     [reason] = check_policy_against_site(policy, site(tmp_path))
     assert "lies inside" in reason
 
 
 def test_a_grant_binding_a_parent_of_a_secret_file_is_reported(tmp_path: Path) -> None:
-    policy = parse_policy_text(policy_binding(f"{tmp_path}/etc:/host-etc:ro"))
+    policy = parse_policy_text(binds_policy(f"{tmp_path}/etc:/host-etc:ro"))
     [reason] = check_policy_against_site(policy, site(tmp_path))
     assert f"contains {tmp_path}/etc/hpc-runner/github-app.pem" in reason
     assert "github.private_key_file" in reason
@@ -447,7 +431,7 @@ def test_a_bind_through_a_symlink_into_the_state_dir_is_reported(tmp_path: Path)
     config = site(tmp_path)
     (tmp_path / "state" / "db").mkdir()
     os.symlink(tmp_path / "state" / "db", tmp_path / "innocent")
-    policy = parse_policy_text(policy_binding(f"{tmp_path}/innocent:/data:ro"))
+    policy = parse_policy_text(binds_policy(f"{tmp_path}/innocent:/data:ro"))
     [reason] = check_policy_against_site(policy, config)
     assert f"resolves to {tmp_path}/state/db" in reason
     assert f"lies inside {tmp_path}/state" in reason
@@ -455,7 +439,7 @@ def test_a_bind_through_a_symlink_into_the_state_dir_is_reported(tmp_path: Path)
 
 def test_a_grant_binding_the_jobs_directories_is_reported(tmp_path: Path) -> None:
     """Every job's workspace, scratch and log live below work_root: no job may see another's."""
-    policy = parse_policy_text(policy_binding(f"{tmp_path}/work:/w:ro", f"{tmp_path}:/all:ro",
+    policy = parse_policy_text(binds_policy(f"{tmp_path}/work:/w:ro", f"{tmp_path}:/all:ro",
                                               f"{tmp_path}/work/some-job:/j"))
     reasons = check_policy_against_site(policy, site(tmp_path))
     assert f"is {tmp_path}/work, the agent's work_root" in reasons[0]
@@ -464,6 +448,6 @@ def test_a_grant_binding_the_jobs_directories_is_reported(tmp_path: Path) -> Non
 
 
 def test_every_offending_bind_is_reported(tmp_path: Path) -> None:
-    policy = parse_policy_text(policy_binding(f"{tmp_path}/state:/s", f"{tmp_path}/etc:/e:ro",
+    policy = parse_policy_text(binds_policy(f"{tmp_path}/state:/s", f"{tmp_path}/etc:/e:ro",
                                               f"{tmp_path}/elsewhere:/x"))
     assert len(check_policy_against_site(policy, site(tmp_path))) == 2

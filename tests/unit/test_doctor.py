@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from conftest import binds_policy
 from fakes.buildkite_signer import StepSigner
 
 from runner.commands.doctor import run_doctor
@@ -347,17 +348,7 @@ def test_a_missing_secret_fails(tmp_path: Path) -> None:
 def test_a_policy_exposing_the_state_dir_fails(tmp_path: Path) -> None:
     config = buildkite_site(tmp_path, 0o600)
     assert config.policy is not None
-    config.policy.write_text(f"""\
-version = 1
-[accounts.esm]
-slurm_account = "esm"
-partitions = ["batch"]
-[[grants]]
-name = "leaky"
-principals = ["local:user:alice"]
-account = "esm"
-binds = ["{tmp_path}:/data:ro"]
-""")
+    config.policy.write_text(binds_policy(f"{tmp_path}:/data:ro", grant="leaky"))
     policy = by_name(run_checks(config, healthy_cluster().host()))["policy"]
     assert policy.status == "FAIL"
     assert "grant 'leaky'" in policy.detail

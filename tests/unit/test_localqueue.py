@@ -8,6 +8,7 @@ the CI sources' heartbeats and polls); the tests are its blocking clients.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import pwd
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import TEST_IMAGE_NAME, closing_factory, image_table, policy_document, toml_table, wait_for
 from fakes.background_loop import BackgroundLoop
 
 import runner.localqueue.server as server_module
@@ -39,22 +40,11 @@ from runner.tomlsource import MAX_FILE_BYTES, MAX_KEY_PARTS
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_TIMEOUT_S = 10.0
 
-POLICY = f"""version = 1
-
-[accounts.ci]
-slurm_account = "ci"
-partitions = ["local"]
-
-[images.test]
-path = "/images/test.sif"
-sha256 = "{"0" * 64}"
-
-[[grants]]
-name = "everyone"
-principals = ["local:user:{pwd.getpwuid(os.getuid()).pw_name}"]
-account = "ci"
-images = ["test"]
-"""
+POLICY = policy_document(
+    toml_table("[accounts.ci]", slurm_account="ci", partitions=["local"]),
+    image_table("/images/test.sif", "0" * 64),
+    toml_table("[[grants]]", name="everyone", principals=[f"local:user:{pwd.getpwuid(os.getuid()).pw_name}"],
+               account="ci", images=[TEST_IMAGE_NAME]))
 
 JOB = '[job]\nname = "smoke"\nimage = "test"\ncommand = ["true"]\n'
 # The job of the report: 60 KB whose parse held the agent's event loop for 21 s.
@@ -116,16 +106,12 @@ def short_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def queues(short_dir: Path) -> Iterator[Any]:
-    made: list[Queue] = []
+    numbers = itertools.count()
 
     def make(**options: Any) -> Queue:
-        queue = Queue(short_dir / f"q{len(made)}", **options)
-        made.append(queue)
-        return queue
+        return Queue(short_dir / f"q{next(numbers)}", **options)
 
-    yield make
-    for queue in made:
-        queue.close()
+    yield from closing_factory(make, Queue.close)
 
 
 @pytest.fixture

@@ -5,9 +5,7 @@ Goldens live in `golden/sandbox-*.txt`; `UPDATE_GOLDEN=1` rewrites them (review 
 
 from __future__ import annotations
 
-import difflib
 import json
-import os
 import shlex
 import subprocess
 from collections.abc import Callable, Mapping
@@ -16,7 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pytest
-from conftest import wait_for
+from conftest import check_golden, wait_for
 
 from runner.binds import Bind
 from runner.errors import InfrastructureError
@@ -119,19 +117,6 @@ def render(result: SandboxPlan, launch: tuple[str, ...]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def check_golden(name: str, text: str, directory: Path = GOLDEN_DIR) -> None:
-    path = directory / f"sandbox-{name}.txt"
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        directory.mkdir(exist_ok=True)
-        path.write_text(text)
-        return
-    expected = path.read_text() if path.exists() else ""
-    if text != expected:
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
-                                            f"{path.name} (golden)", f"{path.name} (planned)"))
-        pytest.fail(f"the plan differs from {path} (UPDATE_GOLDEN=1 rewrites it):\n{diff}", pytrace=False)
-
-
 GOLDEN_CASES: dict[str, tuple[JobSpec, Decision | None, HostMpi | None]] = {}
 
 
@@ -155,7 +140,8 @@ def test_golden_plan(name: str) -> None:
     spec, decision, mpi = GOLDEN_CASES[name]
     decision = decision or allow(spec)
     result = plan(spec, decision, mpi=mpi)
-    check_golden(name, render(result, plan_local_launch(result, spec, decision, mpi)))
+    text = render(result, plan_local_launch(result, spec, decision, mpi))
+    check_golden(GOLDEN_DIR / f"sandbox-{name}.txt", text, "the plan")
 
 
 def test_a_golden_mismatch_shows_a_diff_and_update_rewrites(tmp_path: Path,
@@ -163,10 +149,10 @@ def test_a_golden_mismatch_shows_a_diff_and_update_rewrites(tmp_path: Path,
     (tmp_path / "sandbox-x.txt").write_text("a\nb\n")
     monkeypatch.delenv("UPDATE_GOLDEN", raising=False)
     with pytest.raises(pytest.fail.Exception) as failed:
-        check_golden("x", "a\nc\n", tmp_path)
+        check_golden(tmp_path / "sandbox-x.txt", "a\nc\n", "the plan")
     assert "-b\n+c" in str(failed.value)
     monkeypatch.setenv("UPDATE_GOLDEN", "1")
-    check_golden("x", "a\nc\n", tmp_path)
+    check_golden(tmp_path / "sandbox-x.txt", "a\nc\n", "the plan")
     assert (tmp_path / "sandbox-x.txt").read_text() == "a\nc\n"
 
 

@@ -7,9 +7,7 @@ sandbox goldens and not here.
 
 from __future__ import annotations
 
-import difflib
 import json
-import os
 import shlex
 import stat
 import subprocess
@@ -18,6 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+from conftest import check_golden
 
 from runner.executors.slurm.plan import (
     COMMENT_MAX_CHARS,
@@ -88,22 +87,9 @@ def render(case: str) -> str:
     return "\n".join(["# sbatch arguments", *batch.args, "", "# batch script", batch.script])
 
 
-def check_golden(name: str, text: str) -> None:
-    path = GOLDEN_DIR / f"slurm-{name}.txt"
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        path.write_text(text)
-        return
-    expected = path.read_text() if path.exists() else ""
-    if text != expected:
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
-                                            f"{path.name} (golden)", f"{path.name} (planned)"))
-        pytest.fail(f"the batch job differs from {path} (UPDATE_GOLDEN=1 rewrites it):\n{diff}",
-                    pytrace=False)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden_batch_job(case: str) -> None:
-    check_golden(case, render(case))
+    check_golden(GOLDEN_DIR / f"slurm-{case}.txt", render(case), "the batch job")
 
 
 # -- sbatch arguments ------------------------------------------------------------------------------
