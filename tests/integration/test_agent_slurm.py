@@ -344,20 +344,31 @@ def test_run_with_an_account_slurm_rejects_fails_at_once_with_slurms_message(
 # -- the agent: start and restarts -------------------------------------------------------------
 
 
-def test_an_agent_signalled_as_soon_as_it_listens_drains_and_exits_0(slurm_site: RunnerSite) -> None:
-    agent = spawn_as_user(SERVICE_USER, ["hpc-runner", "agent", "--config", slurm_site.config],
-                          cwd=slurm_site.root, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
+@contextlib.contextmanager
+def agent_as_it_listens(site: RunnerSite) -> Iterator[tuple[subprocess.Popen[bytes], OutputReader]]:
+    """An agent of `site`, started by hand and handed over (with its stderr) the moment it says its
+    local queue listens; afterwards, if it still runs, SIGTERM and, 20 s later, SIGKILL."""
+    agent = spawn_as_user(SERVICE_USER, ["hpc-runner", "agent", "--config", site.config], cwd=site.root,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         stderr = OutputReader(agent.stderr)
         stderr.wait_for(b"local queue listening", timeout=20)
+        yield agent, stderr
+    finally:
+        if agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+
+
+def test_an_agent_signalled_as_soon_as_it_listens_drains_and_exits_0(slurm_site: RunnerSite) -> None:
+    with agent_as_it_listens(slurm_site) as (agent, stderr):
         agent.send_signal(signal.SIGTERM)
         logged = stderr.read_to_end(timeout=20)
         assert agent.wait(timeout=20) == 0, logged
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
     assert b"draining" in logged and b"agent stopped" in logged, logged
 
 
@@ -434,12 +445,7 @@ def test_a_job_cancelled_while_the_restarted_agent_reattaches_is_cancelled_in_sl
 
     # The cancel request comes the moment the new agent listens, while it still asks Slurm
     # which of its jobs live on (root may cancel any job).
-    restarted = spawn_as_user(SERVICE_USER, ["hpc-runner", "agent", "--config", slurm_site.config],
-                              cwd=slurm_site.root, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
-    try:
-        stderr = OutputReader(restarted.stderr)
-        stderr.wait_for(b"local queue listening", timeout=20)
+    with agent_as_it_listens(slurm_site):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(10)
             conn.connect(str(slurm_site.socket))
@@ -451,13 +457,6 @@ def test_a_job_cancelled_while_the_restarted_agent_reattaches_is_cancelled_in_sl
         assert time.monotonic() - cancelled <= bound
         assert alice.wait_end(job_id, timeout=bound)["state"] == "cancelled"
         assert stored_job(slurm_site, job_id).final_status_entries == 1
-    finally:
-        restarted.send_signal(signal.SIGTERM)
-        try:
-            restarted.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            restarted.kill()
-            restarted.wait()
 
 
 # -- the agent: pending jobs and cancel --------------------------------------------------------
@@ -648,17 +647,23 @@ def failing_node() -> Iterator[Callable[[], None]]:
                  what=f"node {node} back in service")
 
 
-def test_a_node_failure_is_retried_once_when_the_account_allows(
-    slurm_site: RunnerSite, cluster: Cluster, agents: Callable[[RunnerSite], AgentProcess], alice: QueueUser,
-    slurm_jobs: list[str]
-) -> None:
+@pytest.fixture
+def retrying_site(slurm_site: RunnerSite, cluster: Cluster, agents: Callable[[RunnerSite], AgentProcess]
+                  ) -> RunnerSite:
+    """The Slurm site with its agent running, under a policy whose account retries node failures."""
     slurm_site.write_policy(slurm_policy(cluster, retry_node_failures=True))
     agents(slurm_site)
+    return slurm_site
+
+
+def test_a_node_failure_is_retried_once_when_the_account_allows(
+    retrying_site: RunnerSite, alice: QueueUser, slurm_jobs: list[str]
+) -> None:
     with failing_node() as fail:
         job_id = submit(alice, slurm_jobs, slurm_job_toml("node-failure", TWO_ATTEMPTS_SCRIPT, time="2m"))
-        wait_for(lambda: b"first attempt\n" in read_log(slurm_site, job_id), JOB_TIMEOUT_S,
+        wait_for(lambda: b"first attempt\n" in read_log(retrying_site, job_id), JOB_TIMEOUT_S,
                  what="the first attempt")
-        first_slurm_id = stored_job(slurm_site, job_id).slurm_id
+        first_slurm_id = stored_job(retrying_site, job_id).slurm_id
         assert first_slurm_id is not None
 
         fail()
@@ -666,13 +671,13 @@ def test_a_node_failure_is_retried_once_when_the_account_allows(
         finished = alice.wait_end(job_id, timeout=JOB_TIMEOUT_S)
     assert (finished["state"], finished["exit_status"]) == ("succeeded", 0), finished
     assert slurm_job_fields(first_slurm_id)["JobState"] == "NODE_FAIL"
-    log = read_log(slurm_site, job_id)
+    log = read_log(retrying_site, job_id)
     # Slurm says what happened in its own words too ("srun: error: Node failure on <node>").
     slurms = (b"srun:", b"slurmstepd")
     assert [line for line in log_lines(job_bytes(log)) if not line.startswith(slurms)] == [
         b"first attempt\n", b"second attempt\n"], log
     assert b"a node of the job failed (NODE_FAIL)" in log and b"submitting it again, once" in log
-    stored = stored_job(slurm_site, job_id)
+    stored = stored_job(retrying_site, job_id)
     assert stored.slurm_id not in (None, first_slurm_id)
     assert stored.final_status_entries == 1
     assert len(SUBMITTED.findall(log)) == 2
@@ -705,22 +710,19 @@ def test_a_node_failure_ends_the_job_as_an_infrastructure_failure_when_the_accou
 
 
 def test_a_job_retried_after_a_node_failure_is_not_retried_a_second_time(
-    slurm_site: RunnerSite, cluster: Cluster, agents: Callable[[RunnerSite], AgentProcess], alice: QueueUser,
-    slurm_jobs: list[str]
+    retrying_site: RunnerSite, alice: QueueUser, slurm_jobs: list[str]
 ) -> None:
-    slurm_site.write_policy(slurm_policy(cluster, retry_node_failures=True))
-    agents(slurm_site)
     with failing_node() as fail:
         job_id = submit(alice, slurm_jobs, slurm_job_toml("node-failures", "echo attempt\nsleep 110\n",
                                                           time="2m"))
         for attempt in (1, 2):
-            wait_for(partial(log_counts, slurm_site, job_id, b"attempt\n", attempt), JOB_TIMEOUT_S,
+            wait_for(partial(log_counts, retrying_site, job_id, b"attempt\n", attempt), JOB_TIMEOUT_S,
                      what=f"attempt {attempt}")
             fail()
 
         finished = alice.wait_end(job_id, timeout=JOB_TIMEOUT_S)
     assert finished["state"] == "infra_failed", finished
-    log = read_log(slurm_site, job_id)
+    log = read_log(retrying_site, job_id)
     assert len(SUBMITTED.findall(log)) == 2
     assert b"it was already submitted again once, so it ends here\n" in log
-    assert stored_job(slurm_site, job_id).final_status_entries == 1
+    assert stored_job(retrying_site, job_id).final_status_entries == 1

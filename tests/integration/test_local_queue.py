@@ -355,14 +355,20 @@ def test_sighup_keeps_the_old_policy_when_the_new_one_is_invalid(
     assert alice.status(denied)["state"] == "denied"
 
 
+def drain_while_running(agent: AgentProcess, user: QueueUser, name: str) -> str:
+    """Submit a WAITING_SCRIPT job `name`, wait until it runs, then SIGTERM the agent and wait until
+    it says it is draining; the job's id."""
+    job_id = user.submit(job_toml(name, script=WAITING_SCRIPT, time="2m"))
+    user.wait_state(job_id, "running")
+    agent.send(signal.SIGTERM)
+    agent.wait_for_log("draining")
+    return job_id
+
+
 def test_sigterm_lets_the_running_job_finish_then_the_agent_exits_0(
     agent: AgentProcess, queue_site: RunnerSite, alice: QueueUser
 ) -> None:
-    job_id = alice.submit(job_toml("outlives-sigterm", script=WAITING_SCRIPT, time="2m"))
-    alice.wait_state(job_id, "running")
-
-    agent.send(signal.SIGTERM)
-    agent.wait_for_log("draining")
+    job_id = drain_while_running(agent, alice, "outlives-sigterm")
     refused = alice.hpc_runner("submit", write_job(alice, job_toml("too-late", script="true\n")))
     assert refused.returncode == 1
     assert "shutting down" in refused.stderr
@@ -378,11 +384,7 @@ def test_sigterm_lets_the_running_job_finish_then_the_agent_exits_0(
 def test_second_sigterm_cancels_the_running_job_then_the_agent_exits_0(
     agent: AgentProcess, queue_site: RunnerSite, alice: QueueUser
 ) -> None:
-    job_id = alice.submit(job_toml("cancelled-by-sigterm", script=WAITING_SCRIPT, time="2m"))
-    alice.wait_state(job_id, "running")
-
-    agent.send(signal.SIGTERM)
-    agent.wait_for_log("draining")
+    job_id = drain_while_running(agent, alice, "cancelled-by-sigterm")
     agent.send(signal.SIGTERM)
 
     assert agent.wait_exit(JOB_TIMEOUT_S) == 0

@@ -14,6 +14,7 @@ import pwd
 import re
 import secrets
 import socket
+import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -237,19 +238,26 @@ def test_workspace_holding_the_state_dir_is_refused_and_runs_nothing(runner_site
     assert not (runner_site.root / "ran.txt").exists()
 
 
+def run_refused_bind(site: RunnerSite, cluster: Cluster, name: str, bind: str,
+                     *run_args: str) -> subprocess.CompletedProcess[str]:
+    """Grant `bind` in the site's policy and run a job `name` that binds it, which must not run (it
+    would leave ran.txt in the workspace); what `hpc-runner run` did."""
+    site.write_policy(policy_toml(cluster.image_sha256, binds=[bind]))
+    job = site.write_job(name, job_toml(name, script="touch /work/ran.txt\n", binds=[bind]))
+    result = site.run(job, *run_args)
+    assert not (site.workspace / "ran.txt").exists(), result.stderr
+    return result
+
+
 def test_policy_granting_a_bind_of_the_state_dir_is_refused_and_runs_nothing(
     runner_site: RunnerSite, cluster: Cluster
 ) -> None:
     bind = f"{runner_site.root}:/site:ro"
-    runner_site.write_policy(policy_toml(cluster.image_sha256, binds=[bind]))
-    job = runner_site.write_job(
-        "binds-state", job_toml("binds-state", script="touch /work/ran.txt\n", binds=[bind]))
 
-    result = runner_site.run(job)
+    result = run_refused_bind(runner_site, cluster, "binds-state", bind)
 
     assert result.returncode == 125, result.stderr
     assert f"bind '{bind}' contains {runner_site.state_dir}, the agent's state_dir" in result.stderr
-    assert not (runner_site.workspace / "ran.txt").exists()
 
 
 def test_a_bind_others_could_swap_before_the_job_starts_is_refused_and_runs_nothing(
@@ -261,15 +269,11 @@ def test_a_bind_others_could_swap_before_the_job_starts_is_refused_and_runs_noth
     (shared / "data").mkdir(parents=True)
     shared.chmod(0o777)
     bind = f"{shared / 'data'}:/data:ro"
-    runner_site.write_policy(policy_toml(cluster.image_sha256, binds=[bind]))
-    job = runner_site.write_job("swappable",
-                                job_toml("swappable", script="touch /work/ran.txt\n", binds=[bind]))
 
-    result = runner_site.run(job)
+    result = run_refused_bind(runner_site, cluster, "swappable", bind)
 
     assert result.returncode == 126, result.stderr
     assert f"bind {bind} refused: {shared} is writable by " in result.stderr
-    assert not (runner_site.workspace / "ran.txt").exists()
 
 
 def test_bind_reaching_the_local_queue_socket_is_refused_and_runs_nothing(
@@ -283,16 +287,12 @@ def test_bind_reaching_the_local_queue_socket_is_refused_and_runs_nothing(
     write_public_file(config, config_toml(runner_site.root, policy=runner_site.policy,
                                           socket=run_dir / "agent.sock"))
     bind = f"{run_dir}:/agent-run:ro"
-    runner_site.write_policy(policy_toml(cluster.image_sha256, binds=[bind]))
-    job = runner_site.write_job("binds-socket", job_toml("binds-socket", script="touch /work/ran.txt\n",
-                                                         binds=[bind]))
 
-    result = runner_site.run(job, "--config", os.fspath(config))
+    result = run_refused_bind(runner_site, cluster, "binds-socket", bind, "--config", os.fspath(config))
 
     assert result.returncode == 126, result.stderr
     assert f"bind {bind} refused" in result.stderr
     assert f"parent of the protected path {run_dir / 'agent.sock'}" in result.stderr
-    assert not (runner_site.workspace / "ran.txt").exists()
 
 
 # -- through the agent -------------------------------------------------------------------------

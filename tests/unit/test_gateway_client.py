@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from multidict import CIMultiDict
 
-from runner.config import parse_config_text
+from runner.config import GithubConfig, parse_config_text
 from runner.errors import InputError
 from runner.gateway import protocol
 from runner.secrets import SecretFileError
@@ -101,25 +101,26 @@ gateway_token_file = "{token_file}"
 """
 
 
-def test_from_config_reads_the_token_file_and_never_shows_the_token(tmp_path: Path) -> None:
+def github_with_token_file(tmp_path: Path, mode: int) -> GithubConfig:
+    """The [github] section of `github_config`, its token file written with `mode`."""
     token_file = tmp_path / "gateway-token"
     token_file.write_text("secret-token-0123456789abcdef0123456789\n")
-    token_file.chmod(0o600)
+    token_file.chmod(mode)
     config = parse_config_text(github_config(tmp_path, token_file))
     assert config.github is not None
-    client = GatewayClient.from_config(config.github)
+    return config.github
+
+
+def test_from_config_reads_the_token_file_and_never_shows_the_token(tmp_path: Path) -> None:
+    client = GatewayClient.from_config(github_with_token_file(tmp_path, 0o600))
     assert "secret-token" not in repr(client)
     assert repr(client) == "GatewayClient('https://gateway.example.org/hpc')"
 
 
 def test_from_config_refuses_a_token_file_open_to_others(tmp_path: Path) -> None:
-    token_file = tmp_path / "gateway-token"
-    token_file.write_text("secret-token-0123456789abcdef0123456789\n")
-    token_file.chmod(0o644)
-    config = parse_config_text(github_config(tmp_path, token_file))
-    assert config.github is not None
+    github = github_with_token_file(tmp_path, 0o644)
     with pytest.raises(SecretFileError, match="gateway token"):
-        GatewayClient.from_config(config.github)
+        GatewayClient.from_config(github)
 
 
 def test_from_config_needs_gateway_mode(tmp_path: Path) -> None:

@@ -54,6 +54,14 @@ def put(queue: DeliveryQueue, delivery_id: str, event: str = "pull_request") -> 
     return queue.enqueue(event=event, delivery_id=delivery_id, body=body).new
 
 
+def lease_d1(queue: DeliveryQueue) -> LeasedDelivery:
+    """Queue delivery "d1" and lease it to agent "a" for 10 s."""
+    put(queue, "d1")
+    leased = queue.lease("a", 10)
+    assert leased is not None
+    return leased
+
+
 def delivery_id_of(leased: LeasedDelivery | None) -> str | None:
     return None if leased is None else leased.delivery_id
 
@@ -88,9 +96,7 @@ def test_a_redelivery_after_acknowledgement_is_still_recognised(queue: DeliveryQ
 
 def test_a_leased_delivery_goes_to_nobody_else_until_its_lease_runs_out(queue: DeliveryQueue,
                                                                       clock: Clock) -> None:
-    put(queue, "d1")
-    first = queue.lease("a", 10)
-    assert first is not None
+    first = lease_d1(queue)
     clock.advance(9.9)
     assert queue.lease("b", 10) is None
     clock.advance(0.1)
@@ -101,9 +107,7 @@ def test_a_leased_delivery_goes_to_nobody_else_until_its_lease_runs_out(queue: D
 
 
 def test_extending_keeps_the_delivery_from_other_agents(queue: DeliveryQueue, clock: Clock) -> None:
-    put(queue, "d1")
-    leased = queue.lease("a", 10)
-    assert leased is not None
+    leased = lease_d1(queue)
     for _ in range(5):
         clock.advance(8)
         assert queue.extend(leased.lease_id, "a", 10) == clock.now + 10
@@ -113,9 +117,7 @@ def test_extending_keeps_the_delivery_from_other_agents(queue: DeliveryQueue, cl
 
 def test_a_lease_that_ran_out_unnoticed_can_still_be_extended_by_its_holder(queue: DeliveryQueue,
                                                                           clock: Clock) -> None:
-    put(queue, "d1")
-    leased = queue.lease("a", 10)
-    assert leased is not None
+    leased = lease_d1(queue)
     clock.advance(15)
     assert queue.extend(leased.lease_id, "a", 10) == clock.now + 10
     assert queue.lease("b", 10) is None
@@ -123,9 +125,7 @@ def test_a_lease_that_ran_out_unnoticed_can_still_be_extended_by_its_holder(queu
 
 def test_once_handed_to_another_agent_the_old_lease_is_worth_nothing(queue: DeliveryQueue,
                                                                    clock: Clock) -> None:
-    put(queue, "d1")
-    old = queue.lease("a", 10)
-    assert old is not None
+    old = lease_d1(queue)
     clock.advance(10)
     new = queue.lease("b", 10)
     assert new is not None
@@ -136,9 +136,7 @@ def test_once_handed_to_another_agent_the_old_lease_is_worth_nothing(queue: Deli
 
 
 def test_only_the_holder_can_use_a_lease(queue: DeliveryQueue) -> None:
-    put(queue, "d1")
-    leased = queue.lease("a", 10)
-    assert leased is not None
+    leased = lease_d1(queue)
     assert queue.extend(leased.lease_id, "b", 10) is None
     assert queue.acknowledge(leased.lease_id, "b") is None
     assert queue.release(leased.lease_id, "b") is None
@@ -146,9 +144,7 @@ def test_only_the_holder_can_use_a_lease(queue: DeliveryQueue) -> None:
 
 
 def test_acknowledging_is_final_and_may_be_repeated(queue: DeliveryQueue, clock: Clock) -> None:
-    put(queue, "d1")
-    leased = queue.lease("a", 10)
-    assert leased is not None
+    leased = lease_d1(queue)
     assert queue.acknowledge(leased.lease_id, "a") == "d1"
     assert queue.acknowledge(leased.lease_id, "a") == "d1"
     assert queue.extend(leased.lease_id, "a", 10) is None
@@ -159,9 +155,7 @@ def test_acknowledging_is_final_and_may_be_repeated(queue: DeliveryQueue, clock:
 
 
 def test_acknowledging_drops_the_body(queue: DeliveryQueue, state_dir: Path) -> None:
-    put(queue, "d1")
-    leased = queue.lease("a", 10)
-    assert leased is not None
+    leased = lease_d1(queue)
     queue.acknowledge(leased.lease_id, "a")
     with sqlite3.connect(state_dir / DB_FILENAME) as conn:
         assert conn.execute("SELECT body FROM deliveries WHERE delivery_id = 'd1'").fetchone() == (None,)

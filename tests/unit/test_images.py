@@ -32,74 +32,50 @@ from sandbox.images import (
 
 OLD = 1_600_000_000  # a timestamp far enough in the past that a file counts as settled
 
-# --- `apptainer verify --local --json` output, recorded from Apptainer 1.4.5 ----------------------
+# --- `apptainer verify --local --json` output, as recorded from Apptainer 1.4.5 -------------------
 # Key 1 made with `apptainer key newpair --name "CI Test" --comment test --email ci@example.org
 # --password "" --push=false -b 2048`; key 2 likewise as "Other <o@example.org>".
 
 KEY1 = "0F56574E5CB0295E77327F976677DC5F048B02AC"
 KEY2 = "3B93127725506857127857CAD3AC5F505D9A529C"
+KEY1_NAME = "CI Test (test) <ci@example.org>"
+KEY2_NAME = "Other <o@example.org>"
+# The objects a signature covers, in the order Apptainer lists them.
+PARTITIONS = ("Def.FILE", "JSON.Generic", "FS")
+
+
+def signed_by(name: str, fingerprint: str, *, partitions: tuple[str, ...] = PARTITIONS,
+              key_known: bool = True, intact: tuple[str, ...] = PARTITIONS) -> list[dict[str, Any]]:
+    """One key's `SignerKeys` entries, an entry per object it signed; `intact` are the objects whose
+    data still matches the signature."""
+    return [{"Signer": {"Partition": partition, "Name": name, "Fingerprint": fingerprint,
+                        "KeyLocal": key_known, "KeyCheck": key_known, "DataCheck": partition in intact}}
+            for partition in partitions]
+
+
+def verify_json(signatures: int, signer_keys: list[dict[str, Any]]) -> str:
+    """The output as `apptainer verify --json` prints it, byte for byte as recorded: Go's two-space
+    indent, `<` and `>` escaped, `null` for no signer keys, a final newline."""
+    text = json.dumps({"Signatures": signatures, "SignerKeys": signer_keys or None}, indent=2)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e") + "\n"
+
 
 # Signed with key 1, verified with key 1 in the keyring: exit 0.
-SIGNED_BY_KEY1 = """{
-  "Signatures": 1,
-  "SignerKeys": [
-    {
-      "Signer": {
-        "Partition": "Def.FILE",
-        "Name": "CI Test (test) \\u003cci@example.org\\u003e",
-        "Fingerprint": "0f56574e5cb0295e77327f976677dc5f048b02ac",
-        "KeyLocal": true,
-        "KeyCheck": true,
-        "DataCheck": true
-      }
-    },
-    {
-      "Signer": {
-        "Partition": "JSON.Generic",
-        "Name": "CI Test (test) \\u003cci@example.org\\u003e",
-        "Fingerprint": "0f56574e5cb0295e77327f976677dc5f048b02ac",
-        "KeyLocal": true,
-        "KeyCheck": true,
-        "DataCheck": true
-      }
-    },
-    {
-      "Signer": {
-        "Partition": "FS",
-        "Name": "CI Test (test) \\u003cci@example.org\\u003e",
-        "Fingerprint": "0f56574e5cb0295e77327f976677dc5f048b02ac",
-        "KeyLocal": true,
-        "KeyCheck": true,
-        "DataCheck": true
-      }
-    }
-  ]
-}
-"""
+SIGNED_BY_KEY1 = verify_json(1, signed_by(KEY1_NAME, KEY1.lower()))
 
 # The same image with one byte of its squashfs partition flipped: exit 255, signer still listed.
-TAMPERED = SIGNED_BY_KEY1.replace('''"Partition": "FS",
-        "Name": "CI Test (test) \\u003cci@example.org\\u003e",
-        "Fingerprint": "0f56574e5cb0295e77327f976677dc5f048b02ac",
-        "KeyLocal": true,
-        "KeyCheck": true,
-        "DataCheck": true''', '''"Partition": "FS",
-        "Name": "CI Test (test) \\u003cci@example.org\\u003e",
-        "Fingerprint": "0f56574e5cb0295e77327f976677dc5f048b02ac",
-        "KeyLocal": true,
-        "KeyCheck": true,
-        "DataCheck": false''')
+TAMPERED = verify_json(1, signed_by(KEY1_NAME, KEY1.lower(), intact=("Def.FILE", "JSON.Generic")))
 TAMPERED_STDERR = ("INFO:    Verifying image with PGP key material\n"
                    "FATAL:   Failed to verify container: integrity: data object integrity compromised: 3\n")
 
 # Signed with key 1, verified with an empty keyring: exit 255.
-UNKNOWN_KEY = '{\n  "Signatures": 1,\n  "SignerKeys": null\n}\n'
+UNKNOWN_KEY = verify_json(1, [])
 UNKNOWN_KEY_STDERR = ("INFO:    Verifying image with PGP key material\n"
                       "FATAL:   Failed to verify container: integrity: signature object 4 not valid: "
                       "openpgp: signature made by unknown entity\n")
 
 # Not signed at all: exit 255.
-UNSIGNED = '{\n  "Signatures": 0,\n  "SignerKeys": null\n}\n'
+UNSIGNED = verify_json(0, [])
 UNSIGNED_STDERR = ("INFO:    Verifying image with PGP key material\n"
                    "FATAL:   Failed to verify container: integrity: signature not found for object group 1\n")
 
@@ -109,44 +85,14 @@ SECOND_SIGNER_UNKNOWN_STDERR = ("INFO:    Verifying image with PGP key material\
                                 "valid: openpgp: signature made by unknown entity\n")
 
 # Signed by key 1 and key 2, both in the keyring: exit 0, each key listed for each object.
-BOTH_SIGNERS = json.dumps({"Signatures": 2, "SignerKeys": [
-    *json.loads(SIGNED_BY_KEY1)["SignerKeys"],
-    *[{"Signer": {"Partition": partition, "Name": "Other <o@example.org>", "Fingerprint": KEY2.lower(),
-                  "KeyLocal": True, "KeyCheck": True, "DataCheck": True}}
-      for partition in ("Def.FILE", "JSON.Generic", "FS")]]}, indent=2)
+BOTH_SIGNERS = verify_json(2, signed_by(KEY1_NAME, KEY1.lower()) + signed_by(KEY2_NAME, KEY2.lower()))
 
 # Signed by key 2 only, verified with both keys in the keyring: exit 0, a valid but wrong signer.
-ONLY_KEY2 = SIGNED_BY_KEY1.replace(KEY1.lower(), KEY2.lower()).replace(
-    "CI Test (test) \\u003cci@example.org\\u003e", "Other \\u003co@example.org\\u003e")
+ONLY_KEY2 = verify_json(1, signed_by(KEY2_NAME, KEY2.lower()))
 
 # Signed with a PEM key (`apptainer sign --key rsa.pem`), verified with `--key rsa.pub`: exit 0 but
 # no PGP key behind it. Without --key (as we run it) the exit status is 255 and nothing is listed.
-PEM_WITH_KEY = """{
-  "Signatures": 1,
-  "SignerKeys": [
-    {
-      "Signer": {
-        "Partition": "Def.FILE",
-        "Name": "unknown",
-        "Fingerprint": "",
-        "KeyLocal": false,
-        "KeyCheck": false,
-        "DataCheck": true
-      }
-    },
-    {
-      "Signer": {
-        "Partition": "FS",
-        "Name": "unknown",
-        "Fingerprint": "",
-        "KeyLocal": false,
-        "KeyCheck": false,
-        "DataCheck": true
-      }
-    }
-  ]
-}
-"""
+PEM_WITH_KEY = verify_json(1, signed_by("unknown", "", partitions=("Def.FILE", "FS"), key_known=False))
 PEM_STDERR = ("INFO:    Verifying image with PGP key material\n"
               "FATAL:   Failed to verify container: integrity: key material not provided for DSSE "
               "envelope signature\n")

@@ -52,6 +52,19 @@ def group_exists(pgid: int) -> bool:
     return True
 
 
+async def cancel_once_logged(spec: LocalLaunch, started: Callable[[str], bool],
+                             what: str = "the job to start") -> tuple[Outcome, float]:
+    """Run `spec` and set its cancel event once `started` holds for its log (`what` names that
+    moment); its outcome, and how many seconds it took to end after the cancel."""
+    cancel = asyncio.Event()
+    running = asyncio.ensure_future(LocalExecutor().run(spec, cancel))
+    await wait_until(lambda: started(log_of(spec)), what)
+    cancel.set()
+    cancelled_at = time.monotonic()
+    outcome = await asyncio.wait_for(running, DEADLINE_S)
+    return outcome, time.monotonic() - cancelled_at
+
+
 def leader_pid(spec: LocalLaunch) -> int:
     """The job scripts print `leader=$$` first: the shell is the group leader, its pid the pgid."""
     found = re.search(r"leader=(\d+)", log_of(spec))
@@ -267,11 +280,7 @@ async def test_stray_children_ignoring_sigterm_are_killed(tmp_path: Path) -> Non
 
 async def test_cancel_terminates_the_group(tmp_path: Path) -> None:
     spec = launch(tmp_path, "echo leader=$$; sleep 1000 & sleep 1000", grace=5.0)
-    cancel = asyncio.Event()
-    running = asyncio.ensure_future(LocalExecutor().run(spec, cancel))
-    await wait_until(lambda: "leader=" in log_of(spec), "the job to start")
-    cancel.set()
-    outcome = await asyncio.wait_for(running, DEADLINE_S)
+    outcome, _ = await cancel_once_logged(spec, lambda log: "leader=" in log)
     assert outcome.state == "cancelled"
     assert outcome.detail == "cancelled"
     assert "hpc-runner: job cancelled; sent SIGTERM\n" in log_of(spec)
@@ -280,13 +289,8 @@ async def test_cancel_terminates_the_group(tmp_path: Path) -> None:
 
 async def test_cancel_of_a_group_ignoring_sigterm_ends_within_grace_plus_one_second(tmp_path: Path) -> None:
     spec = launch(tmp_path, "trap '' TERM; echo leader=$$; sleep 1000", grace=0.5)
-    cancel = asyncio.Event()
-    running = asyncio.ensure_future(LocalExecutor().run(spec, cancel))
-    await wait_until(lambda: "leader=" in log_of(spec), "the job to start")
-    cancel.set()
-    started = time.monotonic()
-    outcome = await asyncio.wait_for(running, DEADLINE_S)
-    assert time.monotonic() - started < 0.5 + 1.0
+    outcome, seconds = await cancel_once_logged(spec, lambda log: "leader=" in log)
+    assert seconds < 0.5 + 1.0
     assert outcome.state == "cancelled"
     assert log_of(spec).endswith("hpc-runner: job cancelled; sent SIGKILL\n")
     assert not group_exists(leader_pid(spec))
@@ -406,11 +410,7 @@ async def test_cancel_kills_processes_that_left_the_group_or_the_session_ignorin
         tmp_path: Path, strays: Callable[..., list[int]]) -> None:
     script = "\n".join(["trap '' TERM", "echo leader=$$", MOVES_OUT, DETACHES, "exec sleep 1000"])
     spec = launch(tmp_path, script, grace=0.3)
-    cancel = asyncio.Event()
-    running_job = asyncio.ensure_future(LocalExecutor().run(spec, cancel))
-    await wait_until(lambda: "moved=" in log_of(spec) and "detached=" in log_of(spec), "the job to start")
-    cancel.set()
-    outcome = await asyncio.wait_for(running_job, DEADLINE_S)
+    outcome, _ = await cancel_once_logged(spec, lambda log: "moved=" in log and "detached=" in log)
     pids = strays(spec, "moved", "detached")
     assert outcome.state == "cancelled"
     assert log_of(spec).endswith("hpc-runner: job cancelled; sent SIGKILL\n")
@@ -449,11 +449,8 @@ async def test_a_job_starting_session_after_session_while_ignoring_sigterm_is_en
     # is none of the job's, and get away.
     script = "trap '' TERM\necho leader=$$\nwhile :; do\n" + DETACHES + "\nsleep 0.01\ndone"
     spec = launch(tmp_path, script, grace=0.3)
-    cancel = asyncio.Event()
-    running_job = asyncio.ensure_future(LocalExecutor().run(spec, cancel))
-    await wait_until(lambda: log_of(spec).count("detached=") >= 5, "the job to start sessions")
-    cancel.set()
-    outcome = await asyncio.wait_for(running_job, DEADLINE_S)
+    outcome, _ = await cancel_once_logged(spec, lambda log: log.count("detached=") >= 5,
+                                          "the job to start sessions")
     pids = strays(spec, "detached")
     assert outcome.state == "cancelled"
     assert [pid for pid in pids if running(pid)] == []
@@ -517,11 +514,7 @@ async def test_a_filesystem_server_of_the_job_is_terminated_only_after_the_rest_
                         "trap 'sleep 0.3; echo rest ended; exit 0' TERM", "echo ready",
                         "while :; do sleep 0.05; done"])
     spec = launch(tmp_path, script, grace=5.0)
-    cancel = asyncio.Event()
-    running_job = asyncio.ensure_future(LocalExecutor().run(spec, cancel))
-    await wait_until(lambda: "ready" in log_of(spec), "the job to start")
-    cancel.set()
-    outcome = await asyncio.wait_for(running_job, DEADLINE_S)
+    outcome, _ = await cancel_once_logged(spec, lambda log: "ready" in log)
     strays(spec, "server")
     assert outcome.state == "cancelled"
     assert log_of(spec).endswith("rest ended\nserver ended after the rest\n"), log_of(spec)
