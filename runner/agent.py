@@ -32,6 +32,7 @@ from runner.logs.tail import LogSink
 from runner.policy import Decision, Policy
 from runner.spec import JobSpec
 from runner.store import Store
+from runner.tasks import TaskSet
 
 __all__ = ["Agent", "NotAllowed", "UnknownJob", "slurm_executor"]
 
@@ -61,7 +62,7 @@ class Agent:
             slurm = slurm_executor(config)
         self.driver = JobDriver(self.site, store, grace_seconds=grace_seconds, local=executor, slurm=slurm)
         self.admissions = Admissions(self.site, store, append_to_log, accepting=lambda: self._accepting)
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = TaskSet()
         self._policy_loader = policy_loader
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._turns: dict[str, _Turn] = {}
@@ -245,12 +246,9 @@ class Agent:
         self._workers = [asyncio.create_task(self._worker()) for _ in range(self.config.max_jobs)]
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
+        self._background.spawn(work).add_done_callback(self._background_done)
 
-    def _background_done(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:
             # Jobs it did not reach stay pending or running until the next start finds them.
             log.error("reattaching to Slurm jobs failed; restart the agent to try again",
@@ -344,9 +342,10 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
 
     async def stop_workers(self) -> None:
-        for worker in [*self._workers, *self._background]:
+        for worker in self._workers:
             worker.cancel()
-        await asyncio.gather(*self._workers, *self._background, return_exceptions=True)
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        await self._background.cancel_all()
         if self.driver.slurm is not None:
             await self.driver.slurm.close()
 
