@@ -25,12 +25,17 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import pytest
+
+if TYPE_CHECKING:
+    import aiohttp
+    from fakes.buildkite_api import BuildkiteEmulator
+    from fakes.github_api import ManualClock
 
 SERVICE_USER = "hpcrunner"
 SERVICE_HOME = Path("/var/lib/hpcrunner")
@@ -137,6 +142,36 @@ def hash_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(images, "sha256_file", counting)
     return calls
+
+
+# --------------------------------------------------------------------------------------------
+# The CI services' emulators and their clients (imported when asked for: most tests need neither)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """A clock that moves only when told to, for the GitHub emulator and the client under test."""
+    from fakes.github_api import ManualClock
+
+    return ManualClock()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain aiohttp client session, closed after the test."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def bk() -> AsyncIterator[BuildkiteEmulator]:
+    """The Buildkite agent API emulator, asking its agents to send the header Buildkite-Shard: 7."""
+    from fakes.buildkite_api import BuildkiteEmulator
+
+    async with BuildkiteEmulator(request_headers={"Buildkite-Shard": "7"}) as emulator:
+        yield emulator
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,14 +734,19 @@ def make_runner_site(
     grace_period: str = "1s",
     apptainer: str | None = None,
     executor: str = "local",
+    policy_text: str | None = None,
+    sections: Sequence[str] = (),
 ) -> RunnerSite:
-    """Write config.toml and policy.toml (``policy_toml`` defaults) into ``root``, a directory of
-    the service account, and create its workspace."""
+    """Write config.toml and policy.toml into ``root``, a directory of the service account, and
+    create its workspace. The policy is ``policy_text``, or ``policy_toml``'s defaults; the config
+    ends with ``sections`` (tables from `toml_table`, such as a source's)."""
     policy = root / "policy.toml"
-    write_public_file(policy, policy_toml(image_sha256))
+    write_public_file(policy, policy_toml(image_sha256) if policy_text is None else policy_text)
     config = root / "config.toml"
-    write_public_file(config, config_toml(root, policy=policy, socket=socket, max_jobs=max_jobs,
-                                          grace_period=grace_period, apptainer=apptainer, executor=executor))
+    write_public_file(config, "\n".join([
+        config_toml(root, policy=policy, socket=socket, max_jobs=max_jobs, grace_period=grace_period,
+                    apptainer=apptainer, executor=executor),
+        *sections]))
     workspace = root / "workspace"
     workspace.mkdir(mode=0o755)
     account = pwd.getpwnam(SERVICE_USER)
@@ -720,6 +760,20 @@ def make_runner_site(
 def runner_site(cluster: Cluster, service_tmp: Path) -> RunnerSite:
     """A config and policy for the test image in ``service_tmp``, for `hpc-runner run` and `agent`."""
     return make_runner_site(service_tmp, cluster.image_sha256)
+
+
+def source_site(cluster: Cluster, root: Path, *, grant: str, section: str, socket: Path,
+                max_jobs: int) -> RunnerSite:
+    """A site whose agent serves a CI source (its config ``section``) through Slurm: the policy
+    has the account ``esm`` in the partition ``debug`` (2 minutes and 1G a job at most), the test
+    image and the source's one ``grant``."""
+    policy = policy_document(
+        toml_table("[accounts.esm]", slurm_account="esm", partitions=["debug"], max_time="2m",
+                   max_memory="1G"),
+        image_table(cluster.image, cluster.image_sha256),
+        grant)
+    return make_runner_site(root, cluster.image_sha256, socket=socket, max_jobs=max_jobs, executor="slurm",
+                            policy_text=policy, sections=[section])
 
 
 @dataclass

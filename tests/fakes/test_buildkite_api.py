@@ -13,11 +13,7 @@ import pytest
 
 from .buildkite_api import BuildkiteEmulator, LogGapError, make_job
 
-
-@pytest.fixture
-async def bk() -> AsyncIterator[BuildkiteEmulator]:
-    async with BuildkiteEmulator(request_headers={"Buildkite-Shard": "7"}) as emulator:
-        yield emulator
+# `bk` (the emulator, asking for the header Buildkite-Shard: 7) comes from conftest.
 
 
 @pytest.fixture

@@ -20,21 +20,10 @@ HEADERS = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "202
 
 
 @pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
 async def gh(clock: ManualClock) -> AsyncIterator[GitHubEmulator]:
     async with GitHubEmulator(clock=clock.time) as emulator:
         emulator.add_repository(REPO, files={".hpc-runner.toml": "[[jobs]]\nname = 'x'\n"})
         yield emulator
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def call(http: aiohttp.ClientSession, gh: GitHubEmulator, method: str, path: str,

@@ -9,28 +9,27 @@ tiny and the emulator's intervals short, so the whole file takes a minute or two
 from __future__ import annotations
 
 import contextlib
-import os
-import pwd
 import re
 import signal
 import sqlite3
 import subprocess
-import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from conftest import (
-    SERVICE_USER,
+    TEST_IMAGE_NAME,
     AgentProcess,
     Cluster,
     RunnerSite,
     git,
     give_tree_to_service_user,
-    make_runner_site,
+    source_site,
+    toml_table,
     wait_for,
     write_public_file,
+    write_service_secret,
 )
 from fakes.background_loop import BackgroundLoop
 from fakes.buildkite_api import BuildkiteEmulator
@@ -43,6 +42,8 @@ T = TypeVar("T")
 JOB_TIMEOUT_S = 150.0
 STAMP = re.compile(rb"\x1b_bk;t=\d+\x07")
 PLUGIN = {"hpc-runner#v1": {"image": "test", "resources": {"time": "1m", "cpus_per_task": 1}}}
+# The `serve` fixture: `serve(workers=N)` starts an agent; its site and process.
+Serve = Callable[..., tuple[RunnerSite, AgentProcess]]
 
 
 def unstamped(log: bytes) -> bytes:
@@ -81,14 +82,16 @@ class EmulatorThread(BackgroundLoop):
         assert len(finishes) == 1, finishes
         return finishes[0]
 
+    def wait_running_with(self, job_id: str, output: bytes, what: str) -> None:
+        """Wait until the job runs and its log in Buildkite holds ``output``."""
+        wait_for(lambda: self.state(job_id) == "running" and output in unstamped(self.log(job_id)),
+                 JOB_TIMEOUT_S, interval=0.2, what=what)
+
 
 @pytest.fixture
 def emulator() -> Iterator[EmulatorThread]:
-    thread = EmulatorThread()
-    try:
+    with contextlib.closing(EmulatorThread()) as thread:
         yield thread
-    finally:
-        thread.close()
 
 
 @pytest.fixture
@@ -111,45 +114,15 @@ def repo(service_tmp: Path) -> Path:
 
 def buildkite_site(cluster: Cluster, service_tmp: Path, emulator: EmulatorThread, signer: StepSigner, *,
                    socket: Path, workers: int = 2, max_jobs: int = 10) -> RunnerSite:
-    site = make_runner_site(service_tmp, cluster.image_sha256, max_jobs=max_jobs, socket=socket)
-    site.write_policy(textwrap.dedent(f"""\
-        version = 1
-
-        [accounts.esm]
-        slurm_account = "esm"
-        partitions = ["debug"]
-        max_time = "2m"
-        max_memory = "1G"
-
-        [images.test]
-        path = "{cluster.image}"
-        sha256 = "{cluster.image_sha256}"
-
-        [[grants]]
-        name = "pipeline"
-        principals = ["buildkite:pipeline:example/pipeline"]
-        account = "esm"
-        images = ["test"]
-        signers = ["{signer.kid}"]
-        """))
-    token = service_tmp / "buildkite-token"
-    token.write_text(emulator.bk.registration_token + "\n")
+    token = write_service_secret(service_tmp / "buildkite-token", emulator.bk.registration_token + "\n")
     jwks = service_tmp / "buildkite-jwks.json"
     write_public_file(jwks, signer.public_jwks())
-    account = pwd.getpwnam(SERVICE_USER)
-    os.chown(token, account.pw_uid, account.pw_gid)
-    token.chmod(0o600)
-    config = site.config.read_text().replace('executor = "local"', 'executor = "slurm"')
-    config += textwrap.dedent(f"""
-        [buildkite]
-        token_file = "{token}"
-        verification_jwks_file = "{jwks}"
-        endpoint = "{emulator.bk.url}"
-        tags = ["queue=hpc"]
-        workers = {workers}
-        """)
-    write_public_file(site.config, config)
-    return site
+    return source_site(
+        cluster, service_tmp, socket=socket, max_jobs=max_jobs,
+        grant=toml_table("[[grants]]", name="pipeline", principals=["buildkite:pipeline:example/pipeline"],
+                         account="esm", images=[TEST_IMAGE_NAME], signers=[signer.kid]),
+        section=toml_table("[buildkite]", token_file=token, verification_jwks_file=jwks,
+                           endpoint=emulator.bk.url, tags=["queue=hpc"], workers=workers))
 
 
 def stored_jobs(site: RunnerSite) -> list[tuple[str, str, str | None]]:
@@ -173,9 +146,19 @@ def output_file(site: RunnerSite, job_id: str) -> bytes:
 
 
 @pytest.fixture
-def cancel_leftovers() -> Iterator[list[RunnerSite]]:
+def serve(cluster: Cluster, service_tmp: Path, emulator: EmulatorThread, signer: StepSigner,
+          agents: Callable[[RunnerSite], AgentProcess], shared_socket: Path
+          ) -> Iterator[Serve]:
+    """Starts an agent serving the emulator through Slurm (``serve(workers=N)``): its site and
+    process. Whatever of its jobs Slurm still runs after the test is cancelled."""
     sites: list[RunnerSite] = []
-    yield sites
+
+    def start(workers: int = 2) -> tuple[RunnerSite, AgentProcess]:
+        site = buildkite_site(cluster, service_tmp, emulator, signer, socket=shared_socket, workers=workers)
+        sites.append(site)
+        return site, agents(site)
+
+    yield start
     for site in sites:
         with contextlib.suppress(Exception):
             for job_id, _, _ in stored_jobs(site):
@@ -184,12 +167,8 @@ def cancel_leftovers() -> Iterator[list[RunnerSite]]:
 
 
 def test_a_signed_step_runs_in_slurm_and_its_log_and_status_reach_buildkite(
-        cluster: Cluster, service_tmp: Path, emulator: EmulatorThread, signer: StepSigner, repo: Path,
-        agents: Callable[[RunnerSite], AgentProcess],
-        shared_socket: Path, cancel_leftovers: list[RunnerSite]) -> None:
-    site = buildkite_site(cluster, service_tmp, emulator, signer, socket=shared_socket)
-    cancel_leftovers.append(site)
-    agents(site)
+        emulator: EmulatorThread, signer: StepSigner, repo: Path, serve: Serve) -> None:
+    site, _ = serve()
     command = "cat data.txt\nprintf 'two\\nthree'\necho\necho \"secret is $DEPLOY_TOKEN\"\nexit 3"
     job_id = emulator.queue(signed_job(signer, command, repo=str(repo), plugins=[PLUGIN],
                                        step_env={"DEPLOY_TOKEN": "hunter2-secret"}))
@@ -236,11 +215,8 @@ def tampered(signer: StepSigner, repo: str) -> dict[str, dict[str, Any]]:
 
 
 def test_tampered_and_unsigned_steps_end_signature_rejected_and_never_reach_slurm(
-        cluster: Cluster, service_tmp: Path, emulator: EmulatorThread, signer: StepSigner, repo: Path,
-        agents: Callable[[RunnerSite], AgentProcess],
-        shared_socket: Path) -> None:
-    site = buildkite_site(cluster, service_tmp, emulator, signer, socket=shared_socket, workers=4)
-    agents(site)
+        emulator: EmulatorThread, signer: StepSigner, repo: Path, serve: Serve) -> None:
+    site, _ = serve(workers=4)
     ids = {name: emulator.queue(job) for name, job in tampered(signer, str(repo)).items()}
 
     for name, job_id in ids.items():
@@ -254,16 +230,12 @@ def test_tampered_and_unsigned_steps_end_signature_rejected_and_never_reach_slur
 
 
 def test_an_agent_killed_mid_job_and_restarted_completes_the_log_and_finishes_once(
-        cluster: Cluster, service_tmp: Path, emulator: EmulatorThread, signer: StepSigner, repo: Path,
-        agents: Callable[[RunnerSite], AgentProcess],
-        shared_socket: Path, cancel_leftovers: list[RunnerSite]) -> None:
-    site = buildkite_site(cluster, service_tmp, emulator, signer, socket=shared_socket)
-    cancel_leftovers.append(site)
-    agent = agents(site)
+        emulator: EmulatorThread, signer: StepSigner, repo: Path, serve: Serve,
+        agents: Callable[[RunnerSite], AgentProcess]) -> None:
+    site, agent = serve()
     command = "i=1\nwhile [ $i -le 40 ]; do echo \"line $i\"; i=$((i + 1)); sleep 0.2; done"
     job_id = emulator.queue(signed_job(signer, command, repo=str(repo), plugins=[PLUGIN]))
-    wait_for(lambda: b"line 3\n" in unstamped(emulator.log(job_id)) if emulator.state(job_id) == "running"
-             else False, JOB_TIMEOUT_S, interval=0.2, what="the first lines in Buildkite")
+    emulator.wait_running_with(job_id, b"line 3\n", "the first lines in Buildkite")
     kill_agent(agent)
     before = unstamped(emulator.log(job_id))
     assert b"line 40\n" not in before
@@ -281,16 +253,11 @@ def test_an_agent_killed_mid_job_and_restarted_completes_the_log_and_finishes_on
 
 
 def test_cancel_in_buildkite_leaves_no_slurm_job(
-        cluster: Cluster, service_tmp: Path, emulator: EmulatorThread, signer: StepSigner, repo: Path,
-        agents: Callable[[RunnerSite], AgentProcess],
-        shared_socket: Path, cancel_leftovers: list[RunnerSite]) -> None:
-    site = buildkite_site(cluster, service_tmp, emulator, signer, socket=shared_socket)
-    cancel_leftovers.append(site)
-    agents(site)
+        emulator: EmulatorThread, signer: StepSigner, repo: Path, serve: Serve) -> None:
+    site, _ = serve()
     job_id = emulator.queue(signed_job(signer, "echo started\nsleep 100\necho not cancelled", repo=str(repo),
                                        plugins=[PLUGIN]))
-    wait_for(lambda: b"started\n" in unstamped(emulator.log(job_id)) if emulator.state(job_id) == "running"
-             else False, JOB_TIMEOUT_S, interval=0.2, what="the job to start")
+    emulator.wait_running_with(job_id, b"started\n", "the job to start")
     runner_id = runner_job(site, job_id)
     assert squeue_lists(runner_id)
 
@@ -305,12 +272,8 @@ def test_cancel_in_buildkite_leaves_no_slurm_job(
 
 
 def test_ten_jobs_at_once_with_ten_workers_all_complete(
-        cluster: Cluster, service_tmp: Path, emulator: EmulatorThread, signer: StepSigner, repo: Path,
-        agents: Callable[[RunnerSite], AgentProcess],
-        shared_socket: Path, cancel_leftovers: list[RunnerSite]) -> None:
-    site = buildkite_site(cluster, service_tmp, emulator, signer, socket=shared_socket, workers=10)
-    cancel_leftovers.append(site)
-    agents(site)
+        emulator: EmulatorThread, signer: StepSigner, repo: Path, serve: Serve) -> None:
+    serve(workers=10)
     ids = [emulator.queue(signed_job(signer, f"echo job {n}", repo=str(repo), plugins=[PLUGIN]))
            for n in range(10)]
 
@@ -324,16 +287,12 @@ def test_ten_jobs_at_once_with_ten_workers_all_complete(
 
 
 def test_sigterm_lets_the_job_finish_and_disconnects_a_second_cancels_it_as_agent_stop(
-        cluster: Cluster, service_tmp: Path, emulator: EmulatorThread, signer: StepSigner, repo: Path,
-        agents: Callable[[RunnerSite], AgentProcess],
-        shared_socket: Path, cancel_leftovers: list[RunnerSite]) -> None:
-    site = buildkite_site(cluster, service_tmp, emulator, signer, socket=shared_socket, workers=1)
-    cancel_leftovers.append(site)
-    agent = agents(site)
+        emulator: EmulatorThread, signer: StepSigner, repo: Path, serve: Serve,
+        agents: Callable[[RunnerSite], AgentProcess]) -> None:
+    site, agent = serve(workers=1)
     first = emulator.queue(signed_job(signer, "echo started\nsleep 3\necho done", repo=str(repo),
                                       plugins=[PLUGIN]))
-    wait_for(lambda: b"started\n" in unstamped(emulator.log(first)) if emulator.state(first) == "running"
-             else False, JOB_TIMEOUT_S, interval=0.2, what="the first job to start")
+    emulator.wait_running_with(first, b"started\n", "the first job to start")
 
     agent.send(signal.SIGTERM)
     body = emulator.wait_finished(first, timeout=60)
@@ -343,8 +302,7 @@ def test_sigterm_lets_the_job_finish_and_disconnects_a_second_cancels_it_as_agen
 
     agent = agents(site)
     second = emulator.queue(signed_job(signer, "echo started\nsleep 100", repo=str(repo), plugins=[PLUGIN]))
-    wait_for(lambda: b"started\n" in unstamped(emulator.log(second)) if emulator.state(second) == "running"
-             else False, JOB_TIMEOUT_S, interval=0.2, what="the second job to start")
+    emulator.wait_running_with(second, b"started\n", "the second job to start")
     agent.send(signal.SIGTERM)
     agent.wait_for_log("draining", timeout=10)
     agent.send(signal.SIGTERM)

@@ -9,25 +9,24 @@ a real git repository: its bare copy on disk is the `clone_url` the emulator adv
 
 from __future__ import annotations
 
-import os
-import pwd
-import textwrap
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from conftest import (
-    SERVICE_USER,
+    TEST_IMAGE_NAME,
     AgentProcess,
     Cluster,
     RunnerSite,
     as_service_user,
     git,
     give_tree_to_service_user,
-    make_runner_site,
+    source_site,
+    toml_table,
     wait_for,
-    write_public_file,
+    write_service_secret,
 )
 from fakes.background_loop import BackgroundLoop
 from fakes.github_activity import ActivityGitHub
@@ -69,57 +68,33 @@ class GitHubThread(BackgroundLoop):
     def check_runs(self, name: str) -> list[dict[str, Any]]:
         return [run for run in self.call(lambda: self.gh.check_runs(REPO)) if run["name"] == name]
 
+    def completed_run(self) -> dict[str, Any] | None:
+        """The check run of the job `unit`, once it is completed."""
+        return next((r for r in self.check_runs("hpc-runner/unit") if r["status"] == "completed"), None)
+
 
 @pytest.fixture
 def github() -> Iterator[GitHubThread]:
-    thread = GitHubThread()
-    try:
+    with contextlib.closing(GitHubThread()) as thread:
         yield thread
-    finally:
-        thread.close()
 
 
 def github_site(cluster: Cluster, service_tmp: Path, github: GitHubThread, *, socket: Path) -> RunnerSite:
-    site = make_runner_site(service_tmp, cluster.image_sha256, max_jobs=4, socket=socket)
-    site.write_policy(textwrap.dedent(f"""\
-        version = 1
+    key = write_service_secret(service_tmp / "github-app.pem", github.gh.app_private_key_pem)
+    return source_site(
+        cluster, service_tmp, socket=socket, max_jobs=4,
+        grant=toml_table("[[grants]]", name="core-prs", principals=["github:team:CliMA/core"],
+                         events=["pull_request"], refs=["refs/pull/*"], account="esm",
+                         images=[TEST_IMAGE_NAME]),
+        section=toml_table("[github]", app_id=github.gh.app_id, private_key_file=key, api_url=github.gh.url,
+                           repositories=[REPO], trigger_label="run-hpc", poll_interval="5s",
+                           log_url="https://ci.example.org/jobs/{id}"))
 
-        [accounts.esm]
-        slurm_account = "esm"
-        partitions = ["debug"]
-        max_time = "2m"
-        max_memory = "1G"
 
-        [images.test]
-        path = "{cluster.image}"
-        sha256 = "{cluster.image_sha256}"
-
-        [[grants]]
-        name = "core-prs"
-        principals = ["github:team:CliMA/core"]
-        events = ["pull_request"]
-        refs = ["refs/pull/*"]
-        account = "esm"
-        images = ["test"]
-        """))
-    key = service_tmp / "github-app.pem"
-    key.write_text(github.gh.app_private_key_pem)
-    account = pwd.getpwnam(SERVICE_USER)
-    os.chown(key, account.pw_uid, account.pw_gid)
-    key.chmod(0o600)
-    config = site.config.read_text().replace('executor = "local"', 'executor = "slurm"')
-    config += textwrap.dedent(f"""
-        [github]
-        app_id = {github.gh.app_id}
-        private_key_file = "{key}"
-        api_url = "{github.gh.url}"
-        repositories = ["{REPO}"]
-        trigger_label = "run-hpc"
-        poll_interval = "5s"
-        log_url = "https://ci.example.org/jobs/{{id}}"
-        """)
-    write_public_file(site.config, config)
-    return site
+def running_job(site: RunnerSite) -> str | None:
+    """The id of the site's one job, once the agent has it running and Slurm lists it."""
+    jobs = stored_jobs(site)
+    return jobs[0][0] if jobs and jobs[0][1] == "running" and squeue_lists(jobs[0][0]) else None
 
 
 def labelled_pull_request(github: GitHubThread, root: Path, jobs: str = JOBS) -> tuple[int, str]:
@@ -164,11 +139,8 @@ def test_a_labelled_pull_request_runs_on_the_cluster_as_a_successful_check_run(
     number, head = labelled_pull_request(github, service_tmp)
     agent = agents(site)
 
-    def completed() -> dict[str, Any] | None:
-        return next((r for r in github.check_runs("hpc-runner/unit") if r["status"] == "completed"), None)
-
     try:
-        run = wait_for(completed, JOB_TIMEOUT_S, interval=0.5, what="the check run to complete")
+        run = wait_for(github.completed_run, JOB_TIMEOUT_S, interval=0.5, what="the check run to complete")
     except AssertionError:
         raise AssertionError(f"no completed check run; the agent's log:\n{agent.log()}") from None
 
@@ -199,17 +171,10 @@ def test_a_cancel_comment_cancels_the_slurm_job_and_the_check_run_says_so(
     number, _ = labelled_pull_request(github, service_tmp, sleeping)
     agent = agents(site)
 
-    def running() -> str | None:
-        jobs = stored_jobs(site)
-        return jobs[0][0] if jobs and jobs[0][1] == "running" and squeue_lists(jobs[0][0]) else None
-
-    job_id = wait_for(running, JOB_TIMEOUT_S, interval=0.5, what="the job to run in Slurm")
+    job_id = wait_for(lambda: running_job(site), JOB_TIMEOUT_S, interval=0.5, what="the job to run in Slurm")
     github.call(lambda: github.gh.add_comment(REPO, number, "/hpc-runner cancel", user="alice"))
 
-    def cancelled() -> dict[str, Any] | None:
-        return next((r for r in github.check_runs("hpc-runner/unit") if r["status"] == "completed"), None)
-
-    run = wait_for(cancelled, 60, interval=0.5, what="the check run to end")
+    run = wait_for(github.completed_run, 60, interval=0.5, what="the check run to end")
     assert (run["conclusion"], run["output"]["title"]) == ("cancelled", "Cancelled by @alice"), agent.log()
     assert not squeue_lists(job_id)
     assert [state for _, state, _ in stored_jobs(site)] == ["cancelled"]
@@ -225,18 +190,11 @@ def test_an_agent_killed_mid_run_follows_the_job_again_and_completes_its_check_r
     labelled_pull_request(github, service_tmp, slow)
     first = agents(site)
 
-    def running() -> str | None:
-        jobs = stored_jobs(site)
-        return jobs[0][0] if jobs and jobs[0][1] == "running" and squeue_lists(jobs[0][0]) else None
-
-    job_id = wait_for(running, JOB_TIMEOUT_S, interval=0.5, what="the job to run in Slurm")
+    job_id = wait_for(lambda: running_job(site), JOB_TIMEOUT_S, interval=0.5, what="the job to run in Slurm")
     kill_agent(first)
     second = agents(site)
 
-    def completed() -> dict[str, Any] | None:
-        return next((r for r in github.check_runs("hpc-runner/unit") if r["status"] == "completed"), None)
-
-    run = wait_for(completed, JOB_TIMEOUT_S, interval=0.5, what="the check run to complete")
+    run = wait_for(github.completed_run, JOB_TIMEOUT_S, interval=0.5, what="the check run to complete")
     assert run["conclusion"] == "success", second.log()
     text = run["output"]["text"]
     assert "before the restart" in text and "after the restart" in text

@@ -12,6 +12,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from conftest import TEST_IMAGE_NAME, image_table, policy_document, toml_table
+
 from runner.identity import identity_from_json
 from runner.job import JobRecord, JobState
 from runner.logs.tail import follow
@@ -21,23 +23,18 @@ from runner.sources import Admission, Admitted, Ended, LogSink, StateWatcher
 from runner.sources.buildkite.state import BuildkiteState
 from runner.store import Store
 
-POLICY = """version = 1
 
-[accounts.ci]
-slurm_account = "ci"
-partitions = ["debug"]
-max_time = "10m"
+def host_policy(*grants: str) -> str:
+    """A policy for the stand-in host: the account ``ci``, an image never opened, and ``grants``."""
+    return policy_document(
+        toml_table("[accounts.ci]", slurm_account="ci", partitions=["debug"], max_time="10m"),
+        image_table("/nonexistent/test.sif", "0" * 64),
+        *grants)
 
-[images.test]
-path = "/nonexistent/test.sif"
-sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
 
-[[grants]]
-name = "pipeline"
-principals = ["buildkite:pipeline:example/pipeline"]
-account = "ci"
-images = ["test"]
-"""
+POLICY = host_policy(toml_table("[[grants]]", name="pipeline",
+                                principals=["buildkite:pipeline:example/pipeline"], account="ci",
+                                images=[TEST_IMAGE_NAME]))
 
 
 class FakeHost:

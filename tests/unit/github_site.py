@@ -8,7 +8,6 @@ bare copy is the `clone_url` the emulator advertises, so checkouts are real.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from conftest import TEST_IMAGE_NAME, git, toml_table
 from fakes.github_activity import ActivityGitHub
 
 from runner.config import GithubConfig
@@ -27,7 +27,7 @@ from runner.sources.github.gateway_client import GatewayClient
 from runner.sources.github.source import GithubSource
 from runner.sources.github.state import GithubState
 
-from .buildkite_host import FakeHost
+from .buildkite_host import FakeHost, host_policy
 
 REPO = "CliMA/ClimaAtmos.jl"
 FORK = "mallory/ClimaAtmos.jl"
@@ -42,33 +42,9 @@ command = ["make", "test"]
 [jobs.resources]
 time = "5m"
 """
-POLICY = """version = 1
-
-[accounts.ci]
-slurm_account = "ci"
-partitions = ["debug"]
-max_time = "10m"
-
-[images.test]
-path = "/nonexistent/test.sif"
-sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
-
-[[grants]]
-name = "core-prs"
-principals = ["github:team:CliMA/core"]
-events = ["pull_request", "push"]
-refs = ["refs/pull/*", "refs/heads/main"]
-forks = true
-account = "ci"
-images = ["test"]
-"""
-
-
-def git(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org",
-           "GIT_CONFIG_GLOBAL": "/dev/null"}
-    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+POLICY = host_policy(toml_table("[[grants]]", name="core-prs", principals=["github:team:CliMA/core"],
+                                events=["pull_request", "push"], refs=["refs/pull/*", "refs/heads/main"],
+                                forks=True, account="ci", images=[TEST_IMAGE_NAME]))
 
 
 class GitRepo:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TEST_IMAGE_NAME, image_table, policy_document, toml_table
 
 import runner.lifecycle.driver as driver_module
 from runner.agent import Agent, NotAllowed, UnknownJob
@@ -36,36 +37,15 @@ from sandbox.plan import SandboxPlan
 DEADLINE_S = 5.0
 SHA256 = "0" * 64
 
-POLICY = f"""version = 1
-
-[accounts.esm]
-slurm_account = "esm"
-partitions = ["local"]
-max_time = "1h"
-max_concurrent_jobs = 3
-
-[accounts.ocean]
-slurm_account = "ocean"
-partitions = ["local"]
-max_time = "1h"
-admins = ["local:user:carol", "local:group:ocean-leads", "github:team:ocean-lab/leads"]
-
-[images.test]
-path = "/images/test.sif"
-sha256 = "{SHA256}"
-
-[[grants]]
-name = "esm-members"
-principals = ["local:group:esm"]
-account = "esm"
-images = ["test"]
-
-[[grants]]
-name = "ocean-members"
-principals = ["local:group:ocean"]
-account = "ocean"
-images = ["test"]
-"""
+POLICY = policy_document(
+    toml_table("[accounts.esm]", slurm_account="esm", partitions=["local"], max_time="1h",
+               max_concurrent_jobs=3),
+    toml_table("[accounts.ocean]", slurm_account="ocean", partitions=["local"], max_time="1h",
+               admins=["local:user:carol", "local:group:ocean-leads", "github:team:ocean-lab/leads"]),
+    image_table("/images/test.sif", SHA256),
+    # Each group's members may spend its own account.
+    *(toml_table("[[grants]]", name=f"{group}-members", principals=[f"local:group:{group}"], account=group,
+                 images=[TEST_IMAGE_NAME]) for group in ("esm", "ocean")))
 
 ALICE = Identity(source="local", user="alice", groups=("esm",))
 BOB = Identity(source="local", user="bob", groups=("ocean",))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -121,17 +120,7 @@ def test_headers_that_no_request_may_carry_are_left_out_and_named() -> None:
 # -- the client against the emulator -----------------------------------------------------------
 
 
-@pytest.fixture
-async def bk() -> AsyncIterator[BuildkiteEmulator]:
-    async with BuildkiteEmulator(request_headers={"Buildkite-Shard": "3"}) as emulator:
-        yield emulator
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
+# The emulator (`bk`) and the client's session (`http`) come from conftest.
 
 FAST = {name: policy.scaled(0.001) for name, policy in protocol.DEFAULT_POLICIES.items()}
 

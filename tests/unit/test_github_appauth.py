@@ -12,6 +12,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from fakes.github_api import GitHubEmulator, ManualClock
 
 from runner.errors import InputError
 from runner.secrets import SecretFileError
@@ -23,14 +24,8 @@ from runner.sources.github.appauth import (
     parse_token_response,
 )
 from runner.sources.github.client import GitHubClient, GitHubHTTPError
-from tests.fakes.github_api import GitHubEmulator, ManualClock
 
 REPO = "CliMA/ClimaAtmos.jl"
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
 
 
 @pytest.fixture
@@ -41,10 +36,8 @@ async def gh(clock: ManualClock) -> AsyncIterator[GitHubEmulator]:
 
 
 @pytest.fixture
-async def client(gh: GitHubEmulator, clock: ManualClock) -> AsyncIterator[GitHubClient]:
-    async with aiohttp.ClientSession() as session:
-        yield GitHubClient(session, api_url=gh.url, auth=AppAuth(gh.app_id, gh.app_private_key_pem),
-                           clock=clock)
+def client(gh: GitHubEmulator, http: aiohttp.ClientSession, clock: ManualClock) -> GitHubClient:
+    return GitHubClient(http, api_url=gh.url, auth=AppAuth(gh.app_id, gh.app_private_key_pem), clock=clock)
 
 
 def test_the_jwt_is_backdated_a_minute_and_lives_ten_minutes(gh: GitHubEmulator) -> None:

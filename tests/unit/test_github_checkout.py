@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from conftest import git
 
 from runner.sources.github.checkout import CheckoutFailed, auth_environment, checkout
 
-from .github_site import GitRepo, git
+from .github_site import GitRepo
 
 TOKEN = "ghs_12345_" + "x" * 500        # the stateless format: long and opaque
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from fakes.github_api import GitHubEmulator, ManualClock
 
 from runner.config import GithubConfig
 from runner.secrets import SecretFileError
@@ -28,15 +29,9 @@ from runner.sources.github.client import (
     next_link,
     retry_delay,
 )
-from tests.fakes.github_api import GitHubEmulator, ManualClock
 
 REPO = "CliMA/ClimaAtmos.jl"
 R = f"/repos/{REPO}"
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
 
 
 @pytest.fixture
@@ -46,21 +41,15 @@ async def gh(clock: ManualClock) -> AsyncIterator[GitHubEmulator]:
         yield emulator
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as http:
-        yield http
-
-
-def make_client(gh: GitHubEmulator, session: aiohttp.ClientSession, clock: ManualClock,
+def make_client(gh: GitHubEmulator, http: aiohttp.ClientSession, clock: ManualClock,
                 **options: float) -> GitHubClient:
-    return GitHubClient(session, api_url=gh.url, auth=AppAuth(gh.app_id, gh.app_private_key_pem), clock=clock,
+    return GitHubClient(http, api_url=gh.url, auth=AppAuth(gh.app_id, gh.app_private_key_pem), clock=clock,
                         **options)  # type: ignore[arg-type]
 
 
 @pytest.fixture
-async def client(gh: GitHubEmulator, session: aiohttp.ClientSession, clock: ManualClock) -> GitHubClient:
-    c = make_client(gh, session, clock)
+async def client(gh: GitHubEmulator, http: aiohttp.ClientSession, clock: ManualClock) -> GitHubClient:
+    c = make_client(gh, http, clock)
     await c.get(R)  # installation and token in place, so tests count only their own calls
     clock.advance(1.0)  # and the token request (a POST) a second ago
     clock.sleeps.clear()
@@ -108,10 +97,10 @@ async def test_checks_withheld_from_the_app_is_a_403_to_fall_back_on(gh: GitHubE
     assert status["state"] == "pending"
 
 
-async def test_an_enterprise_server_api_url(session: aiohttp.ClientSession, clock: ManualClock) -> None:
+async def test_an_enterprise_server_api_url(http: aiohttp.ClientSession, clock: ManualClock) -> None:
     async with GitHubEmulator(prefix="/api/v3", clock=clock.time) as ghes:
         ghes.add_repository(REPO)
-        client = make_client(ghes, session, clock)
+        client = make_client(ghes, http, clock)
         assert client.api_url.endswith("/api/v3")
         assert await client.get(f"{R}/pulls") == []
         assert all(r.path.startswith("/api/v3/") for r in ghes.recorded)
@@ -146,11 +135,11 @@ async def test_an_exhausted_primary_limit_is_waited_until_reset(gh: GitHubEmulat
     assert clock.sleeps == [301.0]
 
 
-async def test_a_known_exhausted_limit_is_not_hammered(session: aiohttp.ClientSession,
+async def test_a_known_exhausted_limit_is_not_hammered(http: aiohttp.ClientSession,
                                                        clock: ManualClock) -> None:
     async with GitHubEmulator(clock=clock.time, rate_limit=4) as gh:
         gh.add_repository(REPO)
-        client = make_client(gh, session, clock)
+        client = make_client(gh, http, clock)
         started = clock.now
         for path in ("/pulls", "/branches/main", "/git/ref/heads/main", "/commits/main"):
             await client.get(R + path)
@@ -162,9 +151,9 @@ async def test_a_known_exhausted_limit_is_not_hammered(session: aiohttp.ClientSe
 
 
 async def test_a_reset_beyond_max_wait_is_an_error_not_a_hang(gh: GitHubEmulator,
-                                                              session: aiohttp.ClientSession,
+                                                              http: aiohttp.ClientSession,
                                                               clock: ManualClock) -> None:
-    client = make_client(gh, session, clock, max_wait=600)
+    client = make_client(gh, http, clock, max_wait=600)
     await client.get(R)
     gh.exhaust_rate_limit(1, reset_in=3000)
     with pytest.raises(GitHubRateLimited) as info:
@@ -205,9 +194,9 @@ async def test_a_post_is_repeated_only_when_github_did_not_process_it(gh: GitHub
     assert gh.count("checks/create") == 3
 
 
-async def test_a_slow_answer_is_retried_for_a_get(gh: GitHubEmulator, session: aiohttp.ClientSession,
+async def test_a_slow_answer_is_retried_for_a_get(gh: GitHubEmulator, http: aiohttp.ClientSession,
                                                   clock: ManualClock) -> None:
-    client = make_client(gh, session, clock, timeout=0.2)
+    client = make_client(gh, http, clock, timeout=0.2)
     await client.get(R)
     gh.delay("pulls/list", 5.0)
     assert await client.get(f"{R}/pulls") == []
@@ -233,12 +222,12 @@ async def test_polling_gets_are_conditional_and_free(gh: GitHubEmulator, client:
     assert not fresh.from_cache and len(fresh.data) == 2
 
 
-async def test_writes_go_one_at_a_time_a_second_apart(session: aiohttp.ClientSession,
+async def test_writes_go_one_at_a_time_a_second_apart(http: aiohttp.ClientSession,
                                                       clock: ManualClock) -> None:
     async with GitHubEmulator(clock=clock.time, write_latency=0.02) as gh:
         gh.add_repository(REPO)
         pr = gh.add_pull_request(REPO)
-        client = make_client(gh, session, clock)
+        client = make_client(gh, http, clock)
         await client.get(R)
         await asyncio.gather(*(client.post(f"{R}/issues/{pr.number}/comments", json={"body": f"c{i}"})
                                for i in range(5)),
@@ -310,15 +299,15 @@ async def test_a_next_page_on_another_host_is_refused(gh: GitHubEmulator, client
         _ = [c async for c in client.paginate(f"{R}/issues/{pr.number}/comments")]
 
 
-async def test_a_client_from_the_agent_config(gh: GitHubEmulator, session: aiohttp.ClientSession,
+async def test_a_client_from_the_agent_config(gh: GitHubEmulator, http: aiohttp.ClientSession,
                                               clock: ManualClock, tmp_path: Path) -> None:
     key_file = tmp_path / "github-app.pem"
     key_file.write_text(gh.app_private_key_pem)
     key_file.chmod(0o600)
     config = GithubConfig(app_id=gh.app_id, private_key_file=key_file, repositories=(REPO,), api_url=gh.url)
-    client = GitHubClient.from_config(config, session, clock=clock)
+    client = GitHubClient.from_config(config, http, clock=clock)
     assert client.api_url == gh.url
     assert (await client.get(R))["full_name"] == REPO
     key_file.chmod(0o640)
     with pytest.raises(SecretFileError, match="0600"):
-        GitHubClient.from_config(config, session)
+        GitHubClient.from_config(config, http)
