@@ -7,7 +7,6 @@ Secrets are never in this file, only the paths of the files that hold them.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import pwd
 import re
@@ -15,14 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from runner.binds import check_absolute_path, is_within
 from runner.errors import InputError
 from runner.fields import Table
+from runner.oidc.issuers import OidcIssuer, parse_oidc_tables
 from runner.policy import Policy
 from runner.tomlsource import TomlDocument, load_toml, parse_toml
 from runner.units import parse_duration, parse_memory
+from runner.urls import https_url
 from sandbox.workspace import DEFAULT_MAX_WORKSPACE_BYTES
 
 Executor = Literal["slurm", "local"]
@@ -56,7 +56,6 @@ _BRANCH = r"[A-Za-z0-9_][A-Za-z0-9._+/-]{0,254}?(/\*)?"
 # An env variable name with `*`, `?` and `[...]` as glob characters (path.Match's, as the agent uses).
 _REDACTED_VAR = r"[A-Za-z0-9_*?\[\]!-]{1,128}"
 _LISTEN = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]{0,252}):(\d{1,5})")
-_LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
 
 # What each file-valued key holds, in words for messages.
 FILE_DESCRIPTIONS = {
@@ -143,6 +142,8 @@ class AgentConfig:
     source: str | None = None             # the file it was read from; None: the embedded default
     socket: Path | None = None            # the local queue's socket; None: <state_dir>/agent.sock
     slurm: SlurmConfig = SlurmConfig()
+    # The issuers whose OIDC ID tokens are trusted (`[[oidc]]`), in the file's order.
+    oidc: tuple[OidcIssuer, ...] = ()
 
     def secret_files(self) -> list[Path]:
         """Every file holding a secret that the config names (each must be 0600, ours)."""
@@ -277,32 +278,9 @@ def _apptainer_command(value: object) -> str:
     return text
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _url(value: object) -> str:
     """An https URL (http only to a loopback host, for tests); returned without a trailing '/'."""
-    text = _as_str(value)
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError on a port out of range
-    except ValueError:
-        raise ValueError(f"{text!r} is not a URL") from None
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ValueError(f"{text!r} is not an https:// URL")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
-        raise ValueError(f"{text!r} must use https:// (plain http only to localhost, for tests)")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("must not contain credentials: put secrets in files")
-    if parts.fragment or any(ch.isspace() for ch in text):
-        raise ValueError(f"{text!r} must not contain a fragment or whitespace")
-    return text.rstrip("/")
+    return https_url(_as_str(value)).rstrip("/")
 
 
 def _interval(value: object) -> int:
@@ -476,13 +454,14 @@ def config_from_document(doc: TomlDocument) -> AgentConfig:
     buildkite = _optional_section(root, "buildkite", _parse_buildkite)
     github = _optional_section(root, "github", _parse_github)
     gateway = _optional_section(root, "gateway", _parse_gateway)
+    oidc = parse_oidc_tables(root)
     root.finish()
     _check_layout(root, state_dir, work_root)
     if policy is None and (buildkite or github):
         raise root.error("policy", "is required when [buildkite] or [github] is configured: "
                                    "CI jobs need the site's own policy file")
     return AgentConfig(state_dir, work_root, policy, executor, max_jobs, sandbox, mpi, buildkite, github,
-                       gateway, doc.name, socket, slurm)
+                       gateway, doc.name, socket, slurm, oidc)
 
 
 def _check_layout(root: Table, state_dir: Path, work_root: Path) -> None:

@@ -17,7 +17,10 @@ from runner.config import (
     parse_config_text,
 )
 from runner.errors import InputError
+from runner.fields import Table
+from runner.oidc.issuers import OidcIssuer, parse_oidc_tables
 from runner.policy import parse_policy_text
+from runner.tomlsource import parse_toml
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config.example.toml"
 
@@ -78,6 +81,8 @@ def test_the_example_config_loads_with_every_section() -> None:
     assert config.github.log_url == "https://ci.example.org/jobs/{id}"
     assert config.gateway is not None
     assert (config.gateway.listen_host, config.gateway.listen_port) == ("0.0.0.0", 8443)
+    assert [(i.name, i.kind, i.organization) for i in config.oidc] == [
+        ("github-actions", "github", None), ("buildkite", "buildkite", "clima")]
     assert config.source == str(EXAMPLE)
 
 
@@ -88,7 +93,9 @@ def test_the_example_names_every_key_the_loader_knows() -> None:
                 "allow_unsigned", "app_id", "private_key_file", "api_url", "mode", "repositories",
                 "trigger_label", "comment_command", "push_branches", "poll_interval", "log_url",
                 "gateway_url", "gateway_token_file", "listen", "webhook_secret_file", "agent_tokens_file",
-                "socket", "grace_period", "srun", "mpi_plugin", "redacted_vars", "max_workspace_size"):
+                "socket", "grace_period", "srun", "mpi_plugin", "redacted_vars", "max_workspace_size",
+                "name", "issuer", "audience", "kind", "jwks_uri", "organization", "username_claim",
+                "groups_claim"):
         assert f"{key} =" in text, key
 
 
@@ -451,3 +458,132 @@ def test_every_offending_bind_is_reported(tmp_path: Path) -> None:
     policy = parse_policy_text(binds_policy(f"{tmp_path}/state:/s", f"{tmp_path}/etc:/e:ro",
                                               f"{tmp_path}/elsewhere:/x"))
     assert len(check_policy_against_site(policy, site(tmp_path))) == 2
+
+
+# --- [[oidc]]: the issuers whose ID tokens are trusted ---------------------------------------------
+
+GITHUB_ISSUER = """\
+[[oidc]]
+name = "github-actions"
+issuer = "https://token.actions.githubusercontent.com"
+audience = "hpc-runner"
+kind = "github"
+"""
+
+
+def oidc_table(**keys: str) -> str:
+    return "[[oidc]]\n" + "".join(f'{key} = "{value}"\n' for key, value in keys.items())
+
+
+def test_oidc_tables_are_read_in_order_with_their_defaults() -> None:
+    config = parse_config_text(GITHUB_ISSUER + oidc_table(
+        name="sso", issuer="https://sso.example.org/realms/hpc/", audience="hpc-runner", kind="generic",
+        groups_claim="roles", jwks_uri="https://sso.example.org/keys"))
+    github, sso = config.oidc
+    assert github == OidcIssuer("github-actions", "https://token.actions.githubusercontent.com",
+                                "hpc-runner", "github")
+    assert github.discovery_url == "https://token.actions.githubusercontent.com/.well-known/openid-configuration"
+    assert github.username_claims == ("preferred_username", "sub")
+    # The issuer is kept as written: a token's `iss` must equal it, trailing '/' included.
+    assert (sso.issuer, sso.jwks_uri, sso.groups_claim) == (
+        "https://sso.example.org/realms/hpc/", "https://sso.example.org/keys", "roles")
+    assert sso.discovery_url == "https://sso.example.org/realms/hpc/.well-known/openid-configuration"
+    assert parse_config_text("").oidc == ()
+
+
+def test_a_generic_issuer_names_its_username_claim() -> None:
+    (issuer,) = parse_config_text(oidc_table(name="sso", issuer="https://sso.example.org", audience="a",
+                                             kind="generic", username_claim="email")).oidc
+    assert issuer.username_claims == ("email",)
+
+
+@pytest.mark.parametrize("url", ["http://token.example.org", "http://10.0.0.1:8080", "ftp://x.example.org",
+                                 "https://user:pw@x.example.org", "https://x.example.org/?tenant=1",
+                                 "token.actions.githubusercontent.com"])
+def test_an_issuer_must_be_https_but_on_loopback(tmp_path: Path, url: str) -> None:
+    message = load_error(tmp_path, oidc_table(name="x", issuer=url, audience="a", kind="github"))
+    assert f"{tmp_path / 'config.toml'}:3: oidc[0].issuer: " in message
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080", "http://127.8.9.1", "http://[::1]:9000",
+                                 "http://localhost:8080/realms/test"])
+def test_a_loopback_issuer_may_use_plain_http_for_tests(url: str) -> None:
+    (issuer,) = parse_config_text(oidc_table(name="x", issuer=url, audience="a", kind="github")).oidc
+    assert issuer.issuer == url
+
+
+def test_an_http_issuer_is_refused_saying_why(tmp_path: Path) -> None:
+    message = load_error(tmp_path, oidc_table(name="x", issuer="http://token.example.org", audience="a",
+                                              kind="github"))
+    assert message.endswith("oidc[0].issuer: 'http://token.example.org' must use https:// (plain http only "
+                            "to localhost, for tests)")
+
+
+def test_unknown_key_in_an_oidc_table_names_file_line_and_field(tmp_path: Path) -> None:
+    message = load_error(tmp_path, GITHUB_ISSUER + GITHUB_ISSUER.replace("github-actions", "two")
+                         .replace('kind = "github"', 'kind = "github"\naudiences = ["x"]'))
+    assert f"{tmp_path / 'config.toml'}:11: oidc[1].audiences: unknown key" in message
+
+
+@pytest.mark.parametrize(("text", "field", "complaint"), [
+    (oidc_table(name="x", issuer="https://a.example.org", audience="a"), "oidc[0].kind", "is required"),
+    (oidc_table(name="x", issuer="https://a.example.org", audience="a", kind="jenkins"), "oidc[0].kind",
+     'must be "github" or "buildkite" or "gitlab" or "generic", got \'jenkins\''),
+    (oidc_table(name="x", issuer="https://a.example.org", kind="github"), "oidc[0].audience", "is required"),
+    (oidc_table(name="x", issuer="https://a.example.org", audience="two words", kind="github"),
+     "oidc[0].audience", "is not an audience"),
+    (oidc_table(name="x y", issuer="https://a.example.org", audience="a", kind="github"),
+     "oidc[0].name", "is not a name"),
+    (oidc_table(name="x", issuer="https://agent.buildkite.com", audience="a", kind="buildkite"),
+     "oidc[0].organization", "is required with kind = \"buildkite\""),
+    (oidc_table(name="x", issuer="https://a.example.org", audience="a", kind="github", organization="clima"),
+     "oidc[0].organization", 'is only used with kind = "buildkite" (kind is "github")'),
+    (oidc_table(name="x", issuer="https://a.example.org", audience="a", kind="gitlab", groups_claim="g"),
+     "oidc[0].groups_claim", 'is only used with kind = "generic" (kind is "gitlab")'),
+    (oidc_table(name="x", issuer="https://a.example.org", audience="a", kind="github",
+                jwks_uri="http://keys.example.org"), "oidc[0].jwks_uri", "must use https://"),
+    ("oidc = 1\n", "oidc", "must be an array of tables ([[oidc]])"),
+    ("[oidc]\nname = 'x'\n", "oidc", "must be an array of tables ([[oidc]])"),
+])
+def test_bad_oidc_tables_are_refused_naming_the_field(tmp_path: Path, text: str, field: str,
+                                                      complaint: str) -> None:
+    message = load_error(tmp_path, text)
+    assert f"{field}: " in message
+    assert complaint in message
+
+
+def test_issuers_whose_principals_a_policy_could_not_tell_apart_are_refused(tmp_path: Path) -> None:
+    twice = GITHUB_ISSUER + GITHUB_ISSUER.replace('name = "github-actions"', 'name = "again"')
+    assert "oidc[1].issuer: 'https://token.actions.githubusercontent.com' is already trusted as " \
+           "'github-actions'" in load_error(tmp_path, twice)
+    enterprise = GITHUB_ISSUER + oidc_table(name="ghes", issuer="https://github.example.org/_services/token",
+                                            audience="hpc-runner", kind="github")
+    assert "oidc[1].kind: 'github-actions' is already a github issuer: the tokens of both would hold the " \
+           "same github: principals" in load_error(tmp_path, enterprise)
+    same_name = GITHUB_ISSUER + oidc_table(name="github-actions", issuer="https://gitlab.com",
+                                           audience="a", kind="gitlab")
+    assert "oidc[1].name: another [[oidc]] table is already named 'github-actions'" in load_error(
+        tmp_path, same_name)
+
+
+def test_two_buildkite_organisations_share_the_one_issuer() -> None:
+    config = parse_config_text(
+        oidc_table(name="clima", issuer="https://agent.buildkite.com", audience="a", kind="buildkite",
+                   organization="clima")
+        + oidc_table(name="ocean", issuer="https://agent.buildkite.com", audience="a", kind="buildkite",
+                     organization="ocean-lab"))
+    assert [issuer.organization for issuer in config.oidc] == ["clima", "ocean-lab"]
+    with pytest.raises(InputError, match=r"oidc\[1\].issuer: .* is already trusted as 'clima'"):
+        parse_config_text(
+            oidc_table(name="clima", issuer="https://agent.buildkite.com", audience="a", kind="buildkite",
+                       organization="clima")
+            + oidc_table(name="again", issuer="https://agent.buildkite.com", audience="b", kind="buildkite",
+                         organization="clima"))
+
+
+def test_another_config_reads_its_oidc_tables_with_the_same_parser() -> None:
+    doc = parse_toml('[hub]\nlisten = "0.0.0.0:8443"\n\n' + GITHUB_ISSUER.replace("hpc-runner", "x y"),
+                     "hub.toml")
+    with pytest.raises(InputError) as caught:
+        parse_oidc_tables(Table(doc, doc.data))
+    assert str(caught.value) == "hub.toml:7: oidc[0].audience: 'x y' is not an audience (one word, no spaces)"

@@ -674,3 +674,35 @@ def test_an_allowed_decision_shows_the_caps_it_was_held_to() -> None:
     assert caps == {"max_nodes": 4, "max_tasks": 256, "max_cpus_per_task": 16, "max_gpus": 8,
                     "max_memory": "64G", "max_time": "4h"}
     assert decide(_policy(), MALLORY, _job()).to_json()["caps"] is None
+
+
+def test_grants_name_gitlab_groups_projects_and_identity_provider_groups() -> None:
+    policy = _policy(POLICY + """
+[[grants]]
+name = "ocean-gitlab"
+principals = ["gitlab:group:climate/ocean", "gitlab:project:climate/atmos/*", "idp:group:ocean-modellers"]
+events = ["push", "api"]
+refs = ["refs/heads/main"]
+account = "ocean"
+images = ["clima-ci"]
+""")
+    assert [str(p) for p in policy.grants[2].principals] == [
+        "gitlab:group:climate/ocean", "gitlab:project:climate/atmos/*", "idp:group:ocean-modellers"]
+    # A project in a subgroup of the granted group holds that group too.
+    deep = Identity(source="gitlab", project="climate/ocean/deep/solver", actor="olga", event="push",
+                    ref="refs/heads/main")
+    assert decide(policy, deep, _job()).grant == "ocean-gitlab"
+    other = Identity(source="gitlab", project="climate/oceanx/solver", event="push", ref="refs/heads/main")
+    assert decide(policy, other, _job()).reasons == (
+        "no grant names this identity (it holds: gitlab:group:climate, gitlab:group:climate/oceanx, "
+        "gitlab:project:climate/oceanx/solver)",)
+    modeller = Identity(source="idp", user="olga@example.org", groups=("ocean-modellers",))
+    decision = decide(policy, modeller, _job())
+    assert decision.reasons == (
+        "grant 'ocean-gitlab': the grant is limited to refs (refs/heads/main) and the job has no ref",)
+
+
+def test_an_unknown_principal_type_in_a_grant_names_the_known_ones() -> None:
+    message = _error(_with('principals = ["local:group:ocean"]', 'principals = ["gitlab:team:ocean"]'))
+    assert "unknown principal type gitlab:team" in message
+    assert "gitlab:group, gitlab:project, gitlab:user, idp:user, idp:group" in message

@@ -227,3 +227,24 @@ def test_installed_command_rejects_an_invalid_policy_with_exit_1(tmp_path: Path)
                             capture_output=True, text=True, timeout=60, check=False)
     assert (result.returncode, result.stdout) == (1, "")
     assert f"{policy}:1: version: this hpc-runner reads policy version 1, got 2" in result.stderr
+
+
+def test_check_and_explain_take_gitlab_and_identity_provider_principals(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (POLICIES / "research-group.toml").read_text().replace(
+        'principals = ["github:team:CliMA/core"',
+        'principals = ["gitlab:group:clima", "idp:group:clima-staff", "github:team:CliMA/core"')
+    policy = _write(tmp_path, "policy.toml", text)
+    assert main(["policy", "check", str(policy)]) == 0
+    capsys.readouterr()
+    identity = _write(tmp_path, "gitlab.json", json.dumps({
+        "source": "gitlab", "project": "clima/atmos/solver", "actor": "alice", "event": "pull_request",
+        "ref": "refs/merge-requests/7/head", "commit": "c" * 40, "ref_protected": False}))
+    status, out, _ = _explain(capsys, "--policy", policy, "--job", EXAMPLES / "mpi-tests.toml",
+                              "--identity", identity)
+    decision = json.loads(out)
+    assert (status, decision["principals"]) == (126, [
+        "gitlab:group:clima", "gitlab:group:clima/atmos", "gitlab:project:clima/atmos/solver",
+        "gitlab:user:alice"])
+    assert decision["reasons"] == ["grant 'clima-prs': ref 'refs/merge-requests/7/head' is not one of the "
+                                   "grant's refs (refs/heads/main, refs/pull/*)"]

@@ -169,7 +169,7 @@ def test_actor_principal_names_who_asked() -> None:
 
 
 @pytest.mark.parametrize(("change", "field", "message"), [
-    ({"source": "gitlab"}, "source", "must be one of github, buildkite, local; got 'gitlab'"),
+    ({"source": "jenkins"}, "source", "must be one of github, buildkite, gitlab, idp, local; got 'jenkins'"),
     ({"signer": "k"}, "signer", "unknown field for a github identity"),
     ({"groups": ["esm"]}, "groups", "unknown field for a github identity"),
     ({"repository": None}, "repository", "must be a non-empty string"),
@@ -343,3 +343,105 @@ def test_a_policy_grants_sssd_users_and_groups() -> None:
     assert decide(policy, bob, job).grant == "by-group"
     carol = Identity(source="local", user="carol@ad.example.org", groups=("esm@example.org",))
     assert not decide(policy, carol, job).allowed
+
+
+# --- GitLab and an identity provider's principals (the REST API's tokens) -------------------------
+
+GITLAB_ALICE: dict[str, Any] = {
+    "source": "gitlab", "project": "climate/ocean/solver", "actor": "alice", "event": "push",
+    "ref": "refs/heads/main", "commit": "a" * 40, "ref_protected": True}
+IDP_ALICE: dict[str, Any] = {"source": "idp", "user": "alice@example.org", "groups": ["hpc-users"]}
+
+
+@pytest.mark.parametrize(("text", "pattern"), [
+    ("gitlab:group:climate", PrincipalPattern("gitlab", "group", "climate", None)),
+    ("gitlab:group:climate/ocean", PrincipalPattern("gitlab", "group", "climate/ocean", None)),
+    ("gitlab:project:climate/solver", PrincipalPattern("gitlab", "project", "climate", "solver")),
+    ("gitlab:project:climate/ocean/solver",
+     PrincipalPattern("gitlab", "project", "climate/ocean", "solver")),
+    ("gitlab:project:climate/ocean/*", PrincipalPattern("gitlab", "project", "climate/ocean", "*")),
+    ("gitlab:user:alice", PrincipalPattern("gitlab", "user", "alice", None)),
+    ("idp:user:alice@example.org", PrincipalPattern("idp", "user", "alice@example.org", None)),
+    ("idp:group:hpc-users", PrincipalPattern("idp", "group", "hpc-users", None)),
+])
+def test_gitlab_and_identity_provider_principals_parse(text: str, pattern: PrincipalPattern) -> None:
+    assert parse_principal(text) == pattern
+    assert str(pattern) == text
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("gitlab:group:climate/*", "a gitlab:group name is a whole path, without a wildcard"),
+    ("gitlab:group:climate//ocean", "'climate//ocean' is not a valid group path"),
+    ("gitlab:project:solver", "a gitlab:project principal is GROUP/NAME"),
+    ("gitlab:project:climate/*/solver", "the group must be spelled out"),
+    ("gitlab:project:climate/sol*", r"'\*' is only allowed as the whole last part"),
+    ("gitlab:project:-x/solver", "'-x' is not a valid group path"),
+    ("gitlab:user:*", "gitlab:user names have no organisation part"),
+    ("idp:group:hpc users", "'hpc users' is not a valid group name"),
+    ("idp:team:x", "unknown principal type idp:team"),
+])
+def test_malformed_gitlab_and_identity_provider_principals_are_rejected(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_principal(text)
+
+
+@pytest.mark.parametrize(("pattern", "held", "matches"), [
+    ("gitlab:project:climate/ocean/*", "gitlab:project:climate/ocean/solver", True),
+    ("gitlab:project:climate/ocean/*", "gitlab:project:climate/ocean/deep/solver", False),
+    ("gitlab:project:climate/*", "gitlab:project:climate/ocean/solver", False),
+    ("gitlab:project:climate/ocean/solver", "gitlab:project:climate/ocean/solver", True),
+    ("gitlab:project:climate/ocean/solver", "gitlab:project:Climate/ocean/solver", False),
+    ("gitlab:group:climate", "gitlab:group:climate", True),
+    ("gitlab:group:climate", "gitlab:group:climate-x", False),
+    ("gitlab:user:alice", "github:user:alice", False),
+    ("idp:user:alice@example.org", "idp:user:alice@example.org", True),
+    ("idp:group:hpc-users", "local:group:hpc-users", False),
+])
+def test_gitlab_paths_match_exactly_or_one_project_below_a_wildcard(
+        pattern: str, held: str, matches: bool) -> None:
+    assert parse_principal(pattern).matches(held) is matches
+
+
+def test_gitlab_identity_holds_its_project_every_group_above_it_and_its_user() -> None:
+    identity = identity_from_json(GITLAB_ALICE)
+    assert identity.principals() == (
+        "gitlab:group:climate", "gitlab:group:climate/ocean", "gitlab:project:climate/ocean/solver",
+        "gitlab:user:alice")
+    assert (identity.effective_event, identity.effective_ref, identity.commit, identity.ref_protected) == (
+        "push", "refs/heads/main", "a" * 40, True)
+    assert identity.actor_principal == "gitlab:user:alice"
+
+
+def test_identity_provider_identity_holds_user_and_group_principals() -> None:
+    identity = identity_from_json(IDP_ALICE)
+    assert identity.principals() == ("idp:user:alice@example.org", "idp:group:hpc-users")
+    assert (identity.effective_event, identity.effective_ref, identity.fork) == ("api", None, False)
+    assert identity.actor_principal == "idp:user:alice@example.org"
+
+
+def test_new_identities_and_commits_round_trip_and_old_documents_read_as_before() -> None:
+    assert identity_from_json(GITLAB_ALICE).to_json() == {**GITLAB_ALICE, "fork": False}
+    assert identity_from_json(IDP_ALICE).to_json() == IDP_ALICE
+    with_commit = {**GITHUB_ALICE, "commit": "b" * 64}
+    assert identity_from_json(with_commit).to_json() == with_commit
+    # A document written before commits were recorded keeps its exact JSON.
+    assert identity_from_json(GITHUB_ALICE).to_json() == GITHUB_ALICE
+    assert identity_from_json(LOCAL_ALICE).to_json() == LOCAL_ALICE
+
+
+@pytest.mark.parametrize(("change", "field", "message"), [
+    ({"project": "solver"}, "project", "'solver' is not valid here"),
+    ({"commit": "abc"}, "commit", "'abc' is not valid here"),
+    ({"ref_protected": "true"}, "ref_protected", "must be true or false"),
+    ({"teams": ["x"]}, "teams", "unknown field for a gitlab identity"),
+    ({"source": "idp", "user": "alice", "fork": False}, "fork", "unknown field for an idp identity"),
+    ({"source": "idp", "user": "al ice"}, "user", "'al ice' is not valid here"),
+])
+def test_malformed_gitlab_and_identity_provider_identities_are_rejected(
+        change: dict[str, Any], field: str, message: str) -> None:
+    data = {**GITLAB_ALICE, **change}
+    if data["source"] == "idp":
+        data = {key: value for key, value in data.items() if key in ("source", "user", *change)}
+    with pytest.raises(InputError, match=message) as caught:
+        identity_from_json(data)
+    assert caught.value.field == field

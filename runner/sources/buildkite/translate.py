@@ -25,7 +25,7 @@ from typing import Any
 
 from runner.errors import InputError
 from runner.fields import MAX_STRING
-from runner.identity import SIGNABLE_FIELDS, Identity
+from runner.identity import BUILDKITE_EVENTS, SIGNABLE_FIELDS, Identity
 from runner.sources.buildkite.signature import ENV_FIELD_PREFIX, plugin_full_source
 from runner.sources.refusal import Refusal
 from runner.spec import (
@@ -52,8 +52,6 @@ _ENV_NAME = re.compile(ENV_NAME_PATTERN)
 # refs/); what else git refuses in a ref (`..`, `.lock`) is refused by the checkout's
 # check-ref-format before any fetch.
 _TAG = re.compile(r"[A-Za-z0-9._+-][A-Za-z0-9._/+-]{0,244}")
-# BUILDKITE_SOURCE values and the policy event each stands for.
-_EVENTS = {"webhook": "push", "api": "api", "ui": "ui", "schedule": "schedule", "trigger_job": "trigger"}
 
 
 class JobRefused(Refusal):
@@ -270,7 +268,7 @@ def identity(env: Mapping[str, str], signer: str | None, *, signed_env: frozense
         ref = f"refs/pull/{pull_request}/head"
         event = "pull_request"
     else:
-        event = _EVENTS.get(env.get("BUILDKITE_SOURCE", "webhook"), "push")
+        event = BUILDKITE_EVENTS.get(env.get("BUILDKITE_SOURCE", "webhook"), "push")
     branch = env.get("BUILDKITE_BRANCH") or None
     creator = env.get("BUILDKITE_BUILD_CREATOR_EMAIL") or env.get("BUILDKITE_BUILD_CREATOR") or None
     ident = Identity(source="buildkite", organization=organization, pipeline=pipeline,
