@@ -28,17 +28,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import rfc8785
-from jwt import PyJWK
-from jwt.exceptions import PyJWTError
 
 from runner.errors import InputError
+from runner.jwk import KeyType, VerificationKey, verification_key
 from runner.sources.refusal import Refusal
 
 # The agent's signing keys are EdDSA, ES512 or PS512; ES256 is what cloud KMS keys
 # produce; HS256 is what the agent's own tests verify with, and the agent accepts any
 # `alg` on a verification key. Each algorithm names the only key type (and curve) it may
 # be used with, so a key cannot be reinterpreted under a weaker algorithm.
-ALGORITHM_KEY_TYPES: Mapping[str, tuple[str, str | None]] = {
+ALGORITHM_KEY_TYPES: Mapping[str, KeyType] = {
     "EdDSA": ("OKP", "Ed25519"),
     "ES256": ("EC", "P-256"),
     "ES512": ("EC", "P-521"),
@@ -74,13 +73,6 @@ class SignatureRejected(Refusal):
 
 class JwksError(InputError):
     """A verification JWKS that cannot be used; the message names the file and the key."""
-
-
-@dataclass(frozen=True)
-class VerificationKey:
-    kid: str
-    alg: str
-    jwk: PyJWK
 
 
 @dataclass(frozen=True)
@@ -147,22 +139,10 @@ def _load_key(entry: object, *, file: str, index: int) -> VerificationKey:
         raise fail('has no "alg"; every verification key must name its algorithm')
     if alg not in ALGORITHM_KEY_TYPES:
         raise fail(f"algorithm {alg!r} is not accepted (accepted: {', '.join(ALGORITHM_KEY_TYPES)})")
-    kty, crv = ALGORITHM_KEY_TYPES[alg]
-    if entry.get("kty") != kty or (crv is not None and entry.get("crv") != crv):
-        found = f"kty {entry.get('kty')!r}" + (f", crv {entry.get('crv')!r}" if crv else "")
-        wanted = f"kty {kty!r}" + (f", crv {crv!r}" if crv else "")
-        raise fail(f"{alg} needs a key with {wanted}, not {found}")
-    if entry.get("use", "sig") != "sig":
-        raise fail(f'"use" is {entry.get("use")!r}; a verification key must be for "sig"')
-    if kty != "oct" and "d" in entry:
-        raise fail("holds a private key; give only the public key (the public JWKS)")
     try:
-        jwk = PyJWK(entry, algorithm=alg)
-    except (PyJWTError, ValueError, TypeError) as error:
-        raise fail(f"is not a valid {alg} key: {error}") from None
-    weakness = jwk.Algorithm.check_key_length(jwk.key)
-    if weakness:
-        raise fail(weakness)
+        jwk = verification_key(entry, alg, ALGORITHM_KEY_TYPES[alg])
+    except ValueError as error:
+        raise fail(str(error)) from None
     return VerificationKey(kid=kid, alg=alg, jwk=jwk)
 
 
