@@ -1,0 +1,77 @@
+"""Who may see and cancel an API job, as keys a job and a caller share (pure functions).
+
+A job is visible to the identity that submitted it and to the admins of its account. "The
+identity that submitted it" is what the token says the job came from, not who pressed the
+button: its principals of repository, pipeline or project kind (`github:repo:O/R`,
+`buildkite:pipeline:O/P`, `gitlab:project:G/P`), so that any later token of the same repository
+or pipeline may follow and cancel the job. An identity with none of those (a site IdP's user)
+owns its jobs by its `idp:user:` principal. A token's `sub` is never compared.
+
+The admins are principal patterns of the agent's policy (`github:team:O/T`, `github:repo:O/*`),
+as the agent publishes them with its decision. Both sides become keys: a job's keys are its
+owner principals and its admin patterns; a caller's keys are its principals and, for each
+two-part one, the trailing wildcard of its owner (`github:repo:O/*`, `gitlab:project:G/SG/*`),
+which is exactly what a pattern of the policy matches (`runner.principals`: exact names, GitHub's
+without regard to case, and `/*` for one further segment). A job is visible when the two share a
+key, which the job store can ask SQLite with an index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from runner.principals import parse_principal
+
+OWNER_KINDS = frozenset({"repo", "pipeline", "project"})
+# The kind that owns the jobs of an identity with no repository, pipeline or project.
+FALLBACK_OWNERS = ("idp:user:",)
+
+
+def _parts(principal: str) -> tuple[str, str, str]:
+    source, _, rest = principal.partition(":")
+    kind, _, value = rest.partition(":")
+    return source, kind, value
+
+
+def normalise(principal: str) -> str:
+    """The key of a principal or pattern: GitHub names compare without regard to case."""
+    return principal.lower() if principal.startswith("github:") else principal
+
+
+def owner_keys(principals: Iterable[str]) -> tuple[str, ...]:
+    """The keys that own a job submitted with these principals (see the module's text)."""
+    held = list(principals)
+    owners = [p for p in held if _parts(p)[1] in OWNER_KINDS]
+    if not owners:
+        owners = [p for p in held if p.startswith(FALLBACK_OWNERS)]
+    return tuple(sorted({normalise(p) for p in owners}))
+
+
+def admin_keys(patterns: Iterable[str]) -> tuple[str, ...]:
+    """The keys of an account's admin patterns; ValueError naming one that is no principal."""
+    keys: set[str] = set()
+    for text in patterns:
+        try:
+            pattern = parse_principal(text)
+        except ValueError as exc:
+            raise ValueError(f"admins: {exc}") from None
+        keys.add(normalise(str(pattern)))
+    return tuple(sorted(keys))
+
+
+def caller_keys(principals: Iterable[str]) -> tuple[str, ...]:
+    """The keys a caller holding these principals matches (its names and their owners' wildcards)."""
+    keys: set[str] = set()
+    for principal in principals:
+        keys.add(normalise(principal))
+        source, kind, value = _parts(principal)
+        # The owner is all but the last part: an organisation (`O/R`), or a GitLab project's
+        # group path (`G/SG/P`), as `runner.principals` reads a pattern's.
+        owner, slash, name = value.rpartition("/")
+        if slash and owner and name:
+            keys.add(normalise(f"{source}:{kind}:{owner}/*"))
+    return tuple(sorted(keys))
+
+
+def may_access(job_keys: Iterable[str], caller: Iterable[str]) -> bool:
+    return not set(job_keys).isdisjoint(caller)

@@ -1,0 +1,475 @@
+"""The hub's API jobs and their logs, in SQLite (WAL) under its state_dir: `jobs.sqlite3`.
+
+A file of its own beside the webhook queue (`gateway.sqlite3`) rather than new tables in it: its
+own schema and migrations, its own write lock (a log append never waits for a webhook's commit,
+nor the reverse), and a queue file that an older gateway can still open as it is.
+
+An API job is stored before its submitter gets its 201, with the submitted `job` object as
+received, the identity the hub verified, the issuer's name and the raw token (for the agent to
+verify itself; it leaves this file only in a lease answer). Agents lease queued API jobs of their
+cluster; the first state an agent publishes makes the job that agent's for good (see
+`jobs_protocol`). An agent also registers the jobs of its other sources (origin `agent`), which
+are its own from the start, to publish them alike.
+The log is bytes appended at offsets: an append at an offset already held is idempotent (the
+bytes it repeats must be those held), one past the end leaves a gap and is refused, so the hub
+holds the log byte-exact whoever restarted.
+
+Times are wall-clock seconds, because lease expiries must mean the same after a restart. Each
+method is one short transaction. One connection, used from one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from runner.gateway.access import admin_keys
+from runner.gateway.jobs_protocol import (
+    MAX_LOG_BYTES,
+    TERMINAL,
+    JobLease,
+    StateUpdate,
+    job_url,
+)
+from runner.gateway.protocol import format_time
+from runner.job import new_job_id
+from runner.sqlitefile import StateFile, StoreError, decode_object, encode_json, open_database
+
+T = TypeVar("T")
+
+DB_FILENAME = "jobs.sqlite3"
+
+_MIGRATION_1 = """
+CREATE TABLE jobs (
+    seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+    id               TEXT NOT NULL UNIQUE,
+    job              TEXT NOT NULL,
+    identity         TEXT NOT NULL,
+    principals       TEXT NOT NULL,
+    origin           TEXT NOT NULL CHECK (origin IN ('api', 'agent')),
+    issuer           TEXT,
+    token            TEXT,
+    cluster          TEXT,
+    repository       TEXT,
+    commit_sha       TEXT,
+    state            TEXT NOT NULL DEFAULT 'queued',
+    exit_status      INTEGER,
+    reasons          TEXT NOT NULL DEFAULT '[]',
+    account          TEXT,
+    grant_name       TEXT,
+    admins           TEXT NOT NULL DEFAULT '[]',
+    slurm_job_id     TEXT,
+    created          REAL NOT NULL,
+    started          REAL,
+    ended            REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    lease_agent      TEXT,
+    lease_expires_at REAL,
+    accepted_at      REAL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    log_length       INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX jobs_waiting ON jobs (seq) WHERE state = 'queued' AND accepted_at IS NULL;
+CREATE TABLE job_access (
+    key      TEXT NOT NULL,
+    job_seq  INTEGER NOT NULL REFERENCES jobs (seq),
+    role     TEXT NOT NULL CHECK (role IN ('owner', 'admin')),
+    PRIMARY KEY (key, job_seq, role)
+) WITHOUT ROWID;
+CREATE INDEX job_access_by_job ON job_access (job_seq);
+CREATE TABLE log_chunks (
+    job_seq  INTEGER NOT NULL REFERENCES jobs (seq),
+    start    INTEGER NOT NULL,
+    data     BLOB NOT NULL,
+    PRIMARY KEY (job_seq, start)
+) WITHOUT ROWID;
+"""
+
+# Index i migrates from schema version i to i + 1. Only ever append.
+MIGRATIONS: tuple[str, ...] = (_MIGRATION_1,)
+
+# The reasons of a job cancelled before any agent took it.
+_CANCELLED_WAITING = json.dumps(["cancelled through the API before an agent took it"])
+
+
+class JobNotFound(LookupError):
+    """No job has this id."""
+
+
+class NotHeld(Exception):
+    """The agent does not hold the job: another agent took it, or nobody leased it to this one."""
+
+
+class Conflict(Exception):
+    """A change the job's state refuses (a gap in its log, a second end); `length` is the log's."""
+
+    def __init__(self, message: str, *, length: int) -> None:
+        super().__init__(message)
+        self.length = length
+
+
+class LogFull(Exception):
+    """An append would take the log past `MAX_LOG_BYTES`."""
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A submission the hub accepted, or a job an agent registers, ready to store."""
+
+    job: dict[str, Any]
+    identity: dict[str, Any]
+    principals: tuple[str, ...]
+    owner_keys: tuple[str, ...]
+    cluster: str | None
+    repository: str | None
+    commit: str | None
+    issuer: str | None = None       # API jobs: the [[oidc]] table that verified the token
+    token: str | None = None        # API jobs: the submitter's token
+
+
+@dataclass(frozen=True)
+class StoredJob:
+    """A job as the hub holds it (its token is never part of this: see `JobStore.lease`)."""
+
+    id: str
+    job: dict[str, Any]
+    identity: dict[str, Any]
+    principals: tuple[str, ...]
+    origin: str                     # "api" (submitted to the hub) or "agent" (registered by one)
+    issuer: str | None
+    cluster: str | None
+    repository: str | None
+    commit: str | None
+    state: str
+    exit_status: int | None
+    reasons: tuple[str, ...]
+    account: str | None
+    grant: str | None
+    admins: tuple[str, ...]
+    slurm_job_id: str | None
+    created: float
+    started: float | None
+    ended: float | None
+    cancel_requested: bool
+    lease_agent: str | None
+    accepted: bool
+    log_length: int
+    access_keys: tuple[str, ...]
+
+    @property
+    def ended_for_good(self) -> bool:
+        return self.state in TERMINAL
+
+    def view(self, public_url: str) -> dict[str, Any]:
+        """What `GET /api/v1/jobs/ID` answers."""
+        def time_or_none(value: float | None) -> str | None:
+            return None if value is None else format_time(value)
+
+        return {"id": self.id, "state": self.state, "exit_status": self.exit_status,
+                "reasons": list(self.reasons), "cluster": self.cluster, "account": self.account,
+                "grant": self.grant, "slurm_job_id": self.slurm_job_id,
+                "created": format_time(self.created), "started": time_or_none(self.started),
+                "ended": time_or_none(self.ended), "url": job_url(public_url, self.id)}
+
+    def agent_view(self) -> dict[str, Any]:
+        """What an agent asks of a job it holds."""
+        return {"id": self.id, "state": self.state, "cancel_requested": self.cancel_requested,
+                "log_length": self.log_length}
+
+
+_JOB_COLUMNS = ("seq, id, job, identity, principals, origin, issuer, cluster, repository, commit_sha, state,"
+                " exit_status, reasons, account, grant_name, admins, slurm_job_id, created, started, ended,"
+                " cancel_requested, lease_agent, accepted_at, log_length")
+
+
+def _strings(text: str, what: str) -> tuple[str, ...]:
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise StoreError(f"{what} is not a list of strings")
+    return tuple(value)
+
+
+class JobStore(StateFile):
+    """The hub's job database. Open with `JobStore.open(state_dir)`."""
+
+    label = "hub job store"
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], float]) -> None:
+        super().__init__(conn, path)
+        self._clock = clock
+
+    @classmethod
+    def open(cls, state_dir: Path | str, *, clock: Callable[[], float] = time.time) -> JobStore:
+        path = Path(state_dir) / DB_FILENAME
+        conn = open_database(path, MIGRATIONS, what="hub job store",
+                             holds="API jobs, their submitters' tokens and their logs")
+        return cls(conn, path, clock)
+
+    # --- submitters ---
+
+    def submit(self, new: NewJob) -> StoredJob:
+        """Store a new queued job; durable when this returns."""
+        if new.token is None or new.issuer is None:
+            raise StoreError("an API job needs the token and the issuer that verified it")
+        job_id = new_job_id()
+        with self._transaction() as conn:
+            self._insert(conn, job_id, new, origin="api", created=self._clock())
+            return self._job(conn, job_id)
+
+    def _insert(self, conn: sqlite3.Connection, job_id: str, new: NewJob, *, origin: str, created: float,
+                agent: str | None = None) -> None:
+        cursor = conn.execute(
+            "INSERT INTO jobs (id, job, identity, principals, origin, issuer, token, cluster, repository,"
+            " commit_sha, created, lease_agent, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, _job_text(new.job), encode_json(new.identity, "the identity"),
+             json.dumps(list(new.principals)), origin, new.issuer, new.token, new.cluster, new.repository,
+             new.commit, created, agent, None if agent is None else self._clock()))
+        assert cursor.lastrowid is not None
+        conn.executemany("INSERT INTO job_access (key, job_seq, role) VALUES (?, ?, 'owner')",
+                         [(key, cursor.lastrowid) for key in new.owner_keys])
+
+    def get(self, job_id: str) -> StoredJob | None:
+        try:
+            return self._reading(self._job, job_id)
+        except JobNotFound:
+            return None
+
+    def visible(self, keys: Sequence[str], *, limit: int, before: str | None = None) -> list[StoredJob]:
+        """The newest `limit` jobs sharing a key with `keys`, older than job `before` if given."""
+        if not keys:
+            return []
+        upper = 2**63 - 1
+        if before is not None:
+            rows = self._read("SELECT seq FROM jobs WHERE id = ?", (before,))
+            if not rows:
+                raise JobNotFound(before)
+            upper = int(rows[0]["seq"])
+        marks = ", ".join("?" * len(keys))
+        rows = self._read(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE seq < ? AND seq IN"
+            f" (SELECT job_seq FROM job_access WHERE key IN ({marks})) ORDER BY seq DESC LIMIT ?",
+            (upper, *keys, limit))
+        return [self._from_row(self._conn, row) for row in rows]
+
+    def request_cancel(self, job_id: str) -> StoredJob:
+        """Ask for the job to be cancelled; a queued job no agent holds ends cancelled at once."""
+        with self._transaction() as conn:
+            job = self._job(conn, job_id)
+            if job.ended_for_good:
+                return job
+            now = self._clock()
+            conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            conn.execute(
+                "UPDATE jobs SET state = 'cancelled', ended = ?, lease_agent = NULL, lease_expires_at = NULL,"
+                " reasons = ? WHERE id = ? AND state = 'queued' AND accepted_at IS NULL"
+                " AND (lease_agent IS NULL OR lease_expires_at <= ?)",
+                (now, _CANCELLED_WAITING, job_id, now))
+            return self._job(conn, job_id)
+
+    # --- agents ---
+
+    def register(self, job_id: str, agent: str, new: NewJob, *,
+                 created: float | None = None) -> tuple[StoredJob, bool]:
+        """Record a job of the agent's other sources under the agent's own id, the agent's from the
+        start; the job, and whether it is new. Registering it again is harmless (the job as first
+        registered is kept)."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT origin, lease_agent FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                self._insert(conn, job_id, new, origin="agent", agent=agent,
+                             created=self._clock() if created is None else created)
+            elif (row["origin"], row["lease_agent"]) != ("agent", agent):
+                raise Conflict(f"job {job_id} is already another job at the hub", length=0)
+            return self._job(conn, job_id), row is None
+
+    def lease(self, agent: str, cluster: str, seconds: float) -> JobLease | None:
+        """Lend the oldest waiting job for `cluster` (or for any cluster) to `agent` for `seconds`."""
+        if seconds <= 0:
+            raise StoreError(f"a lease must last a positive time, got {seconds}")
+        with self._transaction() as conn:
+            now = self._clock()
+            self._end_cancelled_waiting(conn, now)
+            row = conn.execute(
+                "SELECT seq, id, job, token, issuer, cluster, repository, commit_sha, created, attempts,"
+                " cancel_requested FROM jobs WHERE state = 'queued' AND accepted_at IS NULL"
+                " AND (cluster = ? OR cluster IS NULL) AND (lease_agent IS NULL OR lease_expires_at <= ?)"
+                " ORDER BY seq LIMIT 1", (cluster, now)).fetchone()
+            if row is None:
+                return None
+            expires_at = now + seconds
+            conn.execute("UPDATE jobs SET lease_agent = ?, lease_expires_at = ?, attempts = attempts + 1"
+                         " WHERE seq = ?", (agent, expires_at, row["seq"]))
+            return JobLease(
+                id=row["id"], job=decode_object(row["job"], f"job {row['id']}"), token=row["token"],
+                issuer=row["issuer"], cluster=row["cluster"], repository=row["repository"],
+                commit=row["commit_sha"], received_at=float(row["created"]), lease_seconds=int(seconds),
+                lease_expires_at=expires_at, attempt=int(row["attempts"]) + 1,
+                cancel_requested=bool(row["cancel_requested"]))
+
+    def _end_cancelled_waiting(self, conn: sqlite3.Connection, now: float) -> None:
+        # A job cancelled while an agent held its lease, whose lease then ran out: nobody runs it.
+        conn.execute(
+            "UPDATE jobs SET state = 'cancelled', ended = ?, lease_agent = NULL, lease_expires_at = NULL,"
+            " reasons = ? WHERE state = 'queued' AND accepted_at IS NULL AND cancel_requested = 1"
+            " AND lease_agent IS NOT NULL AND lease_expires_at <= ?",
+            (now, _CANCELLED_WAITING, now))
+
+    def release(self, job_id: str, agent: str) -> bool:
+        """Give back a lease the agent holds on a job it has not taken (its request was abandoned)."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET lease_agent = NULL, lease_expires_at = NULL"
+                " WHERE id = ? AND lease_agent = ? AND accepted_at IS NULL", (job_id, agent))
+            return cursor.rowcount == 1
+
+    def next_expiry(self) -> float | None:
+        """The earliest expiry among the leases of jobs not yet taken (past ones included), or None."""
+        row = self._read("SELECT min(lease_expires_at) AS at FROM jobs"
+                         " WHERE state = 'queued' AND accepted_at IS NULL AND lease_agent IS NOT NULL", ())[0]
+        return None if row["at"] is None else float(row["at"])
+
+    def held(self, job_id: str, agent: str) -> StoredJob:
+        """The job, if `agent` holds it (JobNotFound, NotHeld otherwise)."""
+        return self._reading(self._held, job_id, agent)
+
+    def publish_state(self, job_id: str, agent: str, update: StateUpdate) -> StoredJob:
+        """Record what the agent holding the job says of it; the first publication takes it for good."""
+        with self._transaction() as conn:
+            job = self._held(conn, job_id, agent)
+            now = self._clock()
+            if job.ended_for_good:
+                if update.state == job.state:
+                    return job        # a repeated final publication whose answer was lost
+                raise Conflict(f"job {job_id} already ended {job.state}", length=job.log_length)
+            changes: dict[str, Any] = {"state": update.state, "lease_expires_at": None}
+            if not job.accepted:
+                changes["accepted_at"] = now
+            given = update.given
+            for key, column, value in (
+                    ("exit_status", "exit_status", update.exit_status),
+                    ("reasons", "reasons", json.dumps(list(update.reasons))),
+                    ("account", "account", update.account), ("grant", "grant_name", update.grant),
+                    ("admins", "admins", json.dumps(list(update.admins))),
+                    ("slurm_job_id", "slurm_job_id", update.slurm_job_id),
+                    ("started", "started", update.started), ("ended", "ended", update.ended)):
+                if key in given:
+                    changes[column] = value
+            if update.state == "running" and job.started is None and "started" not in given:
+                changes["started"] = now
+            if update.state in TERMINAL and job.ended is None and "ended" not in given:
+                changes["ended"] = now
+            assignments = ", ".join(f"{column} = ?" for column in changes)
+            conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*changes.values(), job_id))
+            if "admins" in given:
+                self._replace_admins(conn, job_id, update.admins)
+            return self._job(conn, job_id)
+
+    def _replace_admins(self, conn: sqlite3.Connection, job_id: str, admins: Sequence[str]) -> None:
+        seq = conn.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()["seq"]
+        conn.execute("DELETE FROM job_access WHERE job_seq = ? AND role = 'admin'", (seq,))
+        conn.executemany("INSERT OR IGNORE INTO job_access (key, job_seq, role) VALUES (?, ?, 'admin')",
+                         [(key, seq) for key in admin_keys(admins)])
+
+    def append_log(self, job_id: str, agent: str, offset: int, data: bytes) -> int:
+        """Append `data` at `offset` of the job's log; the log's length afterwards.
+
+        Bytes already held are compared, not written again: repeating an append whose answer was
+        lost changes nothing, and only its new tail (if any) is added. An offset past the end is
+        a gap (Conflict, with the length to resume from); so are repeated bytes that differ.
+        """
+        with self._transaction() as conn:
+            job = self._held(conn, job_id, agent)
+            length = job.log_length
+            if offset > length:
+                raise Conflict(f"an append at byte {offset} would leave a gap: the hub holds {length} "
+                               f"bytes of job {job_id}'s log; send from there", length=length)
+            overlap = min(length - offset, len(data))
+            if overlap and self._log_range(conn, job_id, offset, overlap) != data[:overlap]:
+                raise Conflict(f"bytes {offset}-{offset + overlap} of job {job_id}'s log differ from "
+                               "those the hub holds", length=length)
+            tail = data[overlap:]
+            if not tail:
+                return length
+            if length + len(tail) > MAX_LOG_BYTES:
+                raise LogFull(f"job {job_id}'s log would exceed {MAX_LOG_BYTES} bytes")
+            seq = self._seq(conn, job_id)
+            conn.execute("INSERT INTO log_chunks (job_seq, start, data) VALUES (?, ?, ?)",
+                         (seq, length, tail))
+            conn.execute("UPDATE jobs SET log_length = ? WHERE seq = ?", (length + len(tail), seq))
+            return length + len(tail)
+
+    # --- logs ---
+
+    def read_log(self, job_id: str, offset: int, limit: int) -> bytes:
+        """Up to `limit` bytes of the job's log from `offset` (empty at or past its end)."""
+        return self._reading(self._log_range, job_id, offset, limit)
+
+    def _log_range(self, conn: sqlite3.Connection, job_id: str, offset: int, limit: int) -> bytes:
+        seq = self._seq(conn, job_id)
+        end = offset + limit
+        # The chunk holding `offset` starts at the greatest start at or before it.
+        rows = conn.execute(
+            "SELECT start, data FROM log_chunks WHERE job_seq = ? AND start < ? AND start >="
+            " coalesce((SELECT max(start) FROM log_chunks WHERE job_seq = ? AND start <= ?), 0)"
+            " ORDER BY start", (seq, end, seq, offset)).fetchall()
+        pieces = []
+        for row in rows:
+            start, data = int(row["start"]), bytes(row["data"])
+            pieces.append(data[max(offset - start, 0):max(end - start, 0)])
+        return b"".join(pieces)
+
+    # --- rows ---
+
+    def _reading(self, read: Callable[..., T], *args: Any) -> T:
+        """`read(connection, *args)` outside any write transaction, its SQLite errors as StoreError."""
+        try:
+            return read(self._conn, *args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.label} {self.path}: {exc}") from exc
+
+    def _seq(self, conn: sqlite3.Connection, job_id: str) -> int:
+        row = conn.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        return int(row["seq"])
+
+    def _held(self, conn: sqlite3.Connection, job_id: str, agent: str) -> StoredJob:
+        job = self._job(conn, job_id)
+        if job.lease_agent != agent:
+            raise NotHeld(f"this agent does not hold job {job_id}")
+        return job
+
+    def _job(self, conn: sqlite3.Connection, job_id: str) -> StoredJob:
+        row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        return self._from_row(conn, row)
+
+    @staticmethod
+    def _from_row(conn: sqlite3.Connection, row: sqlite3.Row) -> StoredJob:
+        keys = tuple(str(key) for (key,) in conn.execute(
+            "SELECT DISTINCT key FROM job_access WHERE job_seq = ? ORDER BY key", (row["seq"],)))
+        what = f"job {row['id']}"
+        return StoredJob(
+            id=row["id"], job=decode_object(row["job"], what), identity=decode_object(row["identity"], what),
+            principals=_strings(row["principals"], what), origin=row["origin"], issuer=row["issuer"],
+            cluster=row["cluster"],
+            repository=row["repository"], commit=row["commit_sha"], state=row["state"],
+            exit_status=row["exit_status"], reasons=_strings(row["reasons"], what), account=row["account"],
+            grant=row["grant_name"], admins=_strings(row["admins"], what), slurm_job_id=row["slurm_job_id"],
+            created=float(row["created"]), started=row["started"], ended=row["ended"],
+            cancel_requested=bool(row["cancel_requested"]), lease_agent=row["lease_agent"],
+            accepted=row["accepted_at"] is not None, log_length=int(row["log_length"]), access_keys=keys)
+
+
+def _job_text(job: dict[str, Any]) -> str:
+    # The object's own key order is kept (no sorting): it is given back as it came.
+    try:
+        return json.dumps(job, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"the job cannot be stored as JSON: {exc}") from exc

@@ -1,0 +1,238 @@
+"""The hub's job store: API jobs queued, leased per cluster, taken for good, cancelled, and their
+logs held byte-exact through repeated, gapped and overlapping appends and a reopening."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes.github_api import ManualClock
+
+from runner.gateway.access import caller_keys, owner_keys
+from runner.gateway.jobs_protocol import MAX_LOG_BYTES, parse_state_update
+from runner.gateway.jobstore import DB_FILENAME, Conflict, JobNotFound, JobStore, LogFull, NewJob, NotHeld
+from runner.sqlitefile import StoreError
+
+REPO = "github:repo:CliMA/Oceananigans.jl"
+JOB = {"name": "unit", "image": "julia", "command": ["julia", "-e", "1+1"]}
+
+
+def new_job(repository: str = "CliMA/Oceananigans.jl", *, cluster: str | None = "hpc1",
+            token: str = "header.payload.signature", job: dict[str, Any] | None = None) -> NewJob:
+    owner = repository.split("/")[0]
+    principals = (f"github:org:{owner}", f"github:repo:{repository}", "github:user:octocat")
+    return NewJob(job=job or dict(JOB), identity={"source": "github", "repository": repository},
+                  principals=principals, owner_keys=owner_keys(principals), cluster=cluster,
+                  repository=repository, commit="a" * 40, issuer="github", token=token)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "hub-state"
+
+
+@pytest.fixture
+def store(state_dir: Path, clock: ManualClock) -> Iterator[JobStore]:
+    with JobStore.open(state_dir, clock=clock.time) as opened:
+        yield opened
+
+
+def taken(store: JobStore, agent: str = "login-a") -> str:
+    """A new job, leased to `agent` and taken for good by publishing its first state."""
+    job = store.submit(new_job())
+    leased = store.lease(agent, "hpc1", 30)
+    assert leased is not None and leased.id == job.id
+    store.publish_state(leased.id, agent, parse_state_update({"state": "queued"}))
+    return leased.id
+
+
+def test_the_file_is_private_and_a_job_is_kept_as_submitted(store: JobStore, state_dir: Path,
+                                                             clock: ManualClock) -> None:
+    assert stat.S_IMODE((state_dir / DB_FILENAME).stat().st_mode) == 0o600
+    job = {"name": "ü", "image": "julia", "env": {"Z": "1", "A": "2"}, "script": "echo\u2028hi"}
+    stored = store.submit(new_job(job=job))
+    again = store.get(stored.id)
+    assert again is not None and again.job == job
+    assert list(again.job["env"]) == ["Z", "A"]          # its own key order
+    assert (again.state, again.created, again.issuer, again.origin) == ("queued", clock.now, "github", "api")
+    assert again.view("https://hub.example.org")["url"] == f"https://hub.example.org/jobs/{stored.id}"
+    assert "token" not in again.view("https://hub.example.org") and not hasattr(again, "token")
+
+
+def test_agents_lease_the_oldest_job_of_their_cluster_or_of_none(store: JobStore) -> None:
+    first = store.submit(new_job(cluster="hpc2"))
+    second = store.submit(new_job(cluster=None))
+    third = store.submit(new_job(cluster="hpc1"))
+    leased = store.lease("login-a", "hpc1", 30)
+    assert leased is not None and leased.id == second.id            # any cluster's, oldest first
+    leased = store.lease("login-a", "hpc1", 30)
+    assert leased is not None and (leased.id, leased.token, leased.attempt) == (third.id,
+                                                                                "header.payload.signature", 1)
+    assert store.lease("login-a", "hpc1", 30) is None               # hpc2's is not for hpc1
+    leased = store.lease("login-b", "hpc2", 30)
+    assert leased is not None and leased.id == first.id
+
+
+def test_a_lease_that_runs_out_before_a_state_returns_the_job_and_a_state_keeps_it(
+        store: JobStore, clock: ManualClock) -> None:
+    job = store.submit(new_job())
+    assert store.lease("login-a", "hpc1", 10) is not None
+    assert store.next_expiry() == clock.now + 10
+    clock.advance(10)
+    again = store.lease("login-b", "hpc1", 10)
+    assert again is not None and (again.id, again.attempt) == (job.id, 2)
+    with pytest.raises(NotHeld):
+        store.publish_state(job.id, "login-a", parse_state_update({"state": "pending"}))
+    store.publish_state(job.id, "login-b", parse_state_update({"state": "pending"}))
+    clock.advance(3600)
+    assert store.lease("login-a", "hpc1", 10) is None               # login-b's for good
+    assert store.next_expiry() is None
+
+
+def test_a_release_returns_the_lease_at_once(store: JobStore) -> None:
+    job = store.submit(new_job())
+    assert store.lease("login-a", "hpc1", 60) is not None
+    assert store.release(job.id, "login-b") is False
+    assert store.release(job.id, "login-a") is True
+    leased = store.lease("login-b", "hpc1", 60)
+    assert leased is not None and leased.id == job.id
+
+
+def test_states_are_recorded_with_their_fields_and_an_end_is_final(store: JobStore,
+                                                                  clock: ManualClock) -> None:
+    job_id = taken(store, "login-a")
+    clock.advance(5)
+    running = store.publish_state(job_id, "login-a", parse_state_update(
+        {"state": "running", "account": "clima", "grant": "ci", "slurm_job_id": "4242",
+         "admins": ["github:team:CliMA/core"]}))
+    assert (running.state, running.account, running.grant, running.slurm_job_id) == ("running", "clima", "ci",
+                                                                                      "4242")
+    assert running.started == clock.now and running.ended is None
+    clock.advance(5)
+    ended = store.publish_state(job_id, "login-a", parse_state_update(
+        {"state": "failed", "exit_status": 3, "reasons": ["exit status 3"]}))
+    # Fields a publication leaves out keep their values.
+    assert (ended.state, ended.exit_status, ended.reasons, ended.account) == ("failed", 3, ("exit status 3",),
+                                                                              "clima")
+    assert ended.ended == clock.now and ended.admins == ("github:team:CliMA/core",)
+    assert store.publish_state(job_id, "login-a", parse_state_update({"state": "failed"})).exit_status == 3
+    with pytest.raises(Conflict, match="already ended failed"):
+        store.publish_state(job_id, "login-a", parse_state_update({"state": "running"}))
+
+
+def test_a_queued_job_nobody_holds_is_cancelled_at_once(store: JobStore, clock: ManualClock) -> None:
+    job = store.submit(new_job())
+    cancelled = store.request_cancel(job.id)
+    assert (cancelled.state, cancelled.cancel_requested, cancelled.ended) == ("cancelled", True, clock.now)
+    assert store.lease("login-a", "hpc1", 10) is None
+
+
+def test_a_held_job_is_only_flagged_and_a_lapsed_lease_then_ends_it(store: JobStore,
+                                                                    clock: ManualClock) -> None:
+    running = taken(store, "login-a")
+    flagged = store.request_cancel(running)
+    assert (flagged.state, flagged.cancel_requested) == ("queued", True)   # the agent ends it
+    assert store.held(running, "login-a").cancel_requested
+
+    leased = store.submit(new_job())
+    assert store.lease("login-a", "hpc1", 10) is not None
+    assert store.request_cancel(leased.id).state == "queued"
+    clock.advance(10)
+    assert store.lease("login-b", "hpc1", 10) is None                     # not handed out again
+    job = store.get(leased.id)
+    assert job is not None and job.state == "cancelled"
+
+
+def test_log_appends_are_byte_exact_idempotent_and_refuse_gaps(store: JobStore) -> None:
+    job_id = taken(store, "login-a")
+    pieces = [b"line 1\n", b"\x00\xff binary \r\n", b"", "ünïcode\n".encode(), b"x" * 70_000]
+    whole = b""
+    for piece in pieces:
+        assert store.append_log(job_id, "login-a", len(whole), piece) == len(whole) + len(piece)
+        whole += piece
+    # The same append again (its answer was lost) changes nothing.
+    assert store.append_log(job_id, "login-a", 0, pieces[0]) == len(whole)
+    # An append overlapping the end adds only its new tail.
+    assert store.append_log(job_id, "login-a", len(whole) - 3, whole[-3:] + b"tail") == len(whole) + 4
+    whole += b"tail"
+    with pytest.raises(Conflict, match="gap") as gap:
+        store.append_log(job_id, "login-a", len(whole) + 1, b"later")
+    assert gap.value.length == len(whole)
+    with pytest.raises(Conflict, match="differ"):
+        store.append_log(job_id, "login-a", 0, b"LINE 1\n")
+    with pytest.raises(NotHeld):
+        store.append_log(job_id, "login-b", len(whole), b"not mine")
+    with pytest.raises(JobNotFound):
+        store.append_log("0000000000000", "login-a", 0, b"x")
+    assert store.read_log(job_id, 0, 1 << 30) == whole
+    for offset in (0, 1, 7, 8, 100, len(whole) - 1, len(whole), len(whole) + 10):
+        for limit in (1, 5, 70_000):
+            assert store.read_log(job_id, offset, limit) == whole[offset:offset + limit], (offset, limit)
+
+
+def test_a_log_stops_at_its_cap(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import runner.gateway.jobstore as jobstore
+    monkeypatch.setattr(jobstore, "MAX_LOG_BYTES", 10)
+    job_id = taken(store, "login-a")
+    assert store.append_log(job_id, "login-a", 0, b"0123456789") == 10
+    with pytest.raises(LogFull, match="10 bytes"):
+        store.append_log(job_id, "login-a", 10, b"!")
+    assert MAX_LOG_BYTES == 1024 ** 3
+
+
+def test_jobs_and_logs_survive_a_reopening(state_dir: Path, clock: ManualClock) -> None:
+    with JobStore.open(state_dir, clock=clock.time) as store:
+        job_id = taken(store, "login-a")
+        store.append_log(job_id, "login-a", 0, b"before the restart\n")
+        waiting = store.submit(new_job()).id
+    with JobStore.open(state_dir, clock=clock.time) as store:
+        assert store.append_log(job_id, "login-a", 19, b"after\n") == 25
+        assert store.read_log(job_id, 0, 100) == b"before the restart\nafter\n"
+        leased = store.lease("login-b", "hpc1", 10)
+        assert leased is not None and leased.id == waiting
+        assert store.schema_version() == 1
+
+
+def test_callers_see_the_jobs_of_their_repository_and_of_the_accounts_they_administer(
+        store: JobStore) -> None:
+    ours = [store.submit(new_job("CliMA/Oceananigans.jl")).id for _ in range(3)]
+    theirs = store.submit(new_job("Other/Thing")).id
+    keys = caller_keys(["github:org:clima", "github:repo:clima/oceananigans.jl", "github:user:someone"])
+    assert [job.id for job in store.visible(keys, limit=10)] == ours[::-1]     # newest first
+    assert [job.id for job in store.visible(keys, limit=2)] == ours[:0:-1]
+    assert [job.id for job in store.visible(keys, limit=2, before=ours[1])] == [ours[0]]
+    assert store.visible(caller_keys(["github:repo:CliMA/ClimaCore.jl"]), limit=10) == []
+
+    # The agent publishes the account's admins with its decision: they see the job too.
+    leased = [store.lease("login-a", "hpc1", 30) for _ in range(4)][-1]     # oldest first: theirs last
+    assert leased is not None and leased.id == theirs
+    store.publish_state(theirs, "login-a", parse_state_update(
+        {"state": "denied", "admins": ["github:repo:CliMA/*"], "reasons": ["no grant"]}))
+    assert [job.id for job in store.visible(keys, limit=10)] == [theirs, *ours[::-1]]
+    with pytest.raises(JobNotFound):
+        store.visible(keys, limit=10, before="0000000000000")
+
+
+def test_an_agent_registers_its_other_jobs_once_and_owns_them(store: JobStore, clock: ManualClock) -> None:
+    principals = ("buildkite:org:clima", "buildkite:pipeline:clima/ocean")
+    identity = {"source": "buildkite", "organization": "clima", "pipeline": "ocean"}
+    new = NewJob(job=dict(JOB), identity=identity, principals=principals, owner_keys=owner_keys(principals),
+                 cluster="hpc1", repository=None, commit=None)
+    job, fresh = store.register("01abcdefghjkm", "login-a", new, created=clock.now - 60)
+    assert fresh and (job.origin, job.lease_agent, job.accepted, job.created) == ("agent", "login-a", True,
+                                                                                  clock.now - 60)
+    assert store.register("01abcdefghjkm", "login-a", new) == (job, False)
+    with pytest.raises(Conflict):
+        store.register("01abcdefghjkm", "login-b", new)
+    assert store.lease("login-b", "hpc1", 10) is None                       # never leased out
+    assert store.append_log(job.id, "login-a", 0, b"ok\n") == 3
+    assert store.visible(caller_keys(["buildkite:pipeline:clima/ocean"]), limit=5)[0].id == job.id
+
+
+def test_an_api_job_needs_its_token_and_issuer(store: JobStore) -> None:
+    with pytest.raises(StoreError, match="token"):
+        store.submit(NewJob(job=dict(JOB), identity={}, principals=(), owner_keys=(), cluster=None,
+                            repository=None, commit=None))
