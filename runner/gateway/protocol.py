@@ -66,6 +66,18 @@ def parse_seconds(value: str | None, *, name: str, default: int, minimum: int, m
     return seconds
 
 
+def parse_wait(value: str | None) -> int:
+    """The `wait` of a long poll, in seconds (ValueError naming it)."""
+    return parse_seconds(value, name="wait", default=DEFAULT_WAIT_SECONDS, minimum=0,
+                         maximum=MAX_WAIT_SECONDS)
+
+
+def parse_lease_seconds(value: str | None) -> int:
+    """The lease length an agent asks for (`seconds`), within the gateway's bounds (ValueError naming it)."""
+    return parse_seconds(value, name="seconds", default=DEFAULT_LEASE_SECONDS, minimum=MIN_LEASE_SECONDS,
+                         maximum=MAX_LEASE_SECONDS)
+
+
 def format_time(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

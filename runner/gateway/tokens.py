@@ -55,12 +55,18 @@ class AgentTokens:
 
     def agent_for_header(self, authorization: str | None) -> str | None:
         """The agent named by an `Authorization: Bearer <token>` header, or None."""
-        if not authorization:
-            return None
-        scheme, _, token = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return None
-        return self.agent_for(token.strip())
+        token = bearer_token(authorization)
+        return None if token is None else self.agent_for(token)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
 
 
 def _digest(token: str) -> bytes:

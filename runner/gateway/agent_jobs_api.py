@@ -1,0 +1,172 @@
+"""The agents' side of API jobs: lease one for a cluster, register one of their other sources,
+publish a job's state and its log.
+
+Agents authenticate with their agent token, as for webhook leases. What each request means is in
+`jobs_protocol`; the state is in `jobstore`, used from its own thread. A publication wakes the
+job's log followers; a new job or a returned lease wakes the agents waiting for a job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from runner.gateway import jobs_protocol as protocol
+from runner.gateway.access import admin_keys, owner_keys
+from runner.gateway.answers import TooLarge, agent_unauthorized, error, read_body, stopping
+from runner.gateway.jobstore import Conflict, JobNotFound, JobStore, LogFull, NewJob, NotHeld
+from runner.gateway.polling import LongPolls, Stopping, Wakeups
+from runner.gateway.protocol import parse_lease_seconds, parse_wait
+from runner.gateway.statethread import StateThread
+from runner.job import JOB_ID_PATTERN
+from runner.logging_setup import get_logger
+
+log = get_logger("runner.gateway")
+
+JOBS_CHANGED = "jobs"
+MAX_STATE_BODY_BYTES = 256 * 1024
+_JOB_ROUTE = f"{protocol.AGENT_JOBS_PATH}/{{job_id:{JOB_ID_PATTERN.pattern}}}"
+
+AgentHandler = Callable[[web.Request, str], Awaitable[web.Response]]
+
+
+def job_changed(job_id: str) -> str:
+    """The wake-up key of one job's state and log."""
+    return f"job:{job_id}"
+
+
+class AgentJobsApi:
+    def __init__(self, *, jobs: StateThread[JobStore], wakeups: Wakeups, polls: LongPolls,
+                 agent_of: Callable[[web.Request], str | None]) -> None:
+        self._jobs = jobs
+        self._wakeups = wakeups
+        self._polls = polls
+        self._agent_of = agent_of
+
+    def add_routes(self, app: web.Application) -> None:
+        routes: tuple[tuple[str, str, AgentHandler], ...] = (
+            ("POST", protocol.AGENT_LEASE_PATH, self._lease), ("GET", _JOB_ROUTE, self._show),
+            ("PUT", _JOB_ROUTE, self._register), ("POST", f"{_JOB_ROUTE}/state", self._state),
+            ("POST", f"{_JOB_ROUTE}/log", self._log))
+        for method, path, handler in routes:
+            app.router.add_route(method, path, self._as_agent(handler))
+
+    def _as_agent(self, handler: AgentHandler) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """`handler`, called with the agent the request's token names; 401 without one."""
+        async def authenticated(request: web.Request) -> web.Response:
+            agent = self._agent_of(request)
+            if agent is None:
+                return agent_unauthorized()
+            return await handler(request, agent)
+        return authenticated
+
+    async def _lease(self, request: web.Request, agent: str) -> web.Response:
+        try:
+            cluster = protocol.parse_cluster(request.query.get("cluster"))
+            wait = parse_wait(request.query.get("wait"))
+            seconds = parse_lease_seconds(request.query.get("seconds"))
+        except ValueError as exc:
+            return error(400, str(exc))
+        store = self._jobs.file
+
+        def take() -> tuple[protocol.JobLease | None, float | None]:
+            leased = store.lease(agent, cluster, seconds)
+            return leased, (None if leased is not None else store.next_expiry())
+
+        async def give_back(taken: tuple[protocol.JobLease | None, float | None]) -> None:
+            if taken[0] is not None:
+                await self._jobs.run(store.release, taken[0].id, agent)
+                self._wakeups.notify(JOBS_CHANGED)
+
+        try:
+            leased = await self._polls.wait(agent, JOBS_CHANGED, wait,
+                                            lambda: self._jobs.take(take, give_back))
+        except Stopping:
+            return stopping()
+        if leased is None:
+            return web.Response(status=204)
+        log.info("api job leased", job=leased.id, agent=agent, cluster=cluster, attempt=leased.attempt,
+                 seconds=seconds)
+        return web.json_response(leased.to_json())
+
+    async def _show(self, request: web.Request, agent: str) -> web.Response:
+        return await self._change(request, agent, self._jobs.file.held, changes=False)
+
+    async def _register(self, request: web.Request, agent: str) -> web.Response:
+        try:
+            body = await _json_body(request, protocol.MAX_SUBMISSION_BYTES)
+            registration = protocol.parse_registration(body)
+        except TooLarge as exc:
+            return error(413, str(exc))
+        except ValueError as exc:
+            return error(400, f"the job is not registered: {exc}")
+        principals = registration.identity.principals()
+        new = NewJob(job=registration.job, identity=registration.identity.to_json(), principals=principals,
+                     owner_keys=owner_keys(principals), cluster=registration.cluster,
+                     repository=registration.repository, commit=registration.commit)
+        job_id = request.match_info["job_id"]
+        try:
+            job, fresh = await self._jobs.run(self._jobs.file.register, job_id, agent, new,
+                                              created=registration.created)
+        except Conflict as exc:
+            return error(409, str(exc))
+        if fresh:
+            log.info("agent job registered", job=job_id, agent=agent, source=registration.identity.source)
+        return web.json_response(job.agent_view(), status=201 if fresh else 200)
+
+    async def _state(self, request: web.Request, agent: str) -> web.Response:
+        try:
+            update = protocol.parse_state_update(await _json_body(request, MAX_STATE_BODY_BYTES))
+            admin_keys(update.admins)
+        except TooLarge as exc:
+            return error(413, str(exc))
+        except ValueError as exc:
+            return error(400, f"the state is not taken: {exc}")
+        answer = await self._change(request, agent, self._jobs.file.publish_state, update)
+        if answer.status == 200:
+            log.info("api job state", job=request.match_info["job_id"], agent=agent, state=update.state,
+                     exit_status=update.exit_status)
+        return answer
+
+    async def _log(self, request: web.Request, agent: str) -> web.Response:
+        try:
+            offset = protocol.parse_offset(request.query.get("offset"))
+            data = await read_body(request, protocol.MAX_LOG_APPEND_BYTES)
+        except ValueError as exc:
+            return error(400, str(exc))
+        except TooLarge as exc:
+            return error(413, str(exc))
+        return await self._change(request, agent, self._jobs.file.append_log, offset, data)
+
+    async def _change(self, request: web.Request, agent: str, change: Callable[..., Any], *args: Any,
+                      changes: bool = True) -> web.Response:
+        """`change(job_id, agent, *args)` on the job store's thread, answered: a job (its agent's
+        view) or a log's length (`{"length"}`); 404, 409 or 413 when the store refuses. What
+        `changes` the job wakes its followers."""
+        job_id = request.match_info["job_id"]
+        try:
+            done = await self._jobs.run(change, job_id, agent, *args)
+        except JobNotFound:
+            return error(404, f"no job {job_id}")
+        except NotHeld:
+            log.warning("api job not held", job=job_id, agent=agent)
+            return error(409, f"this agent does not hold job {job_id}: its lease ran out and another agent "
+                              "took it, or it was never leased to this agent")
+        except Conflict as exc:
+            return error(409, str(exc), length=exc.length)
+        except LogFull as exc:
+            return error(413, str(exc))
+        if changes:
+            self._wakeups.notify(job_changed(job_id))
+        return web.json_response({"length": done} if isinstance(done, int) else done.agent_view())
+
+
+async def _json_body(request: web.Request, limit: int) -> object:
+    """The request's body as JSON (ValueError if it is not; TooLarge over `limit` bytes)."""
+    try:
+        return json.loads(await read_body(request, limit))
+    except RecursionError:
+        raise ValueError("the body is nested too deeply") from None

@@ -1,0 +1,183 @@
+"""The hub's REST API for jobs: submit, look, read the log, cancel.
+
+Every request carries an OIDC ID token of a trusted issuer (`Authorization: Bearer <token>`); the
+caller is who the token says (`callers`), the body is judged in `submission`, who may see what in
+`access`, and the jobs live in `jobstore`, used from its own thread. A job nobody may see is
+answered 404, as one that does not exist: an id alone tells nobody whether the job is there.
+The token is kept with the job for the agent and never appears in an answer or the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from runner.gateway import jobs_protocol as protocol
+from runner.gateway.access import caller_keys, may_access, owner_keys
+from runner.gateway.agent_jobs_api import JOBS_CHANGED, job_changed
+from runner.gateway.answers import TooLarge, read_body
+from runner.gateway.callers import Authenticate, Caller
+from runner.gateway.jobstore import JobNotFound, JobStore, NewJob, StoredJob
+from runner.gateway.polling import Wakeups, wait_for_change
+from runner.gateway.protocol import MAX_WAIT_SECONDS
+from runner.gateway.refusal import Refusal
+from runner.gateway.statethread import StateThread
+from runner.gateway.submission import (
+    decode_body,
+    read_submission,
+    settle_source,
+    too_large,
+)
+from runner.gateway.tokens import bearer_token
+from runner.job import JOB_ID_PATTERN
+from runner.logging_setup import get_logger
+from runner.oidc.binding import check_job_binding
+from runner.oidc.errors import TokenRejected
+
+log = get_logger("runner.gateway")
+
+_JOB_ROUTE = f"{protocol.JOBS_PATH}/{{job_id:{JOB_ID_PATTERN.pattern}}}"
+_FOLLOW_CHUNK_BYTES = 256 * 1024
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class JobsApi:
+    def __init__(self, *, jobs: StateThread[JobStore], wakeups: Wakeups, authenticate: Authenticate,
+                 public_url: str) -> None:
+        self._jobs = jobs
+        self._wakeups = wakeups
+        self._authenticate = authenticate
+        self._public_url = public_url
+
+    def add_routes(self, app: web.Application) -> None:
+        routes: tuple[tuple[str, str, Handler], ...] = (
+            ("POST", protocol.JOBS_PATH, self._submit), ("GET", protocol.JOBS_PATH, self._list),
+            ("GET", _JOB_ROUTE, self._show), ("DELETE", _JOB_ROUTE, self._cancel),
+            ("GET", f"{_JOB_ROUTE}/log", self._log))
+        for method, path, handler in routes:
+            app.router.add_route(method, path, _answering(handler))
+
+    # --- who asks ---
+
+    async def _caller(self, request: web.Request) -> Caller:
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None:
+            raise Refusal(401, "an OIDC ID token of a trusted issuer is required "
+                               "(Authorization: Bearer <token>)")
+        return await self._authenticate(token)
+
+    async def _visible_job(self, request: web.Request) -> tuple[Caller, StoredJob]:
+        """The caller and the job of the path, if the caller may see it (a Refusal otherwise)."""
+        caller = await self._caller(request)
+        job_id = request.match_info["job_id"]
+        job = await self._jobs.run(self._jobs.file.get, job_id)
+        if job is None or not may_access(job.access_keys, caller_keys(caller.principals)):
+            raise Refusal(404, f"no job {job_id} that this token may see")
+        return caller, job
+
+    # --- requests ---
+
+    async def _submit(self, request: web.Request) -> web.Response:
+        if request.content_length is not None and request.content_length > protocol.MAX_SUBMISSION_BYTES:
+            raise too_large(request.content_length)
+        try:
+            body = await read_body(request, protocol.MAX_SUBMISSION_BYTES)
+        except TooLarge:
+            raise too_large() from None
+        caller = await self._caller(request)
+        data = decode_body(body)
+        if isinstance(data.get("job"), dict):
+            # A digest-bound token is good for its one job: judged before anything else of it.
+            check_job_binding(caller.audience, caller.configured_audience, data["job"])
+        submission = read_submission(data)
+        repository, commit = settle_source(submission, token_repository=caller.repository,
+                                           token_commit=caller.commit)
+        owners = owner_keys(caller.principals)
+        if not owners:
+            raise Refusal(403, "the token names no repository, pipeline, project or user that could own "
+                               "the job")
+        new = NewJob(job=submission.job, identity=caller.identity, principals=caller.principals,
+                     owner_keys=owners, issuer=caller.issuer, token=caller.token,
+                     cluster=submission.cluster, repository=repository, commit=commit)
+        job = await self._jobs.run(self._jobs.file.submit, new)
+        self._wakeups.notify(JOBS_CHANGED)
+        log.info("api job queued", job=job.id, issuer=caller.issuer, owners=list(new.owner_keys),
+                 cluster=job.cluster, repository=job.repository, commit=job.commit, name=submission.spec.name)
+        url = protocol.job_url(self._public_url, job.id)
+        return web.json_response({"id": job.id, "url": url, "state": job.state}, status=201,
+                                 headers={"Location": protocol.job_path(job.id)})
+
+    async def _list(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request)
+        try:
+            limit = protocol.parse_limit(request.query.get("limit"))
+            before = request.query.get("before")
+            if before is not None and not JOB_ID_PATTERN.fullmatch(before):
+                raise ValueError(f"before must be a job id, got {before[:80]!r}")
+            jobs = await self._jobs.run(self._jobs.file.visible, caller_keys(caller.principals),
+                                        limit=limit, before=before)
+        except ValueError as exc:
+            raise Refusal(400, str(exc)) from None
+        except JobNotFound:
+            raise Refusal(400, f"before: no job {before}", "before") from None
+        following = jobs[-1].id if len(jobs) == limit else None
+        return web.json_response({"jobs": [job.view(self._public_url) for job in jobs], "next": following})
+
+    async def _show(self, request: web.Request) -> web.Response:
+        _, job = await self._visible_job(request)
+        return web.json_response(job.view(self._public_url))
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        caller, job = await self._visible_job(request)
+        job = await self._jobs.run(self._jobs.file.request_cancel, job.id)
+        self._wakeups.notify(job_changed(job.id))
+        log.info("api job cancel requested", job=job.id, issuer=caller.issuer, state=job.state)
+        return web.json_response(job.view(self._public_url), status=202)
+
+    async def _log(self, request: web.Request) -> web.StreamResponse:
+        _, job = await self._visible_job(request)
+        try:
+            offset = protocol.parse_offset(request.query.get("offset"))
+            follow = protocol.parse_flag(request.query.get("follow"), name="follow")
+        except ValueError as exc:
+            raise Refusal(400, str(exc)) from None
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
+                                               "Cache-Control": "no-store"})
+        await response.prepare(request)
+        store = self._jobs.file
+        while not self._wakeups.stopping:
+            changed = self._wakeups.event(job_changed(job.id))   # taken before looking
+            current = await self._jobs.run(store.get, job.id)
+            assert current is not None
+            if offset < current.log_length:
+                size = min(current.log_length - offset, _FOLLOW_CHUNK_BYTES)
+                data = await self._jobs.run(store.read_log, job.id, offset, size)
+                await response.write(data)
+                offset += len(data)
+                continue
+            if not follow or current.ended_for_good:
+                break
+            await wait_for_change(changed, MAX_WAIT_SECONDS)
+        await response.write_eof()
+        return response
+
+
+def _answering(handler: Handler) -> Handler:
+    """`handler`, its refusals answered (and logged): a token the verifier or a job's digest
+    refused is 401, with a challenge."""
+    async def answered(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except TokenRejected as rejected:
+            refused = Refusal(401, rejected.reason)
+        except Refusal as refusal:
+            refused = refusal
+        log.warning("api request refused", method=request.method, path=request.path, status=refused.status,
+                    reason=refused.message, remote=request.remote)
+        headers = ({"WWW-Authenticate": 'Bearer realm="hpc-runner hub", error="invalid_token"'}
+                   if refused.status == 401 else None)
+        return web.json_response(refused.body(), status=refused.status, headers=headers)
+    return answered
