@@ -66,6 +66,8 @@ FILE_DESCRIPTIONS = {
     "github.gateway_token_file": "gateway token",
     "gateway.webhook_secret_file": "GitHub webhook secret",
     "gateway.agent_tokens_file": "gateway's agent tokens",
+    "hub.webhook_secret_file": "GitHub webhook secret",
+    "hub.agent_tokens_file": "hub's agent tokens",
 }
 
 
@@ -119,12 +121,16 @@ class GithubConfig:
 
 
 @dataclass(frozen=True)
-class GatewayConfig:
+class HubConfig:
+    """`[hub]`, or the same read from a `[gateway]` section (the hub's former name)."""
+
     listen_host: str
     listen_port: int
-    webhook_secret_file: Path
+    webhook_secret_file: Path | None      # None: no webhooks are taken
     agent_tokens_file: Path
     state_dir: Path
+    public_url: str | None = None         # None: the jobs API is not served
+    section: str = "hub"                  # the section it was read from, for messages
 
 
 @dataclass(frozen=True)
@@ -138,7 +144,7 @@ class AgentConfig:
     mpi: MpiConfig = MpiConfig()
     buildkite: BuildkiteConfig | None = None
     github: GithubConfig | None = None
-    gateway: GatewayConfig | None = None
+    hub: HubConfig | None = None
     source: str | None = None             # the file it was read from; None: the embedded default
     socket: Path | None = None            # the local queue's socket; None: <state_dir>/agent.sock
     slurm: SlurmConfig = SlurmConfig()
@@ -157,9 +163,9 @@ class AgentConfig:
         if self.github:
             found.append((self.github.private_key_file, "github.private_key_file"))
             found.append((self.github.gateway_token_file, "github.gateway_token_file"))
-        if self.gateway:
-            found.append((self.gateway.webhook_secret_file, "gateway.webhook_secret_file"))
-            found.append((self.gateway.agent_tokens_file, "gateway.agent_tokens_file"))
+        if self.hub:
+            found.append((self.hub.webhook_secret_file, f"{self.hub.section}.webhook_secret_file"))
+            found.append((self.hub.agent_tokens_file, f"{self.hub.section}.agent_tokens_file"))
         return [(path, key) for path, key in found if path is not None]
 
     def trusted_files(self) -> list[tuple[Path, str]]:
@@ -173,8 +179,8 @@ class AgentConfig:
 
     def state_dirs(self) -> list[tuple[Path, str]]:
         found = [(self.state_dir, "state_dir")]
-        if self.gateway:
-            found.append((self.gateway.state_dir, "gateway.state_dir"))
+        if self.hub:
+            found.append((self.hub.state_dir, f"{self.hub.section}.state_dir"))
         return found
 
     def protected_paths(self) -> list[Path]:
@@ -426,13 +432,28 @@ def _check_github_mode(table: Table, mode: str, gateway_url: str | None,
             raise table.error(key, 'is only used with mode = "gateway" (mode is "poll")')
 
 
-def _parse_gateway(table: Table) -> GatewayConfig:
+def _parse_hub(table: Table, section: str) -> HubConfig:
+    """`[hub]`, or `[gateway]`: there, as before, webhooks are what it is for (their secret is
+    required) and the jobs API is served only once a public URL is given."""
     host, port = table.converted("listen", _listen)
-    webhook_secret_file = table.converted("webhook_secret_file", _path)
+    if section == "hub":
+        webhook_secret_file = table.converted("webhook_secret_file", _path, None)
+        public_url = table.converted("public_url", _url)
+    else:
+        webhook_secret_file = table.converted("webhook_secret_file", _path)
+        public_url = table.converted("public_url", _url, None)
     agent_tokens_file = table.converted("agent_tokens_file", _path)
     state_dir = table.converted("state_dir", _path)
     table.finish()
-    return GatewayConfig(host, port, webhook_secret_file, agent_tokens_file, state_dir)
+    return HubConfig(host, port, webhook_secret_file, agent_tokens_file, state_dir, public_url, section)
+
+
+def _parse_hub_sections(root: Table) -> HubConfig | None:
+    hub: HubConfig | None = _optional_section(root, "hub", lambda table: _parse_hub(table, "hub"))
+    gateway: HubConfig | None = _optional_section(root, "gateway", lambda table: _parse_hub(table, "gateway"))
+    if hub is not None and gateway is not None:
+        raise root.error("gateway", "give [hub] or [gateway] (its former name), not both")
+    return hub or gateway
 
 
 def _optional_section(root: Table, key: str, parse: Callable[[Table], Any]) -> Any:
@@ -453,7 +474,7 @@ def config_from_document(doc: TomlDocument) -> AgentConfig:
     slurm = _parse_slurm(root.table("slurm"))
     buildkite = _optional_section(root, "buildkite", _parse_buildkite)
     github = _optional_section(root, "github", _parse_github)
-    gateway = _optional_section(root, "gateway", _parse_gateway)
+    hub = _parse_hub_sections(root)
     oidc = parse_oidc_tables(root)
     root.finish()
     _check_layout(root, state_dir, work_root)
@@ -461,7 +482,7 @@ def config_from_document(doc: TomlDocument) -> AgentConfig:
         raise root.error("policy", "is required when [buildkite] or [github] is configured: "
                                    "CI jobs need the site's own policy file")
     return AgentConfig(state_dir, work_root, policy, executor, max_jobs, sandbox, mpi, buildkite, github,
-                       gateway, doc.name, socket, slurm, oidc)
+                       hub, doc.name, socket, slurm, oidc)
 
 
 def _check_layout(root: Table, state_dir: Path, work_root: Path) -> None:

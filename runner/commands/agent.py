@@ -25,17 +25,20 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.set_defaults(handler=run)
 
 
-GATEWAY_NOTE = ("the config's [gateway] section is served by `hpc-runner gateway`, not by the agent; "
-                "the agent leaves it alone")
+def hub_note(section: str) -> str:
+    """What the agent says of a [hub] (or [gateway]) section in its config."""
+    command = "gateway" if section == "gateway" else "hub"
+    return (f"the config's [{section}] section is served by `hpc-runner {command}`, not by the agent; "
+            "the agent leaves it alone")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config) if args.config else default_config()
-        if config.gateway is not None:
+        if config.hub is not None:
             # A site may keep one config for both; saying so keeps anyone from expecting the
             # agent (on a login node, outbound only) to listen for webhooks.
-            print(f"hpc-runner: note: {GATEWAY_NOTE}", file=sys.stderr)
+            print(f"hpc-runner: note: {hub_note(config.hub.section)}", file=sys.stderr)
         policy = load_site_policy(config)
         if config.buildkite is not None:
             # Unreadable or open secrets stop the agent before it takes any job.

@@ -1,8 +1,9 @@
-"""`hpc-runner gateway` as a real process: refusing bad setups, SIGKILL without loss, SIGTERM, SIGHUP.
+"""`hpc-runner gateway` as a real process: refusing bad setups, SIGKILL without loss, SIGTERM, SIGHUP;
+and the same process as `hpc-runner hub`, serving the jobs API.
 
 No Slurm here: the gateway runs where GitHub can reach it, far from the cluster. Webhooks are the
 official examples of ``@octokit/webhooks-examples``, signed as GitHub signs them; the agents are
-the real client.
+the real client; tokens of the jobs API come from the OIDC issuer emulator.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from fakes.github_webhooks import SECRET, Example, examples, new_delivery_id, send
+from fakes.oidc_issuer import OidcIssuerEmulator
 
 from runner.sources.github.gateway_client import Delivery, GatewayClient, GatewayError
 
@@ -56,15 +58,26 @@ class Site:
         return f"http://127.0.0.1:{self.port}"
 
     def write(self, *, secret: str = SECRET, tokens: str = f"login-1:{TOKEN}\n",
-              section: bool = True) -> None:
+              section: bool = True, issuer: str | None = None) -> None:
+        """A `[gateway]` section as before; with `issuer`, a `[hub]` section serving the jobs API
+        to tokens of that issuer."""
         write_secret(self.secret_file, secret + "\n")
         write_secret(self.tokens_file, tokens)
         gateway = f"""
-[gateway]
+[{"gateway" if issuer is None else "hub"}]
 listen = "127.0.0.1:{self.port}"
 webhook_secret_file = "{self.secret_file}"
 agent_tokens_file = "{self.tokens_file}"
 state_dir = "{self.state_dir}"
+"""
+        if issuer is not None:
+            gateway += f"""public_url = "https://hub.example.org"
+
+[[oidc]]
+name = "github-actions"
+issuer = "{issuer}"
+audience = "hpc-runner"
+kind = "github"
 """
         self.config.write_text(f'state_dir = "{self.root / "agent-state"}"\n' + (gateway if section else ""))
 
@@ -75,14 +88,14 @@ def write_secret(path: Path, text: str) -> None:
 
 
 class GatewayProcess:
-    """One `hpc-runner gateway` process, its stderr (JSON log lines) in a file."""
+    """One `hpc-runner gateway` (or `hub`) process, its stderr (JSON log lines) in a file."""
 
-    def __init__(self, site: Site, log: Path) -> None:
+    def __init__(self, site: Site, log: Path, command: str = "gateway") -> None:
         self.site = site
         self.log = log
         with open(log, "ab") as stderr:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "runner", "gateway", "--config", str(site.config)],
+                [sys.executable, "-m", "runner", command, "--config", str(site.config)],
                 cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
 
     async def ready(self) -> None:
@@ -294,3 +307,52 @@ async def test_sighup_rereads_the_agent_tokens(site: Site, start: Start, http: a
         assert time.monotonic() < deadline, "the broken tokens file was not reported"
         await asyncio.sleep(0.05)
     assert await status(NEW_TOKEN) == 200
+
+
+# --- the hub ---
+
+async def test_gateway_still_starts_and_hub_serves_the_jobs_api_from_the_same_config(
+        site: Site, processes: list[GatewayProcess], tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    async with OidcIssuerEmulator() as issuer:
+        site.write(issuer=issuer.url)
+        token = issuer.mint("github", aud="hpc-runner", repository="CliMA/Oceananigans.jl",
+                            repository_owner="CliMA")
+        authorization = {"Authorization": f"Bearer {token}"}
+        submitted: list[str] = []
+        for command in ("gateway", "hub"):
+            process = GatewayProcess(site, tmp_path / f"{command}.log", command)
+            processes.append(process)
+            await process.ready()
+            body = {"job": {"name": "unit", "image": "julia", "command": ["true"]}}
+            async with http.post(site.url + "/api/v1/jobs", json=body, headers=authorization) as response:
+                answer = await response.json()
+                assert response.status == 201, answer
+            submitted.insert(0, answer["id"])
+            async with http.get(f"{site.url}/api/v1/jobs/{answer['id']}", headers=authorization) as response:
+                view = await response.json()
+                assert (response.status, view["state"], view["url"]) == (
+                    200, "queued", f"https://hub.example.org/jobs/{answer['id']}")
+            # The one state dir: the job the gateway took is still there for the hub.
+            async with http.get(site.url + "/api/v1/jobs", headers=authorization) as response:
+                assert [job["id"] for job in (await response.json())["jobs"]] == submitted
+            process.proc.send_signal(signal.SIGTERM)
+            assert await process.exit_status() == 0
+            events = [entry["event"] for entry in process.log_events()]
+            assert events[-2:] == [f"{command} stopping", f"{command} stopped"]
+            assert token not in process.log.read_text()
+
+
+def test_the_hub_refuses_to_start_without_its_section_or_an_issuer(site: Site) -> None:
+    site.write(section=False)
+    result = run_gateway("--config", str(site.config))
+    assert f"{site.config} has no [gateway] section" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "runner", "hub", "--config", str(site.config)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"refusing to start the hub: {site.config} has no [hub] section" in result.stderr
+    site.write(issuer="https://token.actions.githubusercontent.com")
+    site.config.write_text(site.config.read_text().split("[[oidc]]")[0])
+    result = subprocess.run([sys.executable, "-m", "runner", "hub", "--config", str(site.config)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "add an [[oidc]] table" in result.stderr

@@ -79,8 +79,9 @@ def test_the_example_config_loads_with_every_section() -> None:
     assert config.github.poll_interval == 30
     assert config.github.repositories == ("CliMA/ClimaAtmos.jl",)
     assert config.github.log_url == "https://ci.example.org/jobs/{id}"
-    assert config.gateway is not None
-    assert (config.gateway.listen_host, config.gateway.listen_port) == ("0.0.0.0", 8443)
+    assert config.hub is not None
+    assert (config.hub.listen_host, config.hub.listen_port) == ("0.0.0.0", 8443)
+    assert (config.hub.section, config.hub.public_url) == ("hub", "https://hub.example.org")
     assert [(i.name, i.kind, i.organization) for i in config.oidc] == [
         ("github-actions", "github", None), ("buildkite", "buildkite", "clima")]
     assert config.source == str(EXAMPLE)
@@ -95,7 +96,7 @@ def test_the_example_names_every_key_the_loader_knows() -> None:
                 "gateway_url", "gateway_token_file", "listen", "webhook_secret_file", "agent_tokens_file",
                 "socket", "grace_period", "srun", "mpi_plugin", "redacted_vars", "max_workspace_size",
                 "name", "issuer", "audience", "kind", "jwks_uri", "organization", "username_claim",
-                "groups_claim"):
+                "groups_claim", "public_url"):
         assert f"{key} =" in text, key
 
 
@@ -114,7 +115,7 @@ def test_an_empty_config_means_the_defaults(tmp_path: Path, monkeypatch: pytest.
     assert config.policy is None
     assert config.sandbox.apptainer == "apptainer"
     assert config.mpi.implementation == "auto"
-    assert (config.buildkite, config.github, config.gateway) == (None, None, None)
+    assert (config.buildkite, config.github, config.hub) == (None, None, None)
 
 
 def test_buildkite_defaults() -> None:
@@ -164,7 +165,7 @@ def test_default_config_uses_xdg_state_home(tmp_path: Path, monkeypatch: pytest.
     assert config.state_dir == tmp_path / "hpc-runner"
     assert config.work_root == tmp_path / "hpc-runner-work"
     assert (config.executor, config.policy, config.source) == ("local", None, None)
-    assert (config.buildkite, config.github, config.gateway) == (None, None, None)
+    assert (config.buildkite, config.github, config.hub) == (None, None, None)
 
 
 def test_default_config_falls_back_to_the_home_directory(tmp_path: Path,
@@ -334,8 +335,8 @@ def test_gateway_listen_address(listen: str, host: str, port: int) -> None:
         agent_tokens_file = "/etc/hpc-runner/tokens"
         state_dir = "/var/lib/hpc-runner-gateway"
         """))
-    assert config.gateway is not None
-    assert (config.gateway.listen_host, config.gateway.listen_port) == (host, port)
+    assert config.hub is not None
+    assert (config.hub.listen_host, config.hub.listen_port) == (host, port)
 
 
 @pytest.mark.parametrize("listen", ["8443", "0.0.0.0:99999", "0.0.0.0:", "host name:80"])
