@@ -20,6 +20,7 @@ from runner.errors import InputError
 from runner.fields import Table
 from runner.oidc.issuers import OidcIssuer, parse_oidc_tables
 from runner.policy import Policy
+from runner.spec import NAME_PATTERN
 from runner.tomlsource import TomlDocument, load_toml, parse_toml
 from runner.units import parse_duration, parse_memory
 from runner.urls import https_url
@@ -46,6 +47,11 @@ DEFAULT_POLL_INTERVAL = 30
 # Faster polling only burns the GitHub App's rate limit (5000 requests an hour).
 MIN_POLL_INTERVAL = 5
 MAX_BUILDKITE_WORKERS = 1000
+DEFAULT_CHECKOUT_URL = "https://github.com/{repository}.git"
+DEFAULT_HUB_MAX_QUEUE_AGE = 3600
+MAX_HUB_MAX_QUEUE_AGE = 24 * 3600
+# The top-level keys of an agent that leases the hub's API jobs: the first three go together.
+API_KEYS = ("hub_url", "hub_token_file", "cluster")
 
 _COMMAND_NAME = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
 _TAG = r"[A-Za-z0-9_.-]{1,64}=[^\x00-\x1f\x7f]{1,256}"
@@ -68,6 +74,7 @@ FILE_DESCRIPTIONS = {
     "gateway.agent_tokens_file": "gateway's agent tokens",
     "hub.webhook_secret_file": "GitHub webhook secret",
     "hub.agent_tokens_file": "hub's agent tokens",
+    "hub_token_file": "hub token",
 }
 
 
@@ -134,6 +141,17 @@ class HubConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    """The top-level `hub_url`, `hub_token_file` and `cluster`: the agent leases the hub's API jobs."""
+
+    hub_url: str
+    hub_token_file: Path
+    cluster: str
+    checkout_url: str = DEFAULT_CHECKOUT_URL    # "{repository}" is replaced by the job's repository
+    max_queue_age: int = DEFAULT_HUB_MAX_QUEUE_AGE  # seconds a job may wait at the hub and still run
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path
     work_root: Path
@@ -150,6 +168,7 @@ class AgentConfig:
     slurm: SlurmConfig = SlurmConfig()
     # The issuers whose OIDC ID tokens are trusted (`[[oidc]]`), in the file's order.
     oidc: tuple[OidcIssuer, ...] = ()
+    api: ApiConfig | None = None          # the hub's API jobs, leased by this agent
 
     def secret_files(self) -> list[Path]:
         """Every file holding a secret that the config names (each must be 0600, ours)."""
@@ -163,6 +182,8 @@ class AgentConfig:
         if self.github:
             found.append((self.github.private_key_file, "github.private_key_file"))
             found.append((self.github.gateway_token_file, "github.gateway_token_file"))
+        if self.api:
+            found.append((self.api.hub_token_file, "hub_token_file"))
         if self.hub:
             found.append((self.hub.webhook_secret_file, f"{self.hub.section}.webhook_secret_file"))
             found.append((self.hub.agent_tokens_file, f"{self.hub.section}.agent_tokens_file"))
@@ -318,6 +339,23 @@ def _listen(value: object) -> tuple[str, int]:
     return host, port
 
 
+def _checkout_url(value: object) -> str:
+    """A repository URL with `{repository}` where the job's repository goes: https (http only to
+    localhost), a `file://` URL or an absolute path (a mirror on this node)."""
+    text = _as_str(value)
+    if text.count("{repository}") != 1 or "{" in text.replace("{repository}", "") \
+            or "}" in text.replace("{repository}", ""):
+        raise ValueError(f"{text!r} must contain {{repository}} once, and no other placeholder")
+    example = text.replace("{repository}", "owner/name")
+    if example.startswith("/"):
+        _path(example)
+    elif example.startswith("file:///"):
+        _path(example.removeprefix("file://"))
+    else:
+        https_url(example)
+    return text
+
+
 def _optional_text(table: Table, key: str, default: str) -> str | None:
     """A single-line string where "" switches the feature off."""
     value: str = table.string(key, default, pattern=r"[^\x00-\x1f\x7f]{0,256}",
@@ -456,6 +494,32 @@ def _parse_hub_sections(root: Table) -> HubConfig | None:
     return hub or gateway
 
 
+def _parse_api(root: Table) -> ApiConfig | None:
+    """The top-level keys of an agent that leases the hub's API jobs."""
+    hub_url = root.converted("hub_url", _url, None)
+    hub_token_file = root.converted("hub_token_file", _path, None)
+    cluster = root.string("cluster", None, pattern=NAME_PATTERN,
+                          what="a cluster name (letters, digits, '.', '_', '-'; at most 64)")
+    checkout_url = root.converted("checkout_url", _checkout_url, None)
+    max_queue_age = root.converted("hub_max_queue_age", _interval, None)
+    given = {"hub_url": hub_url, "hub_token_file": hub_token_file, "cluster": cluster}
+    if all(value is None for value in given.values()):
+        for key, value in (("checkout_url", checkout_url), ("hub_max_queue_age", max_queue_age)):
+            if value is not None:
+                raise root.error(key, "is only used with hub_url, hub_token_file and cluster")
+        return None
+    for key, value in given.items():
+        if value is None:
+            others = " and ".join(other for other in API_KEYS if other != key)
+            raise root.error(key, f"is required with {others}: an agent leasing the hub's API jobs needs "
+                                  "all three")
+    if max_queue_age is not None and not 60 <= max_queue_age <= MAX_HUB_MAX_QUEUE_AGE:
+        raise root.error("hub_max_queue_age", "must be between 1m and 24h")
+    assert hub_url is not None and hub_token_file is not None and cluster is not None
+    return ApiConfig(hub_url, hub_token_file, cluster, checkout_url or DEFAULT_CHECKOUT_URL,
+                     DEFAULT_HUB_MAX_QUEUE_AGE if max_queue_age is None else max_queue_age)
+
+
 def _optional_section(root: Table, key: str, parse: Callable[[Table], Any]) -> Any:
     table = root.table(key)
     return None if table is None else parse(table)
@@ -476,13 +540,17 @@ def config_from_document(doc: TomlDocument) -> AgentConfig:
     github = _optional_section(root, "github", _parse_github)
     hub = _parse_hub_sections(root)
     oidc = parse_oidc_tables(root)
+    api = _parse_api(root)
     root.finish()
     _check_layout(root, state_dir, work_root)
-    if policy is None and (buildkite or github):
-        raise root.error("policy", "is required when [buildkite] or [github] is configured: "
+    if policy is None and (buildkite or github or api):
+        raise root.error("policy", "is required when [buildkite], [github] or hub_url is configured: "
                                    "CI jobs need the site's own policy file")
+    if api is not None and not oidc:
+        raise root.error("hub_url", "needs at least one [[oidc]] table: the agent verifies the token of "
+                                    "every API job itself, against the issuers it trusts")
     return AgentConfig(state_dir, work_root, policy, executor, max_jobs, sandbox, mpi, buildkite, github,
-                       hub, doc.name, socket, slurm, oidc)
+                       hub, doc.name, socket, slurm, oidc, api)
 
 
 def _check_layout(root: Table, state_dir: Path, work_root: Path) -> None:

@@ -96,7 +96,8 @@ def test_the_example_names_every_key_the_loader_knows() -> None:
                 "gateway_url", "gateway_token_file", "listen", "webhook_secret_file", "agent_tokens_file",
                 "socket", "grace_period", "srun", "mpi_plugin", "redacted_vars", "max_workspace_size",
                 "name", "issuer", "audience", "kind", "jwks_uri", "organization", "username_claim",
-                "groups_claim", "public_url"):
+                "groups_claim", "public_url", "hub_url", "hub_token_file", "cluster", "checkout_url",
+                "hub_max_queue_age"):
         assert f"{key} =" in text, key
 
 
