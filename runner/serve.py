@@ -1,4 +1,5 @@
-"""The agent as a process: its store, the local queue, the CI sources, until it is drained.
+"""The agent as a process: its store, the local queue, the CI sources (the hub's API jobs among
+them), until it is drained.
 
 `hpc-runner agent` and `hpc-runner demo` both run it.
 """
@@ -18,6 +19,7 @@ from runner.localqueue.paths import socket_mode
 from runner.localqueue.server import LocalQueueServer
 from runner.logging_setup import get_logger
 from runner.policy import Policy
+from runner.sources.api.source import serve_api
 from runner.sources.buildkite.source import BuildkiteSource
 from runner.sources.buildkite.state import BuildkiteState
 from runner.sources.github.source import serve_github
@@ -71,6 +73,10 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
         if config.github is not None:
             github = serve_github(config.github, agent, state_dir=config.state_dir)
             sources.append(asyncio.create_task(github))
+        if config.api is not None:
+            api = serve_api(config.api, agent, state_dir=config.state_dir, issuers=config.oidc,
+                            slots=config.max_jobs)
+            sources.append(asyncio.create_task(api))
         if ready is not None:
             ready()
         if stop is not None:

@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 DB_FILENAME = "state.sqlite3"
-SOURCES = frozenset({"local", "buildkite", "github"})
+SOURCES = frozenset({"local", "buildkite", "github", "api"})
 EXECUTORS = frozenset({"local", "slurm"})
 
 

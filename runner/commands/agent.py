@@ -13,6 +13,7 @@ from runner.logging_setup import get_logger
 from runner.secrets import SecretFileError
 from runner.serve import raise_open_file_limit, serve
 from runner.site_policy import load_site_policy
+from runner.sources.api.source import check_api
 from runner.sources.buildkite.source import load_trust
 from runner.sources.github.source import check_github
 
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
             load_trust(config.buildkite)
         if config.github is not None:
             check_github(config.github)
+        if config.api is not None:
+            check_api(config.api)
     except (InputError, SecretFileError, OSError) as exc:
         print(f"hpc-runner: refusing to start: {exc}", file=sys.stderr)
         return exitcodes.INVALID_INPUT

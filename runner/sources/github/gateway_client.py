@@ -287,7 +287,7 @@ class GatewayClient:
         status, headers, body = await self._post(protocol.lease_action_path(lease_id, action), params or {},
                                                  timeout=REQUEST_TIMEOUT_SECONDS)
         if status == 409:
-            raise LeaseLost(f"lease {action}: {_message(body)}")
+            raise LeaseLost(f"lease {action}: {answer_error(body)}")
         if status != 200:
             raise self._unexpected(status, body, headers)
 
@@ -306,7 +306,7 @@ class GatewayClient:
             raise GatewayError(f"gateway {self._base}: {type(exc).__name__}: {exc}") from None
 
     def _unexpected(self, status: int, body: bytes, headers: Any) -> GatewayError:
-        message = f"gateway {self._base} answered {status}: {_message(body)}"
+        message = f"gateway {self._base} answered {status}: {answer_error(body)}"
         if status == 401:
             return GatewayAuthError(message + " (check github.gateway_token_file against the gateway's "
                                               "agent tokens file)")
@@ -314,7 +314,8 @@ class GatewayClient:
         return GatewayError(message, retry_after=float(retry_after) if retry_after.isdigit() else None)
 
 
-def _message(body: bytes) -> str:
+def answer_error(body: bytes) -> str:
+    """What an answer of the hub says went wrong: its `error`, else the start of its body."""
     try:
         error = json.loads(body).get("error")
     except (ValueError, AttributeError):

@@ -1,0 +1,235 @@
+"""What the hub is told of an API job: each change of its state, in order, and its log, byte-exact.
+
+The log goes to the hub as the agent's job writes it (the sink `JobHost.run` feeds), from the
+offset the hub acknowledged last. The hub keeps a log as bytes at offsets: an append that repeats
+bytes it holds changes nothing, and one past its end is refused with the length it holds. So after
+a restart of either side the agent starts from the hub's length (`AgentView.log_length`), and
+whatever the hub lacks before a chunk (it was restored from an older copy, say) is read again from
+the job's log file. A job's final state goes out after the whole log, so whoever follows the log
+at the hub until the job ends has all of it.
+
+States are published as the agent records them (`on_change`), one after another; each carries the
+policy's decision (account, grant, the account's admins, who may see and cancel the job at the
+hub), the Slurm job id once there is one, and at the end the exit status and why it ended. A hub
+out of reach is tried again with a growing pause: nothing is dropped, the job runs on meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from runner.gateway.jobs_protocol import MAX_REASON_CHARS, MAX_REASONS, state_body
+from runner.job import JobRecord, JobState
+from runner.logging_setup import get_logger
+from runner.logs.tail import pump
+from runner.policy import Policy
+from runner.sources import Ended
+from runner.sources.api.client import HubClient, HubRefused
+from runner.sources.api.state import ApiJob, ApiState
+from runner.sources.github.gateway_client import GatewayError
+
+log = get_logger("runner.sources.api")
+
+# What one append carries at most when the hub lacks a stretch of the log (well under its limit).
+PIECE_BYTES = 1024 * 1024
+# How often the acknowledged offset is written to the state file while a job runs: the hub's own
+# length is what a restart resumes from, the kept offset is for when the hub cannot be asked.
+KEEP_OFFSET_SECONDS = 1.0
+
+
+def state_fields(record: JobRecord, policy: Policy) -> dict[str, Any]:
+    """What the hub is told with the job's state, from the agent's record of it."""
+    decision = record.decision or {}
+    account = decision.get("account")
+    fields: dict[str, Any] = {
+        "account": account, "grant": decision.get("grant"),
+        "admins": [str(pattern) for pattern in policy.admins_of(account)] if account else [],
+        "slurm_job_id": record.slurm_id,
+    }
+    if record.state.is_terminal:
+        exit_status = record.exit_status
+        fields["exit_status"] = exit_status if exit_status is not None and 0 <= exit_status <= 255 else None
+        fields["reasons"] = _reasons(record)
+        if record.finished_at is not None:
+            fields["ended"] = record.finished_at
+    return fields
+
+
+def _reasons(record: JobRecord) -> list[str]:
+    """Why a job ended as it did: every reason of a denial, else what the agent said of its end."""
+    decision = record.decision or {}
+    if record.state == JobState.denied and decision.get("allowed") is False:
+        found = [str(reason) for reason in decision.get("reasons") or []]
+    elif record.state != JobState.succeeded and record.outcome_detail:
+        found = [record.outcome_detail]
+    else:
+        found = []
+    return [reason[:MAX_REASON_CHARS] for reason in found if reason][:MAX_REASONS]
+
+
+async def end_unrun(client: HubClient, hub_id: str, *, state: str, reason: str, line: str) -> None:
+    """End a job this agent will not run (it was never admitted) in `state`: `line` is its log and
+    `reason` its state's. A job another agent holds meanwhile is left to that agent."""
+    try:
+        await client.retrying(lambda: client.append_log(hub_id, 0, line.encode()), "the job's log")
+    except HubRefused as refused:
+        log.warning("the hub did not take the job's log", job=hub_id, error=str(refused))
+    try:
+        await client.retrying(lambda: client.publish(hub_id, state, reasons=[reason[:MAX_REASON_CHARS]]),
+                       "the job's state")
+    except HubRefused as refused:
+        log.warning("the hub did not take the job's state", job=hub_id, state=state, error=str(refused))
+
+
+class HubReport:
+    """The hub's view of one job this agent runs: its states and its log (see the module docstring)."""
+
+    def __init__(self, client: HubClient, job: ApiJob, *, state: ApiState, log_path: Path,
+                 policy: Callable[[], Policy]) -> None:
+        self.client = client
+        self.job = job
+        self.state = state
+        self.log_path = log_path
+        self._policy = policy
+        self.acknowledged = job.log_offset      # how much of the log the hub holds, as last heard
+        self.broken: str | None = None          # why the log is no longer sent, if it is not
+        self._kept_at = 0.0
+        self._publishing: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------------------- where the hub is
+
+    async def catch_up(self) -> bool:
+        """Start from what the hub holds of the log; whether the hub asks for the job's cancel."""
+        try:
+            view = await self.client.retrying(lambda: self.client.show(self.job.hub_id), "the job at the hub")
+        except HubRefused as refused:
+            log.warning("the hub does not show this agent the job", job=self.job.hub_id, error=str(refused))
+            return False
+        self.acknowledged = view.log_length
+        return view.cancel_requested
+
+    # ---------------------------------------------------------------------------- states
+
+    def on_change(self, record: JobRecord) -> None:
+        """A new state of the job (`JobHost.run`'s `on_change`): published after those before it.
+        A final state waits for the whole log (`conclude`)."""
+        if record.state.is_terminal:
+            return
+        previous = self._publishing
+        self._publishing = asyncio.ensure_future(self._publish_after(previous, record))
+
+    async def _publish_after(self, previous: asyncio.Task[None] | None, record: JobRecord) -> None:
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                await previous
+        await self._publish(record.state.value, record)
+
+    async def _publish(self, state: str, record: JobRecord) -> None:
+        fields = state_fields(record, self._policy())
+        try:
+            state_body(state, **fields)
+        except ValueError as exc:   # a value the hub would refuse (a Slurm id of another form, say)
+            log.warning("the job's state is published without its details", job=self.job.hub_id,
+                        error=str(exc))
+            fields = {}
+        try:
+            await self.client.retrying(lambda: self.client.publish(self.job.hub_id, state, **fields),
+                                       "the job's state")
+        except HubRefused as refused:
+            log.error("the hub refused the job's state", job=self.job.hub_id, state=state, error=str(refused))
+
+    async def conclude(self, ended: Ended, record: JobRecord) -> None:
+        """The rest of the log, then the final state, once every earlier state went out."""
+        await self.send_log()
+        if self._publishing is not None:
+            with contextlib.suppress(Exception):
+                await self._publishing
+        await self._publish(ended.state.value, record)
+        self.keep(force=True)
+
+    # ---------------------------------------------------------------------------- the log
+
+    async def sink(self, offset: int, data: bytes) -> None:
+        """The job's log from `offset` (`JobHost.run`'s sink): to the hub, nothing lost or repeated."""
+        if data:
+            await self._deliver(offset, data)
+            self.keep()
+
+    async def send_log(self) -> None:
+        """Whatever of the job's log file the hub does not hold yet (a job that never ran)."""
+        await pump(self.log_path, offset=self.acknowledged, done=lambda: True, sink=self.sink)
+
+    async def _deliver(self, offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        while self.acknowledged < end and self.broken is None:
+            start = self.acknowledged
+            if start < offset:
+                # The hub lacks what comes before this chunk: the job's log file still has it.
+                size = min(offset - start, PIECE_BYTES)
+                piece = await asyncio.to_thread(_read_range, self.log_path, start, size)
+                if not piece:
+                    self._give_up(f"the job's log file ends before byte {offset}")
+                    return
+            else:
+                piece = data[start - offset:start - offset + PIECE_BYTES]
+            try:
+                self.acknowledged = await self.client.retrying(
+                    functools.partial(self.client.append_log, self.job.hub_id, start, piece), "the job's log")
+            except HubRefused as refused:
+                if refused.length is not None and refused.length < start:
+                    self.acknowledged = refused.length      # the hub holds less than it said before
+                    continue
+                self._give_up(str(refused))
+
+    def _give_up(self, why: str) -> None:
+        self.broken = why
+        log.error("the job's log is no longer sent to the hub", job=self.job.hub_id, reason=why,
+                  acknowledged=self.acknowledged)
+
+    def keep(self, *, force: bool = False) -> None:
+        """Remember how much of the log the hub holds (at most every KEEP_OFFSET_SECONDS)."""
+        now = time.monotonic()
+        due = force or now - self._kept_at >= KEEP_OFFSET_SECONDS
+        if self.acknowledged == self.job.log_offset or not due:
+            return
+        self._kept_at = now
+        self.job.log_offset = self.acknowledged
+        self.state.keep_offset(self.job.hub_id, self.acknowledged)
+
+    # ---------------------------------------------------------------------------- cancel
+
+    async def watch_cancel(self, cancel: asyncio.Event, interval: float,
+                           on_cancel: Callable[[], None]) -> None:
+        """Ask the hub every `interval` seconds whether the job's cancel was asked for; then call
+        `on_cancel` and set `cancel`. A hub out of reach is asked again at the next turn."""
+        while not cancel.is_set():
+            try:
+                view = await self.client.show(self.job.hub_id)
+            except GatewayError as exc:
+                log.info("cannot ask the hub whether the job is cancelled", job=self.job.hub_id,
+                         error=str(exc))
+            except HubRefused as refused:
+                log.warning("the hub no longer shows the job to this agent", job=self.job.hub_id,
+                            error=str(refused))
+                return
+            else:
+                if view.cancel_requested:
+                    on_cancel()
+                    cancel.set()
+                    return
+            await asyncio.sleep(interval)
+
+
+def _read_range(path: Path, start: int, size: int) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            return os.pread(handle.fileno(), size, start)
+    except OSError:
+        return b""
