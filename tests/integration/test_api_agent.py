@@ -1,0 +1,186 @@
+"""An API job end to end: submitted to `hpc-runner hub` with a minted OIDC token over HTTP, leased
+by `hpc-runner agent` on the real cluster, checked out from a real git repository, run through
+Slurm and Apptainer, and its state and log read back at the hub byte-exact.
+
+The hub runs as a process of its own (as root, from this checkout), the agent as the service
+account; the OIDC issuer emulator runs in this process on 127.0.0.1, on an event loop of its own
+thread, and both the hub and the agent fetch its keys. The repository is a bare repository on disk
+that the agent's `checkout_url` (a `file://` URL) names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    TEST_IMAGE_NAME,
+    AgentProcess,
+    Cluster,
+    RunnerSite,
+    git,
+    give_tree_to_service_user,
+    source_site,
+    toml_string,
+    toml_table,
+    wait_for,
+    write_public_file,
+    write_service_secret,
+)
+from fakes.background_loop import BackgroundLoop
+from fakes.oidc_issuer import OidcIssuerEmulator
+
+from integration.test_agent_slurm import squeue_lists
+from integration.test_gateway import TOKEN, GatewayProcess, Site
+
+REPOSITORY = "octo-org/octo-repo"
+CLUSTER = "dev"
+AUDIENCE = "hpc-runner"
+JOB_TIMEOUT_S = 120.0
+JOB = {"name": "unit", "image": TEST_IMAGE_NAME, "script": "cat data.txt\necho all tests passed\n",
+       "resources": {"time": "1m", "cpus_per_task": 1}}
+TERMINAL = {"succeeded", "failed", "cancelled", "timed_out", "denied", "infra_failed"}
+
+
+class IssuerThread(BackgroundLoop):
+    """The OIDC issuer emulator, serving on an event loop of its own thread."""
+
+    def __init__(self) -> None:
+        super().__init__(timeout=60)
+        self.issuer: OidcIssuerEmulator = self.call(OidcIssuerEmulator)
+        self.run(self.issuer.start())
+
+    def close(self) -> None:
+        try:
+            self.run(self.issuer.close())
+        finally:
+            self.stop()
+
+    def token(self, repository: str, commit: str) -> str:
+        owner = repository.split("/")[0]
+        return self.call(lambda: self.issuer.mint("github", aud=AUDIENCE, repository=repository,
+                                                  repository_owner=owner, sha=commit))
+
+
+@pytest.fixture
+def issuer() -> Iterator[IssuerThread]:
+    with contextlib.closing(IssuerThread()) as thread:
+        yield thread
+
+
+@pytest.fixture
+def hub(tmp_path: Path, unused_tcp_port: int, issuer: IssuerThread) -> Iterator[Site]:
+    site = Site(tmp_path / "hub", unused_tcp_port)
+    site.root.mkdir()
+    site.write(issuer=issuer.issuer.url)
+    process = GatewayProcess(site, tmp_path / "hub.log", "hub")
+    try:
+        issuer.run(process.ready())
+        yield site
+    finally:
+        process.kill()
+
+
+def published_repository(root: Path) -> tuple[Path, str]:
+    """A bare repository holding one commit of data.txt, as the service account's; its commit."""
+    work, bare = root / "git-work", root / "repos" / f"{REPOSITORY}.git"
+    work.mkdir()
+    bare.parent.mkdir(parents=True)
+    git("init", "--quiet", "--initial-branch=main", cwd=work)
+    git("init", "--quiet", "--bare", str(bare), cwd=root)
+    (work / "data.txt").write_text("from the repository\n")
+    git("add", "--all", cwd=work)
+    git("commit", "--quiet", "-m", "data", cwd=work)
+    commit = git("rev-parse", "HEAD", cwd=work).strip()
+    git("push", "--quiet", str(bare), f"{commit}:refs/heads/main", cwd=work)
+    give_tree_to_service_user(root / "repos")
+    return bare, commit
+
+
+def api_site(cluster: Cluster, root: Path, hub: Site, issuer: IssuerThread, *, socket: Path) -> RunnerSite:
+    """An agent through Slurm that leases the hub's API jobs for `CLUSTER`, trusting the emulator's
+    GitHub tokens; repository octo-org/octo-repo may run on account esm."""
+    site = source_site(
+        cluster, root, socket=socket, max_jobs=2,
+        grant=toml_table("[[grants]]", name="octo", principals=[f"github:repo:{REPOSITORY}"], account="esm",
+                         images=[TEST_IMAGE_NAME]),
+        section=toml_table("[[oidc]]", name="github-actions", issuer=issuer.issuer.url, audience=AUDIENCE,
+                           kind="github"))
+    token_file = write_service_secret(root / "hub-token", TOKEN + "\n")
+    # Top-level keys come before the config's first table.
+    keys = "".join(f"{key} = {toml_string(value)}\n" for key, value in (
+        ("hub_url", hub.url), ("hub_token_file", str(token_file)), ("cluster", CLUSTER),
+        ("checkout_url", f"file://{root}/repos/{{repository}}.git")))
+    write_public_file(site.config, keys + site.config.read_text())
+    return site
+
+
+def call(hub: Site, method: str, path: str, token: str, body: Any = None) -> tuple[int, bytes]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(hub.url + path, data=data, method=method,
+                                     headers={"Authorization": f"Bearer {token}",
+                                              "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def ended(hub: Site, job_id: str, token: str) -> dict[str, Any]:
+    def final() -> dict[str, Any] | None:
+        status, body = call(hub, "GET", f"/api/v1/jobs/{job_id}", token)
+        assert status == 200, body
+        view: dict[str, Any] = json.loads(body)
+        return view if view["state"] in TERMINAL else None
+
+    found: dict[str, Any] = wait_for(final, JOB_TIMEOUT_S, interval=0.5,
+                                     what=f"job {job_id} to end at the hub")
+    return found
+
+
+def submit(hub: Site, token: str, body: dict[str, Any]) -> str:
+    status, answer = call(hub, "POST", "/api/v1/jobs", token, body)
+    assert status == 201, answer
+    return str(json.loads(answer)["id"])
+
+
+def test_a_job_submitted_to_the_hub_runs_on_the_cluster_and_the_hub_holds_its_state_and_log(
+        cluster: Cluster, service_tmp: Path, hub: Site, issuer: IssuerThread, shared_socket: Path,
+        agents: Callable[[RunnerSite], AgentProcess]) -> None:
+    _, commit = published_repository(service_tmp)
+    site = api_site(cluster, service_tmp, hub, issuer, socket=shared_socket)
+    agent = agents(site)
+    token = issuer.token(REPOSITORY, commit)
+    job_id = submit(hub, token, {"job": JOB, "cluster": CLUSTER})
+    elsewhere = issuer.token("octo-org/elsewhere", commit)
+    denied_id = submit(hub, elsewhere, {"job": JOB})
+
+    try:
+        view = ended(hub, job_id, token)
+        denied = ended(hub, denied_id, elsewhere)
+    except AssertionError:
+        raise AssertionError(f"a job did not end at the hub; the agent's log:\n{agent.log()}") from None
+
+    assert (view["state"], view["exit_status"], view["account"], view["grant"]) == ("succeeded", 0, "esm",
+                                                                                     "octo")
+    # (`started` is known only when the agent saw the job running; a short one may end before.)
+    assert view["slurm_job_id"] and view["ended"]
+    status, log = call(hub, "GET", f"/api/v1/jobs/{job_id}/log", token)
+    assert status == 200
+    assert f"hpc-runner: checking out {commit} of {REPOSITORY}".encode() in log
+    assert b"from the repository\n" in log and b"all tests passed\n" in log
+    # Byte-exact: the hub holds the job's log as the agent's job directory does.
+    [record_id] = [path.parent.name for path in site.work_root.glob("*/output.log")
+                   if path.read_bytes() == log]
+    assert squeue_lists(record_id) is False
+    assert denied["state"] == "denied" and denied["reasons"]
+    status, denied_log = call(hub, "GET", f"/api/v1/jobs/{denied_id}/log", elsewhere)
+    assert b"hpc-runner: denied by policy:\n" in denied_log
+    assert all(f"  - {reason}\n".encode() in denied_log for reason in denied["reasons"])
