@@ -88,3 +88,13 @@ def test_workspace_copy_quick(cluster: Cluster, tmp_path: Path) -> None:
     for tree in data["results"]:
         assert set(tree["variants"]) == {"cp -a", "copy in", "copy back, nothing changed",
                                          "copy back, every file changed"}
+
+
+def test_hub_api_quick(cluster: Cluster, tmp_path: Path) -> None:
+    data = run_bench(cluster, "hub_api.py", tmp_path / "hub_api.json")
+    assert data["benchmark"] == "hub_api"
+    results = data["results"]
+    assert {"submission", "log_latency", "followers", "throughput"} <= set(results)
+    assert {"submit_ms", "status_ms", "ratio_p50_to_status"} <= set(results["submission"])
+    assert {"lag_ms", "hub_cpu_percent", "hub_peak_rss_mb"} <= set(results["followers"])
+    assert {"cat", "raw 4 MiB appends"} <= set(results["throughput"]["variants"])
