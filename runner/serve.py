@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from runner import exitcodes
 from runner.agent import Agent
@@ -19,6 +20,9 @@ from runner.localqueue.paths import socket_mode
 from runner.localqueue.server import LocalQueueServer
 from runner.logging_setup import get_logger
 from runner.policy import Policy
+from runner.sources.api.client import HubClient
+from runner.sources.api.publish import HubPublisher, hub_pages
+from runner.sources.api.published import PublishedState
 from runner.sources.api.source import serve_api
 from runner.sources.buildkite.source import BuildkiteSource
 from runner.sources.buildkite.state import BuildkiteState
@@ -60,6 +64,17 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
     with Store.open(config.state_dir) as store, contextlib.ExitStack() as source_states:
         agent = Agent(config, policy, store, policy_loader=reload, grace_seconds=grace_seconds)
         server = LocalQueueServer(agent, config.socket_path(), mode=socket_mode(config))
+        github_config = config.github
+        publisher: HubPublisher | None = None
+        if config.api is not None:
+            # Before any job is taken: with hub_url every job of every source reaches the hub.
+            publisher = HubPublisher(HubClient.from_files(config.api.hub_url, config.api.hub_token_file),
+                                     source_states.enter_context(PublishedState.open(config.state_dir)),
+                                     cluster=config.api.cluster, job=agent.job,
+                                     log_path=agent.driver.log_path, policy=lambda: agent.policy)
+            publisher.attach(agent.admissions, agent.driver)
+            if github_config is not None:
+                github_config = hub_pages(github_config, config.api.hub_url)
         # Before the socket announces the agent: a SIGTERM from then on must drain, not kill it.
         agent.install_signal_handlers()
         await server.start()
@@ -70,8 +85,8 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
             buildkite = BuildkiteSource(config.buildkite, agent, state, github=config.github)
             buildkite.load_trust()
             sources.append(asyncio.create_task(buildkite.serve()))
-        if config.github is not None:
-            github = serve_github(config.github, agent, state_dir=config.state_dir)
+        if github_config is not None:
+            github = serve_github(github_config, agent, state_dir=config.state_dir)
             sources.append(asyncio.create_task(github))
         if config.api is not None:
             api = serve_api(config.api, agent, state_dir=config.state_dir, issuers=config.oidc,
@@ -89,6 +104,9 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
             # CI sources end once drained: their jobs reported, their sessions disconnected.
             await asyncio.gather(*sources)
             await agent.finished.wait()
+            if publisher is not None:
+                # Every job's end reaches the hub before the agent stops, unless told to stop now.
+                await _until(publisher.wait_idle(), agent.stopping)
         finally:
             for task in sources:
                 task.cancel()
@@ -97,5 +115,18 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
                 stopper.cancel()
             await server.close()
             await agent.stop_workers()
+            if publisher is not None:
+                await publisher.close()
+                await publisher.client.close()
     log.info("agent stopped")
     return exitcodes.OK
+
+
+async def _until(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
+    """`work` to its end, or until `stop` is set."""
+    done = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (done, stopped):
+        task.cancel()
+    await asyncio.gather(done, stopped, return_exceptions=True)

@@ -80,6 +80,11 @@ class Admissions:
         self._notes = notes
         self._accepting = accepting
         self._uid = os.geteuid()
+        self._watchers: list[Callable[[str], None]] = []
+
+    def watch(self, watcher: Callable[[str], None]) -> None:
+        """Call `watcher` with the id of each job recorded from now on, once its decision is."""
+        self._watchers.append(watcher)
 
     async def admit(self, admission: Admission) -> Admitted:
         """Decide and record; raises NotAllowed when the agent takes no new jobs, InputError when
@@ -119,6 +124,11 @@ class Admissions:
         log.info("job admitted" if decision.allowed else "job denied", job=job_id, source=admission.source,
                  external_id=admission.external_id, actor=admission.identity.actor_principal,
                  grant=decision.grant, reasons=list(decision.reasons))
+        for watcher in list(self._watchers):
+            try:
+                watcher(job_id)
+            except Exception:  # a watcher's trouble is its own; the job goes on
+                log.exception("an admission watcher failed", job=job_id)
         return Admitted(job_id, decision, log_path, workspace, new=True)
 
     def _refuse_when_closed(self) -> None:

@@ -53,6 +53,7 @@ class JobDriver:
         self._grace = grace_seconds
         self._actor = actor  # who the audit log says did what the driver does
         self._watchers: dict[str, list[StateWatcher]] = {}
+        self._watching_every: list[StateWatcher] = []
 
     # -- the record --------------------------------------------------------------------------------
 
@@ -84,11 +85,15 @@ class JobDriver:
                 self._watchers.pop(job_id, None)
         return unwatch
 
+    def watch_every(self, watcher: StateWatcher) -> None:
+        """Call `watcher` after each state change of every job (the hub publisher follows them all)."""
+        self._watching_every.append(watcher)
+
     def set_state(self, job_id: str, state: JobState, *, actor: str | None = None,
                   exit_status: int | None = None, detail: str | None = None) -> JobRecord:
         record = self.store.set_state(job_id, state, actor=actor or self._actor, exit_status=exit_status,
                                       outcome_detail=detail)
-        for watcher in list(self._watchers.get(job_id, [])):
+        for watcher in [*self._watchers.get(job_id, []), *self._watching_every]:
             try:
                 watcher(record)
             except Exception:  # a watcher's trouble is its own; the job goes on

@@ -13,4 +13,8 @@ Its modules by role, in the same order as the other sources':
 - report: `report` (the job's states and its log, posted to the hub from the offset kept);
 - state: `state` (what is remembered of each job taken, in `api.sqlite`);
 - source: `source` (each job from its lease to its one final state at the hub).
+
+Beside the source, for an agent with `hub_url`: `publish` (every job of the agent's other sources
+registered at the hub and published through `report`) and `published` (how far each got, in
+`published.sqlite`).
 """

@@ -6,6 +6,7 @@ own `jobs_protocol`, so both sides agree by construction).
     await client.publish(lease.id, "queued")                     # the job is this agent's for good
     length = await client.append_log(lease.id, 0, b"...")        # the hub's log length afterwards
     view = await client.show(lease.id)                           # state, cancel_requested, log_length
+    await client.register(job_id, registration_body(...))         # a job of another source
 
 The hub is trusted for nothing but handing out jobs and keeping what the agent publishes: the
 token it forwards is verified here (`confirm`). Failures come in three kinds, the first two shared
@@ -149,6 +150,14 @@ class HubClient:
         status, _, body = await self._request("GET", protocol.agent_job_path(job_id))
         return self._view(status, body)
 
+    async def register(self, job_id: str, registration: dict[str, Any]) -> AgentView:
+        """Put a job of this agent's other sources on the hub under its own id (`registration_body`);
+        registering it again is harmless."""
+        status, _, answer = await self._request("PUT", protocol.agent_job_path(job_id),
+                                                data=json.dumps(registration).encode(),
+                                                content_type="application/json")
+        return self._view(status, answer)
+
     async def publish(self, job_id: str, state: str, **fields: Any) -> AgentView:
         """Publish the job's `state` and `fields` (those left out keep the hub's values)."""
         body = json.dumps(protocol.state_body(state, **fields)).encode()
@@ -179,7 +188,7 @@ class HubClient:
             raise GatewayError(f"hub {self.url}: {exc}") from None
 
     def _check(self, status: int, body: bytes) -> None:
-        if status == 200:
+        if status in (200, 201):
             return
         answer = _json(body)
         message = answer_error(body)

@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from runner.gateway.jobs_protocol import MAX_REASON_CHARS, MAX_REASONS, state_body
 from runner.job import JobRecord, JobState
@@ -32,7 +32,6 @@ from runner.logs.tail import pump
 from runner.policy import Policy
 from runner.sources import Ended
 from runner.sources.api.client import HubClient, HubRefused
-from runner.sources.api.state import ApiJob, ApiState
 from runner.sources.github.gateway_client import GatewayError
 
 log = get_logger("runner.sources.api")
@@ -88,10 +87,24 @@ async def end_unrun(client: HubClient, hub_id: str, *, state: str, reason: str, 
         log.warning("the hub did not take the job's state", job=hub_id, state=state, error=str(refused))
 
 
+class ReportedJob(Protocol):
+    """A job as the hub knows it: its id there and how much of its log the hub acknowledged (an API
+    job of this source, or a job of another source the hub publisher registered)."""
+
+    hub_id: str
+    log_offset: int
+
+
+class OffsetKeeper(Protocol):
+    """Where the acknowledged offset of a reported job's log is kept across restarts."""
+
+    def keep_offset(self, hub_id: str, offset: int) -> None: ...
+
+
 class HubReport:
     """The hub's view of one job this agent runs: its states and its log (see the module docstring)."""
 
-    def __init__(self, client: HubClient, job: ApiJob, *, state: ApiState, log_path: Path,
+    def __init__(self, client: HubClient, job: ReportedJob, *, state: OffsetKeeper, log_path: Path,
                  policy: Callable[[], Policy]) -> None:
         self.client = client
         self.job = job

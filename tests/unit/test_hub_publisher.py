@@ -1,0 +1,274 @@
+"""Every job of an agent with `hub_url` published to the hub: the real agent (with the fake executor
+of `test_agent`, so each state change happens when the test says) and a real hub on loopback.
+
+What the hub must end up with: a local-queue job's states and its whole log, byte-exact, also when
+the agent restarts in the middle of the job or the hub is down for a while; and a GitHub check
+run's "details" link on the hub's page of the job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+from structlog.testing import capture_logs
+
+import runner.lifecycle.driver as driver_module
+from runner.agent import Agent
+from runner.config import AgentConfig, GithubConfig
+from runner.gateway.callers import authenticator
+from runner.gateway.jobs_protocol import job_url
+from runner.gateway.jobstore import JobStore, StoredJob
+from runner.gateway.server import GatewayServer, JobsApiSettings
+from runner.gateway.tokens import parse_agent_tokens
+from runner.identity import Identity
+from runner.job import JobRecord, JobState, new_job_id
+from runner.lifecycle.prepare import job_dir
+from runner.oidc.verify import TokenVerifier
+from runner.site_policy import load_site_policy
+from runner.sources.api.client import HubClient
+from runner.sources.api.publish import HubPublisher, hub_page_template, hub_pages
+from runner.sources.api.published import PublishedState
+from runner.store import Store
+
+from .github_site import REPO, github_site
+from .test_agent import ALICE, POLICY, FakeExecutor, fake_prepare, job
+
+AGENT_TOKEN = "agent-a-0123456789abcdef0123456789abcdef"
+CLUSTER = "hpc1"
+PUBLIC_URL = "https://hub.example.org"
+
+
+@dataclass
+class Hub:
+    """A real hub on loopback; stopped and started again on the same port and state."""
+
+    state_dir: Path
+    server: GatewayServer | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        settings = JobsApiSettings(public_url=PUBLIC_URL, authenticate=authenticator(TokenVerifier([])))
+        self.server = GatewayServer(state_dir=self.state_dir, webhook_secret=None, jobs_api=settings,
+                                    tokens=parse_agent_tokens(f"login-a:{AGENT_TOKEN}\n", "tokens"))
+        await self.server.start("127.0.0.1", self.port)
+        self.port = self.server.port
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+            self.server = None
+
+    def job(self, job_id: str) -> tuple[StoredJob | None, bytes]:
+        """What the hub holds of the job, and its log (read from the hub's own store)."""
+        with JobStore.open(self.state_dir) as store:
+            held = store.get(job_id)
+            return held, (store.read_log(job_id, 0, 1 << 30) if held is not None else b"")
+
+
+@dataclass
+class Node:
+    """The agent on its store in `root`, its jobs published to `hub_url`; started again on the same
+    state after a stop, as a restarted agent is."""
+
+    root: Path
+    hub_url: str
+    executor: FakeExecutor = field(default_factory=FakeExecutor)
+    agent: Agent | None = None
+    parts: list[Store | PublishedState | HubClient] = field(default_factory=list)
+    publisher: HubPublisher | None = None
+
+    @property
+    def config(self) -> AgentConfig:
+        return AgentConfig(state_dir=self.root / "state", work_root=self.root / "work",
+                           policy=self.root / "policy.toml", executor="local", max_jobs=2)
+
+    def start(self) -> Agent:
+        self.root.mkdir(exist_ok=True)
+        (self.root / "policy.toml").write_text(POLICY)
+        store = Store.open(self.config.state_dir)
+        self.executor = FakeExecutor()
+        agent = Agent(self.config, load_site_policy(self.config), store, grace_seconds=1,
+                      executor=self.executor)
+        client = HubClient(self.hub_url, AGENT_TOKEN, retry_initial=0.02)
+        state = PublishedState.open(self.config.state_dir)
+        self.parts = [client, state, store]
+        self.publisher = HubPublisher(client, state, cluster=CLUSTER, job=agent.job,
+                                      log_path=agent.driver.log_path, policy=lambda: agent.policy)
+        self.publisher.attach(agent.admissions, agent.driver)
+        agent.start()
+        self.agent = agent
+        return agent
+
+    async def stop(self) -> None:
+        """Stop at once, as a killed agent would: a running job stays running in the store."""
+        assert self.agent is not None and self.publisher is not None
+        await self.publisher.close()
+        await self.agent.stop_workers()
+        for part in self.parts:
+            if isinstance(part, HubClient):
+                await part.close()
+            else:
+                part.close()
+        self.agent = None
+
+    async def submit(self, *, identity: Identity = ALICE) -> JobRecord:
+        assert self.agent is not None
+        workspace = self.root / "workspace"
+        workspace.mkdir(exist_ok=True)
+        record, _ = await self.agent.submit(identity, job(), workspace, submitter_uid=None)
+        return record
+
+    def log_path(self, job_id: str) -> Path:
+        return job_dir(self.config, job_id) / "output.log"
+
+    def write(self, job_id: str, data: bytes) -> None:
+        """What the job writes to its log."""
+        with self.log_path(job_id).open("ab") as handle:
+            handle.write(data)
+
+    def state(self, job_id: str) -> JobState | None:
+        assert self.agent is not None
+        record = self.agent.job(job_id)
+        return None if record is None else record.state
+
+
+@pytest.fixture
+async def hub(tmp_path: Path) -> AsyncIterator[Hub]:
+    made = Hub(tmp_path / "hub-state")
+    await made.start()
+    yield made
+    await made.stop()
+
+
+@pytest.fixture
+async def node(tmp_path: Path, hub: Hub, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Node]:
+    monkeypatch.setattr(driver_module, "prepare_job", fake_prepare)
+    made = Node(tmp_path / "agent", hub.url)
+    yield made
+    if made.agent is not None:
+        made.agent.drain()
+        made.agent.drain()
+        await made.stop()
+
+
+async def ended_at_hub(hub: Hub, job_id: str) -> tuple[StoredJob, bytes]:
+    """The job at the hub once it has its final state."""
+    def ended() -> tuple[StoredJob, bytes] | None:
+        held, log = hub.job(job_id)
+        return (held, log) if held is not None and held.ended_for_good else None
+    return await wait_until(ended, f"job {job_id}'s final state at the hub")  # type: ignore[no-any-return]
+
+
+async def test_a_local_queue_jobs_states_and_log_reach_the_hub_byte_exact(hub: Hub, node: Node) -> None:
+    node.start()
+    record = await node.submit()
+    await wait_until(lambda: record.id in node.executor.started and node.state(record.id) == JobState.running,
+                     "the job to start")
+    await wait_until(lambda: (hub.job(record.id)[0] or record).state == "running", "running at the hub")
+    node.write(record.id, b"compiling\n")
+    node.write(record.id, "caf\u00e9 \u2713\n".encode() + b"\x1b[32mall passed\x1b[0m\x00\xff\n")
+    node.executor.release(record.id)
+
+    held, log = await ended_at_hub(hub, record.id)
+
+    assert (held.state, held.exit_status, held.account, held.grant, held.cluster) == (
+        "succeeded", 0, "esm", "esm-members", CLUSTER)
+    assert held.origin == "agent" and held.lease_agent == "login-a"
+    assert held.identity == ALICE.to_json() and held.job["name"] == "job"
+    assert held.started is not None and held.ended is not None
+    assert log == node.log_path(record.id).read_bytes()
+    assert log.endswith(b"\x00\xff\n")
+    assert node.publisher is not None and node.publisher.state.open_jobs() == []
+
+
+async def test_a_denied_job_reaches_the_hub_with_every_reason(hub: Hub, node: Node) -> None:
+    node.start()
+    record = await node.submit(identity=Identity(source="local", user="mallory"))
+
+    held, log = await ended_at_hub(hub, record.id)
+
+    assert held.state == "denied" and held.reasons
+    assert log == node.log_path(record.id).read_bytes() and b"denied by policy" in log
+
+
+async def test_a_restart_of_the_agent_mid_job_carries_on_from_the_hubs_length(hub: Hub, node: Node) -> None:
+    node.start()
+    record = await node.submit()
+    await wait_until(lambda: record.id in node.executor.started, "the job to start")
+    node.write(record.id, b"part one\n" * 1000)
+    size = node.log_path(record.id).stat().st_size
+    await wait_until(lambda: len(hub.job(record.id)[1]) == size, "the first part at the hub")
+
+    await node.stop()
+    node.write(record.id, b"part two, written while no agent watched\n")
+    node.start()                  # the job ran locally: the new agent ends it as infra_failed
+
+    held, log = await ended_at_hub(hub, record.id)
+
+    assert held.state == "infra_failed"
+    assert log == node.log_path(record.id).read_bytes()
+    assert log.count(b"part two") == 1 and log.count(b"part one") == 1000
+
+
+async def test_a_hub_down_for_a_while_gets_everything_later(hub: Hub, node: Node) -> None:
+    node.start()
+    await hub.stop()
+    with capture_logs() as logs:
+        record = await node.submit()
+        await wait_until(lambda: record.id in node.executor.started, "the job to start")
+        node.write(record.id, b"while the hub was down\n")
+        node.executor.release(record.id)
+        await wait_until(lambda: node.state(record.id) == JobState.succeeded, "the job's end")
+        await wait_until(lambda: any(entry["event"] == "the hub did not answer; trying again"
+                                     for entry in logs), "a failed attempt")
+
+    await hub.start()
+
+    held, log = await ended_at_hub(hub, record.id)
+    assert (held.state, held.exit_status) == ("succeeded", 0)
+    assert log == node.log_path(record.id).read_bytes() and b"while the hub was down" in log
+
+
+async def test_jobs_of_the_api_source_are_left_to_it(hub: Hub, node: Node) -> None:
+    agent = node.start()
+    assert node.publisher is not None
+    record = await node.submit()
+    agent.store.add_job(source="api", external_id="elsewhere", identity=ALICE.to_json(),
+                        spec=job().to_json(), job_id=(api_job := new_job_id()))
+    node.publisher.on_admitted(api_job)
+    assert [published.hub_id for published in node.publisher.state.open_jobs()] == [record.id]
+
+
+# -- GitHub: the "details" link -------------------------------------------------------------------
+
+
+def test_the_hubs_page_of_a_job_is_the_hubs_own_job_url() -> None:
+    job_id = new_job_id()
+    assert hub_page_template(PUBLIC_URL + "/").replace("{id}", job_id) == job_url(PUBLIC_URL, job_id)
+
+
+async def test_a_check_runs_details_link_is_the_hubs_page_of_the_job(tmp_path: Path) -> None:
+    # The GitHub source's settings as the agent gives them with hub_url (as the tests' site makes them).
+    with_hub = hub_pages(GithubConfig(app_id=1, private_key_file=tmp_path / "key.pem", repositories=(REPO,)),
+                         PUBLIC_URL)
+    async with github_site(tmp_path, log_url=with_hub.log_url) as site:
+        await site.poll()
+        site.open_pull(author="alice", labelled_by="alice")
+        await site.poll()
+        [run] = site.check_runs("hpc-runner/unit")
+        assert run["details_url"] == job_url(PUBLIC_URL, site.host.ran[0])
+        assert run["conclusion"] == "success"
+
+
+def test_with_a_hub_only_the_details_link_changes(tmp_path: Path) -> None:
+    config = GithubConfig(app_id=1, private_key_file=tmp_path / "key.pem", repositories=(REPO,),
+                          log_url="https://ci.example.org/jobs/{id}")
+    assert hub_pages(config, PUBLIC_URL + "/") == replace(config, log_url=f"{PUBLIC_URL}/jobs/{{id}}")
