@@ -7,12 +7,12 @@ import sys
 from collections.abc import Sequence
 
 from runner import __version__, exitcodes
-from runner.commands import agent, demo, doctor, hub, policy, queue, run
+from runner.commands import agent, demo, doctor, hub, policy, queue, remote, run
 from runner.errors import HpcRunnerError, InputError
 from runner.localqueue.client import RequestFailed
 from runner.logging_setup import configure_logging
 
-COMMANDS = (agent, run, queue, policy, doctor, demo, hub)
+COMMANDS = (agent, run, queue, policy, doctor, demo, hub, remote)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,14 +82,15 @@ async def _admit_and_drive(site: Site, store: Store, identity: Identity, spec: J
     driver = JobDriver(site, store, grace_seconds=site.config.sandbox.grace_period, notes=to_stderr,
                        slurm=slurm, actor=identity.actor_principal)
     try:
-        return admitted.job_id, await driver.drive(admitted.job_id, cancel=_cancel_on_signals(),
-                                                   sink=_write_stdout, offset=0)
+        return admitted.job_id, await driver.drive(admitted.job_id, cancel=cancel_on_signals(),
+                                                   sink=write_stdout, offset=0)
     finally:
         if slurm is not None:
             await slurm.close()
 
 
-def _cancel_on_signals() -> asyncio.Event:
+def cancel_on_signals() -> asyncio.Event:
+    """An event set by Ctrl-C or SIGTERM (from then on, neither ends the process)."""
     cancel = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -97,6 +98,7 @@ def _cancel_on_signals() -> asyncio.Event:
     return cancel
 
 
-async def _write_stdout(_offset: int, data: bytes) -> None:
+async def write_stdout(_offset: int, data: bytes) -> None:
+    """The job's output, as it wrote it."""
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
