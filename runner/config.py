@@ -18,6 +18,7 @@ from typing import Any, Literal
 from runner.binds import check_absolute_path, is_within
 from runner.errors import InputError
 from runner.fields import Table
+from runner.hook_tables import Hook, parse_hook_tables
 from runner.oidc.issuers import OidcIssuer, parse_oidc_tables
 from runner.policy import Policy
 from runner.spec import NAME_PATTERN
@@ -74,6 +75,7 @@ FILE_DESCRIPTIONS = {
     "gateway.agent_tokens_file": "gateway's agent tokens",
     "hub.webhook_secret_file": "GitHub webhook secret",
     "hub.agent_tokens_file": "hub's agent tokens",
+    "hooks.secret_file": "hook secret",
     "hub_token_file": "hub token",
 }
 
@@ -169,6 +171,8 @@ class AgentConfig:
     # The issuers whose OIDC ID tokens are trusted (`[[oidc]]`), in the file's order.
     oidc: tuple[OidcIssuer, ...] = ()
     api: ApiConfig | None = None          # the hub's API jobs, leased by this agent
+    # The hub's outbound hooks (`[[hooks]]`), in the file's order.
+    hooks: tuple[Hook, ...] = ()
 
     def secret_files(self) -> list[Path]:
         """Every file holding a secret that the config names (each must be 0600, ours)."""
@@ -187,6 +191,7 @@ class AgentConfig:
         if self.hub:
             found.append((self.hub.webhook_secret_file, f"{self.hub.section}.webhook_secret_file"))
             found.append((self.hub.agent_tokens_file, f"{self.hub.section}.agent_tokens_file"))
+        found += [(hook.secret_file, f"hooks[{index}].secret_file") for index, hook in enumerate(self.hooks)]
         return [(path, key) for path, key in found if path is not None]
 
     def trusted_files(self) -> list[tuple[Path, str]]:
@@ -540,6 +545,9 @@ def config_from_document(doc: TomlDocument) -> AgentConfig:
     github = _optional_section(root, "github", _parse_github)
     hub = _parse_hub_sections(root)
     oidc = parse_oidc_tables(root)
+    hooks = parse_hook_tables(root)
+    if hooks and (hub is None or hub.public_url is None):
+        raise root.error("hooks", "are sent by the hub: they need a [hub] section with public_url")
     api = _parse_api(root)
     root.finish()
     _check_layout(root, state_dir, work_root)
@@ -550,7 +558,7 @@ def config_from_document(doc: TomlDocument) -> AgentConfig:
         raise root.error("hub_url", "needs at least one [[oidc]] table: the agent verifies the token of "
                                     "every API job itself, against the issuers it trusts")
     return AgentConfig(state_dir, work_root, policy, executor, max_jobs, sandbox, mpi, buildkite, github,
-                       hub, doc.name, socket, slurm, oidc, api)
+                       hub, doc.name, socket, slurm, oidc, api, hooks=hooks)
 
 
 def _check_layout(root: Table, state_dir: Path, work_root: Path) -> None:

@@ -10,6 +10,8 @@ import ipaddress
 from urllib.parse import urlsplit
 
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
+# The longest URL a config may give (issuers, their keys, hooks).
+MAX_URL_LENGTH = 2048
 
 
 def is_loopback(host: str) -> bool:
@@ -37,3 +39,12 @@ def https_url(text: str) -> str:
     if parts.fragment or any(ch.isspace() for ch in text):
         raise ValueError(f"{text!r} must not contain a fragment or whitespace")
     return text
+
+
+def config_https_url(value: object) -> str:
+    """A config's value that must be an https URL of a sane length; else ValueError."""
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    if len(value) > MAX_URL_LENGTH:
+        raise ValueError(f"is longer than {MAX_URL_LENGTH} characters")
+    return https_url(value)

@@ -18,12 +18,13 @@ import asyncio
 import ipaddress
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from runner import exitcodes
 from runner.config import FILE_DESCRIPTIONS, AgentConfig, HubConfig, load_config
 from runner.errors import HpcRunnerError, InputError
 from runner.gateway.callers import authenticator
+from runner.gateway.hooks import HookTarget
 from runner.gateway.server import GatewayServer, JobsApiSettings
 from runner.gateway.tokens import AgentTokens, load_agent_tokens
 from runner.logging_setup import get_logger
@@ -63,10 +64,11 @@ def run(args: argparse.Namespace) -> int:
         secret = None if hub.webhook_secret_file is None else read_webhook_secret(hub)
         tokens = load_agent_tokens(hub.agent_tokens_file)
         jobs_api = _jobs_api(config, hub)
+        hooks = read_hook_secrets(config)
     except (_Refusal, InputError, SecretFileError) as exc:
         print(f"hpc-runner: refusing to start the {name}: {exc}", file=sys.stderr)
         return exitcodes.INVALID_INPUT
-    return asyncio.run(serve(hub, secret, tokens, jobs_api=jobs_api, name=name))
+    return asyncio.run(serve(hub, secret, tokens, jobs_api=jobs_api, hooks=hooks, name=name))
 
 
 def _config(path: str | None, name: str) -> AgentConfig:
@@ -91,6 +93,21 @@ def _jobs_api(config: AgentConfig, hub: HubConfig) -> JobsApiSettings | None:
     return JobsApiSettings(public_url=hub.public_url, authenticate=authenticator(TokenVerifier(config.oidc)))
 
 
+def read_hook_secrets(config: AgentConfig) -> list[HookTarget]:
+    """Each `[[hooks]]` table with its secret, which must be as strong as a webhook secret."""
+    targets = []
+    for hook in config.hooks:
+        secret = read_secret_file(hook.secret_file, what=FILE_DESCRIPTIONS["hooks.secret_file"])
+        if len(secret) < MIN_SECRET_LENGTH:
+            raise SecretFileError(
+                f"hook secret {hook.secret_file} is shorter than {MIN_SECRET_LENGTH} characters",
+                path=hook.secret_file,
+                fix=f"write a random secret (`openssl rand -hex 32 > {hook.secret_file}`) and give the same "
+                    "one to the hook's receiver")
+        targets.append(HookTarget(hook, secret.encode("utf-8")))
+    return targets
+
+
 def read_webhook_secret(hub: HubConfig) -> str:
     path = hub.webhook_secret_file
     assert path is not None
@@ -111,13 +128,14 @@ def _is_loopback(host: str) -> bool:
 
 
 async def serve(hub: HubConfig, secret: str | None, tokens: AgentTokens, *,
-                jobs_api: JobsApiSettings | None = None, name: str = "hub",
+                jobs_api: JobsApiSettings | None = None, hooks: Sequence[HookTarget] = (), name: str = "hub",
                 ready: Callable[[GatewayServer], None] | None = None,
                 stop: asyncio.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or `stop`, set by an embedding caller)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    server = GatewayServer(state_dir=hub.state_dir, webhook_secret=secret, tokens=tokens, jobs_api=jobs_api)
+    server = GatewayServer(state_dir=hub.state_dir, webhook_secret=secret, tokens=tokens, jobs_api=jobs_api,
+                           hooks=hooks)
 
     def reload_tokens() -> None:
         try:

@@ -23,11 +23,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runner.gateway import outbox
 from runner.gateway.access import admin_keys
 from runner.gateway.jobs_protocol import (
     MAX_LOG_BYTES,
@@ -91,7 +92,7 @@ CREATE TABLE log_chunks (
 """
 
 # Index i migrates from schema version i to i + 1. Only ever append.
-MIGRATIONS: tuple[str, ...] = (_MIGRATION_1,)
+MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, outbox.MIGRATION)
 
 # The reasons of a job cancelled before any agent took it.
 _CANCELLED_WAITING = json.dumps(["cancelled through the API before an agent took it"])
@@ -194,21 +195,37 @@ def _strings(text: str, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+# For a job that just entered a new state: the (hook URL, body) deliveries it makes.
+Announce = Callable[["StoredJob"], Sequence[tuple[str, bytes]]]
+
+
 class JobStore(StateFile):
     """The hub's job database. Open with `JobStore.open(state_dir)`."""
 
     label = "hub job store"
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], float]) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], float],
+                 announce: Announce | None = None) -> None:
         super().__init__(conn, path)
         self._clock = clock
+        self._announce_to = announce
 
     @classmethod
-    def open(cls, state_dir: Path | str, *, clock: Callable[[], float] = time.time) -> JobStore:
+    def open(cls, state_dir: Path | str, *, clock: Callable[[], float] = time.time,
+             announce: Announce | None = None) -> JobStore:
+        """`announce` (if given) says which hook deliveries each state change makes; they are
+        queued in the transaction of the change."""
         path = Path(state_dir) / DB_FILENAME
         conn = open_database(path, MIGRATIONS, what="hub job store",
                              holds="API jobs, their submitters' tokens and their logs")
-        return cls(conn, path, clock)
+        return cls(conn, path, clock, announce)
+
+    def _announce(self, conn: sqlite3.Connection, job: StoredJob) -> StoredJob:
+        if self._announce_to is not None:
+            entries = self._announce_to(job)
+            if entries:
+                outbox.record(conn, job.id, entries, self._clock())
+        return job
 
     # --- submitters ---
 
@@ -219,7 +236,7 @@ class JobStore(StateFile):
         job_id = new_job_id()
         with self._transaction() as conn:
             self._insert(conn, job_id, new, origin="api", created=self._clock())
-            return self._job(conn, job_id)
+            return self._announce(conn, self._job(conn, job_id))
 
     def _insert(self, conn: sqlite3.Connection, job_id: str, new: NewJob, *, origin: str, created: float,
                 agent: str | None = None) -> None:
@@ -269,7 +286,7 @@ class JobStore(StateFile):
                 " reasons = ? WHERE id = ? AND state = 'queued' AND accepted_at IS NULL"
                 " AND (lease_agent IS NULL OR lease_expires_at <= ?)",
                 (now, _CANCELLED_WAITING, job_id, now))
-            return self._job(conn, job_id)
+            return self._announced_if_changed(conn, job)
 
     # --- agents ---
 
@@ -285,7 +302,8 @@ class JobStore(StateFile):
                              created=self._clock() if created is None else created)
             elif (row["origin"], row["lease_agent"]) != ("agent", agent):
                 raise Conflict(f"job {job_id} is already another job at the hub", length=0)
-            return self._job(conn, job_id), row is None
+            job = self._job(conn, job_id)
+            return (job if row is not None else self._announce(conn, job)), row is None
 
     def lease(self, agent: str, cluster: str, seconds: float) -> JobLease | None:
         """Lend the oldest waiting job for `cluster` (or for any cluster) to `agent` for `seconds`."""
@@ -313,11 +331,19 @@ class JobStore(StateFile):
 
     def _end_cancelled_waiting(self, conn: sqlite3.Connection, now: float) -> None:
         # A job cancelled while an agent held its lease, whose lease then ran out: nobody runs it.
-        conn.execute(
+        ending = [str(row["id"]) for row in conn.execute(
+            "SELECT id FROM jobs WHERE state = 'queued' AND accepted_at IS NULL AND cancel_requested = 1"
+            " AND lease_agent IS NOT NULL AND lease_expires_at <= ? ORDER BY seq", (now,))]
+        conn.executemany(
             "UPDATE jobs SET state = 'cancelled', ended = ?, lease_agent = NULL, lease_expires_at = NULL,"
-            " reasons = ? WHERE state = 'queued' AND accepted_at IS NULL AND cancel_requested = 1"
-            " AND lease_agent IS NOT NULL AND lease_expires_at <= ?",
-            (now, _CANCELLED_WAITING, now))
+            " reasons = ? WHERE id = ?", [(now, _CANCELLED_WAITING, job_id) for job_id in ending])
+        for job_id in ending:
+            self._announce(conn, self._job(conn, job_id))
+
+    def _announced_if_changed(self, conn: sqlite3.Connection, before: StoredJob) -> StoredJob:
+        """The job as it is now, its new state announced if it has one."""
+        after = self._job(conn, before.id)
+        return self._announce(conn, after) if after.state != before.state else after
 
     def release(self, job_id: str, agent: str) -> bool:
         """Give back a lease the agent holds on a job it has not taken (its request was abandoned)."""
@@ -367,7 +393,7 @@ class JobStore(StateFile):
             conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*changes.values(), job_id))
             if "admins" in given:
                 self._replace_admins(conn, job_id, update.admins)
-            return self._job(conn, job_id)
+            return self._announced_if_changed(conn, job)
 
     def _replace_admins(self, conn: sqlite3.Connection, job_id: str, admins: Sequence[str]) -> None:
         seq = conn.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()["seq"]
@@ -402,6 +428,30 @@ class JobStore(StateFile):
                          (seq, length, tail))
             conn.execute("UPDATE jobs SET log_length = ? WHERE seq = ?", (length + len(tail), seq))
             return length + len(tail)
+
+    # --- hooks ---
+
+    def due_hook_events(self, limit: int, busy: Collection[tuple[str, str]]) -> list[outbox.HookEvent]:
+        """Deliveries due now, each the oldest of its (job, hook) pair, none of a `busy` pair."""
+        return self._reading(outbox.due, self._clock(), limit, busy)
+
+    def next_hook_attempt(self) -> float | None:
+        """When the next delivery not yet due is (wall-clock seconds), or None."""
+        return self._reading(outbox.next_attempt_after, self._clock())
+
+    def hook_done(self, seq: int) -> None:
+        """A delivery made, or given up: the next one of its pair becomes due."""
+        with self._transaction() as conn:
+            outbox.forget(conn, seq)
+
+    def hook_retry_at(self, seq: int, at: float) -> None:
+        with self._transaction() as conn:
+            outbox.retry_at(conn, seq, at)
+
+    def forget_hooks_except(self, hooks: Collection[str]) -> int:
+        """Drop the deliveries of hooks no longer configured; how many."""
+        with self._transaction() as conn:
+            return outbox.forget_hooks_except(conn, hooks)
 
     # --- logs ---
 

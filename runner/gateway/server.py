@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,10 @@ from runner.gateway import protocol
 from runner.gateway.agent_jobs_api import AgentJobsApi
 from runner.gateway.answers import agent_unauthorized, error, stopping
 from runner.gateway.callers import Authenticate
+from runner.gateway.hook_delivery import HookDeliverer
+from runner.gateway.hooks import DEFAULT_SCHEDULE, HookTarget, RetrySchedule, outbox_entries
 from runner.gateway.jobs_api import JobsApi
-from runner.gateway.jobstore import JobStore
+from runner.gateway.jobstore import JobStore, StoredJob
 from runner.gateway.polling import LongPolls, Stopping, Wakeups
 from runner.gateway.queue import DeliveryQueue, Enqueued, LeasedDelivery
 from runner.gateway.statethread import StateThread
@@ -64,7 +66,11 @@ class GatewayServer:
     """Start with `await server.start(host, port)`, stop with `await server.close()`."""
 
     def __init__(self, *, state_dir: Path, webhook_secret: str | None, tokens: AgentTokens,
-                 jobs_api: JobsApiSettings | None = None, clock: Callable[[], float] = time.time) -> None:
+                 jobs_api: JobsApiSettings | None = None, hooks: Sequence[HookTarget] = (),
+                 hook_schedule: RetrySchedule = DEFAULT_SCHEDULE,
+                 clock: Callable[[], float] = time.time) -> None:
+        if hooks and jobs_api is None:
+            raise ValueError("hooks are sent only by a hub serving the jobs API (their body is a job's view)")
         self._state_dir = state_dir
         self._secret = None if webhook_secret is None else webhook_secret.encode("utf-8")
         self._tokens = tokens
@@ -72,6 +78,9 @@ class GatewayServer:
         self._clock = clock
         self._queue_thread: StateThread[DeliveryQueue] = StateThread("gateway-queue")
         self._jobs_thread: StateThread[JobStore] = StateThread("hub-jobs")
+        self._hooks = tuple(target.hook for target in hooks)
+        self._deliverer = HookDeliverer(self._jobs_thread, hooks, schedule=hook_schedule, clock=clock) \
+            if hooks else None
         self._runner: web.AppRunner | None = None
         self._pruner: asyncio.Task[None] | None = None
         self._wakeups = Wakeups()
@@ -87,7 +96,9 @@ class GatewayServer:
         counts = await self._queue_thread.run(queue.counts)
         log.info("gateway queue opened", path=str(queue.path), waiting=counts.waiting,
                  leased=counts.leased, acknowledged=counts.acknowledged)
-        jobs = await self._jobs_thread.open(lambda: JobStore.open(self._state_dir, clock=self._clock))
+        announce = self._announce if self._deliverer is not None else None
+        jobs = await self._jobs_thread.open(lambda: JobStore.open(self._state_dir, clock=self._clock,
+                                                                  announce=announce))
         log.info("hub job store opened", path=str(jobs.path))
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         if self._secret is not None:
@@ -116,6 +127,8 @@ class GatewayServer:
             raise
         self.addresses = list(self._runner.addresses)
         self._pruner = asyncio.create_task(self._prune_periodically())
+        if self._deliverer is not None:
+            await self._deliverer.start()
 
     @property
     def port(self) -> int:
@@ -132,6 +145,8 @@ class GatewayServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._deliverer is not None:
+            await self._deliverer.close()
         await self._queue_thread.close()
         await self._jobs_thread.close()
 
@@ -148,6 +163,14 @@ class GatewayServer:
     def _notify(self) -> None:
         """Wake the agents waiting for a delivery: the queue changed."""
         self._wakeups.notify(DELIVERIES_CHANGED)
+
+    def _announce(self, job: StoredJob) -> list[tuple[str, bytes]]:
+        """On the job store's thread, in the transaction of a job's state change: its hook deliveries."""
+        assert self._deliverer is not None and self._jobs_api is not None
+        entries = outbox_entries(self._hooks, job.state, job.view(self._jobs_api.public_url))
+        if entries:
+            self._deliverer.wake()
+        return entries
 
     def _agent(self, request: web.Request) -> str | None:
         agent = self._tokens.agent_for_header(request.headers.get("Authorization"))

@@ -24,7 +24,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from runner.fields import Table
-from runner.urls import https_url
+from runner.urls import config_https_url
 
 IssuerKind = Literal["github", "buildkite", "gitlab", "generic"]
 ISSUER_KINDS: tuple[IssuerKind, ...] = ("github", "buildkite", "gitlab", "generic")
@@ -37,7 +37,6 @@ _AUDIENCE = r"[^\s\x00-\x1f\x7f]{1,256}"
 _CLAIM = r"[^\s\x00-\x1f\x7f]{1,256}"
 # A Buildkite organisation slug, as the Buildkite source reads one.
 _ORGANIZATION = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
-_URL_LENGTH = 2048
 # The principals' source of each kind's tokens.
 _PRINCIPAL_SOURCE = {"github": "github", "buildkite": "buildkite", "gitlab": "gitlab", "generic": "idp"}
 
@@ -71,18 +70,10 @@ def parse_oidc_tables(root: Table, key: str = "oidc") -> tuple[OidcIssuer, ...]:
 
 def _issuer_url(value: object) -> str:
     # Kept as written: a token's `iss` must equal it exactly, trailing '/' and all.
-    text = _bounded_url(value)
+    text = config_https_url(value)
     if urlsplit(text).query:
         raise ValueError(f"{text!r} must not have a query: an issuer is a plain https:// URL")
     return text
-
-
-def _bounded_url(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
-    if len(value) > _URL_LENGTH:
-        raise ValueError(f"is longer than {_URL_LENGTH} characters")
-    return https_url(value)
 
 
 def _parse_issuer(table: Table) -> OidcIssuer:
@@ -93,7 +84,7 @@ def _parse_issuer(table: Table) -> OidcIssuer:
     if kind not in ISSUER_KINDS:
         allowed = " or ".join(f'"{k}"' for k in ISSUER_KINDS)
         raise table.error("kind", f"must be {allowed}, got {kind!r}")
-    jwks_uri = table.converted("jwks_uri", _bounded_url, None)
+    jwks_uri = table.converted("jwks_uri", config_https_url, None)
     organization = table.string("organization", None, pattern=_ORGANIZATION,
                                 what="a Buildkite organisation slug")
     username_claim = table.string("username_claim", None, pattern=_CLAIM, what="a claim name")
