@@ -78,10 +78,21 @@ class StateFile:
     """
 
     label: ClassVar[str]
+    # For the default `open`: the file's name in the state directory, its migrations, and what it
+    # holds (for the message that asks to make it private again).
+    filename: ClassVar[str]
+    migrations: ClassVar[Sequence[str]]
+    holds: ClassVar[str]
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
+
+    @classmethod
+    def open(cls, state_dir: Path | str) -> Self:
+        """Open (creating it, private, if needed) and migrate this kind of file in `state_dir`."""
+        path = Path(state_dir) / cls.filename
+        return cls(open_database(path, cls.migrations, what=cls.label, holds=cls.holds), path)
 
     def close(self) -> None:
         self._conn.close()

@@ -23,7 +23,6 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
@@ -32,6 +31,7 @@ from runner.config import FILE_DESCRIPTIONS
 from runner.errors import HpcRunnerError
 from runner.gateway import jobs_protocol as protocol
 from runner.gateway.protocol import DEFAULT_LEASE_SECONDS, DEFAULT_WAIT_SECONDS
+from runner.httpsession import SessionHolder
 from runner.logging_setup import get_logger
 from runner.secrets import read_secret_file
 from runner.sources.github.gateway_client import (
@@ -81,7 +81,7 @@ def agent_view(data: object) -> AgentView:
     return AgentView(job_id, str(state), bool(data.get("cancel_requested")), length)
 
 
-class HubClient:
+class HubClient(SessionHolder):
     """Talks to one hub with one agent token. Use as an async context manager (or `close`)."""
 
     def __init__(self, url: str, token: str, *, session: aiohttp.ClientSession | None = None,
@@ -89,8 +89,7 @@ class HubClient:
                  retry_initial: float = RETRY_INITIAL_SECONDS) -> None:
         self.url = url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}
-        self._session = session
-        self._own_session = session is None
+        super().__init__(session)
         self.wait_seconds = wait_seconds
         self.lease_seconds = lease_seconds
         self.retry_initial = retry_initial
@@ -102,18 +101,6 @@ class HubClient:
 
     def __repr__(self) -> str:   # never the token
         return f"HubClient({self.url!r})"
-
-    async def __aenter__(self) -> HubClient:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._own_session and self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
         """`call()`, again after a growing pause for as long as the hub cannot be reached

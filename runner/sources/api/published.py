@@ -11,9 +11,8 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from runner.sqlitefile import StateFile, open_database
+from runner.sqlitefile import StateFile
 
 FILENAME = "published.sqlite"
 
@@ -44,13 +43,9 @@ class PublishedState(StateFile):
     """The publisher's table; all calls on the event loop's thread, each one short transaction."""
 
     label = "hub publisher state"
-
-    @classmethod
-    def open(cls, state_dir: Path) -> PublishedState:
-        path = Path(state_dir) / FILENAME
-        conn = open_database(path, MIGRATIONS, what="hub publisher state",
-                             holds="how far each job's publication to the hub got")
-        return cls(conn, path)
+    filename = FILENAME
+    migrations = MIGRATIONS
+    holds = "how far each job's publication to the hub got"
 
     def add(self, job_id: str) -> PublishedJob:
         """Remember a job to publish (again: what is remembered of it stays)."""

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from runner.sqlitefile import StateFile, decode_object, encode_json, open_database
+from runner.sqlitefile import StateFile, decode_object, encode_json
 
 FILENAME = "api.sqlite"
 
@@ -73,13 +72,9 @@ class ApiState(StateFile):
     """The source's table; all calls on the event loop's thread, each one short transaction."""
 
     label = "API state"
-
-    @classmethod
-    def open(cls, state_dir: Path) -> ApiState:
-        path = Path(state_dir) / FILENAME
-        conn = open_database(path, MIGRATIONS, what="API state",
-                             holds="the hub's API jobs this agent took and how far they got")
-        return cls(conn, path)
+    filename = FILENAME
+    migrations = MIGRATIONS
+    holds = "the hub's API jobs this agent took and how far they got"
 
     def save(self, job: ApiJob) -> None:
         """Create or replace what is remembered of `job` (still open), its log offset included."""

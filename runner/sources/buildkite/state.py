@@ -108,7 +108,7 @@ class BuildkiteState(StateFile):
     label = "Buildkite state"
 
     @classmethod
-    def open(cls, state_dir: Path) -> BuildkiteState:
+    def open(cls, state_dir: Path | str) -> BuildkiteState:
         path = Path(state_dir) / FILENAME
         fresh = not path.exists()
         conn = open_database(path, MIGRATIONS, what="Buildkite state",

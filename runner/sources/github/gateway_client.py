@@ -22,7 +22,6 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -30,6 +29,7 @@ import aiohttp
 from runner.config import FILE_DESCRIPTIONS, GithubConfig
 from runner.errors import InfrastructureError, InputError
 from runner.gateway import protocol
+from runner.httpsession import SessionHolder
 from runner.logging_setup import get_logger
 from runner.secrets import read_secret_file
 
@@ -161,7 +161,7 @@ class LeaseKeeper:
         self.lost.set()
 
 
-class GatewayClient:
+class GatewayClient(SessionHolder):
     """Talks to one gateway with one agent token. Use as an async context manager."""
 
     def __init__(self, url: str, token: str, *, session: aiohttp.ClientSession | None = None,
@@ -175,8 +175,7 @@ class GatewayClient:
                              f"{protocol.MAX_LEASE_SECONDS}")
         self._base = url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}
-        self._session = session
-        self._own_session = session is None
+        super().__init__(session)
         self.wait_seconds = wait_seconds
         self.lease_seconds = lease_seconds
         self._retry_initial = retry_initial
@@ -193,18 +192,6 @@ class GatewayClient:
 
     def __repr__(self) -> str:   # never the token
         return f"GatewayClient({self._base!r})"
-
-    async def __aenter__(self) -> GatewayClient:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._own_session and self._session is not None:
-            await self._session.close()
-            self._session = None
 
     # --- taking deliveries ---
 

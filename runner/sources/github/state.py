@@ -19,10 +19,9 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from runner.sqlitefile import StateFile, open_database
+from runner.sqlitefile import StateFile
 
 FILENAME = "github.sqlite"
 
@@ -108,13 +107,9 @@ class GithubState(StateFile):
     """The source's tables; all calls on the event loop's thread, each one short transaction."""
 
     label = "GitHub state"
-
-    @classmethod
-    def open(cls, state_dir: Path) -> GithubState:
-        path = Path(state_dir) / FILENAME
-        conn = open_database(path, MIGRATIONS, what="GitHub state",
-                             holds="which GitHub triggers ran and how far their jobs got")
-        return cls(conn, path)
+    filename = FILENAME
+    migrations = MIGRATIONS
+    holds = "which GitHub triggers ran and how far their jobs got"
 
     # --- triggers ---
 
