@@ -93,10 +93,9 @@ class HookDeliverer:
         """Send what is due and free to go; the seconds until something else may be."""
         store = self._jobs.file
         free = self._concurrency - len(self._sending)
-        if free > 0:
-            for event in await self._jobs.run(store.due_hook_events, free, frozenset(self._sending)):
-                self._sending[event.pair] = asyncio.create_task(self._deliver(event))
-        next_at = await self._jobs.run(store.next_hook_attempt)
+        due, next_at = await self._jobs.run(store.hook_schedule, free, frozenset(self._sending))
+        for event in due:
+            self._sending[event.pair] = asyncio.create_task(self._deliver(event))
         if next_at is None:
             return _LONGEST_IDLE_SECONDS
         return min(max(next_at - self._clock(), 0.0), _LONGEST_IDLE_SECONDS)

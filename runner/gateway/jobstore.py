@@ -431,13 +431,14 @@ class JobStore(StateFile):
 
     # --- hooks ---
 
-    def due_hook_events(self, limit: int, busy: Collection[tuple[str, str]]) -> list[outbox.HookEvent]:
-        """Deliveries due now, each the oldest of its (job, hook) pair, none of a `busy` pair."""
-        return self._reading(outbox.due, self._clock(), limit, busy)
-
-    def next_hook_attempt(self) -> float | None:
-        """When the next delivery not yet due is (wall-clock seconds), or None."""
-        return self._reading(outbox.next_attempt_after, self._clock())
+    def hook_schedule(self, limit: int, busy: Collection[tuple[str, str]]
+                      ) -> tuple[list[outbox.HookEvent], float | None]:
+        """Up to `limit` deliveries due now, each the oldest of its (job, hook) pair, none of a
+        `busy` pair; and when the next one not yet due is (wall-clock seconds, or None). Both are
+        judged at the same moment, so a delivery that falls due in between is in one of them."""
+        now = self._clock()
+        due = self._reading(outbox.due, now, limit, busy) if limit > 0 else []
+        return due, self._reading(outbox.next_attempt_after, now)
 
     def hook_done(self, seq: int) -> None:
         """A delivery made, or given up: the next one of its pair becomes due."""

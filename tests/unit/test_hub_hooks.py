@@ -262,15 +262,38 @@ def test_a_state_change_and_its_deliveries_are_one_transaction(tmp_path: Path) -
     with JobStore.open(tmp_path, announce=lambda job: [("https://a.example/h", job.state.encode())]) as store:
         assert store.visible(new_job().owner_keys, limit=10) == []   # no job without its deliveries
         job = store.submit(new_job())
-        (event,) = store.due_hook_events(10, ())
+        (event,), _ = store.hook_schedule(10, ())
         assert (event.job_id, event.hook, event.body) == (job.id, "https://a.example/h", b"queued")
+
+
+def test_a_retry_falling_due_while_the_outbox_is_read_is_still_scheduled(tmp_path: Path) -> None:
+    """The deliverer sleeps until the next attempt the outbox names: a retry that falls due between
+    reading what is due and reading when the next one is must be in one of the two answers, or it
+    waits for an unrelated wakeup (a minute) while its receiver is ready."""
+    now = [1000.0]
+
+    def clock() -> float:
+        now[0] += 0.05  # every look at the clock is a little later, as on a loaded machine
+        return now[0]
+
+    announce = lambda job: [("https://a.example/h", job.state.encode())]  # noqa: E731
+    with JobStore.open(tmp_path, announce=announce, clock=clock) as store:
+        store.submit(new_job())
+        (event,), _ = store.hook_schedule(10, ())
+        # Due after the next look at the clock and before the one after it.
+        retry = now[0] + 0.07
+        store.hook_retry_at(event.seq, retry)
+        due, next_at = store.hook_schedule(10, ())
+        assert (due, next_at) == ([], retry)
+        due, next_at = store.hook_schedule(10, ())
+        assert [e.seq for e in due] == [event.seq]
 
 
 def test_a_job_store_of_the_first_schema_gains_the_outbox(tmp_path: Path) -> None:
     open_database(tmp_path / DB_FILENAME, MIGRATIONS[:1], what="hub job store", holds="API jobs").close()
     with JobStore.open(tmp_path) as store:
         assert store.schema_version() == len(MIGRATIONS)
-        assert store.due_hook_events(10, ()) == []
+        assert store.hook_schedule(10, ()) == ([], None)
 
 
 def config_text(hooks: str) -> str:
