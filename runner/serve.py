@@ -21,7 +21,7 @@ from runner.localqueue.server import LocalQueueServer
 from runner.logging_setup import get_logger
 from runner.policy import Policy
 from runner.sources.api.client import HubClient
-from runner.sources.api.publish import HubPublisher, hub_pages
+from runner.sources.api.publish import HubPublisher, hub_pages, hub_public_url
 from runner.sources.api.published import PublishedState
 from runner.sources.api.source import serve_api
 from runner.sources.buildkite.source import BuildkiteSource
@@ -71,14 +71,15 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
             publisher = HubPublisher(HubClient.from_files(config.api.hub_url, config.api.hub_token_file),
                                      source_states.enter_context(PublishedState.open(config.state_dir)),
                                      cluster=config.api.cluster, job=agent.job,
-                                     log_path=agent.driver.log_path, policy=lambda: agent.policy)
+                                     log_path=agent.driver.log_path, policy=lambda: agent.policy,
+                                     cancel=agent.cancel_from_hub)
             publisher.attach(agent.admissions, agent.driver)
-            if github_config is not None:
-                github_config = hub_pages(github_config, config.api.hub_url)
         # Before the socket announces the agent: a SIGTERM from then on must drain, not kill it.
         agent.install_signal_handlers()
         await server.start()
         agent.start()
+        if publisher is not None and github_config is not None:
+            github_config = hub_pages(github_config, await hub_public_url(publisher.client))
         sources: list[asyncio.Task[None]] = []
         if config.buildkite is not None:
             state = source_states.enter_context(BuildkiteState.open(config.state_dir))
@@ -90,7 +91,7 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
             sources.append(asyncio.create_task(github))
         if config.api is not None:
             api = serve_api(config.api, agent, state_dir=config.state_dir, issuers=config.oidc,
-                            slots=config.max_jobs)
+                            slots=config.max_jobs, github=config.github)
             sources.append(asyncio.create_task(api))
         if ready is not None:
             ready()

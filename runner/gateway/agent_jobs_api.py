@@ -40,8 +40,9 @@ def job_changed(job_id: str) -> str:
 
 class AgentJobsApi:
     def __init__(self, *, jobs: StateThread[JobStore], wakeups: Wakeups, polls: LongPolls,
-                 agent_of: Callable[[web.Request], str | None]) -> None:
+                 agent_of: Callable[[web.Request], str | None], public_url: str | None) -> None:
         self._jobs = jobs
+        self._public_url = public_url
         self._wakeups = wakeups
         self._polls = polls
         self._agent_of = agent_of
@@ -50,7 +51,7 @@ class AgentJobsApi:
         routes: tuple[tuple[str, str, AgentHandler], ...] = (
             ("POST", protocol.AGENT_LEASE_PATH, self._lease), ("GET", _JOB_ROUTE, self._show),
             ("PUT", _JOB_ROUTE, self._register), ("POST", f"{_JOB_ROUTE}/state", self._state),
-            ("POST", f"{_JOB_ROUTE}/log", self._log))
+            ("POST", f"{_JOB_ROUTE}/log", self._log), ("GET", protocol.AGENT_HUB_PATH, self._hub))
         for method, path, handler in routes:
             app.router.add_route(method, path, self._as_agent(handler))
 
@@ -62,6 +63,9 @@ class AgentJobsApi:
                 return agent_unauthorized()
             return await handler(request, agent)
         return authenticated
+
+    async def _hub(self, request: web.Request, agent: str) -> web.Response:
+        return web.json_response(protocol.hub_info(self._public_url))
 
     async def _lease(self, request: web.Request, agent: str) -> web.Response:
         try:

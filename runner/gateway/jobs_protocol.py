@@ -19,6 +19,7 @@ Agents (authenticated by their agent token, as for webhook leases):
     GET  /api/v1/agent/jobs/ID                       -> 200 <agent view>
     POST /api/v1/agent/jobs/ID/state   <state body>  -> 200 <agent view>
     POST /api/v1/agent/jobs/ID/log?offset=N  raw bytes -> 200 {"length"} | 409 {"error", "length"}
+    GET  /api/v1/agent/hub                           -> 200 {"public_url": URL | null}
 
 where <agent view> is {"id", "state", "cancel_requested", "log_length"}.
 
@@ -48,6 +49,9 @@ from runner.spec import NAME_PATTERN, parse_job_mapping
 JOBS_PATH = "/api/v1/jobs"
 AGENT_JOBS_PATH = "/api/v1/agent/jobs"
 AGENT_LEASE_PATH = f"{AGENT_JOBS_PATH}/lease"
+# Where an agent learns the hub's public address, for the links it gives out (a GitHub check
+# run's "details"): the agent may reach the hub by another address than its users do.
+AGENT_HUB_PATH = "/api/v1/agent/hub"
 JOB_PAGE_PATH = "/jobs"               # public_url + /jobs/ID: the job's page, its `url`
 
 # A job table is a few kilobytes; its script may be up to 256 KiB, which JSON may write in up to
@@ -106,6 +110,22 @@ def agent_log_path(job_id: str) -> str:
 
 def job_url(public_url: str, job_id: str) -> str:
     return f"{public_url.rstrip('/')}{JOB_PAGE_PATH}/{_checked_id(job_id)}"
+
+
+def hub_info(public_url: str | None) -> dict[str, Any]:
+    """The answer of AGENT_HUB_PATH."""
+    return {"public_url": public_url}
+
+
+def parse_hub_info(data: object) -> str | None:
+    """The hub's public URL from an AGENT_HUB_PATH answer (None: the hub serves no jobs API);
+    ValueError naming what is wrong."""
+    url = data.get("public_url") if isinstance(data, dict) else ""
+    if url is None:
+        return None
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")) or len(url) > 2048:
+        raise ValueError("the hub's answer has no http(s) public_url")
+    return url
 
 
 def _checked_id(job_id: str) -> str:

@@ -109,8 +109,8 @@ class GatewayServer:
         app.router.add_post(
             f"{protocol.LEASES_PATH}/{{lease_id:{protocol.LEASE_ID_PATTERN}}}/{{action:extend|ack|release}}",
             self._lease_action)
-        AgentJobsApi(jobs=self._jobs_thread, wakeups=self._wakeups, polls=self._polls,
-                     agent_of=self._agent).add_routes(app)
+        AgentJobsApi(jobs=self._jobs_thread, wakeups=self._wakeups, polls=self._polls, agent_of=self._agent,
+                     public_url=None if self._jobs_api is None else self._jobs_api.public_url).add_routes(app)
         if self._jobs_api is not None:
             JobsApi(jobs=self._jobs_thread, wakeups=self._wakeups, authenticate=self._jobs_api.authenticate,
                     public_url=self._jobs_api.public_url).add_routes(app)

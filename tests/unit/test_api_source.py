@@ -21,7 +21,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import TEST_IMAGE_NAME, image_table, policy_document, toml_table, wait_until
+from conftest import TEST_IMAGE_NAME, git, image_table, policy_document, toml_table, wait_until
+from fakes.github_api import GitHubEmulator
 from fakes.oidc_issuer import OidcIssuerEmulator
 from structlog.testing import capture_logs
 
@@ -39,15 +40,19 @@ from runner.oidc.issuers import OidcIssuer
 from runner.oidc.verify import TokenVerifier
 from runner.site_policy import load_site_policy
 from runner.sources import JobHost
+from runner.sources.api.checkout import AppCheckoutTokens
 from runner.sources.api.client import HubClient
 from runner.sources.api.source import ApiSource
 from runner.sources.api.state import ApiState
+from runner.sources.github.appauth import AppAuth
+from runner.sources.github.client import GitHubClient
 from runner.store import Store
 
 from .buildkite_host import FakeHost, host_policy
 from .github_site import GitRepo
 from .oidc_trust import AUDIENCE, trusted
 from .test_agent import SHA256, FakeExecutor, fake_prepare
+from .test_github_checkout import GitServer
 
 AGENT_TOKEN = "agent-a-0123456789abcdef0123456789abcdef"
 REPOSITORY = "octo-org/octo-repo"
@@ -149,7 +154,7 @@ class Site:
 
     def start_source(self, *, issuers: list[OidcIssuer] | None = None, max_queue_age: int = 3600,
                      host: JobHost | None = None, state_dir: Path | None = None,
-                     checkout_url: str | None = None) -> Running:
+                     checkout_url: str | None = None, tokens: AppCheckoutTokens | None = None) -> Running:
         """The API source for `host` (by default the site's stand-in agent), its state in `state_dir`,
         trusting `issuers` (by default the emulator)."""
         host = host or self.host
@@ -163,7 +168,7 @@ class Site:
         source = ApiSource(config, host, client=client, state=state,
                            verifier=TokenVerifier(issuers if issuers is not None
                                                   else [trusted(self.issuer, self.kind)]),
-                           slots=4, cancel_interval=0.02)
+                           slots=4, cancel_interval=0.02, tokens=tokens)
         running = Running(source, asyncio.create_task(source.serve()))
         self.running.append(running)
         return running
@@ -254,6 +259,52 @@ async def test_a_job_without_a_repository_runs_in_an_empty_workspace(tmp_path: P
         log = await site.log(job_id)
         assert b"submitted as idp:user:alice" in log
         assert b"no repository (an empty workspace)" in log and b"checking out" not in log
+
+
+@contextlib.asynccontextmanager
+async def private_repository(site: Site, *, installed: bool = True) -> AsyncIterator[GitServer]:
+    """The site's repository private on a GitHub (the REST emulator, with the App installed on it or
+    not) that serves git only to the App's installation tokens, and the API source started with
+    `checkout_url` on it."""
+    async with GitHubEmulator() as github:
+        github.add_repository(REPOSITORY, installation=1 if installed else None, private=True)
+        git("update-server-info", cwd=site.repo.bare)
+        server = GitServer(site.root / "repos", accepts=github.tokens.__contains__)
+        await server.start()
+        try:
+            auth = AppAuth(github.app_id, github.app_private_key_pem)
+            tokens = AppCheckoutTokens(auth, GitHubClient(site.http, api_url=github.url, auth=auth),
+                                       api_url=github.url)
+            # Git is served on the GitHub's own host (127.0.0.1), so the App's token goes to it.
+            site.start_source(checkout_url=f"{server.base}/{{repository}}.git", tokens=tokens)
+            yield server
+        finally:
+            await server.close()
+
+
+async def test_a_private_repository_is_checked_out_with_the_github_apps_token(site: Site) -> None:
+    async with private_repository(site) as server:
+        job_id = await site.submit(cluster=CLUSTER)
+        view = await site.ended(job_id)
+
+    assert view["state"] == "succeeded", view
+    [record] = site.host.store.list_jobs()
+    workspace = site.host.root / "work" / record.id / "workspace"
+    assert (workspace / "data.txt").read_text() == "from the repository\n"
+    assert server.authorizations and all(server.authorizations)
+    log = await site.log(job_id)
+    assert b"x-access-token" not in log and b"ghs_" not in log
+
+
+async def test_a_private_repository_the_app_is_not_installed_on_fails_saying_why(site: Site) -> None:
+    async with private_repository(site, installed=False):
+        job_id = await site.submit(cluster=CLUSTER)
+        view = await site.ended(job_id)
+
+    assert view["state"] == "infra_failed", view
+    log = await site.log(job_id)
+    assert f"hpc-runner: the GitHub App has no token for {REPOSITORY}".encode() in log
+    assert b"checking out without credentials" in log and b"could not fetch commit" in log
 
 
 # -- what the policy decides ------------------------------------------------------------------

@@ -7,14 +7,8 @@ from typing import Any
 import pytest
 
 from runner.identity import Identity
-from runner.sources.buildkite.confirm import (
-    NotConfirmed,
-    PullRequestClaim,
-    check_pull,
-    github_repository,
-    github_web_host,
-    pull_request_claim,
-)
+from runner.sources.buildkite.confirm import NotConfirmed, PullRequestClaim, check_pull, pull_request_claim
+from runner.sources.github.repository_urls import github_repository, github_web_host
 
 HEAD = "a" * 40
 BUILD = Identity(source="buildkite", organization="clima", pipeline="atmos", event="pull_request",

@@ -9,7 +9,7 @@ or on the command line.
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -24,9 +24,14 @@ TOKEN = "ghs_12345_" + "x" * 500        # the stateless format: long and opaque
 
 
 class GitServer:
-    def __init__(self, root: Path) -> None:
+    """Serves the bare repositories under `root` over git's dumb HTTP protocol, to a request whose
+    Basic credentials are `x-access-token:T` for a token T that `accepts` (by default TOKEN alone)."""
+
+    def __init__(self, root: Path, accepts: Callable[[str], bool] = TOKEN.__eq__) -> None:
         self.root = root
+        self.accepts = accepts
         self.authorizations: list[str | None] = []
+        self.base = ""
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -37,7 +42,8 @@ class GitServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/origin.git"
+        self.base = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self.url = f"{self.base}/origin.git"
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -46,14 +52,21 @@ class GitServer:
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         header = request.headers.get("Authorization")
         self.authorizations.append(header)
-        expected = "Basic " + base64.b64encode(f"x-access-token:{TOKEN}".encode()).decode()
-        if header != expected:
+        if not self._authorized(header):
             return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="GitHub"'})
         path = (self.root / request.match_info["tail"]).resolve()
         if not path.is_file() or self.root.resolve() not in path.parents:
             return web.Response(status=404)
         # Plain files: git falls back to the dumb HTTP protocol.
         return web.Response(body=path.read_bytes(), content_type="application/octet-stream")
+
+    def _authorized(self, header: str | None) -> bool:
+        scheme, _, encoded = (header or "").partition(" ")
+        try:
+            user, _, token = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except ValueError:
+            return False
+        return scheme == "Basic" and user == "x-access-token" and self.accepts(token)
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from runner.lifecycle.prepare import job_dir
 from runner.oidc.verify import TokenVerifier
 from runner.site_policy import load_site_policy
 from runner.sources.api.client import HubClient
-from runner.sources.api.publish import HubPublisher, hub_page_template, hub_pages
+from runner.sources.api.publish import HubPublisher, hub_page_template, hub_pages, hub_public_url
 from runner.sources.api.published import PublishedState
 from runner.store import Store
 
@@ -101,7 +101,8 @@ class Node:
         state = PublishedState.open(self.config.state_dir)
         self.parts = [client, state, store]
         self.publisher = HubPublisher(client, state, cluster=CLUSTER, job=agent.job,
-                                      log_path=agent.driver.log_path, policy=lambda: agent.policy)
+                                      log_path=agent.driver.log_path, policy=lambda: agent.policy,
+                                      cancel=agent.cancel_from_hub, cancel_interval=0.02)
         self.publisher.attach(agent.admissions, agent.driver)
         agent.start()
         self.agent = agent
@@ -247,6 +248,32 @@ async def test_jobs_of_the_api_source_are_left_to_it(hub: Hub, node: Node) -> No
     assert [published.hub_id for published in node.publisher.state.open_jobs()] == [record.id]
 
 
+async def test_a_job_cancelled_at_the_hub_is_cancelled_here(hub: Hub, node: Node) -> None:
+    agent = node.start()
+    record = await node.submit()
+    await wait_until(lambda: record.id in node.executor.started, "the job to start")
+    await wait_until(lambda: (hub.job(record.id)[0] or record).state == "running", "running at the hub")
+
+    with JobStore.open(hub.state_dir) as store:       # as DELETE /api/v1/jobs/ID asks it
+        store.request_cancel(record.id)
+
+    held, _ = await ended_at_hub(hub, record.id)
+    assert held.state == "cancelled" and node.state(record.id) == JobState.cancelled
+    assert [entry.actor for entry in agent.store.audit_entries(job_id=record.id)
+            if entry.action == "cancel"] == ["the hub"]
+
+
+async def test_a_job_that_ends_before_its_cancel_is_asked_is_not_cancelled(hub: Hub, node: Node) -> None:
+    node.start()
+    record = await node.submit()
+    await wait_until(lambda: record.id in node.executor.started, "the job to start")
+    node.executor.release(record.id)
+    held, _ = await ended_at_hub(hub, record.id)
+    with JobStore.open(hub.state_dir) as store:
+        assert store.request_cancel(record.id).state == "succeeded"
+    assert held.state == "succeeded" and node.state(record.id) == JobState.succeeded
+
+
 # -- GitHub: the "details" link -------------------------------------------------------------------
 
 
@@ -272,3 +299,20 @@ def test_with_a_hub_only_the_details_link_changes(tmp_path: Path) -> None:
     config = GithubConfig(app_id=1, private_key_file=tmp_path / "key.pem", repositories=(REPO,),
                           log_url="https://ci.example.org/jobs/{id}")
     assert hub_pages(config, PUBLIC_URL + "/") == replace(config, log_url=f"{PUBLIC_URL}/jobs/{{id}}")
+
+
+async def test_the_details_link_names_the_address_the_hubs_users_reach_it_at(hub: Hub) -> None:
+    # The agent reaches the hub on loopback; its users at its [hub] public_url.
+    async with HubClient(hub.url, AGENT_TOKEN) as client:
+        assert await hub_public_url(client) == PUBLIC_URL
+
+
+async def test_a_hub_that_does_not_say_its_address_leaves_the_agents_own(hub: Hub) -> None:
+    await hub.stop()
+    async with HubClient(hub.url, AGENT_TOKEN, retry_initial=0.02) as client:
+        with capture_logs() as logs:
+            assert await hub_public_url(client, wait=0.3) == hub.url
+    assert any(entry["event"].startswith("the hub did not say its public address") for entry in logs)
+    async with HubClient(hub.url, "agent-b-not-a-token-the-hub-knows-0123456789") as client:
+        await hub.start()
+        assert await hub_public_url(client, wait=5) == hub.url

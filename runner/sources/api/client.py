@@ -7,6 +7,7 @@ own `jobs_protocol`, so both sides agree by construction).
     length = await client.append_log(lease.id, 0, b"...")        # the hub's log length afterwards
     view = await client.show(lease.id)                           # state, cancel_requested, log_length
     await client.register(job_id, registration_body(...))         # a job of another source
+    url = await client.public_url()                              # where users reach the hub
 
 The hub is trusted for nothing but handing out jobs and keeping what the agent publishes: the
 token it forwards is verified here (`confirm`). Failures come in three kinds, the first two shared
@@ -164,6 +165,15 @@ class HubClient(SessionHolder):
         if isinstance(length, bool) or not isinstance(length, int):
             raise GatewayError(f"hub {self.url}: a log append was answered without the log's length")
         return length
+
+    async def public_url(self) -> str | None:
+        """The address the hub's users reach it at (None: the hub serves no jobs API)."""
+        status, _, body = await self._request("GET", protocol.AGENT_HUB_PATH)
+        self._check(status, body)
+        try:
+            return protocol.parse_hub_info(_json(body))
+        except ValueError as exc:
+            raise GatewayError(f"hub {self.url}: {exc}") from None
 
     # --- plumbing ---
 

@@ -11,7 +11,9 @@ it
    the identity its source verified, the agent's cluster, the repository and commit where the
    identity names them), a registration repeated after a restart being harmless;
 3. publishes its states and its log through the API source's `HubReport`, from the length of the
-   log the hub holds, until the job ends; then the rest of the log and its final state.
+   log the hub holds, until the job ends; then the rest of the log and its final state. Meanwhile
+   it asks the hub whether the job's cancel was asked for there (`DELETE /api/v1/jobs/ID` by
+   someone the hub lets cancel it), and cancels the job here if so.
 
 A hub out of reach is tried again with a growing pause (the job runs on meanwhile); a restarted
 agent carries on with every job whose final state the hub lacks. Jobs of the API source are its
@@ -21,6 +23,7 @@ own to publish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -37,35 +40,58 @@ from runner.logs.tail import pump
 from runner.policy import Policy
 from runner.sources.api.client import HubClient, HubRefused
 from runner.sources.api.published import PublishedJob, PublishedState
-from runner.sources.api.report import HubReport
+from runner.sources.api.report import CANCEL_POLL_SECONDS, HubReport
 from runner.sources.api.translate import SOURCE as API_SOURCE
+from runner.sources.github.gateway_client import GatewayAuthError
 from runner.spec import spec_from_json
 from runner.tasks import TaskSet
 
 log = get_logger("runner.sources.api")
 
 
-def hub_page_template(hub_url: str) -> str:
+# How long a starting agent waits for the hub to say its public address before it links to its
+# own `hub_url` instead (the hub out of reach must not hold up the agent's sources).
+PUBLIC_URL_WAIT_SECONDS = 10.0
+
+
+def hub_page_template(public_url: str) -> str:
     """The hub's page of a job as a `log_url` ("{id}": the agent's own job id, under which the
     publisher registers every job): the hub's `job_url`."""
-    return f"{hub_url.rstrip('/')}{JOB_PAGE_PATH}/{{id}}"
+    return f"{public_url.rstrip('/')}{JOB_PAGE_PATH}/{{id}}"
 
 
-def hub_pages(github: GithubConfig, hub_url: str) -> GithubConfig:
+def hub_pages(github: GithubConfig, public_url: str) -> GithubConfig:
     """The GitHub source's settings with its check runs' "details" link on the hub's page of each job."""
-    return dataclasses.replace(github, log_url=hub_page_template(hub_url))
+    return dataclasses.replace(github, log_url=hub_page_template(public_url))
+
+
+async def hub_public_url(client: HubClient, *, wait: float = PUBLIC_URL_WAIT_SECONDS) -> str:
+    """Where the hub's users reach it (its `[hub] public_url`), which may not be the address this
+    agent reaches it by; the agent's `hub_url` when the hub has none or does not say within `wait`."""
+    try:
+        async with asyncio.timeout(wait):
+            public_url = await client.retrying(client.public_url, "the hub's public address")
+    except (TimeoutError, GatewayAuthError, HubRefused) as exc:
+        log.warning("the hub did not say its public address; job links name the agent's hub_url",
+                    hub_url=client.url, error=str(exc) or type(exc).__name__)
+        return client.url
+    return public_url or client.url
 
 
 class HubPublisher:
     """Publishes every job of this agent but the API source's to the hub (see the module docstring).
 
     `job` reads the agent's record of a job, `log_path` where its log is, `policy` the policy now
-    in force (for the account's admins the hub is told of)."""
+    in force (for the account's admins the hub is told of), `cancel` cancels a job whose cancel
+    was asked for at the hub (asked every `cancel_interval` seconds while the job runs)."""
 
     def __init__(self, client: HubClient, state: PublishedState, *, cluster: str,
                  job: Callable[[str], JobRecord | None], log_path: Callable[[JobRecord], Path],
-                 policy: Callable[[], Policy]) -> None:
+                 policy: Callable[[], Policy], cancel: Callable[[str], None],
+                 cancel_interval: float = CANCEL_POLL_SECONDS) -> None:
         self.client = client
+        self._cancel = cancel
+        self.cancel_interval = cancel_interval
         self.state = state
         self.cluster = cluster
         self._job = job
@@ -150,7 +176,15 @@ class HubPublisher:
         else:
             report.on_change(record)            # where the job is now; what follows, as it changes
         self._reports[job.hub_id] = report
-        await pump(report.log_path, offset=report.acknowledged, done=ended.is_set, sink=report.sink)
+        asked = asyncio.Event()
+        watcher = asyncio.ensure_future(report.watch_cancel(asked, self.cancel_interval,
+                                                            lambda: self._cancel(job.hub_id)))
+        try:
+            await pump(report.log_path, offset=report.acknowledged, done=ended.is_set, sink=report.sink)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         record = self._job(job.hub_id) or record
         await report.conclude(Ended(record.state, record.exit_status, record.outcome_detail), record)
         self.state.close_job(job.hub_id)

@@ -36,6 +36,9 @@ from runner.sources.github.gateway_client import GatewayError
 
 log = get_logger("runner.sources.api")
 
+# How often the hub is asked whether a running job's cancel was asked for.
+CANCEL_POLL_SECONDS = 5.0
+
 # What one append carries at most when the hub lacks a stretch of the log (well under its limit).
 PIECE_BYTES = 1024 * 1024
 # How often the acknowledged offset is written to the state file while a job runs: the hub's own

@@ -28,7 +28,9 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from runner.config import FILE_DESCRIPTIONS, ApiConfig
+import aiohttp
+
+from runner.config import FILE_DESCRIPTIONS, ApiConfig, GithubConfig
 from runner.gateway.jobs_protocol import JobLease
 from runner.identity import Identity, identity_from_json
 from runner.job import JobState
@@ -38,21 +40,28 @@ from runner.oidc.issuers import OidcIssuer
 from runner.oidc.verify import TokenVerifier
 from runner.secrets import read_secret_file
 from runner.sources import Admission, Ended, JobHost
-from runner.sources.api.checkout import CheckoutFailed, check_out, clone_url, empty_workspace
+from runner.sources.api.checkout import (
+    AppCheckoutTokens,
+    CheckoutFailed,
+    NoAppToken,
+    check_out,
+    clone_url,
+    empty_workspace,
+)
 from runner.sources.api.client import HubClient, HubRefused
 from runner.sources.api.confirm import confirm
 from runner.sources.api.intake import Intake
-from runner.sources.api.report import HubReport, end_unrun
+from runner.sources.api.report import CANCEL_POLL_SECONDS, HubReport, end_unrun
 from runner.sources.api.state import ApiJob, ApiState, Phase
 from runner.sources.api.translate import SOURCE, job_spec, translate
 from runner.sources.checkout_failure import end_failed_checkout
+from runner.sources.github.appauth import AppAuth, load_private_key
+from runner.sources.github.client import GitHubClient
 from runner.sources.refusal import Refusal
 from runner.tasks import TaskSet
 
 log = get_logger("runner.sources.api")
 
-# How often the hub is asked whether a running job's cancel was asked for.
-CANCEL_POLL_SECONDS = 5.0
 CANCELLED_WAITING = "cancelled through the API before it started"
 
 CheckOut = Callable[..., Awaitable[str]]
@@ -72,7 +81,8 @@ class ApiSource:
 
     def __init__(self, config: ApiConfig, host: JobHost, *, client: HubClient, state: ApiState,
                  verifier: TokenVerifier, slots: int, clock: Callable[[], float] = time.time,
-                 cancel_interval: float = CANCEL_POLL_SECONDS, checkout_fn: CheckOut = check_out) -> None:
+                 cancel_interval: float = CANCEL_POLL_SECONDS, checkout_fn: CheckOut = check_out,
+                 tokens: AppCheckoutTokens | None = None) -> None:
         self.config = config
         self.host = host
         self.client = client
@@ -81,6 +91,7 @@ class ApiSource:
         self._clock = clock
         self.cancel_interval = cancel_interval
         self._checkout = checkout_fn
+        self.tokens = tokens
         self.background = TaskSet()
         self._following: set[str] = set()     # hub ids of the jobs being taken to their end
         self.intake = Intake(client, cluster=config.cluster, draining=host.draining,
@@ -231,9 +242,15 @@ class ApiSource:
         if job.clone_url is None or job.commit is None:
             await empty_workspace(workspace)
             return None
+        token = None
+        if self.tokens is not None:
+            try:
+                token = await self.tokens.for_url(job.clone_url)
+            except NoAppToken as exc:
+                self.host.note(job_id, f"hpc-runner: {exc}; checking out without credentials\n")
         self.host.note(job_id, f"hpc-runner: checking out {job.commit} of {job.repository}\n")
         try:
-            await self._checkout(job.clone_url, job.commit, workspace, ref=job.ref)
+            await self._checkout(job.clone_url, job.commit, workspace, ref=job.ref, token=token)
         except CheckoutFailed as exc:
             return end_failed_checkout(self.host, job_id, exc)
         return None
@@ -255,11 +272,18 @@ def check_api(config: ApiConfig) -> None:
 
 
 async def serve_api(config: ApiConfig, host: JobHost, *, state_dir: Path, issuers: tuple[OidcIssuer, ...],
-                    slots: int) -> None:
+                    slots: int, github: GithubConfig | None = None) -> None:
     """`hub_url` of `hpc-runner agent`: the hub's API jobs for `config.cluster`, verified against
-    `issuers` (the agent's own `[[oidc]]`), at most `slots` in flight, until the host drains."""
-    async with HubClient.from_files(config.hub_url, config.hub_token_file) as client:
+    `issuers` (the agent's own `[[oidc]]`), at most `slots` in flight, until the host drains; with
+    `github` (the agent's `[github]`), the App's tokens open the repositories it is installed on."""
+    async with HubClient.from_files(config.hub_url, config.hub_token_file) as client, \
+            aiohttp.ClientSession() as session:
+        tokens = None
+        if github is not None:
+            auth = AppAuth(github.app_id, load_private_key(github.private_key_file))
+            tokens = AppCheckoutTokens(auth, GitHubClient(session, api_url=github.api_url, auth=auth),
+                                       api_url=github.api_url)
         with ApiState.open(state_dir) as state:
             source = ApiSource(config, host, client=client, state=state, verifier=TokenVerifier(issuers),
-                               slots=slots)
+                               slots=slots, tokens=tokens)
             await source.serve()

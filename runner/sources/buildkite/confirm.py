@@ -12,18 +12,16 @@ the job's commit the pull request's head? A job whose claims GitHub contradicts 
 from __future__ import annotations
 
 import re
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from runner.identity import Identity
 from runner.sources.github.client import GitHubClient, GitHubHTTPError, api_path
+from runner.sources.github.repository_urls import github_repository
 from runner.sources.github.translate import is_fork
 from runner.sources.refusal import Refusal
 
-_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,100}")
-_SCP_LIKE = re.compile(r"(?:[^@/]+@)?(?P<host>[^:/]+):(?P<path>[^/].*)")
 _FULL_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
@@ -39,32 +37,6 @@ class PullRequestClaim:
     number: int
     commit: str       # BUILDKITE_COMMIT: a SHA, or HEAD
     fork: bool        # the identity's fork status
-
-
-def github_web_host(api_url: str) -> str:
-    """The host whose repositories `api_url` serves: github.com for api.github.com, else the
-    GitHub Enterprise Server's own host (its API is https://HOST/api/v3)."""
-    host = (urllib.parse.urlsplit(api_url).hostname or "").lower()
-    return "github.com" if host == "api.github.com" else host
-
-
-def github_repository(url: str, web_host: str) -> str | None:
-    """`OWNER/NAME` when the clone URL `url` names a repository on `web_host`, else None."""
-    text = url.strip()
-    if "://" in text:
-        parts = urllib.parse.urlsplit(text)
-        host, path = (parts.hostname or ""), parts.path
-    else:
-        match = _SCP_LIKE.fullmatch(text)
-        if match is None:
-            return None
-        host, path = match["host"], match["path"]
-    if host.lower() != web_host:
-        return None
-    segments = path.strip("/").removesuffix(".git").split("/")
-    if len(segments) != 2 or not all(_SEGMENT.fullmatch(s) and s.strip(".") for s in segments):
-        return None
-    return "/".join(segments)
 
 
 def pull_request_claim(env: Mapping[str, str], identity: Identity, web_host: str) -> PullRequestClaim | None:

@@ -54,12 +54,7 @@ from runner.sources import Admission, Ended, JobHost
 from runner.sources.buildkite import protocol
 from runner.sources.buildkite.checkout import CheckoutFailed, CommitNotOnRef, checkout
 from runner.sources.buildkite.client import AgentSession, ApiError
-from runner.sources.buildkite.confirm import (
-    NotConfirmed,
-    confirm_pull_request,
-    github_web_host,
-    pull_request_claim,
-)
+from runner.sources.buildkite.confirm import NotConfirmed, confirm_pull_request, pull_request_claim
 from runner.sources.buildkite.intake import finishing_part, job_problem
 from runner.sources.buildkite.protocol import FinishReport, RetryPolicy
 from runner.sources.buildkite.report import LogSettings, LogStreamer
@@ -69,6 +64,7 @@ from runner.sources.buildkite.state import AcceptedJob, BuildkiteState, JobMemor
 from runner.sources.buildkite.translate import JobRefused, Translated, translate
 from runner.sources.checkout_failure import end_failed_checkout
 from runner.sources.github.client import GitHubClient, GitHubError
+from runner.sources.github.repository_urls import github_web_host
 from runner.tasks import TaskSet, pause
 
 log = get_logger("runner.sources.buildkite")
