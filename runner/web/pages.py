@@ -1,0 +1,344 @@
+"""The dashboard's pages and their live parts, over any `JobBoard` (the hub's, an agent's).
+
+    GET  /                              the jobs the viewer may see (filters, pages)
+    GET  /rows?...                      the list's rows alone, for the page's live refresh
+    GET  /events/jobs                   server-sent events: `changed` whenever a job changed
+    GET  /jobs/ID                       a job: status, decision, resources, timing, its log's end
+    GET  /jobs/ID/events?offset=N&number=M   server-sent events: `lines` (HTML of the log's lines
+                                        from byte N, numbered from M), `status`, then `end`
+    GET  /jobs/ID/log/earlier?before=N&number=M   the lines before byte N, as JSON
+    GET  /jobs/ID/log/raw               the log's bytes, exactly as the job wrote them
+    POST /jobs/ID/cancel                (CSRF token) cancel it, for its submitter and its admins
+    GET  /static/DIGEST/NAME            the pages' own script and stylesheets
+
+A job the viewer may not see is 404, as one that does not exist. Who the viewer is comes from
+`viewer_of` (the login session at the hub, the peer's uid on an agent's socket); without one a
+page sends the browser to `login_path`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse, sse_response
+
+from runner.job import JOB_ID_PATTERN
+from runner.logging_setup import get_logger
+from runner.web.board import (
+    STATES,
+    JobBoard,
+    JobDetail,
+    ListQuery,
+    NotCancellable,
+    NotVisible,
+    Viewer,
+    parse_list_query,
+)
+from runner.web.logview import LineCounter, LogLine, LogLines, blocks_of, count_lines, lines_of
+from runner.web.render import render, render_lines, static_file
+from runner.web.security import no_store
+from runner.web.sessions import CSRF_FIELD, check_csrf, csrf_token
+
+log = get_logger("runner.web")
+
+ViewerOf = Callable[[web.Request], Awaitable[Viewer | None]]
+
+SOURCES = ("api", "github", "buildkite", "local")
+# What a job's page shows of its log at first: its end (as Buildkite shows a log's last 2 MB);
+# "Load earlier" brings the rest in pieces of the same size.
+TAIL_BYTES = 1024 * 1024
+EARLIER_BYTES = 1024 * 1024
+# How much of the log one event carries at most, and how much one read takes.
+READ_BYTES = 256 * 1024
+COUNT_READ_BYTES = 4 * 1024 * 1024
+# A quiet stream still says something this often, so proxies keep it open.
+HEARTBEAT_SECONDS = 15.0
+# The list refreshes at most this often, however busy the cluster.
+JOBS_EVENT_SECONDS = 1.0
+
+_ID = JOB_ID_PATTERN.pattern
+
+
+@dataclass(frozen=True)
+class LogView:
+    """The part of a log a page shows: bytes [start, end), lines first_number..next_number-1."""
+
+    start: int
+    end: int
+    first_number: int
+    next_number: int
+    lines: list[LogLine]
+
+
+class LineNumbers:
+    """How many lines a log holds before a byte offset at a line's start, counted once per job and
+    offset (a log only grows), for the views that start partway."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self._known: OrderedDict[str, tuple[int, int]] = OrderedDict()   # job -> (offset, lines)
+        self._capacity = capacity
+
+    async def before(self, board: JobBoard, viewer: Viewer, job_id: str, offset: int) -> int:
+        known_offset, known_lines = self._known.get(job_id, (0, 0))
+        if known_offset > offset:
+            known_offset, known_lines = 0, 0
+        counter = LineCounter()
+        counter.lines = known_lines
+        position = known_offset
+        while position < offset:
+            chunk = await board.read_log(viewer, job_id, position, min(COUNT_READ_BYTES, offset - position))
+            if not chunk:
+                break
+            counter.feed(chunk)
+            position += len(chunk)
+        self._known[job_id] = (position, counter.lines)
+        self._known.move_to_end(job_id)
+        while len(self._known) > self._capacity:
+            self._known.popitem(last=False)
+        return counter.lines
+
+
+class Dashboard:
+    def __init__(self, board: JobBoard, viewer_of: ViewerOf, *, site_name: str,
+                 login_path: str | None = None, logout: bool = False) -> None:
+        self.board = board
+        self._viewer_of = viewer_of
+        self.site_name = site_name
+        self._login_path = login_path
+        self._logout = logout
+        self._numbers = LineNumbers()
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/", self._jobs)
+        app.router.add_get("/rows", self._rows)
+        app.router.add_get("/events/jobs", self._jobs_events)
+        app.router.add_get(f"/jobs/{{job_id:{_ID}}}", self._job)
+        app.router.add_get(f"/jobs/{{job_id:{_ID}}}/events", self._job_events)
+        app.router.add_get(f"/jobs/{{job_id:{_ID}}}/log/earlier", self._earlier)
+        app.router.add_get(f"/jobs/{{job_id:{_ID}}}/log/raw", self._raw)
+        app.router.add_post(f"/jobs/{{job_id:{_ID}}}/cancel", self._cancel)
+        app.router.add_get("/static/{digest:[0-9a-f]{16}}/{name}", self._static)
+
+    # ---------------------------------------------------------------------------- who looks
+
+    async def _viewer(self, request: web.Request) -> Viewer:
+        viewer = await self._viewer_of(request)
+        if viewer is not None:
+            return viewer
+        if self._login_path is not None and request.method == "GET" and "text/html" in request.headers.get(
+                "Accept", "text/html"):
+            target = urllib.parse.urlencode({"next": request.path_qs})
+            raise web.HTTPFound(f"{self._login_path}?{target}")
+        raise web.HTTPUnauthorized(text="log in to see jobs\n")
+
+    async def _page(self, request: web.Request, viewer: Viewer, template: str,
+                    **context: object) -> web.Response:
+        text = render(template, viewer=viewer, site_name=self.site_name, logout=self._logout,
+                      csrf=await csrf_token(request), **context)
+        return no_store(web.Response(text=text, content_type="text/html"))
+
+    # ---------------------------------------------------------------------------- the list
+
+    async def _query(self, request: web.Request) -> ListQuery:
+        try:
+            return parse_list_query({key: request.query.getall(key) for key in request.query})
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=f"{exc}\n") from None
+
+    async def _jobs(self, request: web.Request) -> web.Response:
+        viewer = await self._viewer(request)
+        query = await self._query(request)
+        page = await self.board.page(viewer, query)
+        return await self._page(request, viewer, "jobs.html", **self._list_context(request, query, page))
+
+    async def _rows(self, request: web.Request) -> web.Response:
+        viewer = await self._viewer(request)
+        query = await self._query(request)
+        page = await self.board.page(viewer, query)
+        text = render("rows.html", **self._list_context(request, query, page))
+        return no_store(web.Response(text=text, content_type="text/html"))
+
+    def _list_context(self, request: web.Request, query: ListQuery, page: object) -> dict[str, object]:
+        params = [(key, value) for key, value in request.query.items() if key != "before"]
+        next_before = getattr(page, "next_before", None)
+        older = urllib.parse.urlencode([*params, ("before", next_before or "")])
+        filtered = bool(query.states or query.account or query.source or query.text)
+        return {"page": page, "query": query, "states": STATES, "sources": SOURCES,
+                "accounts": getattr(page, "accounts", ()), "filtered": filtered, "older_url": f"/?{older}",
+                "rows_url": f"/rows?{request.query_string}", "events_url": "/events/jobs"}
+
+    async def _jobs_events(self, request: web.Request) -> web.StreamResponse:
+        await self._viewer(request)
+        async with _events(request) as stream:
+            while True:
+                await self.board.wait_for_jobs(HEARTBEAT_SECONDS)
+                await stream.send("", event="changed")
+                # However many jobs change meanwhile, the page reloads its rows once.
+                await asyncio.sleep(JOBS_EVENT_SECONDS)
+        return stream
+
+    # ---------------------------------------------------------------------------- one job
+
+    async def _detail(self, viewer: Viewer, job_id: str) -> JobDetail:
+        try:
+            return await self.board.detail(viewer, job_id)
+        except NotVisible:
+            raise web.HTTPNotFound(text=f"no job {job_id} that you may see\n") from None
+
+    async def _job(self, request: web.Request) -> web.Response:
+        viewer = await self._viewer(request)
+        job_id = request.match_info["job_id"]
+        job = await self._detail(viewer, job_id)
+        view = await self._tail(viewer, job)
+        return await self._page(
+            request, viewer, "job.html", job=job, view=view, blocks=blocks_of(view.lines),
+            events_url=f"/jobs/{job_id}/events", earlier_url=f"/jobs/{job_id}/log/earlier",
+            raw_url=f"/jobs/{job_id}/log/raw")
+
+    async def _tail(self, viewer: Viewer, job: JobDetail) -> LogView:
+        """The end of the log, from a line's start, numbered as in the whole log."""
+        job_id, length = job.card.id, job.log_length
+        start = max(0, length - TAIL_BYTES)
+        data = await self._read(viewer, job_id, max(0, start - 1), length - max(0, start - 1))
+        if start > 0:
+            # From the first line that starts in the tail.
+            cut = data.find(b"\n")
+            data = data[cut + 1:] if cut >= 0 else b""
+            start = length - len(data)
+        first = await self._numbers.before(self.board, viewer, job_id, start) + 1
+        reader = LogLines(first_number=first, offset=start)
+        lines = reader.feed(data) + (reader.flush() if job.ended else [])
+        return LogView(start, reader.consumed, first, reader.next_number, lines)
+
+    async def _read(self, viewer: Viewer, job_id: str, offset: int, size: int) -> bytes:
+        parts: list[bytes] = []
+        while size > 0:
+            chunk = await self.board.read_log(viewer, job_id, offset, min(size, COUNT_READ_BYTES))
+            if not chunk:
+                break
+            parts.append(chunk)
+            offset += len(chunk)
+            size -= len(chunk)
+        return b"".join(parts)
+
+    async def _job_events(self, request: web.Request) -> web.StreamResponse:
+        viewer = await self._viewer(request)
+        job_id = request.match_info["job_id"]
+        offset = _whole(request.query.get("offset"), "offset")
+        number = max(1, _whole(request.query.get("number"), "number"))
+        job = await self._detail(viewer, job_id)
+        reader = LogLines(first_number=number, offset=offset)
+        position = offset
+        state = (job.card.state, job.card.state_reason, job.card.slurm_job_id)
+        async with _events(request) as stream:
+            while True:
+                chunk = await self.board.read_log(viewer, job_id, position, READ_BYTES)
+                if chunk:
+                    position += len(chunk)
+                    lines = reader.feed(chunk)
+                    if lines:
+                        await stream.send(_lines_event(lines, reader), event="lines")
+                    continue
+                job = await self._detail(viewer, job_id)
+                now = (job.card.state, job.card.state_reason, job.card.slurm_job_id)
+                if now != state:
+                    state = now
+                    status = render("status.html", job=job, csrf=await csrf_token(request))
+                    await stream.send(status, event="status")
+                if job.ended and position >= job.log_length:
+                    last = reader.flush()
+                    if last:
+                        await stream.send(_lines_event(last, reader), event="lines")
+                    await stream.send("", event="end")
+                    break
+                await self.board.wait_for_log(job_id, position, HEARTBEAT_SECONDS)
+        return stream
+
+    async def _earlier(self, request: web.Request) -> web.Response:
+        viewer = await self._viewer(request)
+        job_id = request.match_info["job_id"]
+        before = _whole(request.query.get("before"), "before")
+        number = max(1, _whole(request.query.get("number"), "number"))
+        await self._detail(viewer, job_id)
+        start = max(0, before - EARLIER_BYTES)
+        data = await self._read(viewer, job_id, max(0, start - 1), before - max(0, start - 1))
+        if start > 0:
+            cut = data.find(b"\n")
+            data = data[cut + 1:] if cut >= 0 else b""
+            start = before - len(data)
+        first = number - count_lines([data])
+        lines = lines_of(data, first_number=first, offset=start, final=False)
+        answer = {"html": render_lines(lines), "start": start, "first_number": first}
+        return no_store(web.json_response(answer))
+
+    async def _raw(self, request: web.Request) -> web.StreamResponse:
+        viewer = await self._viewer(request)
+        job_id = request.match_info["job_id"]
+        job = await self._detail(viewer, job_id)
+        response = web.StreamResponse(headers={
+            "Content-Type": "application/octet-stream", "Content-Length": str(job.log_length),
+            "Content-Disposition": f'attachment; filename="{job_id}.log"'})
+        no_store(response)
+        await response.prepare(request)
+        position = 0
+        while position < job.log_length:
+            chunk = await self.board.read_log(viewer, job_id, position,
+                                              min(COUNT_READ_BYTES, job.log_length - position))
+            if not chunk:
+                break
+            await response.write(chunk)
+            position += len(chunk)
+        await response.write_eof()
+        return response
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        viewer = await self._viewer(request)
+        job_id = request.match_info["job_id"]
+        form = await request.post()
+        submitted = form.get(CSRF_FIELD)
+        await check_csrf(request, submitted if isinstance(submitted, str) else None)
+        try:
+            await self.board.cancel(viewer, job_id)
+        except NotVisible:
+            raise web.HTTPNotFound(text=f"no job {job_id} that you may see\n") from None
+        except NotCancellable as exc:
+            raise web.HTTPForbidden(text=f"{exc}\n") from None
+        log.info("job cancel asked on the dashboard", job=job_id, viewer=viewer.name)
+        raise web.HTTPSeeOther(f"/jobs/{job_id}")
+
+    async def _static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            body = static_file(name)
+        except KeyError:
+            raise web.HTTPNotFound() from None
+        kind = "text/css" if name.endswith(".css") else "text/javascript"
+        # Named by content digest: a new version has a new URL.
+        return web.Response(body=body, content_type=kind,
+                            headers={"Cache-Control": "public, max-age=31536000, immutable"})
+
+
+def _lines_event(lines: list[LogLine], reader: LogLines) -> str:
+    return json.dumps({"html": render_lines(lines), "offset": reader.consumed, "number": reader.next_number})
+
+
+def _whole(text: str | None, name: str) -> int:
+    if text is None or not text.isdigit() or len(text) > 15:
+        raise web.HTTPBadRequest(text=f"{name}: a whole number of bytes or lines is required\n")
+    return int(text)
+
+
+@contextlib.asynccontextmanager
+async def _events(request: web.Request) -> AsyncIterator[EventSourceResponse]:
+    """A server-sent events stream, closed quietly when the browser goes away."""
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    async with sse_response(request, headers=headers, ping_interval=HEARTBEAT_SECONDS) as stream:
+        with contextlib.suppress(ConnectionResetError):
+            yield stream
