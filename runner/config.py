@@ -11,7 +11,7 @@ import os
 import pwd
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +19,7 @@ from runner.binds import check_absolute_path, is_within
 from runner.errors import InputError
 from runner.fields import Table
 from runner.hook_tables import Hook, parse_hook_tables
-from runner.oidc.issuers import OidcIssuer, parse_oidc_tables
+from runner.oidc.issuers import OidcIssuer, issuer_url, parse_oidc_tables
 from runner.policy import Policy
 from runner.spec import NAME_PATTERN
 from runner.tomlsource import TomlDocument, load_toml, parse_toml
@@ -77,6 +77,7 @@ FILE_DESCRIPTIONS = {
     "hub.agent_tokens_file": "hub's agent tokens",
     "hooks.secret_file": "hook secret",
     "hub_token_file": "hub token",
+    "login.client_secret_file": "dashboard login's client secret",
 }
 
 
@@ -129,6 +130,31 @@ class GithubConfig:
     gateway_token_file: Path | None = None                # mode "gateway" only
 
 
+DEFAULT_LOGIN_USERNAME_CLAIM = "preferred_username"
+DEFAULT_LOGIN_GROUPS_CLAIM = "groups"
+DEFAULT_LOGIN_SCOPES = ("openid", "profile")
+_SCOPE = r"[\x21\x23-\x5b\x5d-\x7e]{1,128}"     # RFC 6749's scope-token: no space, quote or backslash
+_CLIENT_ID = r"[^\s\x00-\x1f\x7f]{1,256}"
+_LOGIN_CLAIM = r"[^\s\x00-\x1f\x7f]{1,256}"
+
+
+@dataclass(frozen=True)
+class LoginConfig:
+    """`[login]`: people log in to the hub's dashboard at the site's OpenID Connect provider."""
+
+    issuer: str                           # exactly as its ID tokens' `iss` spell it
+    client_id: str
+    client_secret_file: Path
+    username_claim: str = DEFAULT_LOGIN_USERNAME_CLAIM
+    groups_claim: str = DEFAULT_LOGIN_GROUPS_CLAIM
+    # None: openid and profile, and groups when the provider's discovery document offers that scope.
+    scopes: tuple[str, ...] | None = None
+
+    @property
+    def discovery_url(self) -> str:
+        return self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
 @dataclass(frozen=True)
 class HubConfig:
     """`[hub]`, or the same read from a `[gateway]` section (the hub's former name)."""
@@ -140,6 +166,7 @@ class HubConfig:
     state_dir: Path
     public_url: str | None = None         # None: the jobs API is not served
     section: str = "hub"                  # the section it was read from, for messages
+    login: LoginConfig | None = None      # `[login]`: None, no dashboard login
 
 
 @dataclass(frozen=True)
@@ -173,6 +200,8 @@ class AgentConfig:
     api: ApiConfig | None = None          # the hub's API jobs, leased by this agent
     # The hub's outbound hooks (`[[hooks]]`), in the file's order.
     hooks: tuple[Hook, ...] = ()
+    # Where the agent serves the dashboard of its own jobs (a Unix socket); None: it serves none.
+    web_socket: Path | None = None
 
     def secret_files(self) -> list[Path]:
         """Every file holding a secret that the config names (each must be 0600, ours)."""
@@ -191,6 +220,8 @@ class AgentConfig:
         if self.hub:
             found.append((self.hub.webhook_secret_file, f"{self.hub.section}.webhook_secret_file"))
             found.append((self.hub.agent_tokens_file, f"{self.hub.section}.agent_tokens_file"))
+            if self.hub.login is not None:
+                found.append((self.hub.login.client_secret_file, "login.client_secret_file"))
         found += [(hook.secret_file, f"hooks[{index}].secret_file") for index, hook in enumerate(self.hooks)]
         return [(path, key) for path, key in found if path is not None]
 
@@ -499,6 +530,32 @@ def _parse_hub_sections(root: Table) -> HubConfig | None:
     return hub or gateway
 
 
+def _parse_login(table: Table) -> LoginConfig:
+    issuer = table.converted("issuer", issuer_url)
+    client_id = table.string("client_id", pattern=_CLIENT_ID, what="a client id (one word, no spaces)")
+    client_secret_file = table.converted("client_secret_file", _path)
+    username_claim = table.string("username_claim", DEFAULT_LOGIN_USERNAME_CLAIM, pattern=_LOGIN_CLAIM,
+                                  what="a claim name")
+    groups_claim = table.string("groups_claim", DEFAULT_LOGIN_GROUPS_CLAIM, pattern=_LOGIN_CLAIM,
+                                what="a claim name")
+    scopes = table.string_list("scopes", None, pattern=_SCOPE, what="a scope (one word, no spaces)")
+    table.finish()
+    if scopes is not None and "openid" not in scopes:
+        raise table.error("scopes", 'must include "openid": without it the provider gives no ID token')
+    return LoginConfig(issuer, client_id, client_secret_file, username_claim, groups_claim, scopes)
+
+
+def _with_login(root: Table, hub: HubConfig | None) -> HubConfig | None:
+    """The hub with `[login]`, which needs its public URL: the provider sends people back there."""
+    login: LoginConfig | None = _optional_section(root, "login", _parse_login)
+    if login is None:
+        return hub
+    if hub is None or hub.public_url is None:
+        raise root.error("login", "logs people in to the hub's dashboard: it needs a [hub] section with "
+                                  "public_url (the provider redirects to public_url/login/callback)")
+    return replace(hub, login=login)
+
+
 def _parse_api(root: Table) -> ApiConfig | None:
     """The top-level keys of an agent that leases the hub's API jobs."""
     hub_url = root.converted("hub_url", _url, None)
@@ -538,12 +595,13 @@ def config_from_document(doc: TomlDocument) -> AgentConfig:
     executor = _choice(root, "executor", EXECUTORS, "local")
     max_jobs = root.integer("max_jobs", default_max_jobs(executor), maximum=MAX_MAX_JOBS)
     socket = root.converted("socket", _path, None)
+    web_socket = root.converted("web_socket", _path, None)
     sandbox = _parse_sandbox(root.table("sandbox"))
     mpi = _parse_mpi(root.table("mpi"))
     slurm = _parse_slurm(root.table("slurm"))
     buildkite = _optional_section(root, "buildkite", _parse_buildkite)
     github = _optional_section(root, "github", _parse_github)
-    hub = _parse_hub_sections(root)
+    hub = _with_login(root, _parse_hub_sections(root))
     oidc = parse_oidc_tables(root)
     hooks = parse_hook_tables(root)
     if hooks and (hub is None or hub.public_url is None):
@@ -557,8 +615,11 @@ def config_from_document(doc: TomlDocument) -> AgentConfig:
     if api is not None and not oidc:
         raise root.error("hub_url", "needs at least one [[oidc]] table: the agent verifies the token of "
                                     "every API job itself, against the issuers it trusts")
+    if web_socket is not None and web_socket == (socket or state_dir / "agent.sock"):
+        raise root.error("web_socket", "must not be the local queue's socket (`socket`): the dashboard "
+                                       "needs a socket of its own")
     return AgentConfig(state_dir, work_root, policy, executor, max_jobs, sandbox, mpi, buildkite, github,
-                       hub, doc.name, socket, slurm, oidc, api, hooks=hooks)
+                       hub, doc.name, socket, slurm, oidc, api, hooks=hooks, web_socket=web_socket)
 
 
 def _check_layout(root: Table, state_dir: Path, work_root: Path) -> None:

@@ -68,7 +68,7 @@ def parse_oidc_tables(root: Table, key: str = "oidc") -> tuple[OidcIssuer, ...]:
     return tuple(issuers)
 
 
-def _issuer_url(value: object) -> str:
+def issuer_url(value: object) -> str:
     # Kept as written: a token's `iss` must equal it exactly, trailing '/' and all.
     text = config_https_url(value)
     if urlsplit(text).query:
@@ -78,7 +78,7 @@ def _issuer_url(value: object) -> str:
 
 def _parse_issuer(table: Table) -> OidcIssuer:
     name = table.string("name", pattern=_NAME, what="a name (letters, digits, '.', '_', '-')")
-    issuer = table.converted("issuer", _issuer_url)
+    issuer = table.converted("issuer", issuer_url)
     audience = table.string("audience", pattern=_AUDIENCE, what="an audience (one word, no spaces)")
     kind: str = table.string("kind")
     if kind not in ISSUER_KINDS:
