@@ -10,7 +10,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 
-__all__ = ["DEFAULT_REDACTED_VARS", "MIN_SECRET_BYTES", "Redactor", "secret_values", "short_secret_names"]
+__all__ = [
+    "DEFAULT_REDACTED_VARS",
+    "MASK_BYTE",
+    "MIN_SECRET_BYTES",
+    "Redactor",
+    "mask_secrets",
+    "possible_secret_start",
+    "secret_needles",
+    "secret_values",
+    "short_secret_names",
+]
 
 # The agent's default `--redacted-vars` (BUILDKITE_REDACTED_VARS), in its order.
 DEFAULT_REDACTED_VARS: tuple[str, ...] = (
@@ -112,20 +122,9 @@ class Redactor:
         return bytes(out)
 
     def _tail_start(self, buf: bytes) -> int:
-        """Where the longest tail of `buf` that is a proper prefix of a secret begins, or len(buf).
-
-        Holding back only such a tail, rather than always len(longest) - 1 bytes, keeps output
-        that cannot be part of a secret from waiting for the next write.
-        """
-        start = len(buf)
-        for needle in self._needles:
-            at = buf.find(needle[:1], max(0, len(buf) - len(needle) + 1))
-            while at != -1 and at < start:
-                if needle.startswith(buf[at:]):
-                    start = at
-                    break
-                at = buf.find(needle[:1], at + 1)
-        return start
+        # Holding back only a tail that may begin a secret, rather than always len(longest) - 1
+        # bytes, keeps output that cannot be part of a secret from waiting for the next write.
+        return possible_secret_start(buf, self._needles)
 
     def _matches(self, buf: bytes) -> list[tuple[int, int]]:
         """The (start, stop) ranges to replace in `buf`, sorted, overlapping ones merged."""
@@ -143,3 +142,40 @@ class Redactor:
             else:
                 merged.append((start, stop))
         return merged
+
+
+# What a secret's bytes become where a log must keep its length (`mask_secrets`).
+MASK_BYTE = b"*"
+
+
+def secret_needles(secrets: Iterable[str]) -> tuple[bytes, ...]:
+    """The secrets as the bytes a log would hold them in, longest first."""
+    return tuple(sorted({_encode(secret) for secret in secrets} - {b""}, key=len, reverse=True))
+
+
+def possible_secret_start(buf: bytes, needles: Sequence[bytes]) -> int:
+    """Where the longest tail of `buf` that is a proper prefix of a secret begins, or len(buf):
+    the bytes from there may turn out to be a secret once more of the stream comes."""
+    start = len(buf)
+    for needle in needles:
+        at = buf.find(needle[:1], max(0, len(buf) - len(needle) + 1))
+        while at != -1 and at < start:
+            if needle.startswith(buf[at:]):
+                start = at
+                break
+            at = buf.find(needle[:1], at + 1)
+    return start
+
+
+def mask_secrets(buf: bytes, needles: Sequence[bytes]) -> bytes:
+    """`buf` with every byte of every occurrence of a secret replaced by MASK_BYTE: unlike the
+    Redactor's marker, the length stays, so a masked log's offsets are the log file's."""
+    if not needles:
+        return buf
+    out = bytearray(buf)
+    for needle in needles:
+        at = buf.find(needle)
+        while at != -1:
+            out[at:at + len(needle)] = MASK_BYTE * len(needle)
+            at = buf.find(needle, at + 1)
+    return bytes(out)

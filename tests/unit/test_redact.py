@@ -12,6 +12,9 @@ from runner.logs.redact import (
     DEFAULT_REDACTED_VARS,
     MIN_SECRET_BYTES,
     Redactor,
+    mask_secrets,
+    possible_secret_start,
+    secret_needles,
     secret_values,
     short_secret_names,
 )
@@ -215,3 +218,20 @@ def test_holds_back_only_a_tail_that_may_begin_a_secret(data: bytes, cuts: list[
         assert held <= len(secret) - 1
         assert bytes(out) == data[:fed - held]
     assert bytes(out) + redactor.flush() == data
+
+
+# -- masking, where a log keeps its length --------------------------------------------------------
+
+
+def test_masking_replaces_every_byte_of_every_secret_and_keeps_the_length() -> None:
+    needles = secret_needles(["hunter2-secret", "abcdef", ""])
+    log = b"token=hunter2-secret; again hunter2-secretabcdefabcdef end"
+    masked = mask_secrets(log, needles)
+    assert masked == b"token=" + b"*" * 14 + b"; again " + b"*" * 26 + b" end"
+    assert len(masked) == len(log) and mask_secrets(log, ()) == log
+
+
+def test_a_tail_that_may_begin_a_secret_is_found() -> None:
+    needles = secret_needles(["hunter2-secret"])
+    assert possible_secret_start(b"log line hunt", needles) == 9
+    assert possible_secret_start(b"log line done", needles) == 13
