@@ -1,5 +1,5 @@
-"""The agent as a process: its store, the local queue, the CI sources (the hub's API jobs among
-them), until it is drained.
+"""The agent as a process: its store, the local queue, the dashboard of its jobs (with
+`web_socket`), the CI sources (the hub's API jobs among them), until it is drained.
 
 `hpc-runner agent` and `hpc-runner demo` both run it.
 """
@@ -16,8 +16,9 @@ from typing import Any
 from runner import exitcodes
 from runner.agent import Agent
 from runner.config import AgentConfig
-from runner.localqueue.paths import socket_mode
+from runner.localqueue.paths import socket_mode, web_socket_mode
 from runner.localqueue.server import LocalQueueServer
+from runner.localqueue.web import AgentWebServer
 from runner.logging_setup import get_logger
 from runner.policy import Policy
 from runner.sources.api.client import HubClient
@@ -64,6 +65,10 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
     with Store.open(config.state_dir) as store, contextlib.ExitStack() as source_states:
         agent = Agent(config, policy, store, policy_loader=reload, grace_seconds=grace_seconds)
         server = LocalQueueServer(agent, config.socket_path(), mode=socket_mode(config))
+        # Before the agent starts: the dashboard hears of every job's change from the first.
+        dashboard = None if config.web_socket is None else AgentWebServer(
+            agent, config.web_socket, mode=web_socket_mode(config),
+            cluster=config.api.cluster if config.api is not None else None)
         github_config = config.github
         publisher: HubPublisher | None = None
         if config.api is not None:
@@ -77,6 +82,13 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
         # Before the socket announces the agent: a SIGTERM from then on must drain, not kill it.
         agent.install_signal_handlers()
         await server.start()
+        if dashboard is not None:
+            try:
+                await dashboard.start()
+            except BaseException:
+                await dashboard.close()
+                await server.close()
+                raise
         agent.start()
         if publisher is not None and github_config is not None:
             github_config = hub_pages(github_config, await hub_public_url(publisher.client))
@@ -114,6 +126,8 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
             await asyncio.gather(*sources, return_exceptions=True)
             if stop is not None:
                 stopper.cancel()
+            if dashboard is not None:
+                await dashboard.close()
             await server.close()
             await agent.stop_workers()
             if publisher is not None:

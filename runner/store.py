@@ -26,9 +26,11 @@ __all__ = [
     "SCHEMA_VERSION",
     "SOURCES",
     "AuditEntry",
+    "JobFilter",
     "JobRecord",
     "Store",
     "StoreError",
+    "Visible",
 ]
 
 DB_FILENAME = "state.sqlite3"
@@ -129,6 +131,35 @@ class AuditEntry:
     action: str
     detail: dict[str, Any]
 
+
+@dataclass(frozen=True)
+class JobFilter:
+    """What a page of jobs keeps: any of `states`, one account (of the decision) and source, and
+    `text` within the id, the name, or the identity's user, actor, repository, organisation,
+    pipeline or project (without regard to ASCII case)."""
+
+    states: tuple[str, ...] = ()
+    account: str | None = None
+    source: str | None = None
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class Visible:
+    """The jobs someone may see: those their identity (`source`, `user`) submitted, and every job
+    of `accounts`."""
+
+    source: str
+    user: str | None
+    accounts: frozenset[str] = frozenset()
+
+
+# What a page's text is looked for in, one field a line.
+_TEXT_FIELDS = " || char(10) || ".join(
+    f"coalesce({field}, '')" for field in (
+        "id", "json_extract(spec, '$.name')",
+        *(f"json_extract(identity, '$.{key}')"
+          for key in ("user", "actor", "repository", "organization", "pipeline", "project"))))
 
 # --- job ids ------------------------------------------------------------------------------------------
 
@@ -237,6 +268,31 @@ class Store(StateFile):
             sql += " LIMIT ?"
             params.append(max(limit, 0))
         return [_job_from_row(row) for row in self._read(sql, params)]
+
+    def page_jobs(self, where: JobFilter, *, visible: Visible | None, before: str | None,
+                  limit: int) -> list[JobRecord]:
+        """The newest `limit` jobs created before job `before` (none if there is no such job) that
+        pass `where` and `visible` (None: every job), newest first. Read along the creation time's
+        index, newest first, so a page reads about as many rows as it shows."""
+        start: tuple[float, str] | None = None
+        if before is not None:
+            found = self._read("SELECT created_at FROM jobs WHERE id = ?", [before])
+            if not found:
+                return []
+            start = (float(found[0]["created_at"]), before)
+        sql, params = page_query(where, visible=visible, start=start, limit=limit)
+        return [_job_from_row(row) for row in self._read(sql, params)]
+
+    def started_times(self, job_ids: Iterable[str]) -> dict[str, float]:
+        """When each of the jobs (that ever ran) started running: its first change to `running`."""
+        wanted = list(dict.fromkeys(job_ids))
+        if not wanted:
+            return {}
+        rows = self._read(
+            "SELECT job_id, min(at) AS at FROM audit WHERE job_id IN"
+            f" ({', '.join('?' * len(wanted))}) AND action = 'state'"
+            " AND json_extract(detail, '$.to') = 'running' GROUP BY job_id", wanted)
+        return {str(row["job_id"]): float(row["at"]) for row in rows}
 
     def set_state(self, job_id: str, state: JobState, *, exit_status: int | None = None,
                   outcome_detail: str | None = None, actor: str = "agent") -> JobRecord:
@@ -377,6 +433,42 @@ class Store(StateFile):
                                   (*params, time.time(), job_id))
             if cursor.rowcount == 0:
                 raise StoreError(f"no job {job_id} in {self.path}")
+
+
+def page_query(where: JobFilter, *, visible: Visible | None, start: tuple[float, str] | None,
+               limit: int) -> tuple[str, list[Any]]:
+    """The SQL (and its parameters) of `Store.page_jobs`: below `start` (a job's creation time and
+    id), newest first."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if visible is not None:
+        either = ["(json_extract(identity, '$.source') = ? AND json_extract(identity, '$.user') = ?)"]
+        params += [visible.source, visible.user]
+        if visible.accounts:
+            marks = ", ".join("?" * len(visible.accounts))
+            either.append(f"json_extract(decision, '$.account') IN ({marks})")
+            params += sorted(visible.accounts)
+        clauses.append(f"({' OR '.join(either)})")
+    if where.states:
+        clauses.append(f"state IN ({', '.join('?' * len(where.states))})")
+        params += [JobState(state).value for state in where.states]
+    if where.account is not None:
+        clauses.append("json_extract(decision, '$.account') = ?")
+        params.append(where.account)
+    if where.source is not None:
+        clauses.append("source = ?")
+        params.append(where.source)
+    if where.text:
+        # instr, not LIKE: the text is matched as it is, % and _ included.
+        clauses.append(f"instr(lower({_TEXT_FIELDS}), ?) > 0")
+        params.append(where.text.lower())
+    if start is not None:
+        created, job_id = start
+        clauses.append("created_at <= ? AND (created_at < ? OR id < ?)")
+        params += [created, created, job_id]
+    where_sql = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    return (f"SELECT * FROM jobs{where_sql} ORDER BY created_at DESC, id DESC LIMIT ?",
+            [*params, max(limit, 0)])
 
 
 # --- opening -------------------------------------------------------------------------------------------

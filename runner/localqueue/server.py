@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from runner.agent import Agent
-from runner.errors import HpcRunnerError, InfrastructureError, InputError
+from runner.errors import HpcRunnerError
 from runner.identity import Identity
 from runner.job import JobRecord
-from runner.localqueue.paths import bind_socket, check_socket_directory, check_socket_path
+from runner.localqueue.paths import listen_at
 from runner.localqueue.peercred import identity_for_uid, peer_uid_gid
 from runner.localqueue.protocol import MAX_REQUEST_BYTES, ProtocolError, decode_request, encode
 from runner.logging_setup import ConditionLog, get_logger
@@ -71,18 +71,7 @@ class LocalQueueServer:
         self._over_cap = ConditionLog(log)
 
     async def start(self) -> None:
-        check_socket_path(self.path)
-        # a socket for every local user needs a directory they can traverse
-        self.path.parent.mkdir(mode=0o755 if self.mode & 0o066 else 0o700, parents=True, exist_ok=True)
-        # Before anything is done at the path: nobody else may be able to change what stands there.
-        check_socket_directory(self.path.parent)
-        # A stale socket (or anything else) is replaced by binding (see bind_socket), a live one not.
-        if (self.path.exists() or self.path.is_symlink()) and _socket_alive(self.path):
-            raise InputError(f"another agent is already listening on {self.path}")
-        try:
-            self._listener = _listen(self.path, self.mode)
-        except OSError as exc:
-            raise InfrastructureError(f"cannot listen on {self.path}: {exc.strerror or exc}") from None
+        self._listener = listen_at(self.path, self.mode)
         self._accepting = asyncio.create_task(self._accept_loop())
         log.info("local queue listening", socket=str(self.path))
 
@@ -259,26 +248,3 @@ class LocalQueueServer:
         async for _offset, chunk in follow(path, done=done):
             writer.write(chunk)
             await writer.drain()
-
-
-def _listen(path: Path, mode: int) -> socket.socket:
-    sock = bind_socket(path, mode)
-    try:
-        sock.listen(socket.SOMAXCONN)  # a burst of connections waits here, not in the clients' errors
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _socket_alive(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1)
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
