@@ -182,7 +182,8 @@ async def test_cancel_needs_the_sessions_csrf_token(site: Site) -> None:
                                allow_redirects=False) as answer:
             assert answer.status == 303 and answer.headers["Location"] == f"/jobs/{job_id}"
     await site.harness.wait_state(job_id, JobState.cancelled)
-    assert site.harness.store.audit_entries(job_id=job_id)[-3].actor == "local:user:root"
+    assert [entry.actor for entry in site.harness.store.audit_entries(job_id=job_id)
+            if entry.action == "cancel"] == ["local:user:root"]
 
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "localhost.evil.example",
@@ -227,6 +228,17 @@ async def test_the_api_answers_the_hubs_job_views(site: Site) -> None:
     assert listing == {"jobs": [view], "next": None}
 
 
+async def test_a_denied_job_says_every_reason(site: Site) -> None:
+    denied = await site.harness.submit(Identity(source="local", user="mallory"), job("nobodys"))
+    async with site.client() as client:
+        async with client.get(f"{ORIGIN}/api/v1/jobs/{denied.id}") as answer:
+            view = await answer.json()
+        async with client.get(f"{ORIGIN}/jobs/{denied.id}") as answer:
+            page = await answer.text()
+    assert view["state"] == "denied" and view["reasons"] and view["grant"] is None
+    assert view["reasons"][0] in page.replace("&#39;", "'") and "denied" in page
+
+
 async def test_the_log_is_byte_exact_from_any_offset(site: Site) -> None:
     job_id = await submit(site, ROOT)
     await site.harness.wait_started(job_id)
@@ -264,6 +276,26 @@ async def test_following_the_log_streams_until_the_job_ends(site: Site) -> None:
         await asyncio.wait_for(reading, 5)
     assert bytes(received) == b"first\nsecond\nlast words"
     assert site.harness.state(job_id) == JobState.succeeded
+
+
+async def test_the_job_pages_live_lines_arrive_as_the_job_writes_them_until_it_ends(site: Site) -> None:
+    job_id = await submit(site, ROOT)
+    await site.harness.wait_started(job_id)
+    received = bytearray()
+    async with site.client() as client, \
+            client.get(f"{ORIGIN}/jobs/{job_id}/events?offset=0&number=1") as answer:
+        async def read_all() -> None:
+            async for chunk in answer.content.iter_any():
+                received.extend(chunk)
+        reading = asyncio.ensure_future(read_all())
+        site.write_log(job_id, b"live line one\n")
+        await wait_until(lambda: b"live line one" in received, "the first line's event")
+        assert b"event: end" not in received
+        site.write_log(job_id, b"the last line")
+        site.harness.executor.release(job_id)
+        await asyncio.wait_for(reading, 5)
+    text = received.decode().replace("\r\n", "\n")
+    assert "the last line" in text and "event: status" in text and text.rstrip().endswith("event: end\ndata:")
 
 
 # -- who sees what ---------------------------------------------------------------------------------
