@@ -65,6 +65,8 @@ PACKAGES=(
     debootstrap squashfs-tools squashfuse fuse3 fuse2fs uidmap patchelf containernetworking-plugins
     libseccomp2 libsqlite3-0 ca-certificates debian-archive-keyring
     python3-venv python3-dev sqlite3 git iproute2 procps gcc make
+    # The web dashboard's tests drive a headless Chromium through chromedriver (tests/browser).
+    chromium chromium-driver
 )
 
 # Temporary paths removed on exit, whatever happens.
