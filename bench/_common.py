@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the service account, planned jobs, statistics, results.
+"""What the benchmark scripts share: the service account, planned jobs, the hub as a process of its
+own, statistics, results.
 
 Every measured command runs as the unprivileged service account, with a clean environment
 and in a directory it owns under /var/tmp, because that is how the agent runs jobs in
@@ -9,6 +10,7 @@ come from the project's own planner, so a benchmark measures exactly what the pr
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime
 import json
@@ -19,6 +21,7 @@ import random
 import re
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +31,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from runner.identity import identity_from_json
 from runner.policy import Decision, Policy, decide, parse_policy_text
@@ -51,6 +56,8 @@ SETUP_HINT = "run `sudo bash deploy/dev/setup.sh` first"
 # A run during which other processes used more than this many cores' worth of CPU was
 # disturbed: on a 2-core machine that is a busy-polling MPI rank sharing its core.
 QUIET_LOAD = 0.25
+# How long a server process of a benchmark (the hub, the agent) may take to start listening.
+START_TIMEOUT_S = 30.0
 
 
 class BenchError(Exception):
@@ -238,6 +245,26 @@ def plan_job(job_text: str, job_dir: Path, host_mpi: HostMpi | None) -> PlannedJ
     return PlannedJob(spec, decision, plan, launch, env, Path(paths.workspace))
 
 
+def timestamped_lines_job(lines: int, interval: float) -> str:
+    """A job file printing `lines` lines `line N SECONDS.NANOSECONDS` (the wall clock at the write),
+    one every `interval` seconds: a log's latency is read from its lines (same machine, same clock)."""
+    script = (f'i=0\nwhile [ "$i" -lt {lines} ]; do i=$((i + 1)); echo "line $i $(date +%s.%N)"; '
+              f"sleep {interval}; done\n")
+    return f"[job]\nname = \"log-latency\"\nimage = \"{IMAGE_NAME}\"\nscript = '''\n{script}'''\n" \
+           "[job.resources]\ntime = \"5m\"\n"
+
+
+def timestamped_line(line: bytes) -> tuple[int, float] | None:
+    """(N, when it was written) of a line of `timestamped_lines_job`; None for any other line."""
+    words = line.split()
+    if len(words) != 3 or words[0] != b"line":
+        return None
+    try:
+        return int(words[1]), float(words[2])
+    except ValueError:
+        return None
+
+
 # -- statistics ---------------------------------------------------------------------------------
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -254,6 +281,12 @@ def percentile(values: Sequence[float], q: float) -> float:
 def summary(values: Sequence[float]) -> dict[str, float | int]:
     return {"n": len(values), "median": statistics.median(values), "p10": percentile(values, 10),
             "p90": percentile(values, 90), "min": min(values), "max": max(values)}
+
+
+def latency_ms(values: Sequence[float]) -> dict[str, float | int]:
+    """Latencies in seconds as n and p50/p90/p99/max in milliseconds."""
+    return {"n": len(values), **{key: round(1000 * percentile(values, q), 2)
+                                 for key, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}}
 
 
 def paired_ratios(candidate: Sequence[float], baseline: Sequence[float]) -> list[float]:
@@ -290,6 +323,105 @@ def rotated(items: Sequence[Any], round_index: int) -> list[Any]:
     """The round's order: each variant takes every position equally often (ABC, BCA, CAB...)."""
     shift = round_index % len(items)
     return [*items[shift:], *items[:shift]]
+
+
+# -- the hub, a process of its own --------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def root_secret(path: Path, text: str) -> Path:
+    """A secret file of this process's user (0600), as the hub reads its secrets."""
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def oidc_table(name: str, issuer: str, audience: str, kind: str) -> str:
+    """An `[[oidc]]` table of a config: the issuer whose tokens are trusted."""
+    return (f"[[oidc]]\nname = {json.dumps(name)}\nissuer = {json.dumps(issuer)}\n"
+            f"audience = {json.dumps(audience)}\nkind = {json.dumps(kind)}\n")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process `pid` itself (not its children), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+class HubProcess:
+    """`python -m runner hub` from this checkout on 127.0.0.1, trusting the tokens of `oidc` (an
+    `oidc_table`) and agents holding `agent_token`; its CPU time and memory from /proc."""
+
+    def __init__(self, root: Path, *, oidc: str, agent_token: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        tokens = root_secret(root / "agent-tokens", f"bench:{agent_token}\n")
+        secret = root_secret(root / "webhook-secret", "bench-webhook-secret\n")
+        self.config = root / "hub.toml"
+        self.config.write_text(f"""state_dir = "{root / 'agent-state'}"
+
+[hub]
+listen = "127.0.0.1:{self.port}"
+webhook_secret_file = "{secret}"
+agent_tokens_file = "{tokens}"
+state_dir = "{root / 'hub-state'}"
+public_url = "https://hub.example.org"
+
+{oidc}""")
+        self.log = root / "hub.log"
+        self.argv = [sys.executable, "-m", "runner", "hub", "--config", str(self.config)]
+        with open(self.log, "ab") as stderr:
+            self.proc = subprocess.Popen(self.argv, cwd=REPO, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=stderr)
+
+    async def ready(self, http: aiohttp.ClientSession) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError(f"the hub exited {self.proc.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                async with http.get(self.url + "/healthz") as response:
+                    if response.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise BenchError(f"the hub did not start listening:\n{self.log_tail()}")
+            await asyncio.sleep(0.05)
+
+    def log_tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.proc.pid)
+
+    def _status_kib(self, key: str) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        raise BenchError(f"no {key} in /proc/{self.proc.pid}/status")
+
+    def peak_rss_mb(self) -> float:
+        return round(self._status_kib("VmHWM") / 1024, 1)
+
+    def rss_mb(self) -> float:
+        return round(self._status_kib("VmRSS") / 1024, 1)
+
+    def reset_peak_rss(self) -> None:
+        # "5" resets VmHWM to the current RSS (proc(5), clear_refs), so a phase's peak is its own.
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
 
 # -- the machine and the results ----------------------------------------------------------------

@@ -80,15 +80,11 @@ class SlurmBenchSite:
                 os.chown(os.path.join(directory, name), account.pw_uid, account.pw_gid)
 
 
-@contextlib.contextmanager
-def slurm_site(prefix: str) -> Iterator[SlurmBenchSite]:
-    """A config, policy and workspace under a fresh directory of the service account."""
-    WORK_PARENT.mkdir(mode=0o755, parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix=prefix, dir=WORK_PARENT))
-    try:
-        give_to_service(root, 0o755)
-        sha = IMAGE.with_name(IMAGE.name + ".sha256").read_text().strip()
-        policy = parse_policy_text(f"""version = 1
+def slurm_policy_text(principal: str) -> str:
+    """A policy for the dev cluster: account `bench` (Slurm's SLURM_ACCOUNT, partition debug), the test
+    image pinned by its digest, and one grant of both (and MPI) to `principal`."""
+    sha = IMAGE.with_name(IMAGE.name + ".sha256").read_text().strip()
+    return f"""version = 1
 
 [accounts.bench]
 slurm_account = "{SLURM_ACCOUNT}"
@@ -101,11 +97,21 @@ sha256 = {json.dumps(sha)}
 
 [[grants]]
 name = "bench"
-principals = ["local:user:{SERVICE_USER}"]
+principals = ["{principal}"]
 account = "bench"
 images = ["{IMAGE_NAME}"]
 mpi = true
-""", "<bench policy>")
+"""
+
+
+@contextlib.contextmanager
+def slurm_site(prefix: str) -> Iterator[SlurmBenchSite]:
+    """A config, policy and workspace under a fresh directory of the service account."""
+    WORK_PARENT.mkdir(mode=0o755, parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=WORK_PARENT))
+    try:
+        give_to_service(root, 0o755)
+        policy = parse_policy_text(slurm_policy_text(f"local:user:{SERVICE_USER}"), "<bench policy>")
         config = parse_config_text(f"""state_dir = {json.dumps(str(root / "state"))}
 work_root = {json.dumps(str(root / "work"))}
 executor = "slurm"

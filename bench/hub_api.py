@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,11 +49,14 @@ from fakes.oidc_issuer import OidcIssuerEmulator  # noqa: E402
 
 from bench._common import (  # noqa: E402
     BenchError,
+    HubProcess,
     common_arguments,
+    latency_ms,
     machine_info,
     main_guard,
     markdown_table,
     now_utc,
+    oidc_table,
     percentile,
     rotated,
     write_results,
@@ -78,7 +80,6 @@ WARM_UP = 0   # the sequence number of the line that is not measured
 RAW_APPEND_BYTES = protocol.MAX_LOG_APPEND_BYTES
 TARGET_SUBMIT_P99_S = 0.05
 TARGET_LOG_P99_S = 1.0
-START_TIMEOUT_S = 30.0
 # A minted token lives 300 s; a fresh one is minted well before.
 TOKEN_REFRESH_S = 120.0
 MIB = 1024 * 1024
@@ -99,97 +100,6 @@ FULL = Settings(stored=1000, submissions=300, latency_seconds=60, followers=200,
                 file_mib=64, throughput_rounds=3)
 QUICK = Settings(stored=200, submissions=40, latency_seconds=3, followers=200, crowd_seconds=3,
                  file_mib=8, throughput_rounds=1)
-
-
-# -- the hub, a process of its own ---------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _secret(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(0o600)
-    return path
-
-
-class HubProcess:
-    """`python -m runner hub` from this checkout; its CPU time and memory from /proc."""
-
-    def __init__(self, root: Path, issuer_url: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        tokens = _secret(root / "agent-tokens", f"bench:{AGENT_TOKEN}\n")
-        secret = _secret(root / "webhook-secret", "bench-webhook-secret\n")
-        self.config = root / "hub.toml"
-        self.config.write_text(f"""state_dir = "{root / 'agent-state'}"
-
-[hub]
-listen = "127.0.0.1:{self.port}"
-webhook_secret_file = "{secret}"
-agent_tokens_file = "{tokens}"
-state_dir = "{root / 'hub-state'}"
-public_url = "https://hub.example.org"
-
-[[oidc]]
-name = "github-actions"
-issuer = "{issuer_url}"
-audience = "{AUDIENCE}"
-kind = "github"
-""")
-        self.log = root / "hub.log"
-        self.argv = [sys.executable, "-m", "runner", "hub", "--config", str(self.config)]
-        with open(self.log, "ab") as stderr:
-            self.proc = subprocess.Popen(self.argv, cwd=REPO, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=stderr)
-
-    async def ready(self, http: aiohttp.ClientSession) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(f"the hub exited {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(aiohttp.ClientConnectionError):
-                async with http.get(self.url + "/healthz") as response:
-                    if response.status == 200:
-                        return
-            if time.monotonic() > deadline:
-                raise BenchError(f"the hub did not start listening:\n{self.log_tail()}")
-            await asyncio.sleep(0.05)
-
-    def log_tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def _status_kib(self, key: str) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-        raise BenchError(f"no {key} in /proc/{self.proc.pid}/status")
-
-    def peak_rss_mb(self) -> float:
-        return round(self._status_kib("VmHWM") / 1024, 1)
-
-    def rss_mb(self) -> float:
-        return round(self._status_kib("VmRSS") / 1024, 1)
-
-    def reset_peak_rss(self) -> None:
-        # "5" resets VmHWM to the current RSS (proc(5), clear_refs), so a phase's peak is its own.
-        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 @dataclass
@@ -245,7 +155,8 @@ class Bench:
 async def started_bench(root: Path) -> AsyncIterator[Bench]:
     async with OidcIssuerEmulator() as issuer, \
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        hub = HubProcess(root, issuer.url)
+        hub = HubProcess(root, oidc=oidc_table("github-actions", issuer.url, AUDIENCE, "github"),
+                         agent_token=AGENT_TOKEN)
         try:
             await hub.ready(http)
             state = ApiState.open(root / "api-state")
@@ -253,11 +164,6 @@ async def started_bench(root: Path) -> AsyncIterator[Bench]:
                 yield Bench(hub, issuer, http, agent, state)
         finally:
             hub.stop()
-
-
-def _stats_ms(values: list[float]) -> dict[str, float | int]:
-    return {"n": len(values), **{key: round(1000 * percentile(values, q), 2)
-                                 for key, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}}
 
 
 # -- 1: submissions with jobs stored -------------------------------------------------------------
@@ -292,8 +198,8 @@ async def submissions(bench: Bench, settings: Settings) -> dict[str, Any]:
         for name in rotated(list(variants), index):
             times[name].append(await timed(variants[name]))
     p50s = {name: percentile(values, 50) for name, values in times.items()}
-    return {"stored_before": settings.stored, "submit_ms": _stats_ms(times["submit"]),
-            "status_ms": _stats_ms(times["status"]),
+    return {"stored_before": settings.stored, "submit_ms": latency_ms(times["submit"]),
+            "status_ms": latency_ms(times["status"]),
             "ratio_p50_to_status": round(p50s["submit"] / p50s["status"], 2),
             "hub_cpu_ms_per_submit_and_status": round(
                 1000 * (bench.hub.cpu_seconds() - cpu) / settings.submissions, 2),
@@ -348,8 +254,8 @@ async def followed(bench: Bench, followers: int, seconds: float) -> dict[str, An
     lags = [lag for follower in crowd for lag in follower.lags]
     if len(lags) != lines * followers:
         raise BenchError(f"the followers read {len(lags)} lines of {lines * followers}")
-    return {"followers": followers, "lines": lines, "seconds": round(elapsed, 1), "lag_ms": _stats_ms(lags),
-            "append_ms": _stats_ms(appends),
+    return {"followers": followers, "lines": lines, "seconds": round(elapsed, 1), "lag_ms": latency_ms(lags),
+            "append_ms": latency_ms(appends),
             "hub_cpu_percent": round(100 * cpu / elapsed, 1), "hub_peak_rss_mb": bench.hub.peak_rss_mb(),
             # The users and the agent share the machine's 2 cores with the hub.
             "bench_process_cpu_percent": round(100 * own / elapsed, 1),

@@ -30,6 +30,8 @@ from bench._common import (
     now_utc,
     percentile,
     summary,
+    timestamped_line,
+    timestamped_lines_job,
     write_results,
 )
 from bench._slurm import cancel_all, check_slurm, executor, slurm_site
@@ -40,13 +42,6 @@ DEFAULT_SECONDS = 10.0
 QUICK_SECONDS = 3.0
 INTERVAL = 0.1
 TARGET_P99_SECONDS = 1.0
-
-
-def job_text(lines: int) -> str:
-    script = (f'i=0\nwhile [ "$i" -lt {lines} ]; do i=$((i + 1)); echo "line $i $(date +%s.%N)"; '
-              f"sleep {INTERVAL}; done\n")
-    return f"[job]\nname = \"log-latency\"\nimage = \"test\"\nscript = '''\n{script}'''\n" \
-           "[job.resources]\ntime = \"5m\"\n"
 
 
 def main() -> int:
@@ -70,7 +65,7 @@ async def measure(seconds: float, quick: bool, output: Path) -> int:
     submitted: list[str] = []
     seen: list[tuple[float, bytes]] = []
     with slurm_site("log-latency-") as site:
-        prepared = site.prepare(job_text(lines))
+        prepared = site.prepare(timestamped_lines_job(lines, INTERVAL))
         site.hand_over(prepared)
         try:
             job = await runner.submit(prepared, comment="bench slurm_log_latency")
@@ -90,9 +85,8 @@ async def measure(seconds: float, quick: bool, output: Path) -> int:
         raise BenchError(f"the job did not succeed: {outcome}\n{log[-2000:]}")
     lags = []
     for at, line in seen:
-        words = line.split()
-        if len(words) == 3 and words[0] == b"line":
-            lags.append(at - float(words[2]))
+        if (timed := timestamped_line(line)) is not None:
+            lags.append(at - timed[1])
     if len(lags) != lines:
         raise BenchError(f"saw {len(lags)} of {lines} lines:\n{log[-2000:]}")
     elapsed = time.monotonic() - started

@@ -98,3 +98,15 @@ def test_hub_api_quick(cluster: Cluster, tmp_path: Path) -> None:
     assert {"submit_ms", "status_ms", "ratio_p50_to_status"} <= set(results["submission"])
     assert {"lag_ms", "hub_cpu_percent", "hub_peak_rss_mb"} <= set(results["followers"])
     assert {"cat", "raw 4 MiB appends"} <= set(results["throughput"]["variants"])
+
+
+def test_remote_log_latency_quick(cluster: Cluster, tmp_path: Path) -> None:
+    data = run_bench(cluster, "remote_log_latency.py", tmp_path / "remote_log_latency.json")
+    assert data["benchmark"] == "remote_log_latency"
+    results = data["results"]
+    assert {"remote_run", "output_file", "added_by_hub_path", "hub_cpu_percent"} <= set(results)
+    for path in ("remote_run", "output_file"):
+        assert {"p50", "p90", "p99", "max"} <= set(results[path]["lag_ms"])
+    # Every line the job printed reached the client.
+    assert results["remote_run"]["lag_ms"]["n"] == data["settings"]["lines"]
+    assert {"hub", "agent", "client", "job"} <= set(data["commands"])
