@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from runner.gateway import jobs_protocol as protocol
-from runner.gateway.access import admin_keys, owner_keys
+from runner.gateway.access import admin_keys, member_keys, owner_keys
 from runner.gateway.answers import TooLarge, agent_unauthorized, error, read_body, stopping
 from runner.gateway.jobstore import Conflict, JobNotFound, JobStore, LogFull, NewJob, NotHeld
 from runner.gateway.polling import LongPolls, Stopping, Wakeups
@@ -27,6 +27,9 @@ from runner.logging_setup import get_logger
 log = get_logger("runner.gateway")
 
 JOBS_CHANGED = "jobs"
+# Any job's state, or a new job: what a list of jobs (the hub's pages) follows. Not JOBS_CHANGED,
+# which wakes the agents waiting for a job to lease.
+LIST_CHANGED = "jobs:list"
 MAX_STATE_BODY_BYTES = 256 * 1024
 _JOB_ROUTE = f"{protocol.AGENT_JOBS_PATH}/{{job_id:{JOB_ID_PATTERN.pattern}}}"
 
@@ -36,6 +39,12 @@ AgentHandler = Callable[[web.Request, str], Awaitable[web.Response]]
 def job_changed(job_id: str) -> str:
     """The wake-up key of one job's state and log."""
     return f"job:{job_id}"
+
+
+def notify_state(wakeups: Wakeups, job_id: str) -> None:
+    """Wake whoever follows the job, and the lists, after a change of its state."""
+    wakeups.notify(job_changed(job_id))
+    wakeups.notify(LIST_CHANGED)
 
 
 class AgentJobsApi:
@@ -110,7 +119,9 @@ class AgentJobsApi:
         principals = registration.identity.principals()
         new = NewJob(job=registration.job, identity=registration.identity.to_json(), principals=principals,
                      owner_keys=owner_keys(principals), cluster=registration.cluster,
-                     repository=registration.repository, commit=registration.commit)
+                     repository=registration.repository, commit=registration.commit,
+                     source=registration.source, source_label=registration.source_label,
+                     source_url=registration.source_url)
         job_id = request.match_info["job_id"]
         try:
             job, fresh = await self._jobs.run(self._jobs.file.register, job_id, agent, new,
@@ -118,6 +129,7 @@ class AgentJobsApi:
         except Conflict as exc:
             return error(409, str(exc))
         if fresh:
+            self._wakeups.notify(LIST_CHANGED)
             log.info("agent job registered", job=job_id, agent=agent, source=registration.identity.source)
         return web.json_response(job.agent_view(), status=201 if fresh else 200)
 
@@ -125,12 +137,14 @@ class AgentJobsApi:
         try:
             update = protocol.parse_state_update(await _json_body(request, MAX_STATE_BODY_BYTES))
             admin_keys(update.admins)
+            member_keys(update.members)
         except TooLarge as exc:
             return error(413, str(exc))
         except ValueError as exc:
             return error(400, f"the state is not taken: {exc}")
         answer = await self._change(request, agent, self._jobs.file.publish_state, update)
         if answer.status == 200:
+            self._wakeups.notify(LIST_CHANGED)
             log.info("api job state", job=request.match_info["job_id"], agent=agent, state=update.state,
                      exit_status=update.exit_status)
         return answer

@@ -1,9 +1,11 @@
 """The hub's REST API for jobs: submit, look, read the log, cancel.
 
 Every request carries an OIDC ID token of a trusted issuer (`Authorization: Bearer <token>`); the
-caller is who the token says (`callers`), the body is judged in `submission`, who may see what in
-`access`, and the jobs live in `jobstore`, used from its own thread. A job nobody may see is
-answered 404, as one that does not exist: an id alone tells nobody whether the job is there.
+caller is who the token says (`callers`), the body is judged in `submission`, who may see and
+cancel what in `access` (as for the hub's pages), and the jobs live in `jobstore`, used from its
+own thread. A job the caller may not see is answered 404, as one that does not exist: an id alone
+tells nobody whether the job is there; one it may see but not cancel (a member of its account) is
+answered 403 to a cancel.
 The token is kept with the job for the agent and never appears in an answer or the log.
 """
 
@@ -14,8 +16,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from runner.gateway import jobs_protocol as protocol
-from runner.gateway.access import caller_keys, may_access, owner_keys
-from runner.gateway.agent_jobs_api import JOBS_CHANGED, job_changed
+from runner.gateway.access import NOT_CANCELLABLE, Access, access_of, caller_keys, owner_keys
+from runner.gateway.agent_jobs_api import JOBS_CHANGED, LIST_CHANGED, job_changed, notify_state
 from runner.gateway.answers import TooLarge, read_body
 from runner.gateway.callers import Authenticate, Caller
 from runner.gateway.jobstore import JobNotFound, JobStore, NewJob, StoredJob
@@ -69,14 +71,16 @@ class JobsApi:
                                "(Authorization: Bearer <token>)")
         return await self._authenticate(token)
 
-    async def _visible_job(self, request: web.Request) -> tuple[Caller, StoredJob]:
-        """The caller and the job of the path, if the caller may see it (a Refusal otherwise)."""
+    async def _visible_job(self, request: web.Request) -> tuple[Caller, StoredJob, Access]:
+        """The caller, the job of the path and what the caller may do with it, if it may see it
+        (a Refusal otherwise)."""
         caller = await self._caller(request)
         job_id = request.match_info["job_id"]
         job = await self._jobs.run(self._jobs.file.get, job_id)
-        if job is None or not may_access(job.access_keys, caller_keys(caller.principals)):
+        access = Access.NONE if job is None else access_of(job.access, caller_keys(caller.principals))
+        if job is None or access is Access.NONE:
             raise Refusal(404, f"no job {job_id} that this token may see")
-        return caller, job
+        return caller, job, access
 
     # --- requests ---
 
@@ -104,6 +108,7 @@ class JobsApi:
                      cluster=submission.cluster, repository=repository, commit=commit)
         job = await self._jobs.run(self._jobs.file.submit, new)
         self._wakeups.notify(JOBS_CHANGED)
+        self._wakeups.notify(LIST_CHANGED)
         log.info("api job queued", job=job.id, issuer=caller.issuer, owners=list(new.owner_keys),
                  cluster=job.cluster, repository=job.repository, commit=job.commit, name=submission.spec.name)
         url = protocol.job_url(self._public_url, job.id)
@@ -127,18 +132,19 @@ class JobsApi:
         return web.json_response({"jobs": [job.view(self._public_url) for job in jobs], "next": following})
 
     async def _show(self, request: web.Request) -> web.Response:
-        _, job = await self._visible_job(request)
+        _, job, _ = await self._visible_job(request)
         return web.json_response(job.view(self._public_url))
 
     async def _cancel(self, request: web.Request) -> web.Response:
-        caller, job = await self._visible_job(request)
-        job = await self._jobs.run(self._jobs.file.request_cancel, job.id)
-        self._wakeups.notify(job_changed(job.id))
+        caller, job, access = await self._visible_job(request)
+        if access is not Access.CANCEL:
+            raise Refusal(403, NOT_CANCELLABLE.format(job_id=job.id))
+        job = await cancel_job(self._jobs, self._wakeups, job.id)
         log.info("api job cancel requested", job=job.id, issuer=caller.issuer, state=job.state)
         return web.json_response(job.view(self._public_url), status=202)
 
     async def _log(self, request: web.Request) -> web.StreamResponse:
-        _, job = await self._visible_job(request)
+        _, job, _ = await self._visible_job(request)
         try:
             offset = protocol.parse_offset(request.query.get("offset"))
             follow = protocol.parse_flag(request.query.get("follow"), name="follow")
@@ -163,6 +169,14 @@ class JobsApi:
             await wait_for_change(changed, MAX_WAIT_SECONDS)
         await response.write_eof()
         return response
+
+
+async def cancel_job(jobs: StateThread[JobStore], wakeups: Wakeups, job_id: str) -> StoredJob:
+    """Ask for the job's cancel (a queued job nobody holds ends at once) and wake its followers:
+    its agent learns of it when it next asks. Whether the caller may is the caller's to check."""
+    job = await jobs.run(jobs.file.request_cancel, job_id)
+    notify_state(wakeups, job.id)
+    return job
 
 
 def _answering(handler: Handler) -> Handler:

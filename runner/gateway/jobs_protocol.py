@@ -23,9 +23,15 @@ Agents (authenticated by their agent token, as for webhook leases):
 
 where <agent view> is {"id", "state", "cancel_requested", "log_length"}.
 
-A registration (`{"job", "identity", "cluster", "repository"?, "commit"?, "created"?}`) puts a job
-of the agent's other sources (Buildkite, GitHub, its local queue) on the hub under the agent's own
-job id, to publish its state and log as those of an API job; the job is the registering agent's.
+A registration (`{"job", "identity", "cluster", "repository"?, "commit"?, "created"?, "source"?,
+"source_label"?, "source_url"?}`) puts a job of the agent's other sources (Buildkite, GitHub, its
+local queue) on the hub under the agent's own job id, to publish its state and log as those of an
+API job; the job is the registering agent's. `source` names the agent's source, `source_label` and
+`source_url` where the job came from ("O/R#12" and its pull request), for the hub's pages.
+
+A state publication may name, beside the account's `admins`, its `members` (the principal
+patterns of the grants that spend the account: they may see the job at the hub, not cancel it)
+and a `state_reason` (why a queued or pending job waits).
 
 An agent's lease on a job lasts `seconds` until the agent publishes the job's first state (any
 state, `queued` included): from then on the job is that agent's for good, since handing a job
@@ -73,9 +79,10 @@ CLUSTER_PATTERN = re.compile(NAME_PATTERN)
 SUBMISSION_FIELDS = ("job", "cluster", "repository", "commit")
 # What an agent may say in a state publication; each is optional but `state`, and one left out
 # keeps what the hub holds.
-STATE_FIELDS = ("state", "exit_status", "reasons", "account", "grant", "admins", "slurm_job_id",
-                "started", "ended")
-REGISTRATION_FIELDS = ("job", "identity", "cluster", "repository", "commit", "created")
+STATE_FIELDS = ("state", "exit_status", "reasons", "account", "grant", "admins", "members", "slurm_job_id",
+                "started", "ended", "state_reason")
+REGISTRATION_FIELDS = ("job", "identity", "cluster", "repository", "commit", "created", "source",
+                       "source_label", "source_url")
 STATES = tuple(state.value for state in JobState)
 TERMINAL = frozenset(state.value for state in TERMINAL_STATES)
 # The view of a job that GET answers (and the job.state hooks will carry).
@@ -86,6 +93,12 @@ _SLURM_JOB_ID = re.compile(r"[0-9]{1,20}(?:[_+][0-9]{1,20})?")
 MAX_REASONS = 64
 MAX_REASON_CHARS = 2000
 MAX_ADMINS = 256
+MAX_MEMBERS = 256
+MAX_STATE_REASON_CHARS = 500
+MAX_SOURCE_LABEL_CHARS = 200
+MAX_URL_CHARS = 2048
+# The name of an agent's source (`github`, `buildkite`, `local`); `api` is the hub's own.
+_SOURCE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 def job_path(job_id: str) -> str:
@@ -178,16 +191,19 @@ class StateUpdate:
     account: str | None = None
     grant: str | None = None
     admins: tuple[str, ...] = ()
+    members: tuple[str, ...] = ()
     slurm_job_id: str | None = None
     started: float | None = None
     ended: float | None = None
+    state_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The publication's body (only the fields it names)."""
         full: dict[str, Any] = {
             "state": self.state, "exit_status": self.exit_status, "reasons": list(self.reasons),
             "account": self.account, "grant": self.grant, "admins": list(self.admins),
-            "slurm_job_id": self.slurm_job_id,
+            "members": list(self.members), "slurm_job_id": self.slurm_job_id,
+            "state_reason": self.state_reason,
             "started": None if self.started is None else format_time(self.started),
             "ended": None if self.ended is None else format_time(self.ended),
         }
@@ -235,6 +251,8 @@ def parse_state_update(body: object) -> StateUpdate:
     values["exit_status"] = exit_status
     values["reasons"] = _strings(data.get("reasons"), "reasons", MAX_REASONS, MAX_REASON_CHARS)
     values["admins"] = _strings(data.get("admins"), "admins", MAX_ADMINS, 256)
+    values["members"] = _strings(data.get("members"), "members", MAX_MEMBERS, 256)
+    values["state_reason"] = _line_or_none(data.get("state_reason"), "state_reason", MAX_STATE_REASON_CHARS)
     for key in ("account", "grant"):
         value = data.get(key)
         if value is not None and (not isinstance(value, str) or not re.fullmatch(NAME_PATTERN, value)):
@@ -261,6 +279,13 @@ def _strings(value: object, name: str, most: int, longest: int) -> tuple[str, ..
     return tuple(value)
 
 
+def _line_or_none(value: object, name: str, longest: int) -> str | None:
+    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= longest
+                              or any(ord(ch) < 0x20 for ch in value)):
+        raise ValueError(f"{name} must be a single line of at most {longest} characters, or null")
+    return value
+
+
 # --- a job of the agent's other sources ---
 
 @dataclass(frozen=True)
@@ -271,14 +296,21 @@ class Registration:
     repository: str | None
     commit: str | None
     created: float | None
+    source: str | None = None           # the agent's source that took the job
+    source_label: str | None = None     # where it came from, in words ("O/R#12")
+    source_url: str | None = None       # and a link there (the pull request, the Buildkite job)
 
 
 def registration_body(job: Mapping[str, Any], identity: Identity, cluster: str, *,
                       repository: str | None = None, commit: str | None = None,
-                      created: float | None = None) -> dict[str, Any]:
+                      created: float | None = None, source: str | None = None,
+                      source_label: str | None = None, source_url: str | None = None) -> dict[str, Any]:
     """The body of a registration, checked as the hub checks it: for the agents' client."""
     body = {"job": dict(job), "identity": identity.to_json(), "cluster": cluster, "repository": repository,
             "commit": commit, "created": None if created is None else format_time(created)}
+    # Named only when known, so that a hub of before these fields takes the registration as it did.
+    body |= {key: value for key, value in (("source", source), ("source_label", source_label),
+                                           ("source_url", source_url)) if value is not None}
     parse_registration(body)
     return body
 
@@ -301,8 +333,17 @@ def parse_registration(body: object) -> Registration:
                                   or any(ord(ch) < 0x20 for ch in value)):
             raise ValueError(f"{key} must be a single line of at most 512 characters, or null")
     created = _time_or_none(data.get("created"), "created")
+    source = data.get("source")
+    if source is not None and (not isinstance(source, str) or not _SOURCE_NAME.fullmatch(source)):
+        raise ValueError("source must be the name of the agent's source (\"github\", \"local\"), or null")
+    source_url = _line_or_none(data.get("source_url"), "source_url", MAX_URL_CHARS)
+    if source_url is not None and not source_url.startswith(("https://", "http://")):
+        raise ValueError("source_url must be an http(s) URL, or null")
     return Registration(job=job, identity=identity, cluster=cluster, repository=texts["repository"],
-                        commit=texts["commit"], created=created)
+                        commit=texts["commit"], created=created, source=source,
+                        source_label=_line_or_none(data.get("source_label"), "source_label",
+                                                   MAX_SOURCE_LABEL_CHARS),
+                        source_url=source_url)
 
 
 def _time_or_none(value: object, name: str) -> float | None:

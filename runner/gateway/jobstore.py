@@ -10,6 +10,11 @@ verify itself; it leaves this file only in a lease answer). Agents lease queued 
 cluster; the first state an agent publishes makes the job that agent's for good (see
 `jobs_protocol`). An agent also registers the jobs of its other sources (origin `agent`), which
 are its own from the start, to publish them alike.
+Who may see and cancel a job is kept as keys with their roles (`job_access`, see `access`): its
+owners when it is stored, its account's admins and members as its agent publishes them.
+Beside what the API answers, each job keeps what the hub's pages list and filter by (its name,
+source, actor, a link back to where it came from, why it waits), in columns with indexes, so a
+page of the newest jobs a viewer may see is read without reading the others (`page`).
 The log is bytes appended at offsets: an append at an offset already held is idempotent (the
 bytes it repeats must be those held), one past the end leaves a gap and is refused, so the hub
 holds the log byte-exact whoever restarted.
@@ -28,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runner.errors import InputError
 from runner.gateway import outbox
-from runner.gateway.access import admin_keys
+from runner.gateway.access import ADMIN, MEMBER, OWNER, admin_keys, member_keys
 from runner.gateway.jobs_protocol import (
     MAX_LOG_BYTES,
     TERMINAL,
@@ -38,6 +44,7 @@ from runner.gateway.jobs_protocol import (
     job_url,
 )
 from runner.gateway.protocol import format_time
+from runner.identity import identity_from_json
 from runner.job import new_job_id
 from runner.sqlitefile import StateFile, StoreError, decode_object, encode_json, open_database
 
@@ -91,8 +98,56 @@ CREATE TABLE log_chunks (
 ) WITHOUT ROWID;
 """
 
+# What the pages list and filter by, and the members of a job's account (a third role of
+# `job_access`, whose CHECK a table can only change by being rebuilt). The jobs stored before are
+# given their name, source, actor and label from what they hold, as new ones are (`_insert`).
+_MIGRATION_3 = """
+ALTER TABLE jobs ADD COLUMN name TEXT;
+ALTER TABLE jobs ADD COLUMN source TEXT;
+ALTER TABLE jobs ADD COLUMN actor TEXT;
+ALTER TABLE jobs ADD COLUMN source_label TEXT;
+ALTER TABLE jobs ADD COLUMN source_url TEXT;
+ALTER TABLE jobs ADD COLUMN state_reason TEXT;
+ALTER TABLE jobs ADD COLUMN members TEXT NOT NULL DEFAULT '[]';
+UPDATE jobs SET
+    name = json_extract(job, '$.name'),
+    source = CASE origin WHEN 'api' THEN 'api' ELSE json_extract(identity, '$.source') END,
+    actor = CASE
+        WHEN json_extract(identity, '$.source') IN ('github', 'gitlab')
+             AND json_extract(identity, '$.actor') IS NOT NULL
+            THEN json_extract(identity, '$.source') || ':user:' || json_extract(identity, '$.actor')
+        WHEN json_extract(identity, '$.source') = 'buildkite'
+             AND json_extract(identity, '$.pipeline') IS NOT NULL
+            THEN 'buildkite:pipeline:' || json_extract(identity, '$.organization') || '/'
+                 || json_extract(identity, '$.pipeline')
+        WHEN json_extract(identity, '$.source') IN ('local', 'idp')
+             AND json_extract(identity, '$.user') IS NOT NULL
+            THEN json_extract(identity, '$.source') || ':user:' || json_extract(identity, '$.user')
+        ELSE coalesce(json_extract(principals, '$[0]'), json_extract(identity, '$.source') || ':unknown')
+    END,
+    source_label = CASE
+        WHEN origin = 'api' THEN issuer
+        WHEN json_extract(identity, '$.source') = 'buildkite'
+            THEN json_extract(identity, '$.organization') || '/' || json_extract(identity, '$.pipeline')
+        ELSE coalesce(repository, json_extract(identity, '$.source'))
+    END;
+CREATE TABLE job_access_roles (
+    key      TEXT NOT NULL,
+    job_seq  INTEGER NOT NULL REFERENCES jobs (seq),
+    role     TEXT NOT NULL CHECK (role IN ('owner', 'admin', 'member')),
+    PRIMARY KEY (key, job_seq, role)
+) WITHOUT ROWID;
+INSERT INTO job_access_roles (key, job_seq, role) SELECT key, job_seq, role FROM job_access;
+DROP TABLE job_access;
+ALTER TABLE job_access_roles RENAME TO job_access;
+CREATE INDEX job_access_by_job ON job_access (job_seq);
+CREATE INDEX jobs_by_state ON jobs (state, seq);
+CREATE INDEX jobs_by_account ON jobs (account, seq);
+CREATE INDEX jobs_by_source ON jobs (source, seq);
+"""
+
 # Index i migrates from schema version i to i + 1. Only ever append.
-MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, outbox.MIGRATION)
+MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, outbox.MIGRATION, _MIGRATION_3)
 
 # The reasons of a job cancelled before any agent took it.
 _CANCELLED_WAITING = json.dumps(["cancelled through the API before an agent took it"])
@@ -131,6 +186,9 @@ class NewJob:
     commit: str | None
     issuer: str | None = None       # API jobs: the [[oidc]] table that verified the token
     token: str | None = None        # API jobs: the submitter's token
+    source: str | None = None       # agents' jobs: the agent's source (API jobs: "api")
+    source_label: str | None = None  # where it came from, in words (API jobs: the issuer)
+    source_url: str | None = None   # and a link there
 
 
 @dataclass(frozen=True)
@@ -160,11 +218,23 @@ class StoredJob:
     lease_agent: str | None
     accepted: bool
     log_length: int
-    access_keys: tuple[str, ...]
+    access: tuple[tuple[str, str], ...]     # (role, key): who may see and cancel it (`access`)
+    name: str | None = None
+    source: str | None = None
+    actor: str | None = None
+    source_label: str | None = None
+    source_url: str | None = None
+    state_reason: str | None = None
+    members: tuple[str, ...] = ()
 
     @property
     def ended_for_good(self) -> bool:
         return self.state in TERMINAL
+
+    @property
+    def access_keys(self) -> tuple[str, ...]:
+        """Every key that may see the job."""
+        return tuple(sorted({key for _, key in self.access}))
 
     def view(self, public_url: str) -> dict[str, Any]:
         """What `GET /api/v1/jobs/ID` answers."""
@@ -185,7 +255,53 @@ class StoredJob:
 
 _JOB_COLUMNS = ("seq, id, job, identity, principals, origin, issuer, cluster, repository, commit_sha, state,"
                 " exit_status, reasons, account, grant_name, admins, slurm_job_id, created, started, ended,"
-                " cancel_requested, lease_agent, accepted_at, log_length")
+                " cancel_requested, lease_agent, accepted_at, log_length, name, source, actor, source_label,"
+                " source_url, state_reason, members")
+# What a row of the pages' list needs.
+CARD_COLUMNS = ("id, name, state, state_reason, account, cluster, source, source_label, source_url, actor,"
+                " slurm_job_id, created, started, ended, accepted_at")
+# The accounts a list offers to filter by, at most.
+MAX_LISTED_ACCOUNTS = 200
+_VISIBLE = "seq IN (SELECT job_seq FROM job_access WHERE key IN ({marks}))"
+
+
+@dataclass(frozen=True)
+class ListFilter:
+    """What a page of the list keeps: any of `states`, one account and source, and `text` within the
+    name, id, actor, repository or source label (without regard to case)."""
+
+    states: tuple[str, ...] = ()
+    account: str | None = None
+    source: str | None = None
+    text: str | None = None
+
+
+def page_query(keys: Sequence[str], where: ListFilter, *, upper: int,
+               limit: int) -> tuple[str, tuple[Any, ...]]:
+    """The SQL (and its parameters) of the newest `limit` jobs below seq `upper` that share a key
+    with `keys` and pass `where`: newest first along the primary key, so that a page reads about as
+    many rows as it shows (see `JobStore.page`)."""
+    clauses = [_VISIBLE.format(marks=", ".join("?" * len(keys))), "seq < ?"]
+    params: list[Any] = [*keys, upper]
+    if where.states:
+        clauses.append(f"state IN ({', '.join('?' * len(where.states))})")
+        params += where.states
+    for column, value in (("account", where.account), ("source", where.source)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if where.text:
+        pattern = "%" + where.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        texts = ("name", "id", "actor", "repository", "source_label")
+        clauses.append("(" + " OR ".join(f"{column} LIKE ? ESCAPE '\\'" for column in texts) + ")")
+        params += [pattern] * len(texts)
+    # SQLite gathers the seqs the keys may see from job_access's primary key (no job is read for
+    # that), then looks the jobs up by seq, newest first, until the page is full: never a job the
+    # viewer may not see. A filter with an index of its own (a state, an account, a source) may
+    # be read from that index instead.
+    sql = (f"SELECT {CARD_COLUMNS} FROM jobs WHERE {' AND '.join(clauses)}"
+           " ORDER BY seq DESC LIMIT ?")
+    return sql, (*params, limit)
 
 
 def _strings(text: str, what: str) -> tuple[str, ...]:
@@ -240,15 +356,22 @@ class JobStore(StateFile):
 
     def _insert(self, conn: sqlite3.Connection, job_id: str, new: NewJob, *, origin: str, created: float,
                 agent: str | None = None) -> None:
+        name = new.job.get("name")
+        source = "api" if origin == "api" else (new.source or str(new.identity.get("source")))
+        label = (new.issuer if origin == "api"
+                 else new.source_label or _label_of(new.identity, new.repository))
         cursor = conn.execute(
             "INSERT INTO jobs (id, job, identity, principals, origin, issuer, token, cluster, repository,"
-            " commit_sha, created, lease_agent, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " commit_sha, created, lease_agent, accepted_at, name, source, actor, source_label, source_url)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job_id, _job_text(new.job), encode_json(new.identity, "the identity"),
              json.dumps(list(new.principals)), origin, new.issuer, new.token, new.cluster, new.repository,
-             new.commit, created, agent, None if agent is None else self._clock()))
+             new.commit, created, agent, None if agent is None else self._clock(),
+             name if isinstance(name, str) else None, source, _actor_of(new.identity, new.principals), label,
+             new.source_url))
         assert cursor.lastrowid is not None
-        conn.executemany("INSERT INTO job_access (key, job_seq, role) VALUES (?, ?, 'owner')",
-                         [(key, cursor.lastrowid) for key in new.owner_keys])
+        conn.executemany("INSERT INTO job_access (key, job_seq, role) VALUES (?, ?, ?)",
+                         [(key, cursor.lastrowid, OWNER) for key in new.owner_keys])
 
     def get(self, job_id: str) -> StoredJob | None:
         try:
@@ -268,10 +391,33 @@ class JobStore(StateFile):
             upper = int(rows[0]["seq"])
         marks = ", ".join("?" * len(keys))
         rows = self._read(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE seq < ? AND seq IN"
-            f" (SELECT job_seq FROM job_access WHERE key IN ({marks})) ORDER BY seq DESC LIMIT ?",
-            (upper, *keys, limit))
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE seq < ? AND {_VISIBLE.format(marks=marks)}"
+            " ORDER BY seq DESC LIMIT ?", (upper, *keys, limit))
         return [self._from_row(self._conn, row) for row in rows]
+
+    def page(self, keys: Sequence[str], where: ListFilter, *, limit: int,
+             before: str | None = None) -> list[sqlite3.Row]:
+        """The list's rows (`CARD_COLUMNS`) of the newest `limit` jobs sharing a key with `keys` that
+        pass `where`, older than job `before` if given (JobNotFound if there is no such job)."""
+        if not keys:
+            return []
+        upper = 2**63 - 1
+        if before is not None:
+            rows = self._read("SELECT seq FROM jobs WHERE id = ?", (before,))
+            if not rows:
+                raise JobNotFound(before)
+            upper = int(rows[0]["seq"])
+        return self._read(*page_query(keys, where, upper=upper, limit=limit))
+
+    def visible_accounts(self, keys: Sequence[str], *, limit: int = MAX_LISTED_ACCOUNTS) -> list[str]:
+        """The accounts of the jobs sharing a key with `keys` (in order, at most `limit`)."""
+        if not keys:
+            return []
+        marks = ", ".join("?" * len(keys))
+        rows = self._read(
+            f"SELECT DISTINCT account FROM jobs WHERE account IS NOT NULL AND {_VISIBLE.format(marks=marks)}"
+            " ORDER BY account LIMIT ?", (*keys, limit))
+        return [str(row["account"]) for row in rows]
 
     def request_cancel(self, job_id: str) -> StoredJob:
         """Ask for the job to be cancelled; a queued job no agent holds ends cancelled at once."""
@@ -381,6 +527,8 @@ class JobStore(StateFile):
                     ("reasons", "reasons", json.dumps(list(update.reasons))),
                     ("account", "account", update.account), ("grant", "grant_name", update.grant),
                     ("admins", "admins", json.dumps(list(update.admins))),
+                    ("members", "members", json.dumps(list(update.members))),
+                    ("state_reason", "state_reason", update.state_reason),
                     ("slurm_job_id", "slurm_job_id", update.slurm_job_id),
                     ("started", "started", update.started), ("ended", "ended", update.ended)):
                 if key in given:
@@ -392,14 +540,16 @@ class JobStore(StateFile):
             assignments = ", ".join(f"{column} = ?" for column in changes)
             conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*changes.values(), job_id))
             if "admins" in given:
-                self._replace_admins(conn, job_id, update.admins)
+                self._replace_keys(conn, job_id, ADMIN, admin_keys(update.admins))
+            if "members" in given:
+                self._replace_keys(conn, job_id, MEMBER, member_keys(update.members))
             return self._announced_if_changed(conn, job)
 
-    def _replace_admins(self, conn: sqlite3.Connection, job_id: str, admins: Sequence[str]) -> None:
-        seq = conn.execute("SELECT seq FROM jobs WHERE id = ?", (job_id,)).fetchone()["seq"]
-        conn.execute("DELETE FROM job_access WHERE job_seq = ? AND role = 'admin'", (seq,))
-        conn.executemany("INSERT OR IGNORE INTO job_access (key, job_seq, role) VALUES (?, ?, 'admin')",
-                         [(key, seq) for key in admin_keys(admins)])
+    def _replace_keys(self, conn: sqlite3.Connection, job_id: str, role: str, keys: Sequence[str]) -> None:
+        seq = self._seq(conn, job_id)
+        conn.execute("DELETE FROM job_access WHERE job_seq = ? AND role = ?", (seq, role))
+        conn.executemany("INSERT OR IGNORE INTO job_access (key, job_seq, role) VALUES (?, ?, ?)",
+                         [(key, seq, role) for key in keys])
 
     def append_log(self, job_id: str, agent: str, offset: int, data: bytes) -> int:
         """Append `data` at `offset` of the job's log; the log's length afterwards.
@@ -503,8 +653,8 @@ class JobStore(StateFile):
 
     @staticmethod
     def _from_row(conn: sqlite3.Connection, row: sqlite3.Row) -> StoredJob:
-        keys = tuple(str(key) for (key,) in conn.execute(
-            "SELECT DISTINCT key FROM job_access WHERE job_seq = ? ORDER BY key", (row["seq"],)))
+        access = tuple((str(role), str(key)) for role, key in conn.execute(
+            "SELECT role, key FROM job_access WHERE job_seq = ? ORDER BY role, key", (row["seq"],)))
         what = f"job {row['id']}"
         return StoredJob(
             id=row["id"], job=decode_object(row["job"], what), identity=decode_object(row["identity"], what),
@@ -515,7 +665,26 @@ class JobStore(StateFile):
             grant=row["grant_name"], admins=_strings(row["admins"], what), slurm_job_id=row["slurm_job_id"],
             created=float(row["created"]), started=row["started"], ended=row["ended"],
             cancel_requested=bool(row["cancel_requested"]), lease_agent=row["lease_agent"],
-            accepted=row["accepted_at"] is not None, log_length=int(row["log_length"]), access_keys=keys)
+            accepted=row["accepted_at"] is not None, log_length=int(row["log_length"]), access=access,
+            name=row["name"], source=row["source"], actor=row["actor"], source_label=row["source_label"],
+            source_url=row["source_url"], state_reason=row["state_reason"],
+            members=_strings(row["members"], what))
+
+
+def _actor_of(identity: dict[str, Any], principals: Sequence[str]) -> str | None:
+    """Who set the job off (`Identity.actor_principal`), or its first principal if the identity
+    cannot be read back."""
+    try:
+        return identity_from_json(identity, "the identity").actor_principal
+    except InputError:
+        return principals[0] if principals else None
+
+
+def _label_of(identity: dict[str, Any], repository: str | None) -> str | None:
+    """Where a job came from when its agent did not say (as migration 3 says it of older jobs)."""
+    if identity.get("source") == "buildkite" and identity.get("pipeline"):
+        return f"{identity.get('organization')}/{identity['pipeline']}"
+    return repository or (str(identity["source"]) if identity.get("source") else None)
 
 
 def _job_text(job: dict[str, Any]) -> str:

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-from runner.gateway.access import admin_keys, caller_keys, may_access, owner_keys
+from runner.gateway.access import (
+    ADMIN,
+    MEMBER,
+    OWNER,
+    Access,
+    access_of,
+    admin_keys,
+    caller_keys,
+    may_access,
+    member_keys,
+    owner_keys,
+)
 from runner.principals import parse_principal
 
 
@@ -49,3 +60,13 @@ def test_admin_keys_match_exactly_what_the_policy_matches(pattern: str, principa
 def test_an_admin_that_is_no_principal_is_refused() -> None:
     with pytest.raises(ValueError, match=r"admins: .*unknown principal type"):
         admin_keys(["github:account:x"])
+
+
+def test_members_see_owners_and_admins_also_cancel_everyone_else_neither() -> None:
+    job = ((OWNER, "github:repo:clima/x.jl"), (ADMIN, "github:team:clima/leads"),
+           (MEMBER, "github:repo:clima/*"))
+    assert access_of(job, caller_keys(["github:repo:CliMA/X.jl"])) is Access.CANCEL
+    assert access_of(job, caller_keys(["github:team:CliMA/Leads"])) is Access.CANCEL
+    assert access_of(job, caller_keys(["github:repo:CliMA/Y.jl"])) is Access.SEE
+    assert access_of(job, caller_keys(["github:repo:Other/X.jl", "github:org:CliMA"])) is Access.NONE
+    assert member_keys(["github:repo:CliMA/*"]) == ("github:repo:clima/*",)

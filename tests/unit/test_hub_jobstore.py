@@ -3,6 +3,7 @@ logs held byte-exact through repeated, gapped and overlapping appends and a reop
 
 from __future__ import annotations
 
+import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,19 +12,21 @@ from typing import Any
 import pytest
 from fakes.github_api import ManualClock
 
-from runner.gateway.access import caller_keys, owner_keys
-from runner.gateway.jobs_protocol import MAX_LOG_BYTES, parse_state_update
+from runner.gateway.access import Access, access_of, caller_keys, member_keys, owner_keys
+from runner.gateway.jobs_protocol import MAX_LOG_BYTES, VIEW_FIELDS, parse_state_update
 from runner.gateway.jobstore import (
     DB_FILENAME,
     MIGRATIONS,
     Conflict,
     JobNotFound,
     JobStore,
+    ListFilter,
     LogFull,
     NewJob,
     NotHeld,
+    page_query,
 )
-from runner.sqlitefile import StoreError
+from runner.sqlitefile import StoreError, open_database
 
 REPO = "github:repo:CliMA/Oceananigans.jl"
 JOB = {"name": "unit", "image": "julia", "command": ["julia", "-e", "1+1"]}
@@ -245,3 +248,160 @@ def test_an_api_job_needs_its_token_and_issuer(store: JobStore) -> None:
     with pytest.raises(StoreError, match="token"):
         store.submit(NewJob(job=dict(JOB), identity={}, principals=(), owner_keys=(), cluster=None,
                             repository=None, commit=None))
+
+
+# --- members, and what the pages list ---
+
+def test_members_of_the_account_see_a_job_and_only_its_owners_and_admins_may_cancel_it(
+        store: JobStore) -> None:
+    job_id = taken(store)
+    store.publish_state(job_id, "login-a", parse_state_update(
+        {"state": "running", "account": "clima", "admins": ["github:team:CliMA/leads"],
+         "members": ["github:repo:CliMA/*", "github:team:CliMA/ocean"], "state_reason": None}))
+    job = store.get(job_id)
+    assert job is not None and job.members == ("github:repo:CliMA/*", "github:team:CliMA/ocean")
+    member = caller_keys(["github:org:CliMA", "github:repo:CliMA/ClimaCore.jl"])
+    assert access_of(job.access, member) is Access.SEE
+    assert access_of(job.access, caller_keys([REPO])) is Access.CANCEL
+    assert access_of(job.access, caller_keys(["github:team:clima/Leads"])) is Access.CANCEL
+    assert access_of(job.access, caller_keys(["github:repo:Other/Thing"])) is Access.NONE
+    assert [seen.id for seen in store.visible(member, limit=10)] == [job_id]
+    # A later publication names the members anew: those no longer named no longer see the job.
+    store.publish_state(job_id, "login-a", parse_state_update({"state": "running", "members": []}))
+    assert store.visible(member, limit=10) == []
+    with pytest.raises(ValueError, match="members: "):
+        member_keys(["github:account:x"])
+
+
+def test_a_job_keeps_its_name_source_actor_and_link_and_why_it_waits(store: JobStore) -> None:
+    api = store.submit(new_job())
+    assert (api.name, api.source, api.actor, api.source_label, api.source_url) == (
+        "unit", "api", "github:org:CliMA", "github", None)
+    identity = {"source": "github", "repository": "CliMA/X.jl", "actor": "octocat",
+                "ref": "refs/pull/12/head"}
+    registered = NewJob(job=dict(JOB, name="docs"), identity=identity, principals=("github:repo:CliMA/X.jl",),
+                        owner_keys=("github:repo:clima/x.jl",), cluster="hpc1", repository="CliMA/X.jl",
+                        commit=None, source="github", source_label="CliMA/X.jl#12",
+                        source_url="https://github.com/CliMA/X.jl/pull/12")
+    job, _ = store.register("01abcdefghjkm", "login-a", registered)
+    assert (job.name, job.source, job.actor, job.source_label, job.source_url) == (
+        "docs", "github", "github:user:octocat", "CliMA/X.jl#12", "https://github.com/CliMA/X.jl/pull/12")
+    store.publish_state(job.id, "login-a", parse_state_update(
+        {"state": "pending", "state_reason": "queued in Slurm", "slurm_job_id": "42"}))
+    assert store.get(job.id).state_reason == "queued in Slurm"   # type: ignore[union-attr]
+    # The REST view stays as it was.
+    assert set(store.get(job.id).view("https://hub.example.org")) == set(VIEW_FIELDS)  # type: ignore[union-attr]
+
+
+def test_a_store_of_schema_2_keeps_its_jobs_visible_with_their_list_columns(state_dir: Path) -> None:
+    conn = open_database(state_dir / DB_FILENAME, MIGRATIONS[:2], what="hub job store", holds="jobs")
+    identity = '{"actor":"octocat","repository":"CliMA/X.jl","source":"github"}'
+    conn.execute("INSERT INTO jobs (seq, id, job, identity, principals, origin, issuer, token, cluster,"
+                 " repository, state, account, admins, created)"
+                 " VALUES (1, '01abcdefghjkm', ?, ?, ?, 'api', 'gha', 't', 'hpc1', 'CliMA/X.jl', 'running',"
+                 " 'clima', '[\"github:team:CliMA/leads\"]', 5)",
+                 ('{"name":"unit","image":"julia","resources":{"nodes":2}}', identity,
+                  '["github:repo:CliMA/X.jl","github:user:octocat"]'))
+    conn.execute("INSERT INTO jobs (seq, id, job, identity, principals, origin, cluster, state, created,"
+                 " lease_agent) VALUES (2, '01abcdefghjkn', ?, ?, '[\"buildkite:org:clima\"]', 'agent',"
+                 " 'hpc1', 'queued', 6, 'login-a')",
+                 ('{"name":"bk","image":"julia"}',
+                  '{"organization":"clima","pipeline":"ocean","source":"buildkite"}'))
+    conn.executemany("INSERT INTO job_access (key, job_seq, role) VALUES (?, ?, ?)",
+                     [("github:repo:clima/x.jl", 1, "owner"), ("github:team:clima/leads", 1, "admin"),
+                      ("buildkite:pipeline:clima/ocean", 2, "owner")])
+    conn.commit()
+    conn.close()
+
+    with JobStore.open(state_dir) as store:
+        assert store.schema_version() == len(MIGRATIONS)
+        first, second = store.get("01abcdefghjkm"), store.get("01abcdefghjkn")
+        assert first is not None and second is not None
+        assert (first.name, first.source, first.actor, first.source_label) == (
+            "unit", "api", "github:user:octocat", "gha")
+        assert (second.name, second.source, second.actor, second.source_label) == (
+            "bk", "buildkite", "buildkite:pipeline:clima/ocean", "clima/ocean")
+        assert access_of(first.access, caller_keys(["github:team:CliMA/leads"])) is Access.CANCEL
+        own = caller_keys(["github:repo:CliMA/X.jl"])
+        assert [job.id for job in store.visible(own, limit=5)] == [first.id]
+        assert [row["id"] for row in store.page(caller_keys(["buildkite:pipeline:clima/ocean"]), ListFilter(),
+                                                limit=5)] == [second.id]
+        # The rebuilt access table takes the new role.
+        store.publish_state(second.id, "login-a", parse_state_update(
+            {"state": "running", "members": ["github:team:CliMA/ocean"]}))
+        assert store.visible(caller_keys(["github:team:CliMA/ocean"]), limit=5)[0].id == second.id
+
+
+# 10 000 jobs: one in ten of repository B, states, accounts and sources in turn.
+MANY = 10_000
+_STATES = ("queued", "running", "succeeded", "failed")
+
+
+def _many(i: int) -> dict[str, Any]:
+    return {"id": f"01m{i:010d}", "repo": "b" if i % 10 == 0 else "a", "state": _STATES[i % 4],
+            "account": f"acct{i % 3}", "source": "github" if i % 2 else "api", "name": f"Job-{i}"}
+
+
+@pytest.fixture(scope="module")
+def many_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    state_dir = tmp_path_factory.mktemp("many") / "hub-state"
+    with JobStore.open(state_dir):
+        pass
+    conn = sqlite3.connect(state_dir / DB_FILENAME)
+    with conn:
+        for i in range(1, MANY + 1):
+            job = _many(i)
+            conn.execute(
+                "INSERT INTO jobs (seq, id, job, identity, principals, origin, cluster, repository, state,"
+                " account, created, name, source, actor)"
+                " VALUES (?, ?, '{}', '{}', '[]', 'api', 'hpc1', ?, ?, ?, ?, ?, ?, ?)",
+                (i, job["id"], f"CliMA/{job['repo'].upper()}", job["state"], job["account"], i, job["name"],
+                 job["source"], f"github:user:u{i % 7}"))
+            conn.execute("INSERT INTO job_access (key, job_seq, role) VALUES (?, ?, 'owner')",
+                         (f"github:repo:clima/{job['repo']}", i))
+    conn.close()
+    return state_dir
+
+
+def _walk(store: JobStore, keys: tuple[str, ...], where: ListFilter, limit: int = 50) -> list[str]:
+    """Every page from the newest on, each starting after the last id of the one before."""
+    found: list[str] = []
+    before = None
+    while True:
+        rows = store.page(keys, where, limit=limit, before=before)
+        found += [row["id"] for row in rows]
+        if len(rows) < limit:
+            return found
+        before = rows[-1]["id"]
+
+
+def test_pages_of_10000_jobs_are_filtered_and_cut_newest_first(many_dir: Path) -> None:
+    b = caller_keys(["github:repo:CliMA/B"])
+    expected = [_many(i)["id"] for i in range(MANY, 0, -1) if _many(i)["repo"] == "b"]
+    with JobStore.open(many_dir) as store:
+        assert _walk(store, b, ListFilter()) == expected
+        where = ListFilter(states=("running", "failed"), account="acct1", source="github")
+        assert _walk(store, caller_keys(["github:repo:CliMA/A"]), where, limit=37) == [
+            _many(i)["id"] for i in range(MANY, 0, -1) if _many(i)["repo"] == "a"
+            and _many(i)["state"] in where.states and _many(i)["account"] == "acct1"
+            and _many(i)["source"] == "github"]
+        # The text is looked for in the name, id, actor and repository, without regard to case.
+        assert _walk(store, b, ListFilter(text="job-999")) == ["01m0000009990"]
+        assert len(_walk(store, b, ListFilter(text="clima/b"))) == MANY // 10
+        assert _walk(store, b, ListFilter(text="%")) == [] and _walk(store, b, ListFilter(text="_")) == []
+        assert store.page(caller_keys(["github:repo:CliMA/C"]), ListFilter(), limit=50) == []
+        assert store.visible_accounts(b) == ["acct0", "acct1", "acct2"]
+
+
+@pytest.mark.parametrize("where", [ListFilter(), ListFilter(states=("running",)), ListFilter(account="acct1"),
+                                   ListFilter(source="api", text="job")])
+def test_a_page_is_read_through_indexes_not_by_scanning_the_jobs(many_dir: Path, where: ListFilter) -> None:
+    sql, params = page_query(caller_keys(["github:repo:CliMA/A"]), where, upper=2**63 - 1, limit=50)
+    conn = sqlite3.connect(many_dir / DB_FILENAME)
+    try:
+        plan = [str(row[3]) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+    finally:
+        conn.close()
+    assert any(step.startswith("SEARCH jobs USING") for step in plan), plan
+    assert any("job_access USING PRIMARY KEY (key=?)" in step for step in plan), plan
+    assert not any(step.startswith("SCAN") for step in plan), plan

@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 import runner.lifecycle.driver as driver_module
 from runner.agent import Agent
 from runner.config import AgentConfig, GithubConfig
+from runner.gateway.access import Access, access_of, caller_keys
 from runner.gateway.callers import authenticator
 from runner.gateway.jobs_protocol import job_url
 from runner.gateway.jobstore import JobStore, StoredJob
@@ -30,7 +31,13 @@ from runner.lifecycle.prepare import job_dir
 from runner.oidc.verify import TokenVerifier
 from runner.site_policy import load_site_policy
 from runner.sources.api.client import HubClient
-from runner.sources.api.publish import HubPublisher, hub_page_template, hub_pages, hub_public_url
+from runner.sources.api.publish import (
+    HubPublisher,
+    hub_page_template,
+    hub_pages,
+    hub_public_url,
+    source_link,
+)
 from runner.sources.api.published import PublishedState
 from runner.store import Store
 
@@ -188,6 +195,47 @@ async def test_a_local_queue_jobs_states_and_log_reach_the_hub_byte_exact(hub: H
     assert log == node.log_path(record.id).read_bytes()
     assert log.endswith(b"\x00\xff\n")
     assert node.publisher is not None and node.publisher.state.open_jobs() == []
+
+
+async def test_the_hub_shows_a_local_jobs_name_source_actor_members_and_why_it_waits(hub: Hub,
+                                                                                     node: Node) -> None:
+    node.start()
+    running = [await node.submit() for _ in range(2)]
+    waiting = await node.submit()           # the agent runs two at a time: this one waits its turn
+    await wait_until(lambda: all(record.id in node.executor.started for record in running),
+                     "two jobs to start")
+
+    def queued_at_hub() -> StoredJob | None:
+        held = hub.job(waiting.id)[0]
+        return held if held is not None and held.account is not None else None
+    held = await wait_until(queued_at_hub, "the waiting job's state at the hub")
+    assert (held.state, held.state_reason) == ("queued", "waiting for a free slot on the agent")
+    assert (held.name, held.source, held.actor, held.source_label, held.source_url) == (
+        "job", "local", "local:user:alice", "local", None)
+    # The members of its account (its grants' principals) may see it at the hub, not cancel it.
+    assert held.members == ("local:group:esm",)
+    assert access_of(held.access, caller_keys(["local:group:esm"])) is Access.SEE
+
+    for record in running:
+        node.executor.release(record.id)
+    await wait_until(lambda: waiting.id in node.executor.started, "the waiting job to start")
+    await wait_until(lambda: (hub.job(waiting.id)[0] or held).state == "running", "running at the hub")
+    assert (hub.job(waiting.id)[0] or held).state_reason is None
+    node.executor.release(waiting.id)
+    await ended_at_hub(hub, waiting.id)
+
+
+def test_a_ci_job_links_back_to_where_it_came_from() -> None:
+    pull = Identity(source="github", repository=REPO, actor="octocat", ref="refs/pull/12/head",
+                    commit="a" * 40)
+    assert source_link("github", pull) == (f"{REPO}#12", f"https://github.com/{REPO}/pull/12")
+    push = replace(pull, ref="refs/heads/main")
+    assert source_link("github", push) == (f"{REPO}@{'a' * 12}",
+                                           f"https://github.com/{REPO}/commit/{'a' * 40}")
+    assert source_link("github", pull, github_web_url=None) == (f"{REPO}#12", None)
+    pipeline = Identity(source="buildkite", organization="clima", pipeline="ocean", branch="main")
+    assert source_link("buildkite", pipeline) == ("clima/ocean", None)
+    assert source_link("local", Identity(source="local", user="alice")) == ("local", None)
 
 
 async def test_a_denied_job_reaches_the_hub_with_every_reason(hub: Hub, node: Node) -> None:

@@ -256,6 +256,36 @@ async def test_another_repositorys_token_gets_404_and_the_accounts_admins_see_th
     assert [job["id"] for job in listing["jobs"]] == [job_id]
 
 
+async def test_members_of_the_account_see_the_job_and_may_not_cancel_it_others_get_404(hub: Hub) -> None:
+    job_id = (await hub.submit())["id"]
+    assert await hub.lease(cluster="hpc1") is not None
+    assert (await hub.publish(job_id, "running", account="clima", admins=("github:team:CliMA/leads",),
+                              members=("github:repo:CliMA/ClimaCore.jl",)))[0] == 200
+    await hub.append(job_id, 0, b"step 1\n")
+    member = hub.token("CliMA/ClimaCore.jl")
+    status, view, _ = await hub.call("GET", f"/api/v1/jobs/{job_id}", token=member)
+    assert (status, view["state"], view["account"]) == (200, "running", "clima")
+    assert (await hub.call("GET", f"/api/v1/jobs/{job_id}/log", token=member))[2] == b"step 1\n"
+    assert [job["id"] for job in (await hub.call("GET", "/api/v1/jobs", token=member))[1]["jobs"]] == [job_id]
+    status, answer, _ = await hub.call("DELETE", f"/api/v1/jobs/{job_id}", token=member)
+    assert status == 403
+    assert answer["error"] == f"only its submitter and its account's admins may cancel job {job_id}"
+    agent_view = (await hub.call("GET", protocol.agent_job_path(job_id), agent=TOKEN_A))[1]
+    assert agent_view["cancel_requested"] is False
+
+    # A member of another account: no such job, in the list or by its id.
+    other = hub.token("Ocean/Model.jl")
+    for method, path in (("GET", f"/api/v1/jobs/{job_id}"), ("GET", f"/api/v1/jobs/{job_id}/log"),
+                         ("DELETE", f"/api/v1/jobs/{job_id}")):
+        assert (await hub.call(method, path, token=other))[0] == 404, (method, path)
+    assert (await hub.call("GET", "/api/v1/jobs", token=other))[1]["jobs"] == []
+
+    # Its submitter cancels it.
+    status, view, _ = await hub.call("DELETE", f"/api/v1/jobs/{job_id}", token=hub.token())
+    assert (status, view["state"]) == (202, "running")
+    assert (await hub.call("GET", protocol.agent_job_path(job_id), agent=TOKEN_A))[1]["cancel_requested"]
+
+
 async def test_the_list_is_paginated_newest_first(hub: Hub) -> None:
     ids = [(await hub.submit())["id"] for _ in range(5)]
     _, page, _ = await hub.call("GET", "/api/v1/jobs?limit=2", token=hub.token())

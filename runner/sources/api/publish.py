@@ -9,7 +9,8 @@ it
 1. remembers it (`published`), before anything goes out;
 2. registers it at the hub under the agent's own job id (`registration_body`: its job table,
    the identity its source verified, the agent's cluster, the repository and commit where the
-   identity names them), a registration repeated after a restart being harmless;
+   identity names them, the source that took it and where it came from, `source_link`), a
+   registration repeated after a restart being harmless;
 3. publishes its states and its log through the API source's `HubReport`, from the length of the
    log the hub holds, until the job ends; then the rest of the log and its final state. Meanwhile
    it asks the hub whether the job's cancel was asked for there (`DELETE /api/v1/jobs/ID` by
@@ -25,13 +26,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 from runner.config import GithubConfig
 from runner.errors import InputError
 from runner.gateway.jobs_protocol import JOB_PAGE_PATH, registration_body
-from runner.identity import identity_from_json
+from runner.identity import Identity, identity_from_json
 from runner.job import Ended, JobRecord
 from runner.lifecycle.admission import Admissions
 from runner.lifecycle.driver import JobDriver
@@ -47,6 +49,31 @@ from runner.spec import spec_from_json
 from runner.tasks import TaskSet
 
 log = get_logger("runner.sources.api")
+
+
+# Where GitHub's pages are, for the links to a job's pull request or commit.
+GITHUB_WEB_URL = "https://github.com"
+_PULL_REF = re.compile(r"refs/pull/([0-9]{1,12})/(?:head|merge)")
+
+
+def source_link(source: str, identity: Identity, *,
+                github_web_url: str | None = GITHUB_WEB_URL) -> tuple[str | None, str | None]:
+    """Where a job of `source` came from, in words and as a link (None when there is none): a
+    GitHub job's pull request (`O/R#12`) or commit, a Buildkite job's pipeline, the local queue."""
+    if source == "github" and identity.repository:
+        number = _PULL_REF.fullmatch(identity.ref or "")
+        base = None if github_web_url is None else f"{github_web_url.rstrip('/')}/{identity.repository}"
+        if number:
+            return (f"{identity.repository}#{number.group(1)}",
+                    None if base is None else f"{base}/pull/{number.group(1)}")
+        if identity.commit:
+            return (f"{identity.repository}@{identity.commit[:12]}",
+                    None if base is None else f"{base}/commit/{identity.commit}")
+        return identity.repository, base
+    if source == "buildkite" and identity.organization and identity.pipeline:
+        # The build's number and URL are the Buildkite source's (its accept answer), not the record's.
+        return f"{identity.organization}/{identity.pipeline}", None
+    return source, None
 
 
 # How long a starting agent waits for the hub to say its public address before it links to its
@@ -83,13 +110,16 @@ class HubPublisher:
 
     `job` reads the agent's record of a job, `log_path` where its log is, `policy` the policy now
     in force (for the account's admins the hub is told of), `cancel` cancels a job whose cancel
-    was asked for at the hub (asked every `cancel_interval` seconds while the job runs)."""
+    was asked for at the hub (asked every `cancel_interval` seconds while the job runs).
+    `github_web_url` is where the links to GitHub jobs' pull requests point (None: no link)."""
 
     def __init__(self, client: HubClient, state: PublishedState, *, cluster: str,
                  job: Callable[[str], JobRecord | None], log_path: Callable[[JobRecord], Path],
                  policy: Callable[[], Policy], cancel: Callable[[str], None],
-                 cancel_interval: float = CANCEL_POLL_SECONDS) -> None:
+                 cancel_interval: float = CANCEL_POLL_SECONDS,
+                 github_web_url: str | None = GITHUB_WEB_URL) -> None:
         self.client = client
+        self.github_web_url = github_web_url
         self._cancel = cancel
         self.cancel_interval = cancel_interval
         self.state = state
@@ -194,9 +224,11 @@ class HubPublisher:
         """Register the job at the hub; False when the hub will never take it."""
         try:
             identity = identity_from_json(record.identity, f"job {record.id}")
+            label, url = source_link(record.source, identity, github_web_url=self.github_web_url)
             body = registration_body(spec_from_json(record.spec, f"job {record.id}").to_table(), identity,
                                      self.cluster, repository=identity.repository, commit=identity.commit,
-                                     created=record.created_at)
+                                     created=record.created_at, source=record.source, source_label=label,
+                                     source_url=url)
         except (InputError, ValueError) as exc:
             log.error("the job cannot be registered at the hub", job=record.id, error=str(exc))
             return False

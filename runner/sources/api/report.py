@@ -10,7 +10,8 @@ at the hub until the job ends has all of it.
 
 States are published as the agent records them (`on_change`), one after another; each carries the
 policy's decision (account, grant, the account's admins, who may see and cancel the job at the
-hub), the Slurm job id once there is one, and at the end the exit status and why it ended. A hub
+hub, and its members, the principals of the grants that spend it, who may see it), why a waiting
+job waits, the Slurm job id once there is one, and at the end the exit status and why it ended. A hub
 out of reach is tried again with a growing pause: nothing is dropped, the job runs on meanwhile.
 """
 
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from runner.gateway.jobs_protocol import MAX_REASON_CHARS, MAX_REASONS, state_body
+from runner.gateway.jobs_protocol import MAX_MEMBERS, MAX_REASON_CHARS, MAX_REASONS, state_body
 from runner.job import JobRecord, JobState
 from runner.logging_setup import get_logger
 from runner.logs.tail import pump
@@ -35,6 +36,11 @@ from runner.sources.api.client import HubClient, HubRefused
 from runner.sources.github.gateway_client import GatewayError
 
 log = get_logger("runner.sources.api")
+
+# Why a job waits, as the agent knows it: its own queue (its slots, the account's concurrent jobs),
+# or Slurm's, whose reason (Priority, Resources...) the executor writes into the job's log.
+WAITING_REASONS = {JobState.queued: "waiting for a free slot on the agent",
+                   JobState.pending: "queued in Slurm"}
 
 # How often the hub is asked whether a running job's cancel was asked for.
 CANCEL_POLL_SECONDS = 5.0
@@ -53,7 +59,9 @@ def state_fields(record: JobRecord, policy: Policy) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "account": account, "grant": decision.get("grant"),
         "admins": [str(pattern) for pattern in policy.admins_of(account)] if account else [],
+        "members": members_of(policy, account) if account else [],
         "slurm_job_id": record.slurm_id,
+        "state_reason": WAITING_REASONS.get(record.state),
     }
     if record.state.is_terminal:
         exit_status = record.exit_status
@@ -62,6 +70,14 @@ def state_fields(record: JobRecord, policy: Policy) -> dict[str, Any]:
         if record.finished_at is not None:
             fields["ended"] = record.finished_at
     return fields
+
+
+def members_of(policy: Policy, account: str) -> list[str]:
+    """The principal patterns of the grants that spend `account`: who may see its jobs at the hub.
+    Past the protocol's bound the rest are left out (fewer see the job, never more)."""
+    patterns = {str(pattern) for grant in policy.grants if grant.account == account
+                for pattern in grant.principals}
+    return sorted(patterns)[:MAX_MEMBERS]
 
 
 def _reasons(record: JobRecord) -> list[str]:
