@@ -5,6 +5,7 @@ delivery's signature with its own copy of the secret, as a GitHub webhook receiv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -54,32 +55,46 @@ class Receiver:
     failed: int = 0
     hold: asyncio.Event | None = None     # the first request waits for it before answering
     held: bool = False
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    # An event, not a condition: a condition's wait cancelled by a timeout while a request notifies
+    # it can hang re-acquiring its lock (Python 3.11's asyncio), which stalled this test for good.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         if self.hold is not None and not self.held:
             self.held = True
             await self.hold.wait()
-        async with self.changed:
-            self.changed.notify_all()
-            if self.failing or self.fail_first > 0:
-                self.fail_first -= 1
-                self.failed += 1
-                return web.Response(status=500, text="not now")
-            expected = "sha256=" + hmac.new(self.secret, body, hashlib.sha256).hexdigest()
-            if not hmac.compare_digest(expected, request.headers.get(SIGNATURE_HEADER, "")):
-                self.refused.append((request.headers.get(SIGNATURE_HEADER, ""), body))
-                return web.Response(status=401, text="bad signature")
-            self.taken.append(json.loads(body))
-            self.raw.append(body)
-            self.deliveries.append(request.headers[DELIVERY_HEADER])
-            self.headers.append(dict(request.headers))
-            return web.Response(status=204)
+        try:
+            return self._answer(request, body)
+        finally:
+            self.changed.set()
+
+    def _answer(self, request: web.Request, body: bytes) -> web.Response:
+        if self.failing or self.fail_first > 0:
+            self.fail_first -= 1
+            self.failed += 1
+            return web.Response(status=500, text="not now")
+        expected = "sha256=" + hmac.new(self.secret, body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, request.headers.get(SIGNATURE_HEADER, "")):
+            self.refused.append((request.headers.get(SIGNATURE_HEADER, ""), body))
+            return web.Response(status=401, text="bad signature")
+        self.taken.append(json.loads(body))
+        self.raw.append(body)
+        self.deliveries.append(request.headers[DELIVERY_HEADER])
+        self.headers.append(dict(request.headers))
+        return web.Response(status=204)
 
     async def until(self, done: Callable[[], bool]) -> None:
-        async with self.changed:
-            await asyncio.wait_for(self.changed.wait_for(done), WAIT_SECONDS)
+        deadline = asyncio.get_running_loop().time() + WAIT_SECONDS
+        while not done():
+            self.changed.clear()
+            if done():
+                return
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                pytest.fail("the hook receiver did not get what the test waited for")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
 
     def states(self, job_id: str | None = None) -> list[str]:
         return [body["job"]["state"] for body in self.taken if job_id is None or body["job"]["id"] == job_id]
