@@ -41,7 +41,11 @@ class TaskSet:
 
 
 async def pause(seconds: float, *events: asyncio.Event) -> None:
-    """Wait `seconds`, or less when one of `events` (the agent's draining, say) is set meanwhile."""
+    """Wait `seconds`, or less when one of `events` (the agent's draining, say) is set meanwhile.
+
+    Rather than `asyncio.wait_for(event.wait(), seconds)`: in Python 3.11 a task cancelled while
+    in that wait, as the event is set, can stay stuck cancelling for good (a hub's hook deliverer
+    did so when the hub stopped); `asyncio.wait` takes a cancel as it comes."""
     if not events:
         await asyncio.sleep(seconds)
         return

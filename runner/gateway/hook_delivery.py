@@ -23,6 +23,7 @@ from runner.gateway.outbox import HookEvent
 from runner.gateway.statethread import StateThread
 from runner.logging_setup import get_logger
 from runner.sqlitefile import StoreError
+from runner.tasks import pause
 
 log = get_logger("runner.gateway.hooks")
 
@@ -86,8 +87,7 @@ class HookDeliverer:
             except StoreError as exc:
                 log.error("cannot read the hooks' outbox", error=str(exc))
                 wait = _LONGEST_IDLE_SECONDS
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), wait)
+            await pause(wait, self._changed)
 
     async def _start_due(self) -> float:
         """Send what is due and free to go; the seconds until something else may be."""

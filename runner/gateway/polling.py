@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+
+from runner.tasks import pause
 
 T = TypeVar("T")
 
@@ -54,8 +55,7 @@ class Wakeups:
 
 async def wait_for_change(event: asyncio.Event, seconds: float) -> None:
     """Until `event` is set or `seconds` passed, whichever comes first."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), min(max(seconds, 0.0), _LONGEST_SLEEP_SECONDS))
+    await pause(min(max(seconds, 0.0), _LONGEST_SLEEP_SECONDS), event)
 
 
 async def long_poll(wakeups: Wakeups, key: str, wait: float,

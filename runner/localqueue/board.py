@@ -16,7 +16,6 @@ grows shows up within that time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import pwd
 from pathlib import Path
@@ -26,6 +25,7 @@ from runner.errors import InputError
 from runner.identity import Identity, identity_from_json
 from runner.job import JobRecord, JobState
 from runner.store import JobFilter, Visible
+from runner.tasks import pause
 from runner.units import human_duration, slurm_memory
 from runner.web.board import (
     JobCard,
@@ -180,14 +180,13 @@ class AgentBoard:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(self._log_poll, remaining))
+            await pause(min(self._log_poll, remaining), changed)
+            if changed.is_set():
                 return
 
     async def wait_for_jobs(self, timeout: float) -> None:
         changed = self._any_change
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), timeout)
+        await pause(timeout, changed)
 
     def _changed(self, job_id: str) -> None:
         """Wake whoever waits for a change of this job, or of any job."""

@@ -22,7 +22,7 @@ from runner.localqueue.protocol import MAX_REQUEST_BYTES, ProtocolError, decode_
 from runner.logging_setup import ConditionLog, get_logger
 from runner.logs.tail import follow
 from runner.spec import JobSpec, parse_job_text
-from runner.tasks import TaskSet
+from runner.tasks import TaskSet, pause
 from runner.tomlsource import check_size
 
 log = get_logger("runner.localqueue")
@@ -99,8 +99,7 @@ class LocalQueueServer:
                 self._accept_failures.occurred(errno.errorcode.get(exc.errno or 0, str(exc.errno)),
                                                "local queue cannot accept connections", error=str(exc))
                 self._connection_closed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._connection_closed.wait(), ACCEPT_RETRY_SECONDS)
+                await pause(ACCEPT_RETRY_SECONDS, self._connection_closed)
                 continue
             for condition in self._accept_failures.active():
                 self._accept_failures.ended(condition, "local queue accepts connections again",

@@ -36,6 +36,7 @@ from runner.executors.slurm.states import (
     report_from_record,
 )
 from runner.job import Outcome
+from runner.tasks import pause
 
 __all__ = [
     "DEFAULT_INTERVAL_SECONDS",
@@ -222,8 +223,7 @@ class Tracker:
         if self._sleep is not None:
             await self._sleep(delay)
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), delay)
+        await pause(delay, self._wake)
 
     async def poll_once(self) -> float:
         """One cycle: query, interpret, emit. Returns the delay until the next cycle."""
