@@ -31,6 +31,8 @@ from runner.logging_setup import get_logger
 from runner.oidc.verify import TokenVerifier
 from runner.secrets import SecretFileError, read_secret_file
 from runner.sqlitefile import StoreError
+from runner.web.login import Login
+from runner.web.sessions import load_session_key
 
 log = get_logger("runner.gateway")
 
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         tokens = load_agent_tokens(hub.agent_tokens_file)
         jobs_api = _jobs_api(config, hub)
         hooks = read_hook_secrets(config)
-    except (_Refusal, InputError, SecretFileError) as exc:
+    except (_Refusal, InputError, SecretFileError, StoreError) as exc:
         print(f"hpc-runner: refusing to start the {name}: {exc}", file=sys.stderr)
         return exitcodes.INVALID_INPUT
     return asyncio.run(serve(hub, secret, tokens, jobs_api=jobs_api, hooks=hooks, name=name))
@@ -90,7 +92,10 @@ def _jobs_api(config: AgentConfig, hub: HubConfig) -> JobsApiSettings | None:
     if not config.oidc:
         raise _Refusal(f"[{hub.section}] public_url serves the jobs API, whose callers are known by their "
                        "OIDC ID tokens: add an [[oidc]] table for each issuer to trust")
-    return JobsApiSettings(public_url=hub.public_url, authenticate=authenticator(TokenVerifier(config.oidc)))
+    # The dashboard's pages are served with the API; people log in at [login]'s provider.
+    login = None if hub.login is None else Login(hub.login, hub.public_url)
+    return JobsApiSettings(public_url=hub.public_url, authenticate=authenticator(TokenVerifier(config.oidc)),
+                           session_key=load_session_key(hub.state_dir), login=login)
 
 
 def read_hook_secrets(config: AgentConfig) -> list[HookTarget]:

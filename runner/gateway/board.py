@@ -158,5 +158,5 @@ def resources_of(job: Mapping[str, Any]) -> Resources:
     per_node = whole("tasks_per_node")
     if tasks is None and per_node is not None:
         tasks = (whole("nodes") or 1) * per_node
-    return Resources(nodes=whole("nodes"), ntasks=tasks, cpus_per_task=whole("cpus_per_task"),
+    return Resources(nodes=whole("nodes"), tasks=tasks, cpus_per_task=whole("cpus_per_task"),
                      gpus=whole("gpus"), memory=text("memory"), time=text("time"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from aiohttp import web
 from runner.gateway import protocol
 from runner.gateway.agent_jobs_api import AgentJobsApi
 from runner.gateway.answers import agent_unauthorized, error, stopping
+from runner.gateway.board import HubBoard
 from runner.gateway.callers import Authenticate
 from runner.gateway.hook_delivery import HookDeliverer
 from runner.gateway.hooks import DEFAULT_SCHEDULE, HookTarget, RetrySchedule, outbox_entries
@@ -43,6 +45,11 @@ from runner.gateway.webhook import (
 )
 from runner.logging_setup import get_logger
 from runner.sqlitefile import StoreError
+from runner.web.board import Viewer
+from runner.web.login import Login
+from runner.web.pages import Dashboard
+from runner.web.security import add_security_headers
+from runner.web.sessions import setup_sessions
 
 log = get_logger("runner.gateway")
 
@@ -56,10 +63,17 @@ _SHUTDOWN_TIMEOUT_SECONDS = 10.0
 @dataclass(frozen=True)
 class JobsApiSettings:
     """What serving the jobs API takes: the hub's public URL (for jobs' `url`) and a way to verify
-    a token into a caller."""
+    a token into a caller; and for its dashboard, the key of the session cookies and the login at
+    the site's provider (None: nobody can log in, and the pages say so)."""
 
     public_url: str
     authenticate: Authenticate
+    session_key: bytes | None = None
+    login: Login | None = None
+
+
+async def _nobody(request: web.Request) -> Viewer | None:
+    return None
 
 
 class GatewayServer:
@@ -114,6 +128,7 @@ class GatewayServer:
         if self._jobs_api is not None:
             JobsApi(jobs=self._jobs_thread, wakeups=self._wakeups, authenticate=self._jobs_api.authenticate,
                     public_url=self._jobs_api.public_url).add_routes(app)
+            self._add_dashboard(app, self._jobs_api)
         # An agent that hangs up ends its long poll at once; its request must not lease anything.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                                      shutdown_timeout=_SHUTDOWN_TIMEOUT_SECONDS)
@@ -129,6 +144,21 @@ class GatewayServer:
         self._pruner = asyncio.create_task(self._prune_periodically())
         if self._deliverer is not None:
             await self._deliverer.start()
+
+    def _add_dashboard(self, app: web.Application, settings: JobsApiSettings) -> None:
+        """The dashboard's pages at the public URL's root, for people logged in at `[login]`."""
+        if settings.session_key is None:
+            return
+        login = settings.login
+        setup_sessions(app, settings.session_key,
+                       secure=settings.public_url.startswith("https://"))
+        add_security_headers(app)
+        host = urllib.parse.urlsplit(settings.public_url).hostname or "hub"
+        Dashboard(HubBoard(self._jobs_thread, self._wakeups), login.viewer if login is not None else _nobody,
+                  site_name=host, login_path="/login" if login is not None else None,
+                  logout=login is not None).add_routes(app)
+        if login is not None:
+            login.add_routes(app)
 
     @property
     def port(self) -> int:

@@ -247,13 +247,13 @@ def _resources(record: JobRecord) -> Resources:
     as its spec says."""
     slurm = (record.decision or {}).get("slurm")
     if isinstance(slurm, dict):
-        return Resources(nodes=_whole(slurm.get("nodes")), ntasks=_whole(slurm.get("tasks")),
+        return Resources(nodes=_whole(slurm.get("nodes")), tasks=_whole(slurm.get("tasks")),
                          cpus_per_task=_whole(slurm.get("cpus_per_task")), gpus=_whole(slurm.get("gpus")),
                          memory=_text(slurm.get("memory")), time=_text(slurm.get("time")))
     asked = record.spec.get("resources")
     asked = asked if isinstance(asked, dict) else {}
     memory, seconds = _whole(asked.get("memory_mb")), _whole(asked.get("time_seconds"))
-    return Resources(nodes=_whole(asked.get("nodes")), ntasks=_whole(asked.get("tasks")),
+    return Resources(nodes=_whole(asked.get("nodes")), tasks=_whole(asked.get("tasks")),
                      cpus_per_task=_whole(asked.get("cpus_per_task")), gpus=_whole(asked.get("gpus")),
                      memory=slurm_memory(memory) if memory is not None else None,
                      time=human_duration(seconds) if seconds is not None else None)

@@ -76,7 +76,7 @@ class JobCard:
 @dataclass(frozen=True)
 class Resources:
     nodes: int | None = None
-    ntasks: int | None = None
+    tasks: int | None = None
     cpus_per_task: int | None = None
     gpus: int | None = None
     memory: str | None = None

@@ -319,7 +319,7 @@ class Dashboard:
             body = static_file(name)
         except KeyError:
             raise web.HTTPNotFound() from None
-        kind = "text/css" if name.endswith(".css") else "text/javascript"
+        kind = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}[name[name.rindex("."):]]
         # Named by content digest: a new version has a new URL.
         return web.Response(body=body, content_type=kind,
                             headers={"Cache-Control": "public, max-age=31536000, immutable"})

@@ -19,7 +19,7 @@ import jinja2
 from runner.web.board import JobCard, Resources
 from runner.web.logview import LogLine, ansi_stylesheet, blocks_of
 
-STATIC_FILES = ("dashboard.css", "dashboard.js")
+STATIC_FILES = ("dashboard.css", "dashboard.js", "favicon.svg")
 
 
 def _when(value: float | None) -> str:
@@ -61,7 +61,7 @@ def _size(value: int) -> str:
 
 def _resources(value: Resources) -> str:
     parts = [f"{count} {name}" for count, name in (
-        (value.nodes, "node(s)"), (value.ntasks, "task(s)"), (value.cpus_per_task, "CPU(s) per task"),
+        (value.nodes, "node(s)"), (value.tasks, "task(s)"), (value.cpus_per_task, "CPU(s) per task"),
         (value.gpus, "GPU(s)")) if count]
     if value.memory:
         parts.append(f"{value.memory} memory")

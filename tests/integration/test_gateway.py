@@ -58,9 +58,10 @@ class Site:
         return f"http://127.0.0.1:{self.port}"
 
     def write(self, *, secret: str = SECRET, tokens: str = f"login-1:{TOKEN}\n",
-              section: bool = True, issuer: str | None = None) -> None:
+              section: bool = True, issuer: str | None = None, public_url: str = "https://hub.example.org",
+              extra: str = "") -> None:
         """A `[gateway]` section as before; with `issuer`, a `[hub]` section serving the jobs API
-        to tokens of that issuer."""
+        to tokens of that issuer at `public_url`; `extra` (more tables) after it."""
         write_secret(self.secret_file, secret + "\n")
         write_secret(self.tokens_file, tokens)
         gateway = f"""
@@ -71,7 +72,7 @@ agent_tokens_file = "{self.tokens_file}"
 state_dir = "{self.state_dir}"
 """
         if issuer is not None:
-            gateway += f"""public_url = "https://hub.example.org"
+            gateway += f"""public_url = "{public_url}"
 
 [[oidc]]
 name = "github-actions"
@@ -79,7 +80,8 @@ issuer = "{issuer}"
 audience = "hpc-runner"
 kind = "github"
 """
-        self.config.write_text(f'state_dir = "{self.root / "agent-state"}"\n' + (gateway if section else ""))
+        agent = f'state_dir = "{self.root / "agent-state"}"\n'
+        self.config.write_text(agent + (gateway if section else "") + extra)
 
 
 def write_secret(path: Path, text: str) -> None:
