@@ -64,6 +64,7 @@ HEARTBEAT_SECONDS = 15.0
 JOBS_EVENT_SECONDS = 1.0
 
 _ID = JOB_ID_PATTERN.pattern
+_CONTENT_TYPES = {"css": "text/css", "js": "text/javascript", "svg": "image/svg+xml"}
 
 
 @dataclass(frozen=True)
@@ -319,7 +320,7 @@ class Dashboard:
             body = static_file(name)
         except KeyError:
             raise web.HTTPNotFound() from None
-        kind = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}[name[name.rindex("."):]]
+        kind = _CONTENT_TYPES[name.rsplit(".", 1)[-1]]
         # Named by content digest: a new version has a new URL.
         return web.Response(body=body, content_type=kind,
                             headers={"Cache-Control": "public, max-age=31536000, immutable"})

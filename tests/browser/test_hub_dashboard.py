@@ -66,7 +66,8 @@ class HubDashboard:
         async def publish() -> None:
             await self.agent.register(job_id, body)
             await self.agent.publish(job_id, state, account=account, grant=f"{account}-grant",
-                                     admins=[f"idp:user:{admin}"], members=[f"idp:group:{group}"], slurm_job_id="4711")
+                                     admins=[f"idp:user:{admin}"], members=[f"idp:group:{group}"],
+                                     slurm_job_id="4711")
             await self.agent.append_log(job_id, 0, log)
         self.loop.run(publish())
         self.logs[job_id] = log
