@@ -77,7 +77,8 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
                                      source_states.enter_context(PublishedState.open(config.state_dir)),
                                      cluster=config.api.cluster, job=agent.job,
                                      log_path=agent.driver.log_path, policy=lambda: agent.policy,
-                                     cancel=agent.cancel_from_hub)
+                                     cancel=agent.cancel_from_hub,
+                                     redacted_vars=config.buildkite.redacted_vars if config.buildkite else ())
             publisher.attach(agent.admissions, agent.driver)
         # Before the socket announces the agent: a SIGTERM from then on must drain, not kill it.
         agent.install_signal_handlers()

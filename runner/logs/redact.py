@@ -64,6 +64,13 @@ def secret_values(env: Mapping[str, str], patterns: Sequence[str]) -> list[str]:
     return list(values)
 
 
+def redact_env(env: Mapping[str, str], patterns: Sequence[str],
+               replacement: str = "[REDACTED]") -> dict[str, str]:
+    """`env` with the values of the variables the patterns name replaced, whatever their length."""
+    secret = {name for name, _ in _matching(env, patterns)}
+    return {name: replacement if name in secret else value for name, value in env.items()}
+
+
 def short_secret_names(env: Mapping[str, str], patterns: Sequence[str]) -> list[str]:
     """Names that match a pattern but whose non-empty value is too short to redact, for a warning."""
     return [name for name, value in _matching(env, patterns) if 0 < len(_encode(value)) < MIN_SECRET_BYTES]

@@ -8,6 +8,7 @@ run's "details" link on the hub's page of the job.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from runner.sources.api.publish import (
     source_link,
 )
 from runner.sources.api.published import PublishedState
+from runner.spec import JobSpec
 from runner.store import Store
 
 from .github_site import REPO, github_site
@@ -127,11 +129,11 @@ class Node:
                 part.close()
         self.agent = None
 
-    async def submit(self, *, identity: Identity = ALICE) -> JobRecord:
+    async def submit(self, *, identity: Identity = ALICE, spec: JobSpec | None = None) -> JobRecord:
         assert self.agent is not None
         workspace = self.root / "workspace"
         workspace.mkdir(exist_ok=True)
-        record, _ = await self.agent.submit(identity, job(), workspace, submitter_uid=None)
+        record, _ = await self.agent.submit(identity, spec or job(), workspace, submitter_uid=None)
         return record
 
     def log_path(self, job_id: str) -> Path:
@@ -236,6 +238,28 @@ def test_a_ci_job_links_back_to_where_it_came_from() -> None:
     pipeline = Identity(source="buildkite", organization="clima", pipeline="ocean", branch="main")
     assert source_link("buildkite", pipeline) == ("clima/ocean", None)
     assert source_link("local", Identity(source="local", user="alice")) == ("local", None)
+
+
+async def test_the_jobs_secrets_never_reach_the_hub_and_the_log_keeps_its_offsets(
+        hub: Hub, node: Node) -> None:
+    node.start()
+    secret = "ghp_0123456789abcdefSECRET"
+    spec = dataclasses.replace(job(), env=(("DEPLOY_TOKEN", secret), ("GREETING", "hello")))
+    record = await node.submit(spec=spec)
+    await wait_until(lambda: record.id in node.executor.started, "the job to start")
+    # The secret cut across two writes, the second a while later: what may begin it waits.
+    node.write(record.id, b"token is " + secret[:10].encode())
+    await wait_until(lambda: len(hub.job(record.id)[1]) >= len(b"token is "), "the line's start at the hub")
+    node.write(record.id, secret[10:].encode() + b"; again " + secret.encode() + b"\n")
+    node.executor.release(record.id)
+
+    held, log = await ended_at_hub(hub, record.id)
+
+    written = node.log_path(record.id).read_bytes()
+    assert secret.encode() in written and secret.encode() not in log and secret[:10].encode() not in log
+    assert len(log) == len(written)
+    assert log == written.replace(secret.encode(), b"*" * len(secret))
+    assert held.job["env"] == {"DEPLOY_TOKEN": "[REDACTED]", "GREETING": "hello"}
 
 
 async def test_a_denied_job_reaches_the_hub_with_every_reason(hub: Hub, node: Node) -> None:

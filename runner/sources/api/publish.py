@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from runner.config import GithubConfig
@@ -38,11 +38,12 @@ from runner.job import Ended, JobRecord
 from runner.lifecycle.admission import Admissions
 from runner.lifecycle.driver import JobDriver
 from runner.logging_setup import get_logger
+from runner.logs.redact import redact_env
 from runner.logs.tail import pump
 from runner.policy import Policy
 from runner.sources.api.client import HubClient, HubRefused
 from runner.sources.api.published import PublishedJob, PublishedState
-from runner.sources.api.report import CANCEL_POLL_SECONDS, HubReport
+from runner.sources.api.report import CANCEL_POLL_SECONDS, HubReport, job_secrets
 from runner.sources.api.translate import SOURCE as API_SOURCE
 from runner.sources.github.gateway_client import GatewayAuthError
 from runner.spec import spec_from_json
@@ -117,8 +118,9 @@ class HubPublisher:
                  job: Callable[[str], JobRecord | None], log_path: Callable[[JobRecord], Path],
                  policy: Callable[[], Policy], cancel: Callable[[str], None],
                  cancel_interval: float = CANCEL_POLL_SECONDS,
-                 github_web_url: str | None = GITHUB_WEB_URL) -> None:
+                 github_web_url: str | None = GITHUB_WEB_URL, redacted_vars: Sequence[str] = ()) -> None:
         self.client = client
+        self.redacted_vars = tuple(redacted_vars)     # beside the default patterns (a source's own)
         self.github_web_url = github_web_url
         self._cancel = cancel
         self.cancel_interval = cancel_interval
@@ -197,7 +199,7 @@ class HubPublisher:
             return
         job.registered = True
         report = HubReport(self.client, job, state=self.state, log_path=self._log_path(record),
-                           policy=self._policy)
+                           policy=self._policy, secrets=job_secrets(record, self.redacted_vars))
         await report.catch_up()
         record = self._job(job.hub_id) or record
         ended = self._ended[job.hub_id]
@@ -225,7 +227,10 @@ class HubPublisher:
         try:
             identity = identity_from_json(record.identity, f"job {record.id}")
             label, url = source_link(record.source, identity, github_web_url=self.github_web_url)
-            body = registration_body(spec_from_json(record.spec, f"job {record.id}").to_table(), identity,
+            table = spec_from_json(record.spec, f"job {record.id}").to_table()
+            # The job's secrets stay on the cluster: the hub keeps its job table, not its secrets.
+            table["env"] = redact_env(table.get("env", {}), self.redacted_vars)
+            body = registration_body(table, identity,
                                      self.cluster, repository=identity.repository, commit=identity.commit,
                                      created=record.created_at, source=record.source, source_label=label,
                                      source_url=url)

@@ -1,12 +1,14 @@
 """What the hub is told of an API job: each change of its state, in order, and its log, byte-exact.
 
 The log goes to the hub as the agent's job writes it (the sink `JobHost.run` feeds), from the
-offset the hub acknowledged last. The hub keeps a log as bytes at offsets: an append that repeats
-bytes it holds changes nothing, and one past its end is refused with the length it holds. So after
-a restart of either side the agent starts from the hub's length (`AgentView.log_length`), and
-whatever the hub lacks before a chunk (it was restored from an older copy, say) is read again from
-the job's log file. A job's final state goes out after the whole log, so whoever follows the log
-at the hub until the job ends has all of it.
+offset the hub acknowledged last, with the job's secrets (the values of its environment that the
+redaction patterns name) masked in place, byte for byte, so that offsets stay the log file's.
+The hub keeps a log as bytes at offsets: an append that repeats bytes it holds changes nothing,
+and one past its end is refused with the length it holds. So after a restart of either side the
+agent starts from the hub's length (`AgentView.log_length`), and whatever the hub lacks before a
+chunk (it was restored from an older copy, say) is read again from the job's log file. A job's
+final state goes out after the whole log, so whoever follows the log at the hub until the job
+ends has all of it.
 
 States are published as the agent records them (`on_change`), one after another; each carries the
 policy's decision (account, grant, the account's admins, who may see and cancel the job at the
@@ -22,13 +24,14 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from runner.gateway.jobs_protocol import MAX_MEMBERS, MAX_REASON_CHARS, MAX_REASONS, state_body
 from runner.job import JobRecord, JobState
 from runner.logging_setup import get_logger
+from runner.logs.redact import mask_secrets, possible_secret_start, secret_needles, secret_values
 from runner.logs.tail import pump
 from runner.policy import Policy
 from runner.sources import Ended
@@ -124,8 +127,12 @@ class HubReport:
     """The hub's view of one job this agent runs: its states and its log (see the module docstring)."""
 
     def __init__(self, client: HubClient, job: ReportedJob, *, state: OffsetKeeper, log_path: Path,
-                 policy: Callable[[], Policy]) -> None:
+                 policy: Callable[[], Policy], secrets: Sequence[str] = ()) -> None:
         self.client = client
+        # The job's secrets (its environment's values the redaction patterns name) never reach the
+        # hub: masked in place, so the hub's log keeps the job's offsets (see `_masked`).
+        self._needles = secret_needles(secrets)
+        self._final = False                     # the job ended: nothing more comes after the log
         self.job = job
         self.state = state
         self.log_path = log_path
@@ -179,6 +186,7 @@ class HubReport:
 
     async def conclude(self, ended: Ended, record: JobRecord) -> None:
         """The rest of the log, then the final state, once every earlier state went out."""
+        self._final = True
         await self.send_log()
         if self._publishing is not None:
             with contextlib.suppress(Exception):
@@ -211,6 +219,10 @@ class HubReport:
                     return
             else:
                 piece = data[start - offset:start - offset + PIECE_BYTES]
+            if self._needles:
+                piece = await asyncio.to_thread(self._masked, start, piece)
+                if not piece:
+                    return      # what is left may begin a secret: it goes with what follows it
             try:
                 self.acknowledged = await self.client.retrying(
                     functools.partial(self.client.append_log, self.job.hub_id, start, piece), "the job's log")
@@ -257,6 +269,26 @@ class HubReport:
                     cancel.set()
                     return
             await asyncio.sleep(interval)
+
+
+    def _masked(self, start: int, piece: bytes) -> bytes:
+        """`piece` (the log file's bytes from `start`) with the job's secrets masked; while the job
+        runs, without a tail that may begin a secret the file does not hold the rest of yet."""
+        reach = len(self._needles[0]) - 1           # the longest secret's length, less one
+        before = max(0, start - reach)
+        wanted = (start - before) + len(piece) + reach
+        window = _read_range(self.log_path, before, wanted)
+        masked = mask_secrets(window, self._needles)[start - before:start - before + len(piece)]
+        if self._final or len(window) >= wanted:
+            return masked
+        return masked[:max(0, possible_secret_start(window, self._needles) - (start - before))]
+
+
+def job_secrets(record: JobRecord | None, patterns: Sequence[str] = ()) -> list[str]:
+    """The values of the job's environment whose names the redaction patterns name (the defaults,
+    and `patterns`): what its log must not carry to the hub."""
+    env = (record.spec.get("env") if record is not None else None) or {}
+    return secret_values({str(k): str(v) for k, v in env.items()}, patterns) if isinstance(env, dict) else []
 
 
 def _read_range(path: Path, start: int, size: int) -> bytes:

@@ -51,7 +51,7 @@ from runner.sources.api.checkout import (
 from runner.sources.api.client import HubClient, HubRefused
 from runner.sources.api.confirm import confirm
 from runner.sources.api.intake import Intake
-from runner.sources.api.report import CANCEL_POLL_SECONDS, HubReport, end_unrun
+from runner.sources.api.report import CANCEL_POLL_SECONDS, HubReport, end_unrun, job_secrets
 from runner.sources.api.state import ApiJob, ApiState, Phase
 from runner.sources.api.translate import SOURCE, job_spec, translate
 from runner.sources.checkout_failure import end_failed_checkout
@@ -196,8 +196,9 @@ class ApiSource:
         if job.job_id is None:
             job.job_id = admitted.job_id
             self._advance(job, "admitted")
+        record = self.host.job(admitted.job_id)
         report = HubReport(self.client, job, state=self.state, log_path=admitted.log_path,
-                           policy=lambda: self.host.policy)
+                           policy=lambda: self.host.policy, secrets=job_secrets(record))
         cancel = asyncio.Event()
         if await report.catch_up():
             self._cancelled(admitted.job_id, cancel)
