@@ -74,14 +74,31 @@ def issuer() -> Iterator[IssuerThread]:
         yield thread
 
 
-@pytest.fixture
-def hub(tmp_path: Path, unused_tcp_port: int, issuer: IssuerThread) -> Iterator[Site]:
-    site = Site(tmp_path / "hub", unused_tcp_port)
+def hub_site(root: Path, port: int, issuer: IssuerThread) -> Site:
+    """A hub's config in `root` (made here) listening on `port`, serving the jobs API to tokens of
+    the emulator."""
+    site = Site(root, port)
     site.root.mkdir()
     site.write(issuer=issuer.issuer.url)
-    process = GatewayProcess(site, tmp_path / "hub.log", "hub")
+    return site
+
+
+def start_hub(site: Site, log: Path, issuer: IssuerThread) -> GatewayProcess:
+    """`hpc-runner hub` on `site`'s config, once it answers; its stderr appended to `log`."""
+    process = GatewayProcess(site, log, "hub")
     try:
         issuer.run(process.ready())
+    except BaseException:
+        process.kill()
+        raise
+    return process
+
+
+@pytest.fixture
+def hub(tmp_path: Path, unused_tcp_port: int, issuer: IssuerThread) -> Iterator[Site]:
+    site = hub_site(tmp_path / "hub", unused_tcp_port, issuer)
+    process = start_hub(site, tmp_path / "hub.log", issuer)
+    try:
         yield site
     finally:
         process.kill()
@@ -104,8 +121,8 @@ def published_repository(root: Path) -> tuple[Path, str]:
 
 
 def api_site(cluster: Cluster, root: Path, hub: Site, issuer: IssuerThread, *, socket: Path) -> RunnerSite:
-    """An agent through Slurm that leases the hub's API jobs for `CLUSTER`, trusting the emulator's
-    GitHub tokens; repository octo-org/octo-repo may run on account esm."""
+    """An agent through Slurm that leases the hub's API jobs for `CLUSTER`, trusting the GitHub
+    tokens of `issuer`; repository octo-org/octo-repo may run on account esm."""
     site = source_site(
         cluster, root, socket=socket, max_jobs=2,
         grant=toml_table("[[grants]]", name="octo", principals=[f"github:repo:{REPOSITORY}"], account="esm",
