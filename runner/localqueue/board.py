@@ -16,6 +16,7 @@ grows shows up within that time.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import pwd
 from pathlib import Path
@@ -24,6 +25,7 @@ from runner.agent import Agent
 from runner.errors import InputError
 from runner.identity import Identity, identity_from_json
 from runner.job import JobRecord, JobState
+from runner.logs.redact import read_masked, secret_needles, secret_values
 from runner.store import JobFilter, Visible
 from runner.tasks import pause
 from runner.units import human_duration, slurm_memory
@@ -73,6 +75,12 @@ class AgentBoard:
         self._log_poll = log_poll
         self._any_change = asyncio.Event()
         self._job_change: dict[str, asyncio.Event] = {}
+        # What the pages show of a log never holds the job's secrets (as what the hub gets).
+        buildkite = agent.config.buildkite
+        self._redacted_vars = buildkite.redacted_vars if buildkite is not None else ()
+        # Per job, the log's size when a read left out a tail that may begin a secret: a wait for
+        # more of the log waits until the log grows past it.
+        self._held_at: dict[str, int] = {}
         agent.driver.watch_every(lambda record: self._changed(record.id))
         agent.admissions.watch(self._changed)
 
@@ -166,7 +174,17 @@ class AgentBoard:
     async def read_log(self, viewer: Viewer, job_id: str, offset: int, size: int) -> bytes:
         _, record = self._visible_record(viewer, job_id)
         path = self._log_path(record)
-        return await asyncio.to_thread(_pread, path, offset, max(0, min(size, MAX_READ_BYTES)))
+        size = max(0, min(size, MAX_READ_BYTES))
+        env = record.spec.get("env")
+        needles = secret_needles(secret_values(env, self._redacted_vars) if isinstance(env, dict) else [])
+        data = await asyncio.to_thread(read_masked, functools.partial(_pread, path), offset, size, needles,
+                                       final=record.state.is_terminal)
+        available = _size(path)
+        if len(data) < min(size, available - offset):
+            self._held_at[job_id] = available
+        else:
+            self._held_at.pop(job_id, None)
+        return data
 
     async def wait_for_log(self, job_id: str, offset: int, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -176,7 +194,7 @@ class AgentBoard:
         if record is None:
             return
         path = self._log_path(record)
-        while _size(path) <= offset:
+        while _size(path) <= max(offset, self._held_at.get(job_id, 0)):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return

@@ -7,7 +7,7 @@ they may already be on their way to the server.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 
 __all__ = [
@@ -186,3 +186,21 @@ def mask_secrets(buf: bytes, needles: Sequence[bytes]) -> bytes:
             out[at:at + len(needle)] = MASK_BYTE * len(needle)
             at = buf.find(needle, at + 1)
     return bytes(out)
+
+
+def read_masked(read: Callable[[int, int], bytes], start: int, size: int, needles: Sequence[bytes], *,
+                final: bool) -> bytes:
+    """Up to `size` bytes of a log from `start` (`read(offset, size)` reads the log), with every
+    secret masked in place, those that straddle `start` or the end of the read included. Unless
+    the log is `final`, a tail that may begin a secret whose rest is not written yet is left out:
+    it comes with the next read, once the log has grown."""
+    if not needles:
+        return read(start, size)
+    reach = len(needles[0]) - 1                 # the longest secret's length, less one
+    before = max(0, start - reach)
+    wanted = (start - before) + size + reach
+    window = read(before, wanted)
+    masked = mask_secrets(window, needles)[start - before:start - before + size]
+    if final or len(window) >= wanted:
+        return masked
+    return masked[:max(0, possible_secret_start(window, needles) - (start - before))]

@@ -12,6 +12,7 @@ by an injected peer lookup.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import pwd
@@ -254,6 +255,24 @@ async def test_the_log_is_byte_exact_from_any_offset(site: Site) -> None:
             assert await answer.read() == data
         async with client.get(f"{ORIGIN}/api/v1/jobs/{job_id}/log?offset=x") as answer:
             assert answer.status == 400
+
+
+async def test_no_answer_holds_the_jobs_secrets(site: Site) -> None:
+    secret = "s3cr3t-deploy-credential"
+    spec = dataclasses.replace(job("deploy"), env=(("DEPLOY_TOKEN", secret),))
+    job_id = (await site.harness.submit(ROOT, spec)).id
+    await site.harness.wait_started(job_id)
+    site.write_log(job_id, b"using " + secret[:8].encode())      # the rest not written yet
+    async with site.client() as client:
+        async with client.get(f"{ORIGIN}/api/v1/jobs/{job_id}/log") as answer:
+            assert await answer.read() == b"using "
+        site.write_log(job_id, secret[8:].encode() + b" to deploy\n")
+        for path in (f"/api/v1/jobs/{job_id}/log", f"/jobs/{job_id}/log/raw", f"/jobs/{job_id}"):
+            async with client.get(f"{ORIGIN}{path}") as answer:
+                body = await answer.read()
+                assert secret.encode() not in body and secret[:8].encode() not in body, path
+        async with client.get(f"{ORIGIN}/api/v1/jobs/{job_id}/log") as answer:
+            assert await answer.read() == b"using " + b"*" * len(secret) + b" to deploy\n"
 
 
 async def test_following_the_log_streams_until_the_job_ends(site: Site) -> None:

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from runner.gateway.jobs_protocol import MAX_MEMBERS, MAX_REASON_CHARS, MAX_REASONS, state_body
 from runner.job import JobRecord, JobState
 from runner.logging_setup import get_logger
-from runner.logs.redact import mask_secrets, possible_secret_start, secret_needles, secret_values
+from runner.logs.redact import read_masked, secret_needles, secret_values
 from runner.logs.tail import pump
 from runner.policy import Policy
 from runner.sources import Ended
@@ -274,14 +274,8 @@ class HubReport:
     def _masked(self, start: int, piece: bytes) -> bytes:
         """`piece` (the log file's bytes from `start`) with the job's secrets masked; while the job
         runs, without a tail that may begin a secret the file does not hold the rest of yet."""
-        reach = len(self._needles[0]) - 1           # the longest secret's length, less one
-        before = max(0, start - reach)
-        wanted = (start - before) + len(piece) + reach
-        window = _read_range(self.log_path, before, wanted)
-        masked = mask_secrets(window, self._needles)[start - before:start - before + len(piece)]
-        if self._final or len(window) >= wanted:
-            return masked
-        return masked[:max(0, possible_secret_start(window, self._needles) - (start - before))]
+        return read_masked(functools.partial(_read_range, self.log_path), start, len(piece), self._needles,
+                           final=self._final)
 
 
 def job_secrets(record: JobRecord | None, patterns: Sequence[str] = ()) -> list[str]:
