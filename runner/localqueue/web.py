@@ -30,7 +30,7 @@ from runner.web.board import Viewer
 from runner.web.pages import Dashboard
 from runner.web.read_api import ReadApi
 from runner.web.security import add_security_headers
-from runner.web.sessions import load_session_key, setup_sessions
+from runner.web.sessions import AGENT_COOKIE_NAME, load_session_key, setup_sessions
 
 log = get_logger("runner.localqueue")
 
@@ -92,7 +92,7 @@ def dashboard_app(board: AgentBoard, *, session_key: bytes, site_name: str,
                   peer_uid: PeerUid = socket_peer_uid) -> web.Application:
     """The dashboard's pages and the jobs API's reads over `board`, for the peer of each request."""
     app = web.Application(middlewares=[local_host_only])
-    setup_sessions(app, session_key, secure=False)
+    setup_sessions(app, session_key, secure=False, name=AGENT_COOKIE_NAME)
     add_security_headers(app)
     viewer_of = local_viewer_of(peer_uid)
     Dashboard(board, viewer_of, site_name=site_name, login_path=None, logout=False).add_routes(app)

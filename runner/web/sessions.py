@@ -84,13 +84,20 @@ def cookie_name(*, secure: bool) -> str:
     return SECURE_COOKIE_NAME if secure else COOKIE_NAME
 
 
-def setup_sessions(app: web.Application, key: bytes, *, secure: bool) -> None:
+# The agent's own dashboard names its cookie apart: browsers keep cookies per host, not per port,
+# so a hub and an agent both forwarded to localhost would otherwise overwrite each other's session
+# (and its CSRF token) at each visit.
+AGENT_COOKIE_NAME = "hpc_runner_agent_session"
+
+
+def setup_sessions(app: web.Application, key: bytes, *, secure: bool, name: str | None = None) -> None:
     """Sessions for `app`'s handlers (before the app starts): `key` from `load_session_key`,
-    `secure` when the hub's public URL is https."""
+    `secure` when the hub's public URL is https; `name` the cookie's, if not the hub's."""
     if len(key) != SESSION_KEY_BYTES:
         raise ValueError(f"a session key is {SESSION_KEY_BYTES} bytes, not {len(key)}")
-    storage = EncryptedCookieStorage(key, cookie_name=cookie_name(secure=secure), max_age=SESSION_MAX_AGE,
-                                     path="/", secure=secure, httponly=True, samesite="Lax")
+    storage = EncryptedCookieStorage(key, cookie_name=name or cookie_name(secure=secure),
+                                     max_age=SESSION_MAX_AGE, path="/", secure=secure, httponly=True,
+                                     samesite="Lax")
     setup_session_middleware(app, storage)
 
 

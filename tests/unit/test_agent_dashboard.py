@@ -178,6 +178,8 @@ async def test_cancel_needs_the_sessions_csrf_token(site: Site) -> None:
         assert site.harness.state(job_id) == JobState.running
         async with client.get(f"{ORIGIN}/jobs/{job_id}") as answer:
             found = re.search(r'name="csrf_token" value="([^"]+)"', await answer.text())
+            # Its own cookie: a hub forwarded to localhost as well keeps its session apart.
+            assert set(answer.cookies) == {"hpc_runner_agent_session"}
         assert found is not None
         async with client.post(f"{ORIGIN}/jobs/{job_id}/cancel", data={"csrf_token": found.group(1)},
                                allow_redirects=False) as answer:
