@@ -271,6 +271,9 @@ class AgentConfig:
 # the embedded default
 
 
+DEFAULT_WEB_SOCKET = "web.sock"
+
+
 def default_state_dir() -> Path:
     """`$XDG_STATE_HOME/hpc-runner`, else `~/.local/state/hpc-runner` of the invoking user."""
     xdg = os.environ.get("XDG_STATE_HOME", "")
@@ -306,10 +309,12 @@ def default_max_jobs(executor: Executor) -> int:
 
 
 def default_config() -> AgentConfig:
-    """The config used without `--config`: local executor, state under the user's home."""
+    """The config used without `--config`: local executor, state under the user's home, and the
+    dashboard on a socket in the (private) state dir, for its user to forward (`ssh -L`)."""
     state_dir = default_state_dir()
     return AgentConfig(state_dir=state_dir, work_root=default_work_root(state_dir), policy=None,
-                       executor="local", max_jobs=default_max_jobs("local"))
+                       executor="local", max_jobs=default_max_jobs("local"),
+                       web_socket=state_dir / DEFAULT_WEB_SOCKET)
 
 
 # ---------------------------------------------------------------------------------------------

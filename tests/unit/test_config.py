@@ -117,6 +117,7 @@ def test_an_empty_config_means_the_defaults(tmp_path: Path, monkeypatch: pytest.
     assert config.sandbox.apptainer == "apptainer"
     assert config.mpi.implementation == "auto"
     assert (config.buildkite, config.github, config.hub) == (None, None, None)
+    assert config.web_socket is None        # a config file names its dashboard's socket, if any
 
 
 def test_buildkite_defaults() -> None:
@@ -167,6 +168,8 @@ def test_default_config_uses_xdg_state_home(tmp_path: Path, monkeypatch: pytest.
     assert config.work_root == tmp_path / "hpc-runner-work"
     assert (config.executor, config.policy, config.source) == ("local", None, None)
     assert (config.buildkite, config.github, config.hub) == (None, None, None)
+    # The dashboard on a socket of the user's own, in the private state dir.
+    assert config.web_socket == tmp_path / "hpc-runner" / "web.sock"
 
 
 def test_default_config_falls_back_to_the_home_directory(tmp_path: Path,
