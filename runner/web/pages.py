@@ -206,17 +206,21 @@ class Dashboard:
     async def _tail(self, viewer: Viewer, job: JobDetail) -> LogView:
         """The end of the log, from a line's start, numbered as in the whole log."""
         job_id, length = job.card.id, job.log_length
-        start = max(0, length - TAIL_BYTES)
-        data = await self._read(viewer, job_id, max(0, start - 1), length - max(0, start - 1))
-        if start > 0:
-            # From the first line that starts in the tail.
-            cut = data.find(b"\n")
-            data = data[cut + 1:] if cut >= 0 else b""
-            start = length - len(data)
+        start, data = await self._whole_lines(viewer, job_id, length - TAIL_BYTES, length)
         first = await self._numbers.before(self.board, viewer, job_id, start) + 1
         reader = LogLines(first_number=first, offset=start)
         lines = reader.feed(data) + (reader.flush() if job.ended else [])
         return LogView(start, reader.consumed, first, reader.next_number, lines)
+
+    async def _whole_lines(self, viewer: Viewer, job_id: str, start: int, end: int) -> tuple[int, bytes]:
+        """The log's bytes up to `end` from the first line that starts at or after `start` (from
+        the log's start when `start` is not past it): where they start, and the bytes."""
+        start = max(0, start)
+        data = await self._read(viewer, job_id, max(0, start - 1), end - max(0, start - 1))
+        if start > 0:
+            cut = data.find(b"\n")       # the byte before `start` too: a line starting at it counts
+            data = data[cut + 1:] if cut >= 0 else b""
+        return end - len(data), data
 
     async def _read(self, viewer: Viewer, job_id: str, offset: int, size: int) -> bytes:
         parts: list[bytes] = []
@@ -237,7 +241,9 @@ class Dashboard:
         job = await self._detail(viewer, job_id)
         reader = LogLines(first_number=number, offset=offset)
         position = offset
-        state = (job.card.state, job.card.state_reason, job.card.slurm_job_id)
+        # The status as the page showed it is not known here: it may have changed between the
+        # page's render and this stream, so the first status goes out whatever it is.
+        state: tuple[str, str | None, str | None] | None = None
         async with _events(request) as stream:
             while True:
                 chunk = await self.board.read_log(viewer, job_id, position, READ_BYTES)
@@ -268,12 +274,7 @@ class Dashboard:
         before = _whole(request.query.get("before"), "before")
         number = max(1, _whole(request.query.get("number"), "number"))
         await self._detail(viewer, job_id)
-        start = max(0, before - EARLIER_BYTES)
-        data = await self._read(viewer, job_id, max(0, start - 1), before - max(0, start - 1))
-        if start > 0:
-            cut = data.find(b"\n")
-            data = data[cut + 1:] if cut >= 0 else b""
-            start = before - len(data)
+        start, data = await self._whole_lines(viewer, job_id, before - EARLIER_BYTES, before)
         first = number - count_lines([data])
         lines = lines_of(data, first_number=first, offset=start, final=False)
         answer = {"html": render_lines(lines), "start": start, "first_number": first}

@@ -322,6 +322,21 @@ async def test_the_job_pages_live_lines_arrive_as_the_job_writes_them_until_it_e
 # -- who sees what ---------------------------------------------------------------------------------
 
 
+async def test_a_job_page_opened_before_the_jobs_end_hears_of_it_whenever_its_stream_starts(
+        site: Site) -> None:
+    job_id = await submit(site, ROOT)
+    await site.harness.wait_started(job_id)
+    site.write_log(job_id, b"done\n")
+    site.harness.executor.release(job_id)
+    await site.harness.wait_state(job_id, JobState.succeeded)
+    # The page was rendered while the job ran; its stream starts only now.
+    async with site.client() as client, \
+            client.get(f"{ORIGIN}/jobs/{job_id}/events?offset=0&number=1") as answer:
+        text = (await answer.read()).decode().replace("\r\n", "\n")
+    assert "event: status" in text and "succeeded" in text.split("event: status", 1)[1]
+    assert text.rstrip().endswith("event: end\ndata:")
+
+
 async def test_another_user_gets_404_for_a_job_they_may_not_see(site: Site) -> None:
     theirs = await submit(site, ZED)
     site.peer["uid"] = NOBODY

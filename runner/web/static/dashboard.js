@@ -38,6 +38,8 @@
     }
     function connect() {
       const events = new EventSource(table.dataset.events);
+      // What changed between the page's render and this stream's start: the rows once more.
+      events.addEventListener("open", refresh);
       events.addEventListener("changed", refresh);
       events.onerror = () => { events.close(); setTimeout(connect, RECONNECT_MS); };
     }
