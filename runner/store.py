@@ -114,9 +114,17 @@ CREATE TABLE log_outbox (
 );
 """
 
+# Where a job came from, as a link its source gave at admission (the Buildkite job's page, the
+# GitHub pull request); why it waits in Slurm (Slurm's own reason); the nodes it was given.
+_MIGRATION_3 = """
+ALTER TABLE jobs ADD COLUMN source_url TEXT;
+ALTER TABLE jobs ADD COLUMN state_reason TEXT;
+ALTER TABLE jobs ADD COLUMN node_list TEXT;
+"""
+
 # Index i migrates a database from schema version i to i + 1. Only ever append to this tuple:
 # released databases carry the version number in `PRAGMA user_version`.
-MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, _MIGRATION_2)
+MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -185,7 +193,7 @@ class Store(StateFile):
     def add_job(self, *, source: str, identity: Mapping[str, Any], spec: Mapping[str, Any],
                 external_id: str | None = None, job_id: str | None = None,
                 state: JobState = JobState.queued,
-                log_path: str | os.PathLike[str] | None = None) -> JobRecord:
+                log_path: str | os.PathLike[str] | None = None, source_url: str | None = None) -> JobRecord:
         if source not in SOURCES:
             raise StoreError(f"unknown job source {source!r}; expected one of {sorted(SOURCES)}")
         job_id = new_job_id() if job_id is None else job_id
@@ -201,13 +209,15 @@ class Store(StateFile):
             "log_path": None if log_path is None else os.fspath(log_path),
             "created_at": now, "updated_at": now,
             "finished_at": now if state.is_terminal else None,
+            "source_url": source_url,
         }
         with self._transaction() as conn:
             self._refuse_duplicate(conn, job_id, source, external_id)
             conn.execute(
                 "INSERT INTO jobs (id, source, external_id, identity, spec, state, log_path,"
-                " created_at, updated_at, finished_at) VALUES (:id, :source, :external_id, :identity,"
-                " :spec, :state, :log_path, :created_at, :updated_at, :finished_at)", row)
+                " created_at, updated_at, finished_at, source_url) VALUES (:id, :source, :external_id,"
+                " :identity, :spec, :state, :log_path, :created_at, :updated_at, :finished_at,"
+                " :source_url)", row)
             return self._require_job(conn, job_id)
 
     def _refuse_duplicate(self, conn: sqlite3.Connection, job_id: str, source: str,
@@ -332,6 +342,20 @@ class Store(StateFile):
         if executor not in EXECUTORS:
             raise StoreError(f"unknown executor {executor!r}; expected one of {sorted(EXECUTORS)}")
         self._update_job(job_id, "slurm_id = ?, executor = ?", (slurm_id, executor))
+
+    def set_whereabouts(self, job_id: str, *, state_reason: str | None,
+                        node_list: str | None) -> JobRecord | None:
+        """Record why the job waits (Slurm's reason) and the nodes it was given; the new record,
+        or None when both were already so (nothing changed, nothing written)."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET state_reason = ?, node_list = ?, updated_at = ? WHERE id = ?"
+                " AND (state_reason IS NOT ? OR node_list IS NOT ?)",
+                (state_reason, node_list, time.time(), job_id, state_reason, node_list))
+            if cursor.rowcount == 0:
+                self._require_job(conn, job_id)
+                return None
+            return self._require_job(conn, job_id)
 
     def set_log_path(self, job_id: str, log_path: str | os.PathLike[str] | None) -> None:
         """Where the job's output file is; the offset is left alone (reset it explicitly for a new file)."""
@@ -500,6 +524,9 @@ def _job_from_row(row: sqlite3.Row) -> JobRecord:
         updated_at=float(row["updated_at"]),
         finished_at=None if row["finished_at"] is None else float(row["finished_at"]),
         final_reported=bool(row["final_reported"]),
+        source_url=row["source_url"],
+        state_reason=row["state_reason"],
+        node_list=row["node_list"],
     )
 
 

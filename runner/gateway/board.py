@@ -10,6 +10,7 @@ for a change take their event before they look (`polling`), as the REST API's lo
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -135,7 +136,8 @@ def _card_of_job(job: StoredJob) -> JobCard:
 def _detail(job: StoredJob, access: Access) -> JobDetail:
     image = job.job.get("image")
     return JobDetail(card=_card_of_job(job), exit_status=job.exit_status, grant=job.grant,
-                     reasons=job.reasons, resources=resources_of(job.job),
+                     reasons=job.reasons,
+                     resources=dataclasses.replace(resources_of(job.job), node_list=job.node_list),
                      image=image if isinstance(image, str) else None, log_length=job.log_length,
                      may_cancel=access is Access.CANCEL)
 

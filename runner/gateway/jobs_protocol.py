@@ -31,7 +31,8 @@ API job; the job is the registering agent's. `source` names the agent's source, 
 
 A state publication may name, beside the account's `admins`, its `members` (the principal
 patterns of the grants that spend the account: they may see the job at the hub, not cancel it)
-and a `state_reason` (why a queued or pending job waits).
+a `state_reason` (why a queued or pending job waits: Slurm's reason while it pends there) and a
+`node_list` (the nodes it was given, as Slurm names them).
 
 An agent's lease on a job lasts `seconds` until the agent publishes the job's first state (any
 state, `queued` included): from then on the job is that agent's for good, since handing a job
@@ -80,7 +81,7 @@ SUBMISSION_FIELDS = ("job", "cluster", "repository", "commit")
 # What an agent may say in a state publication; each is optional but `state`, and one left out
 # keeps what the hub holds.
 STATE_FIELDS = ("state", "exit_status", "reasons", "account", "grant", "admins", "members", "slurm_job_id",
-                "started", "ended", "state_reason")
+                "started", "ended", "state_reason", "node_list")
 REGISTRATION_FIELDS = ("job", "identity", "cluster", "repository", "commit", "created", "source",
                        "source_label", "source_url")
 STATES = tuple(state.value for state in JobState)
@@ -95,6 +96,7 @@ MAX_REASON_CHARS = 2000
 MAX_ADMINS = 256
 MAX_MEMBERS = 256
 MAX_STATE_REASON_CHARS = 500
+MAX_NODE_LIST_CHARS = 1000
 MAX_SOURCE_LABEL_CHARS = 200
 MAX_URL_CHARS = 2048
 # The name of an agent's source (`github`, `buildkite`, `local`); `api` is the hub's own.
@@ -196,6 +198,7 @@ class StateUpdate:
     started: float | None = None
     ended: float | None = None
     state_reason: str | None = None
+    node_list: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The publication's body (only the fields it names)."""
@@ -203,7 +206,7 @@ class StateUpdate:
             "state": self.state, "exit_status": self.exit_status, "reasons": list(self.reasons),
             "account": self.account, "grant": self.grant, "admins": list(self.admins),
             "members": list(self.members), "slurm_job_id": self.slurm_job_id,
-            "state_reason": self.state_reason,
+            "state_reason": self.state_reason, "node_list": self.node_list,
             "started": None if self.started is None else format_time(self.started),
             "ended": None if self.ended is None else format_time(self.ended),
         }
@@ -253,6 +256,7 @@ def parse_state_update(body: object) -> StateUpdate:
     values["admins"] = _strings(data.get("admins"), "admins", MAX_ADMINS, 256)
     values["members"] = _strings(data.get("members"), "members", MAX_MEMBERS, 256)
     values["state_reason"] = _line_or_none(data.get("state_reason"), "state_reason", MAX_STATE_REASON_CHARS)
+    values["node_list"] = _line_or_none(data.get("node_list"), "node_list", MAX_NODE_LIST_CHARS)
     for key in ("account", "grant"):
         value = data.get(key)
         if value is not None and (not isinstance(value, str) or not re.fullmatch(NAME_PATTERN, value)):

@@ -146,8 +146,13 @@ CREATE INDEX jobs_by_account ON jobs (account, seq);
 CREATE INDEX jobs_by_source ON jobs (source, seq);
 """
 
+# The nodes a job was given, as its agent says Slurm named them, for the job's page.
+_MIGRATION_4 = """
+ALTER TABLE jobs ADD COLUMN node_list TEXT;
+"""
+
 # Index i migrates from schema version i to i + 1. Only ever append.
-MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, outbox.MIGRATION, _MIGRATION_3)
+MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, outbox.MIGRATION, _MIGRATION_3, _MIGRATION_4)
 
 # The reasons of a job cancelled before any agent took it.
 _CANCELLED_WAITING = json.dumps(["cancelled through the API before an agent took it"])
@@ -226,6 +231,7 @@ class StoredJob:
     source_url: str | None = None
     state_reason: str | None = None
     members: tuple[str, ...] = ()
+    node_list: str | None = None
 
     @property
     def ended_for_good(self) -> bool:
@@ -256,7 +262,7 @@ class StoredJob:
 _JOB_COLUMNS = ("seq, id, job, identity, principals, origin, issuer, cluster, repository, commit_sha, state,"
                 " exit_status, reasons, account, grant_name, admins, slurm_job_id, created, started, ended,"
                 " cancel_requested, lease_agent, accepted_at, log_length, name, source, actor, source_label,"
-                " source_url, state_reason, members")
+                " source_url, state_reason, members, node_list")
 # What a row of the pages' list needs.
 CARD_COLUMNS = ("id, name, state, state_reason, account, cluster, source, source_label, source_url, actor,"
                 " slurm_job_id, created, started, ended, accepted_at")
@@ -529,6 +535,7 @@ class JobStore(StateFile):
                     ("admins", "admins", json.dumps(list(update.admins))),
                     ("members", "members", json.dumps(list(update.members))),
                     ("state_reason", "state_reason", update.state_reason),
+                    ("node_list", "node_list", update.node_list),
                     ("slurm_job_id", "slurm_job_id", update.slurm_job_id),
                     ("started", "started", update.started), ("ended", "ended", update.ended)):
                 if key in given:
@@ -668,7 +675,7 @@ class JobStore(StateFile):
             accepted=row["accepted_at"] is not None, log_length=int(row["log_length"]), access=access,
             name=row["name"], source=row["source"], actor=row["actor"], source_label=row["source_label"],
             source_url=row["source_url"], state_reason=row["state_reason"],
-            members=_strings(row["members"], what))
+            members=_strings(row["members"], what), node_list=row["node_list"])
 
 
 def _actor_of(identity: dict[str, Any], principals: Sequence[str]) -> str | None:

@@ -30,6 +30,12 @@ class JobRecord:
     updated_at: float
     finished_at: float | None
     final_reported: bool
+    # Where the job came from, as its source links to it (None: nowhere to link to).
+    source_url: str | None = None
+    # Why it waits, in Slurm's words (Priority, Resources...), while Slurm keeps it pending.
+    state_reason: str | None = None
+    # The nodes it runs or ran on, as Slurm names them ("cn[01-04]"); this host for a local job.
+    node_list: str | None = None
 
     @property
     def slurm_job_name(self) -> str:

@@ -60,6 +60,9 @@ class Admission:
     workspace: Path | None = None
     # The source's own lines (signature verified, notes) that open the job's log.
     log_preamble: str = ""
+    # Where the job came from, as a page people can open (the Buildkite job, the pull request):
+    # what the dashboards and the hub link the job to. None: nowhere (local and API jobs).
+    source_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ class Admissions:
             payload |= {"workspace": str(workspace)}
         self.store.add_job(source=admission.source, external_id=admission.external_id,
                            identity=admission.identity.to_json(), spec=admission.spec.to_json(),
-                           job_id=job_id, log_path=log_path)
+                           job_id=job_id, log_path=log_path, source_url=admission.source_url)
         if admission.log_preamble:
             self._notes(log_path, admission.log_preamble)
         self.store.record_decision(job_id, actor=admission.identity.actor_principal, decision=payload)

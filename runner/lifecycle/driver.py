@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 from runner.errors import InfrastructureError
 from runner.executors.local import LocalExecutor, LocalLaunch, local_launch
 from runner.executors.slurm import SlurmExecutor, SlurmJob, SlurmUnavailable, SubmissionFailed
+from runner.executors.slurm.tracker import NodesGiven, PendingInfo, TrackerEvent
 from runner.job import Ended, JobRecord, JobState, Outcome
 from runner.job.prepared import PreparedJob
 from runner.lifecycle.access import UnknownJob
@@ -33,7 +35,8 @@ from sandbox.workspace import WorkspaceError
 
 log = get_logger("runner.lifecycle")
 
-# Called with the job's new record after each change of its state.
+# Called with the job's new record after each change of its state, and of why it waits in Slurm
+# or of the nodes it was given (`JobRecord.state_reason`, `node_list`).
 StateWatcher = Callable[[JobRecord], None]
 
 
@@ -74,7 +77,8 @@ class JobDriver:
         return Ended(record.state, record.exit_status, record.outcome_detail)
 
     def watch(self, job_id: str, watcher: StateWatcher) -> Callable[[], None]:
-        """Call `watcher` after each state change of the job; returns what stops it."""
+        """Call `watcher` after each state change of the job (and change of its whereabouts: see
+        `StateWatcher`); returns what stops it."""
         self._watchers.setdefault(job_id, []).append(watcher)
 
         def unwatch() -> None:
@@ -86,19 +90,31 @@ class JobDriver:
         return unwatch
 
     def watch_every(self, watcher: StateWatcher) -> None:
-        """Call `watcher` after each state change of every job (the hub publisher follows them all)."""
+        """Call `watcher` after each state change of every job, and each change of its whereabouts
+        (the hub publisher follows them all)."""
         self._watching_every.append(watcher)
 
     def set_state(self, job_id: str, state: JobState, *, actor: str | None = None,
                   exit_status: int | None = None, detail: str | None = None) -> JobRecord:
         record = self.store.set_state(job_id, state, actor=actor or self._actor, exit_status=exit_status,
                                       outcome_detail=detail)
-        for watcher in [*self._watchers.get(job_id, []), *self._watching_every]:
+        self._tell_watchers(record)
+        return record
+
+    def set_whereabouts(self, job_id: str, *, state_reason: str | None, node_list: str | None,
+                        announce: bool = True) -> None:
+        """Record why the job waits in Slurm and the nodes it was given; the watchers hear of it
+        when either changed (`announce`: False when a change of state follows at once and says it)."""
+        record = self.store.set_whereabouts(job_id, state_reason=state_reason, node_list=node_list)
+        if record is not None and announce:
+            self._tell_watchers(record)
+
+    def _tell_watchers(self, record: JobRecord) -> None:
+        for watcher in [*self._watchers.get(record.id, []), *self._watching_every]:
             try:
                 watcher(record)
             except Exception:  # a watcher's trouble is its own; the job goes on
-                log.exception("a job's state watcher failed", job=job_id)
-        return record
+                log.exception("a job's state watcher failed", job=record.id)
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -176,6 +192,8 @@ class JobDriver:
         if self.slurm is not None:
             await self._run_on_slurm(self.slurm, record, prepared, cancel)
             return
+        # The job runs on this host: its page names it as Slurm would name a job's node.
+        self.set_whereabouts(record.id, state_reason=None, node_list=socket.gethostname(), announce=False)
         self.set_state(record.id, JobState.running)
         self.store.append_audit(actor=self._actor, action="started", job_id=record.id,
                                 detail={"argv": list(prepared.argv), "image": prepared.image.path,
@@ -193,6 +211,8 @@ class JobDriver:
                             cancel: asyncio.Event) -> None:
         # Recorded before sbatch, so a restart between the two looks for the job by its name.
         self.store.set_slurm_id(record.id, None, "slurm")
+        # A job submitted again after a node failure starts over: no reason, no nodes yet.
+        self.set_whereabouts(record.id, state_reason=None, node_list=None, announce=False)
         self.set_state(record.id, JobState.pending)
         try:
             job = await slurm.submit(prepared, comment=record.external_id or f"hpc-runner job {record.id}")
@@ -212,10 +232,26 @@ class JobDriver:
     async def _follow_slurm(self, slurm: SlurmExecutor, job_id: str, job: SlurmJob,
                             cancel: asyncio.Event) -> None:
         def running() -> None:
-            if self.get(job_id).state == JobState.pending:
+            record = self.get(job_id)
+            if record.state == JobState.pending:
+                # Slurm's reason was why it waited; a running job waits for nothing.
+                self.set_whereabouts(job_id, state_reason=None, node_list=record.node_list, announce=False)
                 self.set_state(job_id, JobState.running)
 
-        outcome = await slurm.follow(job, cancel=cancel, grace_seconds=self._grace, on_running=running)
+        def heard(event: TrackerEvent) -> None:
+            if isinstance(event, PendingInfo):
+                record = self.get(job_id)
+                if record.state == JobState.pending:
+                    # "None": Slurm's scheduler has not looked at the job yet.
+                    reason = event.reason if event.reason not in (None, "", "None") else None
+                    self.set_whereabouts(job_id, state_reason=reason, node_list=record.node_list)
+            elif isinstance(event, NodesGiven):
+                record = self.get(job_id)
+                if not record.state.is_terminal:
+                    self.set_whereabouts(job_id, state_reason=record.state_reason, node_list=event.node_list)
+
+        outcome = await slurm.follow(job, cancel=cancel, grace_seconds=self._grace, on_running=running,
+                                     on_event=heard)
         if outcome.retryable and not cancel.is_set() \
                 and await self._resubmit_after_node_failure(slurm, job_id, outcome, cancel):
             return

@@ -25,7 +25,9 @@ from runner.agent import Agent
 from runner.errors import InputError
 from runner.identity import Identity, identity_from_json
 from runner.job import JobRecord, JobState
+from runner.job.waiting import waiting_reason
 from runner.logs.redact import read_masked, secret_needles, secret_values
+from runner.sources.api.publish import source_link
 from runner.store import JobFilter, Visible
 from runner.tasks import pause
 from runner.units import human_duration, slurm_memory
@@ -42,9 +44,6 @@ from runner.web.board import (
 )
 
 LOG_POLL_SECONDS = 0.2
-# Why a job waits, as the agent knows it (the hub shows the same words for the jobs published there).
-WAITING_REASONS = {JobState.queued: "waiting for a free slot on the agent",
-                   JobState.pending: "queued in Slurm"}
 # What one read of a log gives at most, however much is asked.
 MAX_READ_BYTES = 4 * 1024 * 1024
 
@@ -158,9 +157,11 @@ class AgentBoard:
         identity = _identity(record)
         return JobCard(
             id=record.id, name=_text(record.spec.get("name")) or record.id, state=record.state.value,
-            state_reason=WAITING_REASONS.get(record.state),
+            # The same words the hub is told (`runner.job.waiting`).
+            state_reason=waiting_reason(record),
             account=_text((record.decision or {}).get("account")), cluster=self._cluster,
-            source=SourceLink(record.source, _source_label(record.source, identity)),
+            source=SourceLink(record.source, _source_label(record.source, identity),
+                              _source_url(record, identity)),
             actor=identity.actor_principal if identity is not None else None,
             slurm_job_id=record.slurm_id, created=record.created_at,
             started=started,
@@ -242,6 +243,13 @@ def _source_label(source: str, identity: Identity | None) -> str:
     return source
 
 
+def _source_url(record: JobRecord, identity: Identity | None) -> str | None:
+    """The page the job came from, as the hub links to it (`source_link`)."""
+    if identity is None:
+        return record.source_url
+    return source_link(record.source, identity, source_url=record.source_url)[1]
+
+
 def _reasons(record: JobRecord) -> tuple[str, ...]:
     """Why a job ended as it did: every reason of a denial, else what the agent said of its end."""
     decision = record.decision or {}
@@ -262,19 +270,21 @@ def _whole(value: object) -> int | None:
 
 def _resources(record: JobRecord) -> Resources:
     """What the job asked for, as the decision settled it (the account's defaults filled in), else
-    as its spec says."""
+    as its spec says; and the nodes it was given."""
     slurm = (record.decision or {}).get("slurm")
     if isinstance(slurm, dict):
         return Resources(nodes=_whole(slurm.get("nodes")), tasks=_whole(slurm.get("tasks")),
                          cpus_per_task=_whole(slurm.get("cpus_per_task")), gpus=_whole(slurm.get("gpus")),
-                         memory=_text(slurm.get("memory")), time=_text(slurm.get("time")))
+                         memory=_text(slurm.get("memory")), time=_text(slurm.get("time")),
+                         node_list=record.node_list)
     asked = record.spec.get("resources")
     asked = asked if isinstance(asked, dict) else {}
     memory, seconds = _whole(asked.get("memory_mb")), _whole(asked.get("time_seconds"))
     return Resources(nodes=_whole(asked.get("nodes")), tasks=_whole(asked.get("tasks")),
                      cpus_per_task=_whole(asked.get("cpus_per_task")), gpus=_whole(asked.get("gpus")),
                      memory=slurm_memory(memory) if memory is not None else None,
-                     time=human_duration(seconds) if seconds is not None else None)
+                     time=human_duration(seconds) if seconds is not None else None,
+                     node_list=record.node_list)
 
 
 def _size(path: Path) -> int:

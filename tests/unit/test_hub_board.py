@@ -27,7 +27,8 @@ async def running_job(hub: Hub) -> str:  # noqa: F811
     job_id = str((await hub.submit(cluster="hpc1"))["id"])
     assert await hub.lease(cluster="hpc1") is not None
     status, answer = await hub.publish(job_id, "running", account="clima", grant="clima-ci",
-                                       members=("github:repo:CliMA/ClimaCore.jl",), slurm_job_id="4242")
+                                       members=("github:repo:CliMA/ClimaCore.jl",), slurm_job_id="4242",
+                                       node_list="cn[01-02]")
     assert status == 200, answer
     return job_id
 
@@ -43,7 +44,8 @@ async def test_a_member_sees_the_job_and_its_log_but_only_the_submitter_cancels_
         "unit", "running", "clima", "hpc1", "4242")
     assert (card.source.kind, card.source.label, card.source.url) == ("api", "github-actions", None)
     assert card.actor == "github:user:octocat" and card.state_reason is None
-    assert detail.resources == Resources(nodes=1, time="10m") and detail.image == "julia"
+    assert detail.resources == Resources(nodes=1, time="10m", node_list="cn[01-02]")
+    assert detail.image == "julia"
     assert (detail.grant, detail.log_length, detail.may_cancel) == ("clima-ci", 14, False)
     assert await board.read_log(MEMBER, job_id, 7, 100) == b"step 2\n"
 

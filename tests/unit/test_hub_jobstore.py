@@ -13,7 +13,7 @@ import pytest
 from fakes.github_api import ManualClock
 
 from runner.gateway.access import Access, access_of, caller_keys, member_keys, owner_keys
-from runner.gateway.jobs_protocol import MAX_LOG_BYTES, VIEW_FIELDS, parse_state_update
+from runner.gateway.jobs_protocol import MAX_LOG_BYTES, MAX_NODE_LIST_CHARS, VIEW_FIELDS, parse_state_update
 from runner.gateway.jobstore import (
     DB_FILENAME,
     MIGRATIONS,
@@ -289,6 +289,17 @@ def test_a_job_keeps_its_name_source_actor_and_link_and_why_it_waits(store: JobS
     store.publish_state(job.id, "login-a", parse_state_update(
         {"state": "pending", "state_reason": "queued in Slurm", "slurm_job_id": "42"}))
     assert store.get(job.id).state_reason == "queued in Slurm"   # type: ignore[union-attr]
+    store.publish_state(job.id, "login-a", parse_state_update(
+        {"state": "pending", "state_reason": "Priority"}))
+    store.publish_state(job.id, "login-a", parse_state_update(
+        {"state": "running", "state_reason": None, "node_list": "cn[01-04,07]"}))
+    held = store.get(job.id)
+    assert held is not None and (held.state, held.state_reason, held.node_list, held.slurm_job_id) == (
+        "running", None, "cn[01-04,07]", "42")
+    with pytest.raises(ValueError, match="node_list"):
+        parse_state_update({"state": "running", "node_list": "cn" * (MAX_NODE_LIST_CHARS // 2 + 1)})
+    with pytest.raises(ValueError, match="node_list"):
+        parse_state_update({"state": "running", "node_list": "cn01\ncn02"})
     # The REST view stays as it was.
     assert set(store.get(job.id).view("https://hub.example.org")) == set(VIEW_FIELDS)  # type: ignore[union-attr]
 

@@ -2,14 +2,17 @@
 of `test_agent`, so each state change happens when the test says) and a real hub on loopback.
 
 What the hub must end up with: a local-queue job's states and its whole log, byte-exact, also when
-the agent restarts in the middle of the job or the hub is down for a while; and a GitHub check
-run's "details" link on the hub's page of the job.
+the agent restarts in the middle of the job or the hub is down for a while; why a job pends in
+Slurm and the nodes it was given (with the Slurm executor over scripted Slurm commands, read by
+its real parsing); and a GitHub check run's "details" link on the hub's page of the job.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+import getpass
+import re
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from structlog.testing import capture_logs
 import runner.lifecycle.driver as driver_module
 from runner.agent import Agent
 from runner.config import AgentConfig, GithubConfig
+from runner.executors.slurm import SlurmCli, SlurmExecutor
+from runner.executors.slurm.cli import CommandResult
 from runner.gateway.access import Access, access_of, caller_keys
 from runner.gateway.callers import authenticator
 from runner.gateway.jobs_protocol import job_url
@@ -29,6 +34,7 @@ from runner.gateway.tokens import parse_agent_tokens
 from runner.identity import Identity
 from runner.job import JobRecord, JobState, new_job_id
 from runner.lifecycle.prepare import job_dir
+from runner.localqueue.board import AgentBoard
 from runner.oidc.verify import TokenVerifier
 from runner.site_policy import load_site_policy
 from runner.sources.api.client import HubClient
@@ -40,8 +46,10 @@ from runner.sources.api.publish import (
     source_link,
 )
 from runner.sources.api.published import PublishedState
+from runner.sources.buildkite.source import job_page
 from runner.spec import JobSpec
 from runner.store import Store
+from runner.web.board import Viewer
 
 from .github_site import REPO, github_site
 from .test_agent import ALICE, POLICY, FakeExecutor, fake_prepare, job
@@ -90,6 +98,7 @@ class Node:
     root: Path
     hub_url: str
     executor: FakeExecutor = field(default_factory=FakeExecutor)
+    slurm: SlurmExecutor | None = None      # None: jobs run on the fake local executor
     agent: Agent | None = None
     parts: list[Store | PublishedState | HubClient] = field(default_factory=list)
     publisher: HubPublisher | None = None
@@ -105,7 +114,7 @@ class Node:
         store = Store.open(self.config.state_dir)
         self.executor = FakeExecutor()
         agent = Agent(self.config, load_site_policy(self.config), store, grace_seconds=1,
-                      executor=self.executor)
+                      executor=self.executor, slurm=self.slurm)
         client = HubClient(self.hub_url, AGENT_TOKEN, retry_initial=0.02)
         state = PublishedState.open(self.config.state_dir)
         self.parts = [client, state, store]
@@ -227,6 +236,72 @@ async def test_the_hub_shows_a_local_jobs_name_source_actor_members_and_why_it_w
     await ended_at_hub(hub, waiting.id)
 
 
+class ScriptedSlurm:
+    """Slurm's commands as the Slurm executor runs them, answered as Slurm 22.05 prints them from
+    `jobs` (id -> state, reason, nodes), which the test changes as Slurm would."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, tuple[str, str, str]] = {}
+        self.names: dict[str, str] = {}
+
+    async def __call__(self, argv: Sequence[str], *, timeout: float,
+                       stdin: bytes | None = None) -> CommandResult:
+        command, args = argv[0], list(argv[1:])
+        if command == "sbatch":
+            slurm_id = str(4700 + len(self.jobs))
+            self.jobs[slurm_id] = ("PENDING", "None", "")
+            self.names[slurm_id] = next(a.split("=", 1)[1] for a in args if a.startswith("--job-name="))
+            return CommandResult(0, f"{slurm_id}\n", "")
+        if command == "squeue" and any(a.startswith("--user=") for a in args):
+            return CommandResult(0, "", "")                 # nothing of a previous agent's
+        if command == "squeue":
+            wanted = next(a for a in args if a.startswith("--jobs=")).split("=", 1)[1].split(",")
+            lines = [f"{i}|{state}|{reason}|N/A|10:00|0|1|{self.names[i]}|{nodes}|ci job\n"
+                     for i, (state, reason, nodes) in self.jobs.items() if i in wanted]
+            return CommandResult(0, "".join(lines), "")
+        if command == "scancel":
+            return CommandResult(0, "", "")
+        return CommandResult(1, "", "slurm_load_jobs error: Invalid job id specified\n")
+
+
+async def test_a_pending_jobs_slurm_reason_reaches_the_hub_and_then_its_nodes(
+        tmp_path: Path, hub: Hub, node: Node) -> None:
+    slurm = ScriptedSlurm()
+    node.slurm = SlurmExecutor(SlurmCli(slurm), poll_interval=0.02)
+    node.start()
+    record = await node.submit()
+
+    def at_hub(state: str, reason: str | None, nodes: str | None) -> StoredJob | None:
+        held = hub.job(record.id)[0]
+        return held if held is not None and (held.state, held.state_reason, held.node_list) == (
+            state, reason, nodes) else None
+
+    # Before Slurm's scheduler has looked at it ("None"), the agent says what it knows itself.
+    await wait_until(lambda: at_hub("pending", "queued in Slurm", None), "pending at the hub")
+    (slurm_id,) = slurm.jobs
+    slurm.jobs[slurm_id] = ("PENDING", "QOSMaxJobsPerUserLimit", "")
+    held = await wait_until(lambda: at_hub("pending", "QOSMaxJobsPerUserLimit", None),
+                            "Slurm's reason at the hub, with no change of state")
+    assert held.slurm_job_id == slurm_id
+    assert node.agent is not None and node.agent.job(record.id) is not None
+    assert (node.agent.job(record.id) or record).state_reason == "QOSMaxJobsPerUserLimit"
+    slurm.jobs[slurm_id] = ("PENDING", "Resources", "")
+    await wait_until(lambda: at_hub("pending", "Resources", None), "Slurm's new reason at the hub")
+
+    slurm.jobs[slurm_id] = ("RUNNING", "None", "cn[01-02]")
+    await wait_until(lambda: at_hub("running", None, "cn[01-02]"), "the job's nodes at the hub")
+    # The agent's own dashboard shows the same, from its record of the job.
+    own = Viewer("agent", (f"local:user:{getpass.getuser()}",))
+    detail = await AgentBoard(node.agent).detail(own, record.id)
+    assert (detail.card.state, detail.card.state_reason, detail.resources.node_list) == (
+        "running", None, "cn[01-02]")
+    slurm.jobs[slurm_id] = ("COMPLETED", "None", "cn[01-02]")
+    held, _ = await ended_at_hub(hub, record.id)
+    assert (held.state, held.node_list) == ("succeeded", "cn[01-02]")
+    log = node.log_path(record.id).read_bytes()
+    assert re.search(rb"hpc-runner: pending: QOSMaxJobsPerUserLimit", log), log
+
+
 def test_a_ci_job_links_back_to_where_it_came_from() -> None:
     pull = Identity(source="github", repository=REPO, actor="octocat", ref="refs/pull/12/head",
                     commit="a" * 40)
@@ -238,6 +313,19 @@ def test_a_ci_job_links_back_to_where_it_came_from() -> None:
     pipeline = Identity(source="buildkite", organization="clima", pipeline="ocean", branch="main")
     assert source_link("buildkite", pipeline) == ("clima/ocean", None)
     assert source_link("local", Identity(source="local", user="alice")) == ("local", None)
+    # The page a job's source named at admission comes first.
+    page = "https://buildkite.com/clima/ocean/builds/4711#0184990a-477b-4fa8-9968-496074483cee"
+    assert source_link("buildkite", pipeline, source_url=page) == ("clima/ocean", page)
+    checks = f"https://github.example.org/{REPO}/pull/12"
+    assert source_link("github", pull, source_url=checks) == (f"{REPO}#12", checks)
+
+
+def test_a_buildkite_jobs_page_is_its_builds_page_at_the_job() -> None:
+    job_id = "0184990a-477b-4fa8-9968-496074483cee"
+    build = "https://buildkite.com/clima/ocean/builds/4711"
+    assert job_page({"BUILDKITE_BUILD_URL": build}, job_id) == f"{build}#{job_id}"
+    for odd in ({}, {"BUILDKITE_BUILD_URL": "javascript:alert(1)"}, {"BUILDKITE_BUILD_URL": "https://x/ y"}):
+        assert job_page(odd, job_id) is None
 
 
 async def test_the_jobs_secrets_never_reach_the_hub_and_the_log_keeps_its_offsets(

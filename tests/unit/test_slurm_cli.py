@@ -88,24 +88,35 @@ async def test_an_unreachable_controller_is_not_a_refusal() -> None:
 
 async def test_squeue_asks_once_for_all_ids_in_every_state() -> None:
     # As squeue 22.05 prints SQUEUE_FORMAT; exit_code is a raw wait status.
-    out = ("12|RUNNING|None|2026-11-26T08:52:45|10:00|0|0|hpcr-a|ci-1\n"
-           "13|PENDING|Resources|N/A|4:00:00|0|1|hpcr-b|https://x/y|z\n"
-           "14|FAILED|NonZeroExitCode|2026-11-26T08:50:00|10:00|768|0|hpcr-c|\n"
-           "15|TIMEOUT|TimeLimit|2026-11-26T08:49:49|1:00|15|0|hpcr-d|(null)\n")
+    out = ("12|RUNNING|None|2026-11-26T08:52:45|10:00|0|0|hpcr-a|vm|ci-1\n"
+           "13|PENDING|Resources|N/A|4:00:00|0|1|hpcr-b||https://x/y|z\n"
+           "14|FAILED|NonZeroExitCode|2026-11-26T08:50:00|10:00|768|0|hpcr-c|cn[01-04,07]|\n"
+           "15|TIMEOUT|TimeLimit|2026-11-26T08:49:49|1:00|15|0|hpcr-d|cn02|(null)\n")
     run = Scripted(ok(out))
     rows = await SlurmCli(run).squeue(["12", "13", "14", "15", "16"])
     (argv, _), = run.calls
     assert argv[0] == "squeue" and "--states=all" in argv and "--jobs=12,13,14,15,16" in argv
     assert rows == {
         "12": SqueueRow("12", "RUNNING", "None", "2026-11-26T08:52:45", "hpcr-a", "ci-1",
-                        "10:00", "0:0", False),
+                        "10:00", "0:0", False, "vm"),
         "13": SqueueRow("13", "PENDING", "Resources", None, "hpcr-b", "https://x/y|z",
-                        "4:00:00", "0:0", True),
+                        "4:00:00", "0:0", True, None),
         "14": SqueueRow("14", "FAILED", "NonZeroExitCode", "2026-11-26T08:50:00", "hpcr-c", "",
-                        "10:00", "3:0", False),
+                        "10:00", "3:0", False, "cn[01-04,07]"),
         "15": SqueueRow("15", "TIMEOUT", "TimeLimit", "2026-11-26T08:49:49", "hpcr-d", "(null)",
-                        "1:00", "0:15", False),
+                        "1:00", "0:15", False, "cn02"),
     }
+
+
+async def test_squeue_reads_a_pending_jobs_reason_and_a_running_jobs_nodes() -> None:
+    # As squeue 22.05 prints them on the development cluster: a pending job has no nodes yet.
+    out = ("20|PENDING|QOSMaxJobsPerUserLimit|2026-11-26T10:00:00|1:00|0|1|hpcr-e||ci 20\n"
+           "21|PENDING|Priority|N/A|1:00|0|1|hpcr-f|(null)|\n"
+           "22|RUNNING|None|2026-11-26T09:00:00|1:00|0|1|hpcr-g|vm|\n")
+    rows = await SlurmCli(Scripted(ok(out))).squeue(["20", "21", "22"])
+    assert [(row.reason, row.node_list) for row in rows.values()] == [
+        ("QOSMaxJobsPerUserLimit", None), ("Priority", None), ("None", "vm")]
+    assert rows["20"].comment == "ci 20" and rows["20"].start == "2026-11-26T10:00:00"
 
 
 async def test_squeue_of_one_unknown_id_is_an_answer_not_a_failure() -> None:
@@ -164,8 +175,8 @@ async def test_scancel_signals_and_treats_finished_jobs_as_nothing_to_do() -> No
 
 
 async def test_list_hpcr_jobs_keeps_only_ours() -> None:
-    out = ("3|RUNNING|None|N/A|5:00|0|0|hpcr-a|c\n4|PENDING|Priority|N/A|5:00|0|1|my-own-job|\n"
-           "5|COMPLETED|None|N/A|5:00|0|0|hpcr-b|\n")
+    out = ("3|RUNNING|None|N/A|5:00|0|0|hpcr-a|vm|c\n4|PENDING|Priority|N/A|5:00|0|1|my-own-job||\n"
+           "5|COMPLETED|None|N/A|5:00|0|0|hpcr-b|vm|\n")
     run = Scripted(ok(out))
     rows = await SlurmCli(run).list_hpcr_jobs("hpcrunner")
     assert [row.slurm_id for row in rows] == ["3", "5"]

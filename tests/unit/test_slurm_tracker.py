@@ -13,6 +13,7 @@ from runner.executors.slurm.cli import SlurmUnavailable, SqueueRow
 from runner.executors.slurm.tracker import (
     Finished,
     JobNote,
+    NodesGiven,
     PendingInfo,
     QueryFailed,
     StateChanged,
@@ -30,6 +31,7 @@ class FakeJob:
     start: str | None = None
     exit_code: str = "0:0"
     time_limit: str = "10:00"
+    node_list: str | None = None
 
 
 class FakeSlurm:
@@ -47,7 +49,7 @@ class FakeSlurm:
         if self.squeue_fails:
             raise SlurmUnavailable("squeue exited 1: Unable to contact slurm controller")
         return {i: SqueueRow(i, job.state, job.reason, job.start, f"hpcr-{i}", "", job.time_limit,
-                             job.exit_code, False)
+                             job.exit_code, False, job.node_list)
                 for i, job in self.jobs.items() if i in ids and i not in self.forgotten}
 
     async def show_job(self, slurm_id: str) -> dict[str, str] | None:
@@ -204,6 +206,27 @@ async def test_state_changes_pending_news_and_requeue_notes() -> None:
                      "it will start again from the top"),
         PendingInfo("5", "BeginTime", None),
     ]
+
+
+async def test_the_nodes_a_job_was_given_are_said_once_and_again_when_they_change(tmp_path: Path) -> None:
+    slurm = FakeSlurm()
+    tracker, events = tracker_for(slurm)
+    slurm.jobs["6"] = FakeJob("PENDING", "Resources")
+    slurm.jobs["7"] = FakeJob("PENDING", "Priority")
+    tracker.track("6")
+    tracker.track("7", tmp_path / "exit-status")
+    await tracker.poll_once()
+    slurm.jobs["6"] = FakeJob("RUNNING", node_list="cn[01-02]")
+    await tracker.poll_once()
+    await tracker.poll_once()  # the same nodes: nothing to say
+    slurm.jobs["6"] = FakeJob("RUNNING", node_list="cn[03-04]")  # requeued and started elsewhere
+    # Job 7 ran and ended between two cycles: where it ran comes before its end.
+    slurm.jobs["7"] = FakeJob("COMPLETED", node_list="cn05")
+    await tracker.poll_once()
+    nodes = [event for event in events if isinstance(event, NodesGiven)]
+    assert nodes == [NodesGiven("6", "cn[01-02]"), NodesGiven("6", "cn[03-04]"), NodesGiven("7", "cn05")]
+    of_7 = [type(event).__name__ for event in events if getattr(event, "slurm_id", None) == "7"]
+    assert of_7[-2:] == ["NodesGiven", "Finished"]
 
 
 async def test_per_job_listeners_hear_only_their_job() -> None:

@@ -404,6 +404,39 @@ def test_jobs_are_found_by_slurm_id(store: Store) -> None:
         store.set_slurm_id(old.id, "1", "kubernetes")
 
 
+def test_slurms_reason_and_the_nodes_are_written_only_when_they_change(store: Store) -> None:
+    job = add(store, source_url="https://buildkite.com/o/p/builds/1#abc")
+    assert store.get_job(job.id) == job and job.source_url == "https://buildkite.com/o/p/builds/1#abc"
+    assert (job.state_reason, job.node_list) == (None, None)
+    changed = store.set_whereabouts(job.id, state_reason="Priority", node_list=None)
+    assert changed is not None and (changed.state_reason, changed.node_list) == ("Priority", None)
+    assert store.set_whereabouts(job.id, state_reason="Priority", node_list=None) is None
+    changed = store.set_whereabouts(job.id, state_reason=None, node_list="cn[01-02]")
+    assert changed is not None and (changed.state_reason, changed.node_list) == (None, "cn[01-02]")
+    assert store.set_whereabouts(job.id, state_reason=None, node_list="cn[01-02]") is None
+    assert store.get_job(job.id) == changed
+    with pytest.raises(StoreError, match="no job"):
+        store.set_whereabouts("nosuchjob", state_reason=None, node_list=None)
+
+
+def test_jobs_of_before_the_whereabouts_columns_have_none(state_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as patched:
+        patched.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:2])
+        with Store.open(state_dir) as store:
+            assert store.schema_version() == 2
+    conn = raw_connection(state_dir)
+    conn.execute("INSERT INTO jobs (id, source, identity, spec, state, created_at, updated_at)"
+                 " VALUES ('old1', 'local', '{}', '{}', 'pending', 1.0, 1.0)")
+    conn.commit()
+    conn.close()
+    with Store.open(state_dir) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        record = store.get_job("old1")
+        assert record is not None and record.state == JobState.pending
+        assert (record.source_url, record.state_reason, record.node_list) == (None, None, None)
+
+
 def test_list_jobs_filters_and_orders_by_creation(store: Store) -> None:
     a = add(store, source="local")
     b = add(store, source="github")

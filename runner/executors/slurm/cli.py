@@ -43,12 +43,14 @@ __all__ = [
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
 # squeue --Format: id, long state, reason, actual or expected start (the estimate `squeue
-# --start` prints), time limit, exit code (a raw wait status), requeue flag, name, comment. With
+# --start` prints), time limit, exit code (a raw wait status), requeue flag, name, the nodes it
+# was given (empty while it pends), comment. With
 # it one squeue call tells everything about a job that ended, scontrol is not needed. A ":|"
 # field has no width (nothing is cut) and ends in "|"; the comment comes last because it is the
 # only field that may contain "|".
-SQUEUE_FORMAT = "JobID:|,State:|,Reason:|,StartTime:|,TimeLimit:|,exit_code:|,Requeue:|,Name:|,Comment:"
-_SQUEUE_FIELDS = 9
+SQUEUE_FORMAT = ("JobID:|,State:|,Reason:|,StartTime:|,TimeLimit:|,exit_code:|,Requeue:|,Name:|,NodeList:|,"
+                 "Comment:")
+_SQUEUE_FIELDS = 10
 UNKNOWN_JOB = "Invalid job id specified"
 # scancel's answers for a job that has nothing left to cancel.
 _NOTHING_TO_CANCEL = (UNKNOWN_JOB, "already completing or completed", "Job/step already")
@@ -131,6 +133,7 @@ class SqueueRow:
     time_limit: str | None = None  # as Slurm prints it: "1:00", "4:00:00", "1-00:00:00"
     exit_code: str | None = None  # as scontrol's ExitCode: "N:S" (exit status N, or signal S)
     requeue: bool | None = None  # whether Slurm would requeue the job after a node failure
+    node_list: str | None = None  # the nodes it runs or ran on, as Slurm names them ("cn[01-04]")
 
 
 class SlurmCli:
@@ -288,10 +291,12 @@ def _parse_squeue(output: str) -> list[SqueueRow]:
             if re.fullmatch(r"[0-9]+_.*", fields[0].strip()):
                 continue
             raise SlurmUnavailable(f"squeue printed an unexpected line: {line!r}")
-        slurm_id, state, reason, start, limit, code, requeue, name, comment = (f.strip() for f in fields)
+        slurm_id, state, reason, start, limit, code, requeue, name, nodes, comment = (
+            f.strip() for f in fields)
         rows.append(SqueueRow(slurm_id, state, reason, _time_or_none(start), name, comment,
                               time_limit=_time_or_none(limit), exit_code=_wait_status(code),
-                              requeue={"1": True, "0": False}.get(requeue)))
+                              requeue={"1": True, "0": False}.get(requeue),
+                              node_list=nodes if nodes not in ("", "(null)", "N/A") else None))
     return rows
 
 

@@ -207,15 +207,19 @@ class SlurmExecutor:
             self.tracker.wake()
 
     async def follow(self, job: SlurmJob, *, cancel: asyncio.Event, grace_seconds: float,
-                     on_running: Callable[[], None] | None = None) -> Outcome:
+                     on_running: Callable[[], None] | None = None,
+                     on_event: Callable[[TrackerEvent], None] | None = None) -> Outcome:
         """Watch a submitted job to its end; setting `cancel` cancels it in Slurm (with the grace
-        period), however long Slurm takes to answer. `on_running` is called once it runs."""
+        period), however long Slurm takes to answer. `on_running` is called once it runs, and
+        `on_event` with every tracker event of the job (its pending reason, its nodes...)."""
 
-        def on_event(event: TrackerEvent) -> None:
+        def heard(event: TrackerEvent) -> None:
             if isinstance(event, StateChanged) and event.phase == "running" and on_running is not None:
                 on_running()
+            if on_event is not None:
+                on_event(event)
 
-        watch = asyncio.create_task(self.watch(job, on_event=on_event))
+        watch = asyncio.create_task(self.watch(job, on_event=heard))
         canceller: asyncio.Task[None] | None = None
         try:
             waiter = asyncio.create_task(cancel.wait())

@@ -8,8 +8,9 @@ When a call fails or times out, nothing changes: every job keeps its state and s
 and the next cycle comes after an exponentially growing, jittered delay (so that many agents do
 not retry in step).
 
-Listeners get events: a state change, a pending job's reason or estimated start, a note for the
-job's log (requeued, suspended...), and the final outcome.
+Listeners get events: a state change, a pending job's reason or estimated start, the nodes a
+job was given (once it runs, or was found ended), a note for the job's log (requeued,
+suspended...), and the final outcome.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "CycleStats",
     "Finished",
     "JobNote",
+    "NodesGiven",
     "PendingInfo",
     "QueryFailed",
     "SlurmQueries",
@@ -86,6 +88,15 @@ class PendingInfo:
 
 
 @dataclass(frozen=True)
+class NodesGiven:
+    """The nodes a job runs (or ran) on, as Slurm names them ("cn[01-04]"): said when first seen
+    and whenever they change (a requeued job may land elsewhere)."""
+
+    slurm_id: str
+    node_list: str
+
+
+@dataclass(frozen=True)
 class JobNote:
     slurm_id: str
     text: str  # a line for the job's log
@@ -106,7 +117,7 @@ class QueryFailed:
     retry_in: float
 
 
-TrackerEvent = StateChanged | PendingInfo | JobNote | Finished | QueryFailed
+TrackerEvent = StateChanged | PendingInfo | NodesGiven | JobNote | Finished | QueryFailed
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,7 @@ class _Job:
     state: str | None = None
     was_running: bool = False
     pending: tuple[str | None, str | None] | None = None
+    node_list: str | None = None
     listeners: list[Callable[[TrackerEvent], None]] = field(default_factory=list)
 
 
@@ -292,6 +304,11 @@ class Tracker:
         if status.phase == "running":
             job.was_running = True
             job.pending = None
+        if status.phase != "pending" and row is not None and row.node_list \
+                and row.node_list != job.node_list:
+            # Before `Finished`: a job that ran and ended between two cycles still says where.
+            job.node_list = row.node_list
+            self._emit(NodesGiven(slurm_id, row.node_list), job)
         if status.phase == "pending" and row is not None:
             info = (row.reason, row.start)
             if info != job.pending:

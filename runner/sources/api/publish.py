@@ -57,10 +57,18 @@ GITHUB_WEB_URL = "https://github.com"
 _PULL_REF = re.compile(r"refs/pull/([0-9]{1,12})/(?:head|merge)")
 
 
-def source_link(source: str, identity: Identity, *,
+def source_link(source: str, identity: Identity, *, source_url: str | None = None,
                 github_web_url: str | None = GITHUB_WEB_URL) -> tuple[str | None, str | None]:
     """Where a job of `source` came from, in words and as a link (None when there is none): a
-    GitHub job's pull request (`O/R#12`) or commit, a Buildkite job's pipeline, the local queue."""
+    GitHub job's pull request (`O/R#12`) or commit, a Buildkite job's pipeline, the local queue.
+    The link is `source_url`, the page its source named at admission (`JobRecord.source_url`);
+    for a GitHub job recorded without one, its pull request or commit on `github_web_url`."""
+    label, url = _source_link(source, identity, github_web_url=github_web_url)
+    return label, source_url or url
+
+
+def _source_link(source: str, identity: Identity, *,
+                 github_web_url: str | None) -> tuple[str | None, str | None]:
     if source == "github" and identity.repository:
         number = _PULL_REF.fullmatch(identity.ref or "")
         base = None if github_web_url is None else f"{github_web_url.rstrip('/')}/{identity.repository}"
@@ -72,7 +80,7 @@ def source_link(source: str, identity: Identity, *,
                     None if base is None else f"{base}/commit/{identity.commit}")
         return identity.repository, base
     if source == "buildkite" and identity.organization and identity.pipeline:
-        # The build's number and URL are the Buildkite source's (its accept answer), not the record's.
+        # The job's page is the Buildkite source's to say (its accept answer): `source_url`.
         return f"{identity.organization}/{identity.pipeline}", None
     return source, None
 
@@ -226,7 +234,8 @@ class HubPublisher:
         """Register the job at the hub; False when the hub will never take it."""
         try:
             identity = identity_from_json(record.identity, f"job {record.id}")
-            label, url = source_link(record.source, identity, github_web_url=self.github_web_url)
+            label, url = source_link(record.source, identity, source_url=record.source_url,
+                                     github_web_url=self.github_web_url)
             table = spec_from_json(record.spec, f"job {record.id}").to_table()
             # The job's secrets stay on the cluster: the hub keeps its job table, not its secrets.
             table["env"] = redact_env(table.get("env", {}), self.redacted_vars)

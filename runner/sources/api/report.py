@@ -13,7 +13,9 @@ ends has all of it.
 States are published as the agent records them (`on_change`), one after another; each carries the
 policy's decision (account, grant, the account's admins, who may see and cancel the job at the
 hub, and its members, the principals of the grants that spend it, who may see it), why a waiting
-job waits, the Slurm job id once there is one, and at the end the exit status and why it ended. A hub
+job waits (Slurm's reason while it pends there), the Slurm job id once there is one and the nodes
+it was given, and at the end the exit status and why it ended. A change of the reason or of the
+nodes is published like a change of state (the lifecycle's watchers hear of both). A hub
 out of reach is tried again with a growing pause: nothing is dropped, the job runs on meanwhile.
 """
 
@@ -28,8 +30,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from runner.gateway.jobs_protocol import MAX_MEMBERS, MAX_REASON_CHARS, MAX_REASONS, state_body
+from runner.gateway.jobs_protocol import (
+    MAX_MEMBERS,
+    MAX_NODE_LIST_CHARS,
+    MAX_REASON_CHARS,
+    MAX_REASONS,
+    MAX_STATE_REASON_CHARS,
+    state_body,
+)
 from runner.job import JobRecord, JobState
+from runner.job.waiting import waiting_reason
 from runner.logging_setup import get_logger
 from runner.logs.redact import read_masked, secret_needles, secret_values
 from runner.logs.tail import pump
@@ -39,11 +49,6 @@ from runner.sources.api.client import HubClient, HubRefused
 from runner.sources.github.gateway_client import GatewayError
 
 log = get_logger("runner.sources.api")
-
-# Why a job waits, as the agent knows it: its own queue (its slots, the account's concurrent jobs),
-# or Slurm's, whose reason (Priority, Resources...) the executor writes into the job's log.
-WAITING_REASONS = {JobState.queued: "waiting for a free slot on the agent",
-                   JobState.pending: "queued in Slurm"}
 
 # How often the hub is asked whether a running job's cancel was asked for.
 CANCEL_POLL_SECONDS = 5.0
@@ -64,7 +69,8 @@ def state_fields(record: JobRecord, policy: Policy) -> dict[str, Any]:
         "admins": [str(pattern) for pattern in policy.admins_of(account)] if account else [],
         "members": members_of(policy, account) if account else [],
         "slurm_job_id": record.slurm_id,
-        "state_reason": WAITING_REASONS.get(record.state),
+        "state_reason": _bounded(waiting_reason(record), MAX_STATE_REASON_CHARS),
+        "node_list": _bounded(record.node_list, MAX_NODE_LIST_CHARS),
     }
     if record.state.is_terminal:
         exit_status = record.exit_status
@@ -73,6 +79,10 @@ def state_fields(record: JobRecord, policy: Policy) -> dict[str, Any]:
         if record.finished_at is not None:
             fields["ended"] = record.finished_at
     return fields
+
+
+def _bounded(text: str | None, most: int) -> str | None:
+    return None if text is None else text[:most]
 
 
 def members_of(policy: Policy, account: str) -> list[str]:

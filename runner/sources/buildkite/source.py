@@ -417,7 +417,8 @@ class BuildkiteSource:
                 return
             translated, confirmation = confirmed
             admission = Admission("buildkite", state.bk_id, translated.identity, translated.spec,
-                                  log_preamble=lines + notes + confirmation)
+                                  log_preamble=lines + notes + confirmation,
+                                  source_url=job_page(state.env, state.bk_id))
             admitted = await self.host.admit(admission)
             state.runner_id = admitted.job_id
             state.phase = "admitted"
@@ -663,3 +664,12 @@ class BuildkiteSource:
                 self.host.note(state.runner_id, f"hpc-runner: {why}; cancelling\n")
         reason.append(signal_reason)
         cancel.set()
+
+
+def job_page(env: Mapping[str, str], bk_id: str) -> str | None:
+    """The Buildkite job's own page: its build's page (`BUILDKITE_BUILD_URL` of the accept answer)
+    scrolled to the job, as Buildkite links to a job; None when the build's URL is not http(s)."""
+    build_url = env.get("BUILDKITE_BUILD_URL", "")
+    if not build_url.startswith(("https://", "http://")) or any(c.isspace() for c in build_url):
+        return None
+    return f"{build_url.split('#', 1)[0]}#{bk_id}"

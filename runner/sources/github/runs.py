@@ -42,6 +42,7 @@ from runner.sources.github.report import (
     send_final_report,
     summary,
 )
+from runner.sources.github.repository_urls import github_web_host
 from runner.sources.github.state import GithubState, RunState
 from runner.sources.github.translate import CancelRequest, Trigger
 from runner.spec import JobSpec, parse_job_mapping
@@ -251,7 +252,8 @@ class Runs:
         spec = parse_job_mapping(state.spec, f"{state.repository}:{JOBS_FILE}")
         identity = identity_from_json(state.identity, f"GitHub job {state.external_id}")
         admitted = await self.host.admit(Admission(SOURCE, state.external_id, identity, spec,
-                                                   log_preamble=preamble(state, identity)))
+                                                   log_preamble=preamble(state, identity),
+                                                   source_url=self._page_of(state)))
         fresh = state.job_id is None
         if fresh:
             state.job_id = admitted.job_id
@@ -295,6 +297,12 @@ class Runs:
             runner = self.host.resume
         ended = await self._watch(state, report, live, tail, runner)
         await self._finish(state, report, ended, tail, live.cancelled_by)
+
+    def _page_of(self, state: RunState) -> str:
+        """The job's pull request, or for a push its commit, on the App's GitHub: where it came from.
+        (Its check run is created after the job is admitted, on the pull request's page.)"""
+        base = f"https://{github_web_host(self.config.api_url)}/{state.repository}"
+        return f"{base}/pull/{state.number}" if state.number is not None else f"{base}/commit/{state.sha}"
 
     async def _token(self, repository: str) -> str:
         installation = await self.auth.installation_for(self.client, repo=repository)
