@@ -91,7 +91,11 @@ def static_url(name: str) -> str:
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("runner.web", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined,
-                             trim_blocks=False, lstrip_blocks=False)
+                             trim_blocks=False, lstrip_blocks=False,
+                             # The templates change only with a new install, which restarts the
+                             # process; checking them would stat a file at every render (every
+                             # log line sent to every viewer).
+                             auto_reload=False)
     env.filters.update(when=_when, seconds=_seconds, duration=_duration, size=_size, resources=_resources)
     env.globals["static"] = static_url
     return env

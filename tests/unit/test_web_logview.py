@@ -61,6 +61,21 @@ def test_a_line_longer_than_the_limit_is_cut_and_counted_as_the_viewer_numbers_i
         assert count_lines(log[i:i + size] for i in range(0, len(log), size)) == len(lines)
 
 
+def test_long_lines_side_by_side_and_at_a_pieces_edges_are_counted_as_the_viewer_numbers_them() -> None:
+    long, longer = b"x" * MAX_LINE_BYTES, b"y" * (3 * MAX_LINE_BYTES - 1)
+    log = b"a\n" + long + b"\n" + longer + b"\n" + long + b"\nb\n" + b"\n" * 3 + longer + b"\nend\n"
+    lines = lines_of(log)
+    assert len(lines) == 1 + 2 + 3 + 2 + 1 + 3 + 3 + 1
+    for size in (2, 999, MAX_LINE_BYTES - 1, MAX_LINE_BYTES, MAX_LINE_BYTES + 2, 3 * MAX_LINE_BYTES,
+                 len(log)):
+        assert count_lines(log[i:i + size] for i in range(0, len(log), size)) == len(lines), size
+    # Each of the long lines alone between a piece's first and last newline.
+    for start in (1, 2 + len(long), 3 + len(long) + len(longer)):
+        end = log.index(b"\n", start + 1) + 1
+        pieces = [log[:start], log[start:end], log[end:]]
+        assert count_lines(pieces) == len(lines), start
+
+
 def test_blocks_nest_the_lines_after_a_group_line_in_its_group() -> None:
     blocks = blocks_of(lines_of(b"before\n--- one\na\nb\n+++ two\nc\n"))
     assert [(block.header.html if block.header else None, [line.html for line in block.lines])
@@ -73,3 +88,17 @@ def test_rendered_lines_have_anchors_and_collapsible_groups() -> None:
     assert '<a class="ln" href="#L2">2</a><span class="text">make &lt;all&gt;</span>' in html
     assert '<details class="group group-expanded" open>' in html
     assert html.index('id="L2"') < html.index("</details>")      # line 2 is inside the first group
+
+
+def test_rendering_new_lines_again_reads_no_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log's new lines go to every viewer: once the template is loaded, rendering touches no file."""
+    lines = lines_of(b"\x1b[31mred\x1b[0m\n")
+    first = render_lines(lines)
+
+    def no_stat(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a file looked at while rendering: {args}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("os.stat", no_stat)
+        again = render_lines(lines)
+    assert again == first
