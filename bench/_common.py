@@ -355,11 +355,16 @@ def process_cpu_seconds(pid: int) -> float:
 
 class HubProcess:
     """`python -m runner hub` from this checkout on 127.0.0.1, trusting the tokens of `oidc` (an
-    `oidc_table`) and agents holding `agent_token`; its CPU time and memory from /proc."""
+    `oidc_table`) and agents holding `agent_token`; its CPU time and memory from /proc.
 
-    def __init__(self, root: Path, *, oidc: str, agent_token: str) -> None:
+    With `login` (the keys of a `[login]` table), the hub serves its dashboard to people logged in
+    at that provider, and its public URL is its own loopback one, where the browser comes back to."""
+
+    def __init__(self, root: Path, *, oidc: str, agent_token: str, login: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        public_url = "https://hub.example.org" if login is None else self.url
+        login_table = "" if login is None else f"\n[login]\n{login}"
         tokens = root_secret(root / "agent-tokens", f"bench:{agent_token}\n")
         secret = root_secret(root / "webhook-secret", "bench-webhook-secret\n")
         self.config = root / "hub.toml"
@@ -370,9 +375,9 @@ listen = "127.0.0.1:{self.port}"
 webhook_secret_file = "{secret}"
 agent_tokens_file = "{tokens}"
 state_dir = "{root / 'hub-state'}"
-public_url = "https://hub.example.org"
+public_url = "{public_url}"
 
-{oidc}""")
+{oidc}{login_table}""")
         self.log = root / "hub.log"
         self.argv = [sys.executable, "-m", "runner", "hub", "--config", str(self.config)]
         with open(self.log, "ab") as stderr:

@@ -110,3 +110,18 @@ def test_remote_log_latency_quick(cluster: Cluster, tmp_path: Path) -> None:
     # Every line the job printed reached the client.
     assert results["remote_run"]["lag_ms"]["n"] == data["settings"]["lines"]
     assert {"hub", "agent", "client", "job"} <= set(data["commands"])
+
+
+def test_dashboard_quick(cluster: Cluster, tmp_path: Path) -> None:
+    data = run_bench(cluster, "dashboard.py", tmp_path / "dashboard.json")
+    assert data["benchmark"] == "dashboard"
+    results = data["results"]
+    assert {"live", "large_page", "viewers"} <= set(results)
+    live = results["live"]
+    # Every line the agent wrote was seen in the page and by the API's follower.
+    assert live["page_lag_ms"]["n"] == live["api_follow_lag_ms"]["n"] == data["settings"]["live_lines"]
+    assert {"large", "small", "first_open_ms", "load_earlier_ms"} <= set(results["large_page"])
+    assert {"median_ms", "p90_ms", "max_ms"} <= set(results["large_page"]["large"])
+    for entry in results["viewers"].values():
+        assert {"lag_ms", "hub_cpu_percent", "hub_peak_rss_mb"} <= set(entry)
+    assert {"hub", "browser"} <= set(data["commands"])
