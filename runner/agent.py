@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner import retention
 from runner.config import AgentConfig
 from runner.errors import InputError
 from runner.executors.slurm import SlurmExecutor, SlurmJob, SlurmSite
@@ -32,7 +34,7 @@ from runner.logs.tail import LogSink
 from runner.policy import Decision, Policy
 from runner.spec import JobSpec
 from runner.store import Store
-from runner.tasks import TaskSet
+from runner.tasks import TaskSet, pause
 
 __all__ = ["Agent", "NotAllowed", "UnknownJob", "slurm_executor"]
 
@@ -83,6 +85,9 @@ class Agent:
         self._found_running: dict[str, SlurmJob] = {}
         self._found_finished: dict[str, Outcome] = {}
         self._reattached = asyncio.Event()
+        # What `[retention]` measures a finished job's age by, and how often it looks.
+        self.clock: Callable[[], float] = time.time
+        self.retention_interval = retention.INTERVAL_SECONDS
 
     @property
     def policy(self) -> Policy:
@@ -257,6 +262,26 @@ class Agent:
         else:
             self._reattached.set()
         self._workers = [asyncio.create_task(self._worker()) for _ in range(self.config.max_jobs)]
+        self._background.spawn(self._expire_files())
+
+    async def _expire_files(self) -> None:
+        """Remove the job files `[retention]` says have expired: at start, then every interval
+        until the agent drains. The removing runs off the event loop: a workspace can be large."""
+        while not self._draining.is_set():
+            try:
+                expired = retention.expired_now(self.config, self.store, self.clock())
+                removed, failed = await asyncio.to_thread(retention.remove_all, expired)
+                retention.audit_removals(self.store, removed, actor="agent")
+                gone = [item for item in removed if item.gone]
+                if gone:
+                    log.info("removed expired job files", paths=len(gone),
+                             bytes=sum(item.size for item in gone))
+                for reason in failed:
+                    log.warning("cannot remove expired job files", reason=reason)
+            except Exception:  # the next round tries again; the jobs go on meanwhile
+                log.exception("removing expired job files failed")
+            await pause(self.retention_interval, self._draining)
+
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         self._background.spawn(work).add_done_callback(self._background_done)

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 
 from runner import __version__, exitcodes
-from runner.commands import agent, demo, doctor, hub, policy, queue, remote, run
+from runner.commands import agent, audit, demo, doctor, gc, hub, policy, queue, remote, run
 from runner.errors import HpcRunnerError, InputError
 from runner.localqueue.client import RequestFailed
 from runner.logging_setup import configure_logging
 
-COMMANDS = (agent, run, queue, policy, doctor, demo, hub, remote)
+COMMANDS = (agent, run, queue, policy, doctor, demo, hub, remote, audit, gc)
+
+
+def installed_version() -> str:
+    """The installed distribution's version; the source tree's when it is run uninstalled."""
+    try:
+        return importlib.metadata.version("hpc-runner")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hpc-runner",
         description="A CI agent for HPC clusters: signed jobs, a capability policy, "
                     "Slurm and Apptainer with the host MPI, live logs back to the CI service.")
-    parser.add_argument("--version", action="version", version=f"hpc-runner {__version__}")
+    parser.add_argument("--version", action="version", version=f"hpc-runner {installed_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(subparsers)

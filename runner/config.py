@@ -102,6 +102,25 @@ class SlurmConfig:
     mpi_plugin: str = "pmix"              # srun --mpi=
 
 
+# How long a finished job's files are kept (`[retention]`), in seconds after the job ended.
+DEFAULT_RETENTION_JOB_DIRS = 14 * 86400
+DEFAULT_RETENTION_LOGS = 90 * 86400
+DEFAULT_RETENTION_OUTPUTS = 90 * 86400
+# Shorter than this could take a job's files before its source has fetched what it needs of them.
+MIN_RETENTION = 3600
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """`[retention]`: how long after a job ended its directory's contents (workspace, scratch,
+    job files), its log (`output.log`) and its collected outputs are kept. Never the job's
+    record or the audit log."""
+
+    job_dirs: int = DEFAULT_RETENTION_JOB_DIRS
+    logs: int = DEFAULT_RETENTION_LOGS
+    outputs: int = DEFAULT_RETENTION_OUTPUTS
+
+
 @dataclass(frozen=True)
 class BuildkiteConfig:
     token_file: Path
@@ -202,6 +221,7 @@ class AgentConfig:
     hooks: tuple[Hook, ...] = ()
     # Where the agent serves the dashboard of its own jobs (a Unix socket); None: it serves none.
     web_socket: Path | None = None
+    retention: RetentionConfig = RetentionConfig()
 
     def secret_files(self) -> list[Path]:
         """Every file holding a secret that the config names (each must be 0600, ours)."""
@@ -449,6 +469,20 @@ def _parse_slurm(table: Table | None) -> SlurmConfig:
     return SlurmConfig(poll_interval, srun, mpi_plugin)
 
 
+def _parse_retention(table: Table | None) -> RetentionConfig:
+    if table is None:
+        return RetentionConfig()
+    kept = {key: table.converted(key, parse_duration, default)
+            for key, default in (("job_dirs", DEFAULT_RETENTION_JOB_DIRS), ("logs", DEFAULT_RETENTION_LOGS),
+                                 ("outputs", DEFAULT_RETENTION_OUTPUTS))}
+    table.finish()
+    for key, seconds in kept.items():
+        if seconds < MIN_RETENTION:
+            raise table.error(key, "must be at least 1h: a job's source may still read its files "
+                                   "shortly after it ended")
+    return RetentionConfig(**kept)
+
+
 def _parse_tags(table: Table) -> tuple[str, ...]:
     tags: tuple[str, ...] = table.string_list("tags", (), pattern=_TAG, what="a KEY=VALUE tag")
     keys: set[str] = set()
@@ -604,6 +638,7 @@ def config_from_document(doc: TomlDocument) -> AgentConfig:
     sandbox = _parse_sandbox(root.table("sandbox"))
     mpi = _parse_mpi(root.table("mpi"))
     slurm = _parse_slurm(root.table("slurm"))
+    retention = _parse_retention(root.table("retention"))
     buildkite = _optional_section(root, "buildkite", _parse_buildkite)
     github = _optional_section(root, "github", _parse_github)
     hub = _with_login(root, _parse_hub_sections(root))
@@ -624,7 +659,8 @@ def config_from_document(doc: TomlDocument) -> AgentConfig:
         raise root.error("web_socket", "must not be the local queue's socket (`socket`): the dashboard "
                                        "needs a socket of its own")
     return AgentConfig(state_dir, work_root, policy, executor, max_jobs, sandbox, mpi, buildkite, github,
-                       hub, doc.name, socket, slurm, oidc, api, hooks=hooks, web_socket=web_socket)
+                       hub, doc.name, socket, slurm, oidc, api, hooks=hooks, web_socket=web_socket,
+                       retention=retention)
 
 
 def _check_layout(root: Table, state_dir: Path, work_root: Path) -> None:

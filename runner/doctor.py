@@ -40,6 +40,9 @@ SLURM_COMMANDS = ("sbatch", "squeue", "scancel", "scontrol")
 NODE_LOCAL_ROOTS = ("/tmp", "/var/tmp", "/dev/shm")
 EXIT_OK = 0
 EXIT_FAILED = 1
+# Below either, a file system is running out: job logs and workspaces stop being written.
+MIN_FREE_FRACTION = 0.10
+MIN_FREE_BYTES = 5 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ def run_command(argv: Sequence[str], *, timeout: float = COMMAND_TIMEOUT,
 class Host:
     which: Which = shutil.which
     run: Run = run_command
+    statvfs: Callable[[str], os.statvfs_result] = os.statvfs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +378,30 @@ def check_work_root(config: AgentConfig) -> Check:
     return Check("work_root", "ok", f"{path} {state}")
 
 
+def check_free_space(path: Path, key: str, host: Host) -> Check:
+    """Whether the file system of `path` (or of its nearest existing parent) has room left."""
+    name = f"{key}_space"
+    probe = _nearest_existing(path)
+    try:
+        info = host.statvfs(str(probe))
+    except OSError as exc:
+        return Check(name, "warn", f"cannot tell the free space of {probe}: {exc.strerror}")
+    free = info.f_bavail * info.f_frsize
+    total = info.f_blocks * info.f_frsize
+    share = free / total if total else 0.0
+    detail = f"{_gib(free)} free of {_gib(total)} ({share:.0%}) on the file system of {probe}"
+    if free < MIN_FREE_BYTES or share < MIN_FREE_FRACTION:
+        return Check(name, "warn", f"only {detail}",
+                     "free space there: shorten the [retention] job_dirs, logs and outputs periods of "
+                     "the config and run `hpc-runner gc` (as the agent's account; --dry-run shows what "
+                     "would go), or give it a larger file system")
+    return Check(name, "ok", detail)
+
+
+def _gib(size: int) -> str:
+    return f"{size / 1024**3:.1f} GiB"
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole preflight
 
@@ -405,6 +433,8 @@ def run_checks(config: AgentConfig, host: Host) -> list[Check]:
     ]
     checks += [check_state_dir(path, key) for path, key in config.state_dirs()]
     checks.append(check_work_root(config))
+    checks += [check_free_space(path, key, host)
+               for path, key in (*config.state_dirs(), (config.work_root, "work_root"))]
     checks += [check_secret_file(path, key) for path, key in config.named_secret_files()]
     checks += [check_jwks_file(path, key) for path, key in config.trusted_files()
                if key == "buildkite.verification_jwks_file"]

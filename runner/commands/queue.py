@@ -12,7 +12,7 @@ from typing import Any
 from runner import exitcodes
 from runner.config import AgentConfig, default_config, load_config
 from runner.errors import InputError
-from runner.localqueue.client import LocalQueueClient
+from runner.localqueue.client import LocalQueueClient, LogGone
 from runner.spec import parse_job_text
 
 
@@ -92,9 +92,13 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_logs(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
-    for chunk in _client(args).stream_logs(args.job_id, follow=args.follow):
-        out.write(chunk)
-        out.flush()
+    try:
+        for chunk in _client(args).stream_logs(args.job_id, follow=args.follow):
+            out.write(chunk)
+            out.flush()
+    except LogGone as exc:
+        print(f"hpc-runner: {exc}", file=sys.stderr)
+        return exitcodes.INVALID_INPUT
     return exitcodes.OK
 
 

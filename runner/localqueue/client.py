@@ -24,6 +24,10 @@ class RequestFailed(HpcRunnerError):
     pass
 
 
+class LogGone(RequestFailed):
+    """The job ended and its log file was removed (its `[retention]` expired)."""
+
+
 class LocalQueueClient:
     def __init__(self, path: Path, *, timeout: float | None = 30.0) -> None:
         self.path = path
@@ -86,7 +90,8 @@ class LocalQueueClient:
             except (OSError, ProtocolError) as exc:
                 raise AgentUnavailable(f"no answer from the agent on {self.path}: {exc}") from None
             if not reply.get("ok"):
-                raise RequestFailed(str(reply.get("error", "the agent refused the request")))
+                error = str(reply.get("error", "the agent refused the request"))
+                raise LogGone(error) if reply.get("log_gone") else RequestFailed(error)
             while chunk := sock.recv(65536):
                 yield chunk
         finally:

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from runner import retention
 from runner.agent import Agent
 from runner.errors import HpcRunnerError
 from runner.identity import Identity
@@ -227,10 +228,25 @@ class LocalQueueServer:
     def agent_uid(self) -> int:
         return os.geteuid()
 
+    def _log_gone(self, record: JobRecord) -> str | None:
+        """Why an ended job's log file is no longer there, or None while it is (or may yet be)."""
+        if not record.state.is_terminal or record.log_path is None or os.path.lexists(record.log_path):
+            return None
+        expired = any(entry.action == retention.AUDIT_ACTION
+                      for entry in self.agent.store.audit_entries(job_id=record.id))
+        if expired:
+            return (f"the log of job {record.id} has expired: it was removed as [retention] logs says "
+                    f"(the job's record remains: hpc-runner status {record.id})")
+        return f"the log of job {record.id} ({record.log_path}) is gone: it was removed"
+
     async def _logs(self, request: dict[str, Any], identity: Identity, writer: asyncio.StreamWriter) -> None:
         job_id = str(request.get("job_id", ""))
         record = self.agent.job_for(identity, job_id)
         follow_log = bool(request.get("follow"))
+        gone = self._log_gone(record)
+        if gone is not None:
+            writer.write(encode({"ok": False, "error": gone, "log_gone": True}))
+            return
         writer.write(encode({"ok": True, "job": job_summary(record)}))
         if record.log_path is None:
             return

@@ -400,7 +400,8 @@ def test_json_output_lists_every_check(tmp_path: Path, capsys: pytest.CaptureFix
     status = run_doctor(argparse.Namespace(config=str(path), json=True), healthy_cluster().host())
     listed = json.loads(capsys.readouterr().out)
     assert [item["name"] for item in listed] == ["config", "apptainer", "slurm", "slurmctld", "munge", "mpi",
-                                                 "policy", "state_dir", "work_root"]
+                                                 "policy", "state_dir", "work_root", "state_dir_space",
+                                                 "work_root_space"]
     assert set(listed[0]) == {"name", "status", "detail", "fix"}
     assert status == (1 if any(item["status"] == "FAIL" for item in listed) else 0)
 
@@ -413,7 +414,7 @@ def test_a_real_run_prints_a_line_for_each_check(tmp_path: Path, monkeypatch: py
     checks = [line for line in lines if line.split("  ")[0].strip() in ("ok", "warn", "FAIL")]
     names = [line.split(":")[0].split()[-1] for line in checks]
     assert names == ["config", "apptainer", "slurm", "slurmctld", "munge", "mpi", "policy", "state_dir",
-                     "work_root"]
+                     "work_root", "state_dir_space", "work_root_space"]
     assert lines[-1].startswith("doctor: ")
     for index, line in enumerate(lines[:-1]):
         if line.startswith("FAIL"):
