@@ -212,3 +212,14 @@ def test_another_accounts_member_gets_neither_the_job_nor_its_page_nor_its_log(
         assert status == 404, path
     browser.get(f"{hub.url}/jobs/{ours}")
     assert "compiling" not in browser.page_source
+
+
+def test_one_tab_opens_one_running_job_after_another_without_running_out_of_connections(
+        browser: webdriver.Chrome, hub: HubDashboard) -> None:
+    # A browser allows six connections per host over HTTP/1.1; a page kept in the back/forward
+    # cache with its live stream open would hold one, and the seventh job's page would wait.
+    jobs = [hub.job(new_job_id(), account="climate", group="climate") for _ in range(8)]
+    log_in(browser, hub, "alice")
+    for job_id in jobs:
+        browser.get(f"{hub.url}/jobs/{job_id}")
+        wait_until_page(browser, lambda page: page.find_elements(By.ID, "L5"), f"job {job_id}'s page")

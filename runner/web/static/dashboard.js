@@ -6,6 +6,31 @@
 (function () {
   const RECONNECT_MS = 2000;
 
+  // A page's live stream, closed while the page is hidden in the browser's back/forward cache:
+  // an open stream there keeps one of the few connections a browser allows per host (six over
+  // HTTP/1.1), and a seventh page of the same hub would wait for one. `open` makes the
+  // EventSource (or null when there is nothing left to hear); after an error the stream starts
+  // again a little later, unless the page is hidden by then.
+  function liveStream(open) {
+    let events = null;
+    let hidden = false;
+    const stream = {
+      start() {
+        stream.stop();
+        if (hidden) { return; }
+        events = open();
+        if (events) {
+          events.addEventListener("error", () => { stream.stop(); setTimeout(stream.start, RECONNECT_MS); });
+        }
+      },
+      stop() { if (events) { events.close(); events = null; } },
+    };
+    window.addEventListener("pagehide", () => { hidden = true; stream.stop(); });
+    window.addEventListener("pageshow", (event) => { hidden = false; if (event.persisted) { stream.start(); } });
+    stream.start();
+    return stream;
+  }
+
   function fragment(html) {
     const template = document.createElement("template");
     template.innerHTML = html;
@@ -36,14 +61,13 @@
         if (again) { again = false; refresh(); }
       }
     }
-    function connect() {
+    liveStream(() => {
       const events = new EventSource(table.dataset.events);
       // What changed between the page's render and this stream's start: the rows once more.
       events.addEventListener("open", refresh);
       events.addEventListener("changed", refresh);
-      events.onerror = () => { events.close(); setTimeout(connect, RECONNECT_MS); };
-    }
-    connect();
+      return events;
+    });
   }
 
   // ------------------------------------------------------------------ a job's page
@@ -85,7 +109,7 @@
     }
 
     function connect() {
-      if (ended) { return; }
+      if (ended) { return null; }
       const url = `${log.dataset.events}?offset=${offset}&number=${number}`;
       const events = new EventSource(url);
       events.addEventListener("lines", (event) => {
@@ -95,8 +119,8 @@
         append(data.html);
       });
       events.addEventListener("status", (event) => { head.innerHTML = event.data; bindCancel(); });
-      events.addEventListener("end", () => { ended = true; log.dataset.ended = "true"; events.close(); });
-      events.onerror = () => { events.close(); if (!ended) { setTimeout(connect, RECONNECT_MS); } };
+      events.addEventListener("end", () => { ended = true; log.dataset.ended = "true"; stream.stop(); });
+      return events;
     }
 
     // Anchors: #L120 opens the groups around line 120 and shows it.
@@ -172,7 +196,7 @@
     bindCancel();
     expandPrevious(lines);
     if (location.hash) { showTarget(); } else if (follow.checked) { window.scrollTo(0, document.body.scrollHeight); }
-    connect();
+    const stream = liveStream(connect);
   }
 
   document.addEventListener("DOMContentLoaded", () => {
