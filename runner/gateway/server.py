@@ -156,7 +156,10 @@ class GatewayServer:
         host = urllib.parse.urlsplit(settings.public_url).hostname or "hub"
         Dashboard(HubBoard(self._jobs_thread, self._wakeups), login.viewer if login is not None else _nobody,
                   site_name=host, login_path="/login" if login is not None else None,
-                  logout=login is not None).add_routes(app)
+                  logout=login is not None,
+                  nobody="log in to see jobs" if login is not None else
+                  "nobody can log in to this hub's dashboard: its config needs a [login] section "
+                  "(the site's OpenID Connect provider)").add_routes(app)
         if login is not None:
             login.add_routes(app)
 

@@ -38,6 +38,7 @@ from runner.web.board import (
     ListQuery,
     NotCancellable,
     NotVisible,
+    Page,
     Viewer,
     parse_list_query,
 )
@@ -108,8 +109,10 @@ class LineNumbers:
 
 class Dashboard:
     def __init__(self, board: JobBoard, viewer_of: ViewerOf, *, site_name: str,
-                 login_path: str | None = None, logout: bool = False) -> None:
+                 login_path: str | None = None, logout: bool = False,
+                 nobody: str = "log in to see jobs") -> None:
         self.board = board
+        self._nobody = nobody               # what a request without a viewer is told
         self._viewer_of = viewer_of
         self.site_name = site_name
         self._login_path = login_path
@@ -137,7 +140,7 @@ class Dashboard:
                 "Accept", "text/html"):
             target = urllib.parse.urlencode({"next": request.path_qs})
             raise web.HTTPFound(f"{self._login_path}?{target}")
-        raise web.HTTPUnauthorized(text="log in to see jobs\n")
+        raise web.HTTPUnauthorized(text=f"{self._nobody}\n")
 
     async def _page(self, request: web.Request, viewer: Viewer, template: str,
                     **context: object) -> web.Response:
@@ -166,19 +169,20 @@ class Dashboard:
         text = render("rows.html", **self._list_context(request, query, page))
         return no_store(web.Response(text=text, content_type="text/html"))
 
-    def _list_context(self, request: web.Request, query: ListQuery, page: object) -> dict[str, object]:
+    def _list_context(self, request: web.Request, query: ListQuery, page: Page) -> dict[str, object]:
         params = [(key, value) for key, value in request.query.items() if key != "before"]
-        next_before = getattr(page, "next_before", None)
-        older = urllib.parse.urlencode([*params, ("before", next_before or "")])
+        older = urllib.parse.urlencode([*params, ("before", page.next_before or "")])
         filtered = bool(query.states or query.account or query.source or query.text)
         return {"page": page, "query": query, "states": STATES, "sources": SOURCES,
-                "accounts": getattr(page, "accounts", ()), "filtered": filtered, "older_url": f"/?{older}",
+                "accounts": page.accounts, "filtered": filtered, "older_url": f"/?{older}",
                 "rows_url": f"/rows?{request.query_string}", "events_url": "/events/jobs"}
 
     async def _jobs_events(self, request: web.Request) -> web.StreamResponse:
         await self._viewer(request)
         async with _events(request) as stream:
             while True:
+                # A change, or a quiet while: then too the rows are read again, so that running
+                # jobs' durations count on.
                 await self.board.wait_for_jobs(HEARTBEAT_SECONDS)
                 await stream.send("", event="changed")
                 # However many jobs change meanwhile, the page reloads its rows once.
