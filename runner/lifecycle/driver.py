@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Protocol
 
+from runner import metrics
 from runner.errors import InfrastructureError
 from runner.executors.local import LocalExecutor, LocalLaunch, local_launch
 from runner.executors.slurm import SlurmExecutor, SlurmJob, SlurmUnavailable, SubmissionFailed
@@ -138,7 +139,8 @@ class JobDriver:
         """A job that ended while no agent watched it (`outcome`, None: not found again): the rest
         of its log, then its end."""
         record = self.get(job_id)
-        await pump(self.log_path(record), offset=offset, done=lambda: True, sink=sink)
+        await pump(self.log_path(record), offset=offset, done=lambda: True,
+                   sink=_metered(sink, record.source))
         if outcome is not None:
             await self.end(job_id, outcome)
         elif not record.state.is_terminal:
@@ -152,7 +154,8 @@ class JobDriver:
                         offset: int) -> None:
         execution = asyncio.create_task(work)
         try:
-            await pump(self.log_path(record), offset=offset, done=execution.done, sink=sink)
+            await pump(self.log_path(record), offset=offset, done=execution.done,
+                       sink=_metered(sink, record.source))
         except BaseException:
             # Stopped (the agent stops) or the sink failed: the job is left where it is, and a
             # Slurm job runs on, for the next agent to follow.
@@ -245,10 +248,10 @@ class JobDriver:
                     # "None": Slurm's scheduler has not looked at the job yet.
                     reason = event.reason if event.reason not in (None, "", "None") else None
                     self.set_whereabouts(job_id, state_reason=reason, node_list=record.node_list)
-            elif isinstance(event, NodesGiven):
-                record = self.get(job_id)
-                if not record.state.is_terminal:
-                    self.set_whereabouts(job_id, state_reason=record.state_reason, node_list=event.node_list)
+            elif isinstance(event, NodesGiven) and not self.get(job_id).state.is_terminal:
+                # A job given nodes waits for nothing, also one that ran and ended between two
+                # polls (never seen running).
+                self.set_whereabouts(job_id, state_reason=None, node_list=event.node_list)
 
         outcome = await slurm.follow(job, cancel=cancel, grace_seconds=self._grace, on_running=running,
                                      on_event=heard)
@@ -353,6 +356,14 @@ class JobDriver:
             self._notes(self.log_path(record), "hpc-runner: not copied back to "
                         f"{(record.decision or {}).get('submitted_workspace')}: "
                         f"{first_few(returned.not_returned)}\n")
+
+
+def _metered(sink: LogSink, source: str) -> LogSink:
+    """`sink`, with the bytes it took counted as forwarded for `source`."""
+    async def counted(offset: int, data: bytes) -> None:
+        await sink(offset, data)
+        metrics.log_bytes_forwarded(source, len(data))
+    return counted
 
 
 def _refuse_uncopied_workspace(record: JobRecord) -> None:

@@ -501,6 +501,39 @@ def test_a_pending_job_logs_why_it_waits(
         assert alice.wait_end(job_id, timeout=JOB_TIMEOUT_S)["state"] == "cancelled"
 
 
+def whereabouts(site: RunnerSite, job_id: str) -> tuple[str | None, str | None]:
+    """Why the agent's record says the job waits in Slurm, and the nodes it was given."""
+    uri = f"file:{site.state_dir / DB_FILENAME}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+        row = db.execute("SELECT state_reason, node_list FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    assert row is not None, f"no job {job_id} in the agent's store"
+    return row[0], row[1]
+
+
+def test_a_pending_jobs_record_says_slurms_reason_and_then_the_node_it_ran_on(
+    slurm_site: RunnerSite, agents: Callable[[RunnerSite], AgentProcess], alice: QueueUser,
+    slurm_jobs: list[str]
+) -> None:
+    agents(slurm_site)
+    hog = submit(alice, slurm_jobs, slurm_job_toml("hog", LONG_SCRIPT, time="2m", cpus_per_task=2))
+    alice.wait_state(hog, "running", timeout=JOB_TIMEOUT_S)
+    waiting = submit(alice, slurm_jobs, slurm_job_toml("waits", "echo ran\n", time="1m"))
+    alice.wait_state(waiting, "pending", timeout=30)
+
+    # Slurm's own reason, from the tracker's first poll after the scheduler looked at the job.
+    reason = wait_for(lambda: whereabouts(slurm_site, waiting)[0], 3 * DEFAULT_INTERVAL_SECONDS + 10,
+                      what="Slurm's reason on the waiting job's record")
+    assert reason in ("Resources", "Priority"), reason
+    assert whereabouts(slurm_site, waiting)[1] is None
+    assert whereabouts(slurm_site, hog) == (None, node_name())
+
+    cancel(alice, hog)
+    assert alice.wait_end(waiting, timeout=JOB_TIMEOUT_S)["state"] == "succeeded"
+    # It ran on the node, and waits for nothing any more.
+    assert whereabouts(slurm_site, waiting) == (None, node_name())
+    assert alice.wait_end(hog, timeout=JOB_TIMEOUT_S)["state"] == "cancelled"
+
+
 # What a job sees at /work and whether it can write there; the submitter's marker file tells their
 # own directory apart from anything else.
 PROBE_SCRIPT = textwrap.dedent("""\
