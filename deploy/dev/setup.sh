@@ -67,6 +67,9 @@ PACKAGES=(
     python3-venv python3-dev sqlite3 git iproute2 procps gcc make
     # The web dashboard's tests drive a headless Chromium through chromedriver (tests/browser).
     chromium chromium-driver
+    # tests/integration/test_systemd_units.py boots the units of deploy/systemd in systemd-nspawn
+    # (its Debian root it debootstraps itself, cached in $CACHE).
+    systemd-container
 )
 
 # Temporary paths removed on exit, whatever happens.
