@@ -26,11 +26,13 @@ from runner.job import Ended, JobRecord, JobState, Outcome
 from runner.lifecycle.access import NotAllowed, UnknownJob, may_control, refuse_unless_allowed
 from runner.lifecycle.admission import Admission, Admissions, Admitted, SubmittedWorkspace
 from runner.lifecycle.driver import Executor, JobDriver, StateWatcher
+from runner.lifecycle.metering import JobMetering
 from runner.lifecycle.notes import append_to_log
 from runner.lifecycle.prepare import Site
 from runner.lifecycle.recovery import find_slurm_jobs, recover_records
 from runner.logging_setup import get_logger
 from runner.logs.tail import LogSink
+from runner.metrics import reattached
 from runner.policy import Decision, Policy
 from runner.spec import JobSpec
 from runner.store import Store
@@ -67,6 +69,7 @@ class Agent:
             slurm = slurm_executor(config)
         self.driver = JobDriver(self.site, store, grace_seconds=grace_seconds, local=executor, slurm=slurm)
         self.admissions = Admissions(self.site, store, append_to_log, accepting=lambda: self._accepting)
+        JobMetering(store).attach(self.admissions, self.driver)
         self._background = TaskSet()
         self._policy_loader = policy_loader
         self._queue: asyncio.Queue[str] = asyncio.Queue()
@@ -297,6 +300,8 @@ class Agent:
         Jobs of CI sources are only looked up: their sources `resume` them with their log sinks."""
         try:
             found = await find_slurm_jobs(self.driver, slurm)
+            reattached("running", len(found.reconciliation.running))
+            reattached("finished", len(found.reconciliation.finished))
             for job_id, job in found.reconciliation.running.items():
                 if found.records[job_id].source != "local":
                     self._found_running[job_id] = job

@@ -200,6 +200,15 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """`[metrics]`: where the process (agent or hub) serves `GET /metrics` for Prometheus. It has no
+    authentication: loopback, or an address on a management network only."""
+
+    listen_host: str
+    listen_port: int
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path
     work_root: Path
@@ -222,6 +231,8 @@ class AgentConfig:
     # Where the agent serves the dashboard of its own jobs (a Unix socket); None: it serves none.
     web_socket: Path | None = None
     retention: RetentionConfig = RetentionConfig()
+    # `[metrics]`: where Prometheus scrapes this process; None: no metrics are served.
+    metrics: MetricsConfig | None = None
 
     def secret_files(self) -> list[Path]:
         """Every file holding a secret that the config names (each must be 0600, ours)."""
@@ -483,6 +494,12 @@ def _parse_retention(table: Table | None) -> RetentionConfig:
     return RetentionConfig(**kept)
 
 
+def _parse_metrics(table: Table) -> MetricsConfig:
+    host, port = table.converted("listen", _listen)
+    table.finish()
+    return MetricsConfig(host, port)
+
+
 def _parse_tags(table: Table) -> tuple[str, ...]:
     tags: tuple[str, ...] = table.string_list("tags", (), pattern=_TAG, what="a KEY=VALUE tag")
     keys: set[str] = set()
@@ -647,6 +664,7 @@ def config_from_document(doc: TomlDocument) -> AgentConfig:
     if hooks and (hub is None or hub.public_url is None):
         raise root.error("hooks", "are sent by the hub: they need a [hub] section with public_url")
     api = _parse_api(root)
+    metrics = _optional_section(root, "metrics", _parse_metrics)
     root.finish()
     _check_layout(root, state_dir, work_root)
     if policy is None and (buildkite or github or api):
@@ -660,7 +678,7 @@ def config_from_document(doc: TomlDocument) -> AgentConfig:
                                        "needs a socket of its own")
     return AgentConfig(state_dir, work_root, policy, executor, max_jobs, sandbox, mpi, buildkite, github,
                        hub, doc.name, socket, slurm, oidc, api, hooks=hooks, web_socket=web_socket,
-                       retention=retention)
+                       retention=retention, metrics=metrics)
 
 
 def _check_layout(root: Table, state_dir: Path, work_root: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from runner.localqueue.paths import socket_mode, web_socket_mode
 from runner.localqueue.server import LocalQueueServer
 from runner.localqueue.web import AgentWebServer
 from runner.logging_setup import get_logger
+from runner.metrics import MetricsServer
+from runner.metrics import agent as agent_metrics
 from runner.policy import Policy
 from runner.sources.api.client import HubClient
 from runner.sources.api.publish import HubPublisher, hub_pages, hub_public_url
@@ -80,14 +83,31 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
                                      cancel=agent.cancel_from_hub,
                                      redacted_vars=config.buildkite.redacted_vars if config.buildkite else ())
             publisher.attach(agent.admissions, agent.driver)
+        metrics_server = None if config.metrics is None else MetricsServer(
+            agent_metrics().registry, config.metrics.listen_host, config.metrics.listen_port)
+        if metrics_server is not None:
+            try:
+                await metrics_server.start()
+            except OSError as exc:
+                print(f"hpc-runner: refusing to start: cannot listen on {metrics_server.host}:"
+                      f"{metrics_server.port} ([metrics] listen): {exc.strerror or exc}", file=sys.stderr)
+                return exitcodes.INVALID_INPUT
+            log.info("metrics served", host=metrics_server.host, port=metrics_server.port)
         # Before the socket announces the agent: a SIGTERM from then on must drain, not kill it.
         agent.install_signal_handlers()
-        await server.start()
+        try:
+            await server.start()
+        except BaseException:
+            if metrics_server is not None:
+                await metrics_server.close()
+            raise
         if dashboard is not None:
             try:
                 await dashboard.start()
             except BaseException:
                 await dashboard.close()
+                if metrics_server is not None:
+                    await metrics_server.close()
                 await server.close()
                 raise
         agent.start()
@@ -129,6 +149,8 @@ async def serve(config: AgentConfig, policy: Policy, reload: Callable[[], Policy
                 stopper.cancel()
             if dashboard is not None:
                 await dashboard.close()
+            if metrics_server is not None:
+                await metrics_server.close()
             await server.close()
             await agent.stop_workers()
             if publisher is not None:

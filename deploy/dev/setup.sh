@@ -65,6 +65,8 @@ PACKAGES=(
     debootstrap squashfs-tools squashfuse fuse3 fuse2fs uidmap patchelf containernetworking-plugins
     libseccomp2 libsqlite3-0 ca-certificates debian-archive-keyring
     python3-venv python3-dev sqlite3 git iproute2 procps gcc make
+    # promtool checks deploy/prometheus/alerts.yml (tests/unit/test_metrics.py).
+    prometheus
     # The web dashboard's tests drive a headless Chromium through chromedriver (tests/browser).
     chromium chromium-driver
     # tests/integration/test_systemd_units.py boots the units of deploy/systemd in systemd-nspawn

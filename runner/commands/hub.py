@@ -21,13 +21,15 @@ import sys
 from collections.abc import Callable, Sequence
 
 from runner import exitcodes
-from runner.config import FILE_DESCRIPTIONS, AgentConfig, HubConfig, load_config
+from runner.config import FILE_DESCRIPTIONS, AgentConfig, HubConfig, MetricsConfig, load_config
 from runner.errors import HpcRunnerError, InputError
 from runner.gateway.callers import authenticator
 from runner.gateway.hooks import HookTarget
 from runner.gateway.server import GatewayServer, JobsApiSettings
 from runner.gateway.tokens import AgentTokens, load_agent_tokens
 from runner.logging_setup import get_logger
+from runner.metrics import MetricsServer
+from runner.metrics import hub as hub_metrics
 from runner.oidc.verify import TokenVerifier
 from runner.secrets import SecretFileError, read_secret_file
 from runner.sqlitefile import StoreError
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     except (_Refusal, InputError, SecretFileError, StoreError) as exc:
         print(f"hpc-runner: refusing to start the {name}: {exc}", file=sys.stderr)
         return exitcodes.INVALID_INPUT
-    return asyncio.run(serve(hub, secret, tokens, jobs_api=jobs_api, hooks=hooks, name=name))
+    return asyncio.run(serve(hub, secret, tokens, jobs_api=jobs_api, hooks=hooks, name=name,
+                             metrics=config.metrics))
 
 
 def _config(path: str | None, name: str) -> AgentConfig:
@@ -135,8 +138,9 @@ def _is_loopback(host: str) -> bool:
 async def serve(hub: HubConfig, secret: str | None, tokens: AgentTokens, *,
                 jobs_api: JobsApiSettings | None = None, hooks: Sequence[HookTarget] = (), name: str = "hub",
                 ready: Callable[[GatewayServer], None] | None = None,
-                stop: asyncio.Event | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (or `stop`, set by an embedding caller)."""
+                stop: asyncio.Event | None = None, metrics: MetricsConfig | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (or `stop`, set by an embedding caller); with `metrics`, its
+    `/metrics` too, on that address."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     server = GatewayServer(state_dir=hub.state_dir, webhook_secret=secret, tokens=tokens, jobs_api=jobs_api,
@@ -154,12 +158,17 @@ async def serve(hub: HubConfig, secret: str | None, tokens: AgentTokens, *,
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_tokens)
+    metrics_server = None if metrics is None else MetricsServer(hub_metrics().registry, metrics.listen_host,
+                                                                metrics.listen_port)
     try:
+        where = f"{hub.listen_host}:{hub.listen_port}"
         try:
             await server.start(hub.listen_host, hub.listen_port)
+            if metrics_server is not None:
+                where = f"{metrics_server.host}:{metrics_server.port} ([metrics] listen)"
+                await metrics_server.start()
         except (StoreError, OSError) as exc:
             await server.close()
-            where = f"{hub.listen_host}:{hub.listen_port}"
             detail = str(exc) if isinstance(exc, StoreError) else f"cannot listen on {where}: {exc.strerror}"
             print(f"hpc-runner: refusing to start the {name}: {detail}", file=sys.stderr)
             return exitcodes.INVALID_INPUT
@@ -173,6 +182,8 @@ async def serve(hub: HubConfig, secret: str | None, tokens: AgentTokens, *,
             ready(server)
         await stop.wait()
         log.info(f"{name} stopping")
+        if metrics_server is not None:
+            await metrics_server.close()
         await server.close()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -23,6 +23,7 @@ from runner.gateway.protocol import parse_lease_seconds, parse_wait
 from runner.gateway.statethread import StateThread
 from runner.job import JOB_ID_PATTERN
 from runner.logging_setup import get_logger
+from runner.metrics import hub_leased, hub_log_received
 
 log = get_logger("runner.gateway")
 
@@ -101,6 +102,7 @@ class AgentJobsApi:
             return stopping()
         if leased is None:
             return web.Response(status=204)
+        hub_leased("job")
         log.info("api job leased", job=leased.id, agent=agent, cluster=cluster, attempt=leased.attempt,
                  seconds=seconds)
         return web.json_response(leased.to_json())
@@ -157,7 +159,10 @@ class AgentJobsApi:
             return error(400, str(exc))
         except TooLarge as exc:
             return error(413, str(exc))
-        return await self._change(request, agent, self._jobs.file.append_log, offset, data)
+        answer = await self._change(request, agent, self._jobs.file.append_log, offset, data)
+        if answer.status == 200:
+            hub_log_received(len(data))
+        return answer
 
     async def _change(self, request: web.Request, agent: str, change: Callable[..., Any], *args: Any,
                       changes: bool = True) -> web.Response:

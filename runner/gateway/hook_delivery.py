@@ -22,6 +22,7 @@ from runner.gateway.jobstore import JobStore
 from runner.gateway.outbox import HookEvent
 from runner.gateway.statethread import StateThread
 from runner.logging_setup import get_logger
+from runner.metrics import hub_hook_delivery
 from runner.sqlitefile import StoreError
 from runner.tasks import pause
 
@@ -132,16 +133,19 @@ class HookDeliverer:
         store = self._jobs.file
         if failure is None:
             await self._jobs.run(store.hook_done, event.seq)
+            hub_hook_delivery("delivered")
             log.info("hook delivered", hook=event.hook, job=event.job_id, delivery=event.delivery_id,
                      attempt=event.attempts + 1)
             return
         now = self._clock()
         if self._schedule.gives_up(event.created, now) or event.hook not in self._targets:
             await self._jobs.run(store.hook_done, event.seq)
+            hub_hook_delivery("given_up")
             log.error("hook delivery given up", hook=event.hook, job=event.job_id, delivery=event.delivery_id,
                       attempts=event.attempts + 1, error=failure)
             return
         delay = self._schedule.delay(event.attempts + 1)
         await self._jobs.run(store.hook_retry_at, event.seq, now + delay)
+        hub_hook_delivery("retrying")
         log.warning("hook delivery failed; retrying", hook=event.hook, job=event.job_id,
                     delivery=event.delivery_id, attempt=event.attempts + 1, retry_in=delay, error=failure)

@@ -34,6 +34,7 @@ from runner.gateway.submission import (
 from runner.gateway.tokens import bearer_token
 from runner.job import JOB_ID_PATTERN
 from runner.logging_setup import get_logger
+from runner.metrics import hub_job_submitted
 from runner.oidc.binding import check_job_binding
 from runner.oidc.errors import TokenRejected
 
@@ -107,6 +108,7 @@ class JobsApi:
                      owner_keys=owners, issuer=caller.issuer, token=caller.token,
                      cluster=submission.cluster, repository=repository, commit=commit)
         job = await self._jobs.run(self._jobs.file.submit, new)
+        hub_job_submitted()
         self._wakeups.notify(JOBS_CHANGED)
         self._wakeups.notify(LIST_CHANGED)
         log.info("api job queued", job=job.id, issuer=caller.issuer, owners=list(new.owner_keys),

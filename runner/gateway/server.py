@@ -44,6 +44,7 @@ from runner.gateway.webhook import (
     too_large,
 )
 from runner.logging_setup import get_logger
+from runner.metrics import count_hub_requests, hub_leased
 from runner.sqlitefile import StoreError
 from runner.web.board import Viewer
 from runner.web.login import Login
@@ -114,7 +115,7 @@ class GatewayServer:
         jobs = await self._jobs_thread.open(lambda: JobStore.open(self._state_dir, clock=self._clock,
                                                                   announce=announce))
         log.info("hub job store opened", path=str(jobs.path))
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[count_hub_requests])
         if self._secret is not None:
             app.router.add_post(protocol.WEBHOOK_PATH, self._webhook)
         app.router.add_get(protocol.HEALTH_PATH, self._health)
@@ -325,6 +326,7 @@ class GatewayServer:
             return stopping()
         if leased is None:
             return web.Response(status=204)
+        hub_leased("webhook")
         return self._leased_response(leased, seconds)
 
     def _leased_response(self, leased: LeasedDelivery, seconds: int) -> web.Response:

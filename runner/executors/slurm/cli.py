@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Protocol
 
 from runner.errors import InfrastructureError
 from runner.job import SLURM_JOB_NAME_PREFIX
+from runner.metrics import slurm_command
 
 __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
@@ -248,14 +250,19 @@ class SlurmCli:
     async def _call(self, command: str, args: Sequence[str], *, stdin: bytes | None = None,
                     check: bool = True) -> CommandResult:
         self.commands[command] += 1
+        began = time.monotonic()
         try:
             result = await self.run([command, *args], timeout=self.timeout, stdin=stdin)
         except TimeoutError:
+            slurm_command(command, "timeout", time.monotonic() - began)
             raise SlurmUnavailable(f"{command} did not answer within {self.timeout:g} s") from None
         except OSError as exc:
+            slurm_command(command, "not_run", time.monotonic() - began)
             # The culprit may be the runner's prefix (runuser, ssh...) rather than the command.
             culprit = exc.filename if exc.filename is not None else command
             raise SlurmUnavailable(f"cannot run {command}: {culprit}: {exc.strerror or exc}") from None
+        # A nonzero exit is not always trouble (squeue of one job Slurm forgot): "exit_nonzero".
+        slurm_command(command, "ok" if result.returncode == 0 else "exit_nonzero", time.monotonic() - began)
         if check and result.returncode != 0:
             raise _unavailable(command, result)
         return result

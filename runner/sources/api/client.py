@@ -34,6 +34,7 @@ from runner.gateway import jobs_protocol as protocol
 from runner.gateway.protocol import DEFAULT_LEASE_SECONDS, DEFAULT_WAIT_SECONDS
 from runner.httpsession import SessionHolder
 from runner.logging_setup import get_logger
+from runner.metrics import ci_call
 from runner.secrets import read_secret_file
 from runner.sources.github.gateway_client import (
     RETRY_INITIAL_SECONDS,
@@ -211,12 +212,14 @@ class HubClient(SessionHolder):
                                              headers=headers, allow_redirects=False,
                                              timeout=aiohttp.ClientTimeout(total=timeout)) as response:
                 body = await response.read()
+                ci_call("hub", method, path, response.status)
                 if response.status >= 500:
                     retry_after = response.headers.get("Retry-After", "")
                     raise GatewayError(f"hub {self.url} answered {response.status}: {answer_error(body)}",
                                    retry_after=float(retry_after) if retry_after.isdigit() else None)
                 return response.status, response.headers, body
         except (aiohttp.ClientError, TimeoutError) as exc:
+            ci_call("hub", method, path, None)
             raise GatewayError(f"hub {self.url}: {type(exc).__name__}: {exc}") from None
 
 

@@ -20,6 +20,7 @@ import aiohttp
 from runner import __version__
 from runner.errors import HpcRunnerError
 from runner.logging_setup import get_logger
+from runner.metrics import ci_request
 from runner.sources.buildkite import protocol
 from runner.sources.buildkite.protocol import ApiRequest, RetryPolicy
 
@@ -112,8 +113,10 @@ class AgentSession:
                                           data=request.encoded_body(), headers=headers,
                                           timeout=self._timeout) as response:
                 raw = await response.read()
+                ci_request("buildkite", request.name, response.status)
                 return response.status, raw, response.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            ci_request("buildkite", request.name, None)
             return None, str(exc).encode() or type(exc).__name__.encode(), None
 
     def _token(self, request: ApiRequest, job_token: str | None) -> str:

@@ -49,6 +49,7 @@ from runner.job import JobState
 from runner.logging_setup import get_logger
 from runner.logs.redact import secret_values
 from runner.logs.tail import pump
+from runner.metrics import signature_rejected
 from runner.secrets import read_secret_file
 from runner.sources import Admission, Ended, JobHost
 from runner.sources.buildkite import protocol
@@ -400,6 +401,7 @@ class BuildkiteSource:
             if not await self._start(session, state):
                 return
             if isinstance(verdict, str):
+                signature_rejected()
                 await self._refuse(session, state, verdict, "signature_rejected")
                 return
             signer, fields, lines = verdict

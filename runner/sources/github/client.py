@@ -65,6 +65,7 @@ from runner import __version__
 from runner.config import GithubConfig
 from runner.errors import HpcRunnerError
 from runner.logging_setup import get_logger
+from runner.metrics import ci_call
 from runner.sources.github.appauth import AppAuth, load_private_key
 
 log = get_logger(__name__)
@@ -386,7 +387,9 @@ class GitHubClient:
                     await self._clock.sleep(gap)
             try:
                 response = await self._exchange(method, path, body, bucket, credential)
+                ci_call("github", method, path, response.status)
             except (aiohttp.ClientError, TimeoutError) as exc:
+                ci_call("github", method, path, None)
                 if method not in IDEMPOTENT or attempt >= self._max_retries:
                     raise GitHubUnavailable(f"GitHub {method} {_loggable(path)}: no answer "
                                             f"({type(exc).__name__}: {exc}) after {attempt + 1} attempt(s)") \
