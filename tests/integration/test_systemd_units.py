@@ -42,9 +42,10 @@ UNITS = REPO / "deploy" / "systemd"
 CACHE = Path("/var/cache/hpc-runner-dev")
 ROOT_SUITE = "bookworm"
 # systemd boots it; python3 runs the venv (whose home is /usr/bin); procps has /bin/kill for
-# ExecReload; the rest is what Apptainer runs or loads (the dependencies of its package).
-ROOT_PACKAGES = ("systemd", "systemd-sysv", "dbus", "procps", "python3", "squashfuse", "fuse3", "fuse2fs",
-                 "squashfs-tools", "uidmap", "libseccomp2", "libsqlite3-0", "ca-certificates")
+# ExecReload; openmpi-bin is the host MPI that MPI jobs bind (the host's own version: both are
+# bookworm); the rest is what Apptainer runs or loads (the dependencies of its package).
+ROOT_PACKAGES = ("systemd", "systemd-sysv", "dbus", "procps", "python3", "openmpi-bin", "squashfuse", "fuse3",
+                 "fuse2fs", "squashfs-tools", "uidmap", "libseccomp2", "libsqlite3-0", "ca-certificates")
 ROOT = CACHE / f"systemd-root-{ROOT_SUITE}"
 ROOT_STAMP = ROOT.with_name(ROOT.name + ".packages")
 DEBIAN_MIRROR = os.environ.get("HPC_RUNNER_DEBIAN_MIRROR", "http://deb.debian.org/debian")  # as setup.sh
@@ -75,13 +76,15 @@ def _nspawn() -> str:
 
 
 def build_root() -> None:
-    """The cached root, debootstrapped again when the package list changed. A lock keeps two test
-    runs from building at once; the root appears under its name only when complete."""
+    """The cached root, debootstrapped again when its recipe (the package list and what is added
+    after) changed. A lock keeps two test runs from building at once; the root appears under its
+    name only when complete."""
     CACHE.mkdir(mode=0o755, exist_ok=True)
     wanted = ",".join(ROOT_PACKAGES)
+    recipe = f"{wanted}; apptainer mount points; /etc/hosts"
     with open(CACHE / "systemd-root.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if ROOT.is_dir() and ROOT_STAMP.is_file() and ROOT_STAMP.read_text().strip() == wanted:
+        if ROOT.is_dir() and ROOT_STAMP.is_file() and ROOT_STAMP.read_text().strip() == recipe:
             return
         debs = CACHE / "debootstrap-debs"
         debs.mkdir(mode=0o755, exist_ok=True)
@@ -97,10 +100,12 @@ def build_root() -> None:
             # when only its binaries are bound in).
             for directory in ("session", "source"):
                 (build / "root" / "var/lib/apptainer/mnt" / directory).mkdir(parents=True, exist_ok=True)
+            # debootstrap writes none, and Apptainer binds it into every container (apptainer.conf).
+            (build / "root" / "etc/hosts").write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost\n")
             shutil.rmtree(ROOT, ignore_errors=True)
             ROOT_STAMP.unlink(missing_ok=True)
             (build / "root").rename(ROOT)
-            ROOT_STAMP.write_text(wanted + "\n")
+            ROOT_STAMP.write_text(recipe + "\n")
         finally:
             shutil.rmtree(build, ignore_errors=True)
 
@@ -173,7 +178,7 @@ def write_policy(etc: Path, image_sha256: str, *, principal: str) -> None:
         toml_table("[accounts.ci]", slurm_account="ci", partitions=["local"], max_time="10m"),
         image_table("/var/cache/hpc-runner-dev/images/hpc-runner-test.sif", image_sha256),
         toml_table("[[grants]]", name="ci-jobs", principals=[principal], account="ci",
-                   images=[TEST_IMAGE_NAME])))
+                   images=[TEST_IMAGE_NAME], mpi=True)))
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +198,9 @@ def machine(cluster: Cluster) -> Iterator[Machine]:
             'socket = "/run/hpc-runner/agent.sock"\n'
             "\n[sandbox]\n"
             'apptainer = "/usr/bin/apptainer"\n'
-            'grace_period = "2s"\n')
+            'grace_period = "2s"\n'
+            "\n[mpi]\n"
+            'implementation = "openmpi"\n')
         write_policy(etc, cluster.image_sha256, principal="local:user:root")
         etc.chmod(0o755)
         log = Path(tmp) / "nspawn.log"
@@ -271,6 +278,15 @@ def test_the_hardened_agent_unit_runs_sandboxed_jobs_reloads_its_policy_and_drai
     assert result.read_text() == "computed\n"
     # It belongs to the service account: its submitter reads it only if the unit's umask lets all read.
     assert result.stat().st_mode & 0o777 == 0o644, oct(result.stat().st_mode)
+
+    # An MPI job: the host's Open MPI launches the ranks, each in its sandbox, bound to that MPI.
+    mpi_job = machine.submit(job_toml("mpi", command=["/usr/local/bin/mpi-hello"], tasks=2, mpi=True))
+    record = machine.wait_state(mpi_job, "succeeded", "failed", "denied", "infra_failed")
+    logs = machine.hpc_runner("logs", mpi_job).stdout
+    assert record["state"] == "succeeded", (record, logs)
+    lines = logs.splitlines()
+    assert sorted(line for line in lines if line.startswith("rank ")) == ["rank 0 of 2", "rank 1 of 2"], logs
+    assert "allreduce sum 3" in lines, logs
 
     # Reload: a policy without the submitter's grant now refuses what it ran a moment ago.
     write_policy(machine.etc, cluster.image_sha256, principal="local:user:nobody-here")
