@@ -205,7 +205,10 @@ async def test_a_local_queue_jobs_states_and_log_reach_the_hub_byte_exact(hub: H
     assert held.started is not None and held.ended is not None
     assert log == node.log_path(record.id).read_bytes()
     assert log.endswith(b"\x00\xff\n")
-    assert node.publisher is not None and node.publisher.state.open_jobs() == []
+    # The publisher closes the job once the hub took its end: a moment after the hub shows it.
+    publisher = node.publisher
+    assert publisher is not None
+    await wait_until(lambda: publisher.state.open_jobs() == [], "the publisher to close the job")
 
 
 async def test_the_hub_shows_a_local_jobs_name_source_actor_members_and_why_it_waits(hub: Hub,
