@@ -355,10 +355,14 @@ class Login:
             raise ProviderUnreachable(f"the identity provider's keys at {url} are not a usable JWKS") \
                 from None
 
-    async def _get_json(self, url: str, what: str) -> dict[str, Any]:
+    async def _get_json(self, url: str, what: str, *, token: str | None = None) -> dict[str, Any]:
+        """The JSON object the provider serves at `url` (its `what`), asked with `token` if given."""
+        headers = {"Accept": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
         try:
             async with httpx.AsyncClient(timeout=self._timeout, follow_redirects=False) as client:
-                response = await client.get(url, headers={"Accept": "application/json"})
+                response = await client.get(url, headers=headers)
         except httpx.HTTPError as exc:
             raise ProviderUnreachable(f"the identity provider cannot be reached for its {what} at {url} "
                                       f"({type(exc).__name__})") from None
@@ -434,22 +438,7 @@ class Login:
         return groups
 
     async def _userinfo_groups(self, url: str, access_token: str, subject: object) -> object:
-        try:
-            async with httpx.AsyncClient(timeout=self._timeout, follow_redirects=False) as client:
-                response = await client.get(url, headers={"Authorization": f"Bearer {access_token}",
-                                                          "Accept": "application/json"})
-        except httpx.HTTPError as exc:
-            raise ProviderUnreachable(f"the identity provider's userinfo endpoint cannot be reached "
-                                      f"({type(exc).__name__})") from None
-        if response.status_code != 200:
-            raise ProviderUnreachable(f"the identity provider's userinfo endpoint answered "
-                                      f"{response.status_code}")
-        try:
-            info = response.json()
-        except ValueError:
-            info = None
-        if not isinstance(info, dict):
-            raise ProviderUnreachable("the identity provider's userinfo is not a JSON object")
+        info = await self._get_json(url, "userinfo", token=access_token)
         # OpenID Connect: userinfo of another subject than the ID token's must not be used.
         if info.get("sub") != subject:
             raise LoginFailed(403, "the identity provider's userinfo is about another user than its ID token")
