@@ -2,7 +2,7 @@
 # Sets up the local test cluster on Debian bookworm (run as root): system packages, Apptainer from
 # Debian sid in a private glibc prefix, the hpcrunner service account and two test users, munge,
 # Slurm accounting (MariaDB and slurmdbd, with the test accounts), a one-node Slurm cluster, the MPI
-# test image and the project's virtual environment.
+# test image, the project's virtual environment and a wheelhouse of its dependencies.
 #
 # Idempotent: every step checks what is already in place, so a second run takes seconds.
 # Environment: HPC_RUNNER_DEBIAN_MIRROR (default http://deb.debian.org/debian).
@@ -59,6 +59,9 @@ SLURM_ASSOCIATIONS=(
 
 VENV=/opt/hpc-runner/venv
 SYSTEM_PYTHON=/usr/bin/python3
+# Wheels of the project's build requirements and runtime dependencies (with theirs), from which
+# tests/integration/test_wheel_install.py installs the project's wheel into a fresh venv offline.
+WHEELHOUSE=$CACHE/wheelhouse
 
 PACKAGES=(
     slurm-wlm slurmdbd mariadb-server munge openmpi-bin libopenmpi-dev
@@ -780,6 +783,49 @@ install_project() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# i. The wheelhouse
+
+# What pyproject.toml asks for to build the wheel and to run it, a requirement a line, after the
+# interpreter's version (the wheels are this interpreter's).
+wheelhouse_requirements() {
+    "$SYSTEM_PYTHON" --version
+    "$SYSTEM_PYTHON" - "$REPO/pyproject.toml" <<'EOF'
+import sys
+import tomllib
+
+with open(sys.argv[1], "rb") as file:
+    project = tomllib.load(file)
+print("\n".join(project["build-system"]["requires"] + project["project"]["dependencies"]))
+EOF
+}
+
+# Filled again whenever those requirements change. The test installs from here alone (--no-index),
+# so the fresh venv gets exactly what the wheel declares, and a dependency missing from
+# pyproject.toml fails the test instead of being found installed.
+fill_wheelhouse() {
+    local stamp=$WHEELHOUSE/.requirements want have=""
+    want=$(wheelhouse_requirements) || die "cannot read the requirements of $REPO/pyproject.toml"
+    [[ -r $stamp ]] && have=$(<"$stamp")
+    if [[ $have == "$want" ]]; then
+        step "wheelhouse: $WHEELHOUSE up to date"
+        return 0
+    fi
+    step "wheelhouse: pip wheel of the build requirements and runtime dependencies into $WHEELHOUSE"
+    local new
+    new=$(mktemp -d "$CACHE/wheelhouse.XXXXXX")
+    CLEANUP+=("$new")
+    # The first line is the interpreter's version, not a requirement.
+    tail -n +2 <<<"$want" >"$new/requirements.txt"
+    "$VENV/bin/python" -m pip --disable-pip-version-check -q wheel --wheel-dir "$new" \
+        -r "$new/requirements.txt" || die "pip wheel of $REPO's requirements failed"
+    printf '%s\n' "$want" >"$new/.requirements"
+    chmod 0755 "$new"
+    rm -rf "$WHEELHOUSE"
+    mv "$new" "$WHEELHOUSE"
+    step "wheelhouse: $(find "$WHEELHOUSE" -name '*.whl' | wc -l) wheels"
+}
+
+# ---------------------------------------------------------------------------------------------
 
 main() {
     require_root
@@ -802,6 +848,7 @@ main() {
     start_slurm
     ensure_image
     install_project
+    fill_wheelhouse
 
     log "---------------------------------------------------------------------------"
     log "apptainer: $(apptainer --version)"
@@ -809,6 +856,7 @@ main() {
     log "accounts:  ${SLURM_ACCOUNTS[*]} (default $SERVICE_USER account: hpcr-test)"
     log "image:     $IMAGE"
     log "venv:      $VENV"
+    log "wheels:    $WHEELHOUSE"
     log "setup done in ${SECONDS}s; stop the daemons with deploy/dev/stop.sh"
 }
 
