@@ -1,9 +1,11 @@
-"""`hpc-runner remote run|status|logs|cancel`: a job on a cluster through the hub's jobs API.
+"""`hpc-runner remote run|status|logs|cancel|audit`: a job on a cluster through the hub's jobs API.
 
 For a CI step (GitHub Actions, GitLab CI, Buildkite) or anyone holding an OIDC ID token the hub
 trusts. `remote run` exits as `hpc-runner run` does: the job's status, 124 timed out, 125 when the
 job could not be run (the hub unreachable or refusing the token or the job), 126 denied, 130
 cancelled. Job output goes to stdout exactly as written; hpc-runner's own lines to stderr.
+`remote audit` prints the audit trail of the accounts the token administers, as `hpc-runner
+audit` prints the agent's (the same lines, or with `--json` the same JSON lines).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import aiohttp
 
 from runner import exitcodes
+from runner.auditlines import json_line, parse_since, text_line
 from runner.commands.run import cancel_on_signals, write_stdout
 from runner.errors import HpcRunnerError, InputError
 from runner.remote.calls import (
@@ -44,7 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser = subparsers.add_parser(
         "remote", help="run a job on a cluster through the hub, with a CI system's OIDC token "
                        "(exit: the job's status; 126 denied; 125 infrastructure; 130 cancelled)")
-    sub = parser.add_subparsers(dest="remote_command", required=True, metavar="{run,status,logs,cancel}")
+    sub = parser.add_subparsers(dest="remote_command", required=True,
+                                metavar="{run,status,logs,cancel,audit}")
     run = sub.add_parser("run", help="submit a job file, stream its log, exit with its status")
     run.add_argument("job", metavar="JOB.toml")
     run.add_argument("--cluster", metavar="NAME", help="the cluster to run on (default: the hub's choice)")
@@ -57,7 +61,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     for command, handler in ((status, show_status), (logs, show_logs), (cancel, cancel_job)):
         command.add_argument("id", metavar="ID")
         command.set_defaults(handler=handler)
-    for command in (run, status, logs, cancel):
+    audit = sub.add_parser("audit", help="the audit trail of the accounts the token administers")
+    audit.add_argument("--account", metavar="A", help="only the entries of this account's jobs")
+    audit.add_argument("--job", metavar="ID", help="only the entries about this job")
+    audit.add_argument("--since", metavar="DATE",
+                       help="only entries from then on: a date (2026-12-01, UTC) or an RFC 3339 time")
+    audit.add_argument("--json", action="store_true", help="one JSON object per line, as `audit --json`")
+    audit.set_defaults(handler=show_audit)
+    for command in (run, status, logs, cancel, audit):
         command.add_argument("--hub", metavar="URL", default=os.environ.get(HUB_ENV),
                              help=f"the hub's URL (default: ${HUB_ENV})")
         command.add_argument("--token-file", metavar="F", help="a file holding the OIDC ID token (mode 0600)")
@@ -130,6 +141,25 @@ def cancel_job(args: argparse.Namespace) -> int:
         print(f"hpc-runner: job {args.id} cancel requested ({view.get('state')})", file=sys.stderr)
         return exitcodes.OK
     return _with_client(args, args.audience, cancel)
+
+
+def show_audit(args: argparse.Namespace) -> int:
+    # Judged here as the hub judges it, so a typo is told without a token being fetched.
+    try:
+        if args.since is not None:
+            parse_since(args.since)
+    except InputError as exc:
+        print(f"hpc-runner: {exc}", file=sys.stderr)
+        return exitcodes.INVALID_INPUT
+
+    def write(item: dict[str, Any]) -> None:
+        sys.stdout.write(json_line(item) if args.json else text_line(item))
+
+    async def audit(hub: HubClient) -> int:
+        await hub.audit(write, account=args.account, job_id=args.job, since=args.since)
+        sys.stdout.flush()
+        return exitcodes.OK
+    return _with_client(args, args.audience, audit)
 
 
 def _print_view(view: dict[str, Any]) -> None:

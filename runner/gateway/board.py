@@ -89,7 +89,7 @@ class HubBoard:
         job, access = await self._visible(viewer, job_id)
         if access is not Access.CANCEL:
             raise NotCancellable(NOT_CANCELLABLE.format(job_id=job.id))
-        return _detail(await cancel_job(self._jobs, self._wakeups, job.id), access)
+        return _detail(await cancel_job(self._jobs, self._wakeups, job.id, _actor(viewer)), access)
 
     async def _visible(self, viewer: Viewer, job_id: str) -> tuple[StoredJob, Access]:
         job = await self._jobs.run(self._jobs.file.get, job_id)
@@ -97,6 +97,11 @@ class HubBoard:
         if job is None or access is Access.NONE:
             raise NotVisible(job_id)
         return job, access
+
+
+def _actor(viewer: Viewer) -> str:
+    """The viewer as the audit trail names who asked for a cancel: their user principal."""
+    return next((principal for principal in viewer.principals if ":user:" in principal), viewer.name)
 
 
 class _Values(Protocol):

@@ -6,7 +6,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from runner.errors import InputError
 from runner.gateway.refusal import Refusal
+from runner.identity import identity_from_json
 from runner.oidc.errors import KeysUnavailable, TokenRejected
 from runner.oidc.verify import TokenVerifier, VerifiedToken
 
@@ -21,6 +23,15 @@ class Caller:
     commit: str | None
     audience: str                   # the token's `aud`: the issuer's audience, or one bound to a job
     configured_audience: str        # the issuer's audience as the [[oidc]] table names it
+
+    @property
+    def actor(self) -> str:
+        """Who asks, as the audit trail names them: the identity's acting principal (the
+        workflow's user, the pipeline), as for the jobs it submits."""
+        try:
+            return identity_from_json(self.identity, "the identity").actor_principal
+        except InputError:
+            return self.principals[0] if self.principals else f"{self.issuer}:unknown"
 
 
 # A bearer token into its caller, or Refusal.

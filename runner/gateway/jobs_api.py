@@ -1,4 +1,4 @@
-"""The hub's REST API for jobs: submit, look, read the log, cancel.
+"""The hub's REST API for jobs: submit, look, read the log, cancel; and the audit trail.
 
 Every request carries an OIDC ID token of a trusted issuer (`Authorization: Bearer <token>`); the
 caller is who the token says (`callers`), the body is judged in `submission`, who may see and
@@ -7,6 +7,10 @@ own thread. A job the caller may not see is answered 404, as one that does not e
 tells nobody whether the job is there; one it may see but not cancel (a member of its account) is
 answered 403 to a cancel.
 The token is kept with the job for the agent and never appears in an answer or the log.
+The audit trail (`GET /api/v1/audit`) is its accounts' admins' alone: neither a job's submitter
+nor its account's members read it, and a caller naming an account it does not administer is
+answered 403 naming the account. It streams as JSON lines of `runner.auditlines`, read from the
+job store a batch at a time.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from runner.auditlines import json_line, parse_since
+from runner.errors import InputError
 from runner.gateway import jobs_protocol as protocol
-from runner.gateway.access import NOT_CANCELLABLE, Access, access_of, caller_keys, owner_keys
+from runner.gateway.access import ADMIN, NOT_CANCELLABLE, Access, access_of, caller_keys, owner_keys
 from runner.gateway.agent_jobs_api import JOBS_CHANGED, LIST_CHANGED, job_changed, notify_state
 from runner.gateway.answers import TooLarge, read_body
 from runner.gateway.callers import Authenticate, Caller
@@ -59,7 +65,7 @@ class JobsApi:
         routes: tuple[tuple[str, str, Handler], ...] = (
             ("POST", protocol.JOBS_PATH, self._submit), ("GET", protocol.JOBS_PATH, self._list),
             ("GET", _JOB_ROUTE, self._show), ("DELETE", _JOB_ROUTE, self._cancel),
-            ("GET", f"{_JOB_ROUTE}/log", self._log))
+            ("GET", f"{_JOB_ROUTE}/log", self._log), ("GET", protocol.AUDIT_PATH, self._audit))
         for method, path, handler in routes:
             app.router.add_route(method, path, _answering(handler))
 
@@ -141,7 +147,7 @@ class JobsApi:
         caller, job, access = await self._visible_job(request)
         if access is not Access.CANCEL:
             raise Refusal(403, NOT_CANCELLABLE.format(job_id=job.id))
-        job = await cancel_job(self._jobs, self._wakeups, job.id)
+        job = await cancel_job(self._jobs, self._wakeups, job.id, caller.actor)
         log.info("api job cancel requested", job=job.id, issuer=caller.issuer, state=job.state)
         return web.json_response(job.view(self._public_url), status=202)
 
@@ -172,11 +178,65 @@ class JobsApi:
         await response.write_eof()
         return response
 
+    async def _audit(self, request: web.Request) -> web.StreamResponse:
+        caller = await self._caller(request)
+        keys = caller_keys(caller.principals)
+        query = request.query
+        for name in query:
+            if name not in protocol.AUDIT_QUERY:
+                raise Refusal(400, f"unknown parameter {name[:40]!r}: the audit trail takes "
+                                   f"{', '.join(protocol.AUDIT_QUERY)}", name[:40])
+        account, job_id, since_text = query.get("account"), query.get("job"), query.get("since")
+        try:
+            since = None if since_text is None else parse_since(since_text, name="since")
+        except InputError as exc:
+            raise Refusal(400, str(exc), "since") from None
+        try:
+            after = protocol.parse_offset(query.get("after"), name="after")
+        except ValueError as exc:
+            raise Refusal(400, str(exc), "after") from None
+        if job_id is not None:
+            await self._check_job_admin(job_id, keys)
+        if account is not None:
+            if not await self._jobs.run(self._jobs.file.administers, keys, account):
+                raise Refusal(403, f"this token is no admin of account {account!r}: only an account's "
+                                   "admins may read its audit trail", "account")
+        elif not await self._jobs.run(self._jobs.file.administers, keys):
+            raise Refusal(403, "only an account's admins may read the audit trail, and this token is "
+                               "the admin of no account at this hub")
+        response = web.StreamResponse(headers={"Content-Type": protocol.AUDIT_CONTENT_TYPE,
+                                               "Cache-Control": "no-store"})
+        await response.prepare(request)
+        store = self._jobs.file
+        while True:
+            page = await self._jobs.run(store.audit_trail, keys, after=after, limit=protocol.AUDIT_BATCH,
+                                        account=account, job_id=job_id, since=since)
+            if page:
+                await response.write("".join(json_line(item) for item in page).encode())
+                after = page[-1]["seq"]
+            if len(page) < protocol.AUDIT_BATCH or self._wakeups.stopping:
+                break
+        await response.write_eof()
+        log.info("audit trail read", issuer=caller.issuer, actor=caller.actor, account=account, job=job_id,
+                 since=since_text, last_seq=after)
+        return response
 
-async def cancel_job(jobs: StateThread[JobStore], wakeups: Wakeups, job_id: str) -> StoredJob:
-    """Ask for the job's cancel (a queued job nobody holds ends at once) and wake its followers:
-    its agent learns of it when it next asks. Whether the caller may is the caller's to check."""
-    job = await jobs.run(jobs.file.request_cancel, job_id)
+    async def _check_job_admin(self, job_id: str, keys: tuple[str, ...]) -> None:
+        """Refuse a job the caller may not see (404, as anywhere in the API) or does not administer."""
+        if not JOB_ID_PATTERN.fullmatch(job_id):
+            raise Refusal(400, f"job must be a job id, got {job_id[:80]!r}", "job")
+        job = await self._jobs.run(self._jobs.file.get, job_id)
+        if job is None or access_of(job.access, keys) is Access.NONE:
+            raise Refusal(404, f"no job {job_id} that this token may see", "job")
+        if not any(role == ADMIN and key in keys for role, key in job.access):
+            raise Refusal(403, f"only the admins of job {job_id}'s account may read its audit trail", "job")
+
+
+async def cancel_job(jobs: StateThread[JobStore], wakeups: Wakeups, job_id: str, actor: str) -> StoredJob:
+    """Ask for the job's cancel as `actor` (a queued job nobody holds ends at once) and wake its
+    followers: its agent learns of it when it next asks. Whether the caller may is the caller's
+    to check."""
+    job = await jobs.run(jobs.file.request_cancel, job_id, actor)
     notify_state(wakeups, job.id)
     return job
 

@@ -46,6 +46,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 from runner.errors import InputError
 from runner.gateway.protocol import format_time, parse_time
@@ -60,6 +61,14 @@ AGENT_LEASE_PATH = f"{AGENT_JOBS_PATH}/lease"
 # run's "details"): the agent may reach the hub by another address than its users do.
 AGENT_HUB_PATH = "/api/v1/agent/hub"
 JOB_PAGE_PATH = "/jobs"               # public_url + /jobs/ID: the job's page, its `url`
+# The audit trail of the jobs of the accounts the caller administers, as JSON lines.
+AUDIT_PATH = "/api/v1/audit"
+AUDIT_CONTENT_TYPE = "application/x-ndjson"
+# The query of an audit request; any other parameter is refused, naming it (a typo must not
+# widen an export).
+AUDIT_QUERY = ("account", "job", "since", "after")
+# Entries of the trail read from the job store at a time, however many the answer streams.
+AUDIT_BATCH = 500
 
 # A job table is a few kilobytes; its script may be up to 256 KiB, which JSON may write in up to
 # six times as many bytes (\u escapes). Anything larger is refused before it is read.
@@ -156,6 +165,14 @@ def parse_offset(value: str | None, *, name: str = "offset") -> int:
     if not value.isascii() or not value.isdigit() or len(value) > 19:
         raise ValueError(f"{name} must be a whole number of bytes, got {value[:40]!r}")
     return int(value)
+
+
+def audit_query(*, account: str | None = None, job_id: str | None = None, since: str | None = None,
+                after: int = 0) -> str:
+    """The path and query of an audit request, naming only the filters given."""
+    pairs = [(key, value) for key, value in (("account", account), ("job", job_id), ("since", since),
+                                             ("after", str(after) if after else None)) if value is not None]
+    return AUDIT_PATH + (f"?{urlencode(pairs)}" if pairs else "")
 
 
 def parse_limit(value: str | None) -> int:

@@ -15,6 +15,11 @@ owners when it is stored, its account's admins and members as its agent publishe
 Beside what the API answers, each job keeps what the hub's pages list and filter by (its name,
 source, actor, a link back to where it came from, why it waits), in columns with indexes, so a
 page of the newest jobs a viewer may see is read without reading the others (`page`).
+What happened to each job as the hub learned it is its audit trail (`job_events`, insert-only,
+never pruned): its submission (by whom) or its registration (by which agent), the agent taking it,
+each change of state, Slurm id, account, grant or exit status it published, a cancel asked at the
+hub (by whom) and its final status. It is read by its account's admins (`audit`), in the line
+format of the agent's own audit log (`runner.auditlines`).
 The log is bytes appended at offsets: an append at an offset already held is idempotent (the
 bytes it repeats must be those held), one past the end leaves a gap and is refused, so the hub
 holds the log byte-exact whoever restarted.
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runner.auditlines import entry
 from runner.errors import InputError
 from runner.gateway import outbox
 from runner.gateway.access import ADMIN, MEMBER, OWNER, admin_keys, member_keys
@@ -151,8 +157,62 @@ _MIGRATION_4 = """
 ALTER TABLE jobs ADD COLUMN node_list TEXT;
 """
 
+# The audit trail: one row per thing that happened to a job, never changed or deleted (SQLite
+# refuses to), so an account's admins can trust it was not rewritten. The jobs stored before it
+# began are given what their rows still say: their arrival and, for those that ended, their end.
+_MIGRATION_5 = """
+CREATE TABLE job_events (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at       REAL NOT NULL,
+    job_seq  INTEGER NOT NULL REFERENCES jobs (seq),
+    actor    TEXT NOT NULL,
+    action   TEXT NOT NULL,
+    detail   TEXT NOT NULL
+);
+CREATE INDEX job_events_by_job ON job_events (job_seq, seq);
+CREATE TRIGGER job_events_no_update BEFORE UPDATE ON job_events
+BEGIN
+    SELECT RAISE(ABORT, 'the audit trail is append-only');
+END;
+CREATE TRIGGER job_events_no_delete BEFORE DELETE ON job_events
+BEGIN
+    SELECT RAISE(ABORT, 'the audit trail is append-only');
+END;
+INSERT INTO job_events (at, job_seq, actor, action, detail)
+SELECT at, job_seq, actor, action, detail FROM (
+    SELECT created AS at, seq AS job_seq,
+           CASE origin WHEN 'api' THEN coalesce(actor, 'unknown')
+                ELSE coalesce('agent:' || lease_agent, 'agent') END AS actor,
+           CASE origin WHEN 'api' THEN 'submitted' ELSE 'registered' END AS action,
+           json_object('cluster', cluster, 'from_stored_job', json('true')) AS detail
+    FROM jobs
+    UNION ALL
+    SELECT ended, seq, CASE WHEN lease_agent IS NULL THEN 'hub' ELSE 'agent:' || lease_agent END,
+           'final_status',
+           json_object('state', state, 'exit_status', exit_status, 'reasons', json(reasons),
+                       'from_stored_job', json('true'))
+    FROM jobs
+    WHERE ended IS NOT NULL
+      AND state IN ('succeeded', 'failed', 'cancelled', 'timed_out', 'denied', 'infra_failed')
+) ORDER BY at, job_seq, action = 'final_status';
+"""
+
 # Index i migrates from schema version i to i + 1. Only ever append.
-MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, outbox.MIGRATION, _MIGRATION_3, _MIGRATION_4)
+MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, outbox.MIGRATION, _MIGRATION_3, _MIGRATION_4, _MIGRATION_5)
+
+# The facts of a job that make an entry of its trail when an agent's publication changes them.
+_AUDITED = ("state", "slurm_job_id", "exit_status", "account", "grant")
+# What reads the trail: each entry with its job's facts as they are now (`runner.auditlines`).
+_TRAIL_COLUMNS = ("e.seq, e.at, e.actor, e.action, e.detail, j.id, j.source, j.actor AS principal,"
+                  " j.grant_name, j.account, j.slurm_job_id, j.state, j.exit_status")
+_ADMINISTERED = "SELECT job_seq FROM job_access WHERE role = ? AND key IN ({marks})"
+# Who did what the hub itself did: end a job cancelled before any agent started it.
+HUB_ACTOR = "hub"
+
+
+def agent_actor(agent: str) -> str:
+    """An agent as the actor of an entry: the name its agent token gives it."""
+    return f"agent:{agent}"
 
 # The reasons of a job cancelled before any agent took it.
 _CANCELLED_WAITING = json.dumps(["cancelled through the API before an agent took it"])
@@ -358,7 +418,11 @@ class JobStore(StateFile):
         job_id = new_job_id()
         with self._transaction() as conn:
             self._insert(conn, job_id, new, origin="api", created=self._clock())
-            return self._announce(conn, self._job(conn, job_id))
+            job = self._job(conn, job_id)
+            self._record(conn, job_id, job.actor or "unknown", "submitted", {
+                "issuer": new.issuer, "cluster": new.cluster, "repository": new.repository,
+                "commit": new.commit, "name": job.name})
+            return self._announce(conn, job)
 
     def _insert(self, conn: sqlite3.Connection, job_id: str, new: NewJob, *, origin: str, created: float,
                 agent: str | None = None) -> None:
@@ -425,20 +489,22 @@ class JobStore(StateFile):
             " ORDER BY account LIMIT ?", (*keys, limit))
         return [str(row["account"]) for row in rows]
 
-    def request_cancel(self, job_id: str) -> StoredJob:
-        """Ask for the job to be cancelled; a queued job no agent holds ends cancelled at once."""
+    def request_cancel(self, job_id: str, actor: str = HUB_ACTOR) -> StoredJob:
+        """Ask, as `actor` (the caller at the hub's API or pages), for the job to be cancelled; a
+        queued job no agent holds ends cancelled at once."""
         with self._transaction() as conn:
             job = self._job(conn, job_id)
             if job.ended_for_good:
                 return job
             now = self._clock()
+            self._record(conn, job_id, actor, "cancel", {"state": job.state, "agent": job.lease_agent})
             conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             conn.execute(
                 "UPDATE jobs SET state = 'cancelled', ended = ?, lease_agent = NULL, lease_expires_at = NULL,"
                 " reasons = ? WHERE id = ? AND state = 'queued' AND accepted_at IS NULL"
                 " AND (lease_agent IS NULL OR lease_expires_at <= ?)",
                 (now, _CANCELLED_WAITING, job_id, now))
-            return self._announced_if_changed(conn, job)
+            return self._announced_if_changed(conn, job, HUB_ACTOR)
 
     # --- agents ---
 
@@ -455,6 +521,10 @@ class JobStore(StateFile):
             elif (row["origin"], row["lease_agent"]) != ("agent", agent):
                 raise Conflict(f"job {job_id} is already another job at the hub", length=0)
             job = self._job(conn, job_id)
+            if row is None:
+                self._record(conn, job_id, agent_actor(agent), "registered", {
+                    "source": job.source, "cluster": new.cluster, "repository": new.repository,
+                    "commit": new.commit, "name": job.name})
             return (job if row is not None else self._announce(conn, job)), row is None
 
     def lease(self, agent: str, cluster: str, seconds: float) -> JobLease | None:
@@ -486,16 +556,85 @@ class JobStore(StateFile):
         ending = [str(row["id"]) for row in conn.execute(
             "SELECT id FROM jobs WHERE state = 'queued' AND accepted_at IS NULL AND cancel_requested = 1"
             " AND lease_agent IS NOT NULL AND lease_expires_at <= ? ORDER BY seq", (now,))]
+        before = [self._job(conn, job_id) for job_id in ending]
         conn.executemany(
             "UPDATE jobs SET state = 'cancelled', ended = ?, lease_agent = NULL, lease_expires_at = NULL,"
             " reasons = ? WHERE id = ?", [(now, _CANCELLED_WAITING, job_id) for job_id in ending])
-        for job_id in ending:
-            self._announce(conn, self._job(conn, job_id))
+        for job in before:
+            self._announced_if_changed(conn, job, HUB_ACTOR)
 
-    def _announced_if_changed(self, conn: sqlite3.Connection, before: StoredJob) -> StoredJob:
-        """The job as it is now, its new state announced if it has one."""
+    def _announced_if_changed(self, conn: sqlite3.Connection, before: StoredJob, actor: str) -> StoredJob:
+        """The job as it is now, its changes in its trail as `actor`'s, its new state announced if
+        it has one."""
         after = self._job(conn, before.id)
+        self._record_changes(conn, before, after, actor)
         return self._announce(conn, after) if after.state != before.state else after
+
+    # --- the audit trail ---
+
+    def _record(self, conn: sqlite3.Connection, job_id: str, actor: str, action: str,
+                detail: dict[str, Any]) -> None:
+        conn.execute("INSERT INTO job_events (at, job_seq, actor, action, detail) VALUES (?, ?, ?, ?, ?)",
+                     (self._clock(), self._seq(conn, job_id), actor, action,
+                      encode_json(detail, f"the {action} entry of job {job_id}")))
+
+    def _record_changes(self, conn: sqlite3.Connection, before: StoredJob, after: StoredJob,
+                        actor: str) -> None:
+        """The entries of what changed between `before` and `after`: a change of the facts a
+        publication may change (`_AUDITED`), then the final status of a job that just ended."""
+        if all(getattr(before, name) == getattr(after, name) for name in _AUDITED):
+            return
+        detail: dict[str, Any] = {"from": before.state, "to": after.state, "slurm_id": after.slurm_job_id,
+                                  "exit_status": after.exit_status, "account": after.account,
+                                  "grant": after.grant}
+        if after.reasons:
+            detail["reasons"] = list(after.reasons)
+        if after.state_reason and not after.ended_for_good:
+            detail["state_reason"] = after.state_reason
+        self._record(conn, after.id, actor, "state", detail)
+        if after.ended_for_good and not before.ended_for_good:
+            self._record(conn, after.id, actor, "final_status", {
+                "state": after.state, "exit_status": after.exit_status, "reasons": list(after.reasons)})
+
+    def audit_trail(self, keys: Sequence[str], *, after: int = 0, limit: int, account: str | None = None,
+                    job_id: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
+        """Up to `limit` entries after seq `after`, oldest first, as `runner.auditlines` objects: of
+        the jobs where one of `keys` is an admin's, only of `account` and job `job_id` if given,
+        from `since` (seconds) on. Paged by seq, so a long trail is read a page at a time."""
+        if not keys:
+            return []
+        marks = ", ".join("?" * len(keys))
+        clauses = ["e.seq > ?", f"e.job_seq IN ({_ADMINISTERED.format(marks=marks)})"]
+        params: list[Any] = [after, ADMIN, *keys]
+        if job_id is not None:
+            clauses.append("e.job_seq = (SELECT seq FROM jobs WHERE id = ?)")
+            params.append(job_id)
+        if account is not None:
+            clauses.append("j.account = ?")
+            params.append(account)
+        if since is not None:
+            clauses.append("e.at >= ?")
+            params.append(since)
+        rows = self._read(f"SELECT {_TRAIL_COLUMNS} FROM job_events AS e JOIN jobs AS j ON j.seq = e.job_seq"
+                          f" WHERE {' AND '.join(clauses)} ORDER BY e.seq LIMIT ?", (*params, limit))
+        return [entry(seq=int(row["seq"]), at=float(row["at"]), action=row["action"], actor=row["actor"],
+                      job_id=row["id"], source=row["source"], principal=row["principal"],
+                      grant=row["grant_name"], account=row["account"], slurm_id=row["slurm_job_id"],
+                      state=row["state"], exit_status=row["exit_status"],
+                      detail=decode_object(row["detail"], f"entry {row['seq']} of the audit trail"))
+                for row in rows]
+
+    def administers(self, keys: Sequence[str], account: str | None = None) -> bool:
+        """Whether one of `keys` is an admin's of a job of `account` (of any job, without one)."""
+        if not keys:
+            return False
+        marks = ", ".join("?" * len(keys))
+        sql = f"SELECT 1 FROM jobs WHERE seq IN ({_ADMINISTERED.format(marks=marks)})"
+        params: list[Any] = [ADMIN, *keys]
+        if account is not None:
+            sql += " AND account = ?"
+            params.append(account)
+        return bool(self._read(sql + " LIMIT 1", params))
 
     def release(self, job_id: str, agent: str) -> bool:
         """Give back a lease the agent holds on a job it has not taken (its request was abandoned)."""
@@ -550,7 +689,9 @@ class JobStore(StateFile):
                 self._replace_keys(conn, job_id, ADMIN, admin_keys(update.admins))
             if "members" in given:
                 self._replace_keys(conn, job_id, MEMBER, member_keys(update.members))
-            return self._announced_if_changed(conn, job)
+            if not job.accepted:
+                self._record(conn, job_id, agent_actor(agent), "accepted", {"agent": agent})
+            return self._announced_if_changed(conn, job, agent_actor(agent))
 
     def _replace_keys(self, conn: sqlite3.Connection, job_id: str, role: str, keys: Sequence[str]) -> None:
         seq = self._seq(conn, job_id)

@@ -14,12 +14,14 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from runner.auditlines import read_line
 from runner.errors import HpcRunnerError
 from runner.gateway import jobs_protocol as protocol
 from runner.remote.calls import is_ended, log_path
 
 T = TypeVar("T")
 Sink = Callable[[bytes], Awaitable[None]]
+EntrySink = Callable[[dict[str, Any]], None]
 
 DEFAULT_PATIENCE_SECONDS = 120.0
 _FIRST_BACKOFF_SECONDS = 0.5
@@ -79,6 +81,44 @@ class HubClient:
                 break
             await read(True)     # the hub closed the stream early (it is stopping): follow on
         return reached[0]
+
+    async def audit(self, sink: EntrySink, *, account: str | None = None, job_id: str | None = None,
+                    since: str | None = None) -> int:
+        """Give each entry of the audit trail to `sink`, oldest first, as it streams in; when the
+        connection drops, read on after the last entry received. How many entries."""
+        last = [0]
+        count = [0]
+
+        async def read() -> None:
+            path = protocol.audit_query(account=account, job_id=job_id, since=since, after=last[0])
+            try:
+                async with self._http.get(self._hub + path, headers=self._headers,
+                                          timeout=_STREAM_TIMEOUT) as response:
+                    await self._check(response)
+                    pending = b""
+                    async for data in response.content.iter_any():
+                        *lines, pending = (pending + data).split(b"\n")
+                        for line in lines:
+                            item = self._entry(line)
+                            sink(item)
+                            last[0], count[0] = int(item["seq"]), count[0] + 1
+                    if pending.strip():
+                        raise _Retry("the answer ended within a line")
+            except (TimeoutError, aiohttp.ClientError) as error:
+                raise _Retry(_describe(error)) from None
+        await self._with_retries(read, progress=lambda: last[0])
+        return count[0]
+
+    def _entry(self, line: bytes) -> dict[str, Any]:
+        try:
+            item = read_line(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise HpcRunnerError(f"the hub at {self._hub} answered the audit trail with a line that is no "
+                                 f"entry: {exc}") from None
+        if not isinstance(item["seq"], int) or isinstance(item["seq"], bool):
+            raise HpcRunnerError(f"the hub at {self._hub} answered the audit trail with an entry whose seq "
+                                 "is no number")
+        return item
 
     async def _read_log(self, job_id: str, reached: list[int], sink: Sink, *, follow: bool) -> None:
         """One request for the log from `reached[0]`, which moves on as bytes arrive."""
