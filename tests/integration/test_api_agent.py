@@ -24,6 +24,7 @@ from conftest import (
     AgentProcess,
     Cluster,
     RunnerSite,
+    as_service_user,
     git,
     give_tree_to_service_user,
     source_site,
@@ -38,6 +39,7 @@ from fakes.oidc_issuer import OidcIssuerEmulator
 
 from integration.test_agent_slurm import squeue_lists
 from integration.test_gateway import TOKEN, GatewayProcess, Site
+from runner.auditlines import KEYS
 
 REPOSITORY = "octo-org/octo-repo"
 CLUSTER = "dev"
@@ -201,3 +203,40 @@ def test_a_job_submitted_to_the_hub_runs_on_the_cluster_and_the_hub_holds_its_st
     status, denied_log = call(hub, "GET", f"/api/v1/jobs/{denied_id}/log", elsewhere)
     assert b"hpc-runner: denied by policy:\n" in denied_log
     assert all(f"  - {reason}\n".encode() in denied_log for reason in denied["reasons"])
+
+
+def test_the_hubs_audit_trail_of_a_job_agrees_with_its_agents_audit_log(
+        cluster: Cluster, service_tmp: Path, hub: Site, issuer: IssuerThread, shared_socket: Path,
+        agents: Callable[[RunnerSite], AgentProcess]) -> None:
+    _, commit = published_repository(service_tmp)
+    site = api_site(cluster, service_tmp, hub, issuer, socket=shared_socket)
+    admins = 'admins = ["github:repo:octo-org/audit-tools"]\n'
+    site.write_policy(site.policy.read_text().replace("[accounts.esm]\n", "[accounts.esm]\n" + admins, 1))
+    agent = agents(site)
+    token = issuer.token(REPOSITORY, commit)
+    job_id = submit(hub, token, {"job": JOB, "cluster": CLUSTER})
+    try:
+        view = ended(hub, job_id, token)
+    except AssertionError:
+        raise AssertionError(f"the job did not end at the hub; the agent's log:\n{agent.log()}") from None
+    assert view["state"] == "succeeded"
+
+    status, body = call(hub, "GET", f"/api/v1/audit?account=esm&job={job_id}",
+                        issuer.token("octo-org/audit-tools", commit))
+    assert status == 200, body
+    at_hub = [json.loads(line) for line in body.decode().splitlines()]
+    assert all(list(item) == list(KEYS) for item in at_hub)
+    assert [item["action"] for item in at_hub][:2] == ["submitted", "accepted"]
+    assert at_hub[-1]["action"] == "final_status" and at_hub[-1]["detail"]["state"] == "succeeded"
+    # Its submitter may follow the job, not read its trail.
+    assert call(hub, "GET", f"/api/v1/audit?job={job_id}", token)[0] == 403
+
+    # The agent ran this one job on account esm: its own audit log tells of it alike.
+    local = as_service_user(["hpc-runner", "audit", "--json", "--account", "esm", "--config", site.config],
+                            check=True)
+    at_agent = [json.loads(line) for line in local.stdout.splitlines()]
+    assert at_agent and all(list(item) == list(KEYS) for item in at_agent)
+    facts = ("account", "grant", "slurm_id", "state")
+    assert {tuple(item[key] for key in facts) for item in at_hub} == \
+        {tuple(item[key] for key in facts) for item in at_agent} == {("esm", "octo", view["slurm_job_id"],
+                                                                      "succeeded")}
