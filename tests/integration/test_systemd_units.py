@@ -6,13 +6,22 @@ installed venv, Apptainer and the test image are bound in read-only, /dev/fuse r
 repository's unit, sysusers.d and tmpfiles.d files are installed as a package would install
 them. Commands run inside the container through nsenter, as its root, who submits through the
 local queue's socket in /run/hpc-runner.
+
+A second container is a login node of this machine's Slurm cluster: its agent submits to the
+host's slurmctld (the cluster's config, the munge socket and the node names bound in), the host's
+slurmd runs the jobs in a work_root bound at the same path on both sides, and the service account
+has the host's uid and gid, as a cluster's accounts are the same on every node.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import grp
 import json
 import os
+import pwd
+import re
 import secrets
 import shutil
 import socket
@@ -20,12 +29,14 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import (
+    SERVICE_USER,
+    TEST_IMAGE,
     TEST_IMAGE_NAME,
     VENV,
     Cluster,
@@ -33,6 +44,7 @@ from conftest import (
     image_table,
     job_toml,
     policy_document,
+    slurm_job_fields,
     toml_table,
     wait_for,
 )
@@ -43,9 +55,12 @@ CACHE = Path("/var/cache/hpc-runner-dev")
 ROOT_SUITE = "bookworm"
 # systemd boots it; python3 runs the venv (whose home is /usr/bin); procps has /bin/kill for
 # ExecReload; openmpi-bin is the host MPI that MPI jobs bind (the host's own version: both are
-# bookworm); the rest is what Apptainer runs or loads (the dependencies of its package).
-ROOT_PACKAGES = ("systemd", "systemd-sysv", "dbus", "procps", "python3", "openmpi-bin", "squashfuse", "fuse3",
-                 "fuse2fs", "squashfs-tools", "uidmap", "libseccomp2", "libsqlite3-0", "ca-certificates")
+# bookworm); slurm-client has the commands the Slurm executor runs (sbatch, squeue, scancel: the
+# host's own version, setup.sh installs bookworm's Slurm too); the rest is what Apptainer runs or
+# loads (the dependencies of its package).
+ROOT_PACKAGES = ("systemd", "systemd-sysv", "dbus", "procps", "python3", "openmpi-bin", "slurm-client",
+                 "squashfuse", "fuse3", "fuse2fs", "squashfs-tools", "uidmap", "libseccomp2", "libsqlite3-0",
+                 "ca-certificates")
 ROOT = CACHE / f"systemd-root-{ROOT_SUITE}"
 ROOT_STAMP = ROOT.with_name(ROOT.name + ".packages")
 DEBIAN_MIRROR = os.environ.get("HPC_RUNNER_DEBIAN_MIRROR", "http://deb.debian.org/debian")  # as setup.sh
@@ -57,10 +72,23 @@ AGENT = "hpc-runner-agent.service"
 HUB = "hpc-runner-hub.service"
 CONFIG = Path("/etc/hpc-runner/agent.toml")
 WORK_ROOT = Path("/var/lib/hpc-runner/work")
+# The Slurm login node's work_root: a host directory (made and removed by the test) bound at the
+# same path, as a shared file system is mounted on login and compute nodes alike. Not under /tmp
+# or /var/tmp, which the unit makes private (PrivateTmp=): slurmd would not see the jobs' files.
+SLURM_WORK_PARENT = Path("/srv/hpc-runner-systemd-tests")
+# What a login node of the host's cluster has of it: its config, munged's socket (the host's
+# munged vouches for the container's users: they are the host's uids), and the names of its nodes.
+SLURM_BINDS = ("/etc/slurm", "/run/munge", "/etc/hosts")
+# The Slurm account the policy charges jobs to: one of the service account's associations that is
+# not its default, so that sacct showing it shows the policy's choice.
+SLURM_ACCOUNT = "esm"
+SUBMITTED = re.compile(r"hpc-runner: submitted to Slurm as job ([0-9]+) \(hpcr-([0-9a-z]+)\)")
 # Where jobs are submitted from: a project in a home directory, as users have them.
 PROJECT = Path("/home/ci/project")
 BOOT_TIMEOUT_S = 60.0
 JOB_TIMEOUT_S = 60.0
+# A Slurm job may also wait for the one-node cluster's CPUs (as in test_agent_slurm.py).
+SLURM_JOB_TIMEOUT_S = 150.0
 # A job that waits (at most its walltime) until its workspace holds the file `go`.
 WAITING_SCRIPT = "echo waiting\nwhile [ ! -e /work/go ]; do sleep 0.1; done\necho released\n"
 
@@ -81,7 +109,7 @@ def build_root() -> None:
     name only when complete."""
     CACHE.mkdir(mode=0o755, exist_ok=True)
     wanted = ",".join(ROOT_PACKAGES)
-    recipe = f"{wanted}; apptainer mount points; /etc/hosts"
+    recipe = f"{wanted}; apptainer mount points; /etc/hosts; munge masked"
     with open(CACHE / "systemd-root.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if ROOT.is_dir() and ROOT_STAMP.is_file() and ROOT_STAMP.read_text().strip() == recipe:
@@ -102,6 +130,9 @@ def build_root() -> None:
                 (build / "root" / "var/lib/apptainer/mnt" / directory).mkdir(parents=True, exist_ok=True)
             # debootstrap writes none, and Apptainer binds it into every container (apptainer.conf).
             (build / "root" / "etc/hosts").write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost\n")
+            # slurm-client brings munge along. A login node's munged would replace the host's socket
+            # in the bound /run/munge with one of its own key: the host's munged serves it instead.
+            (build / "root" / "etc/systemd/system/munge.service").symlink_to("/dev/null")
             shutil.rmtree(ROOT, ignore_errors=True)
             ROOT_STAMP.unlink(missing_ok=True)
             (build / "root").rename(ROOT)
@@ -156,12 +187,12 @@ class Machine:
         record: dict[str, str] = json.loads(result.stdout)[0]
         return record
 
-    def wait_state(self, job_id: str, *states: str) -> dict[str, str]:
+    def wait_state(self, job_id: str, *states: str, timeout: float = JOB_TIMEOUT_S) -> dict[str, str]:
         def reached() -> dict[str, str] | None:
             record = self.status(job_id)
             return record if record["state"] in states else None
 
-        return wait_for(reached, JOB_TIMEOUT_S, interval=0.2, what=f"job {job_id} to be {states}")
+        return wait_for(reached, timeout, interval=0.2, what=f"job {job_id} to be {states}")
 
     def start_agent(self) -> None:
         self.run("systemctl", "start", AGENT)
@@ -173,73 +204,133 @@ class Machine:
         return shown if shown["ActiveState"] in ("inactive", "failed") else None
 
 
-def write_policy(etc: Path, image_sha256: str, *, principal: str) -> None:
+def write_policy(etc: Path, image_sha256: str, *, principal: str, slurm_account: str = "ci",
+                 partition: str = "local") -> None:
     etc.joinpath("policy.toml").write_text(policy_document(
-        toml_table("[accounts.ci]", slurm_account="ci", partitions=["local"], max_time="10m"),
+        toml_table("[accounts.ci]", slurm_account=slurm_account, partitions=[partition], max_time="10m"),
         image_table("/var/cache/hpc-runner-dev/images/hpc-runner-test.sif", image_sha256),
         toml_table("[[grants]]", name="ci-jobs", principals=[principal], account="ci",
                    images=[TEST_IMAGE_NAME], mpi=True)))
 
 
-@pytest.fixture(scope="module")
-def machine(cluster: Cluster) -> Iterator[Machine]:
+def write_agent_config(etc: Path, *, executor: str, work_root: Path, sections: str = "") -> None:
+    """The agent's config as an admin writes it: the paths of the tmpfiles.d file (but work_root)."""
+    etc.joinpath("agent.toml").write_text(
+        'state_dir = "/var/lib/hpc-runner/state"\n'
+        f'work_root = "{work_root}"\n'
+        'policy = "/etc/hpc-runner/policy.toml"\n'
+        f'executor = "{executor}"\n'
+        "max_jobs = 2\n"
+        'socket = "/run/hpc-runner/agent.sock"\n'
+        "\n[sandbox]\n"
+        'apptainer = "/usr/bin/apptainer"\n'
+        'grace_period = "2s"\n'
+        "\n[mpi]\n"
+        'implementation = "openmpi"\n' + sections)
+
+
+@contextlib.contextmanager
+def booted(name: str, etc: Path, binds: Sequence[str] = (),
+           account: pwd.struct_passwd | None = None) -> Iterator[Machine]:
+    """The cached root booted as machine `name`, with `etc` at /etc/hpc-runner and `binds`
+    (systemd-nspawn options) besides what every job needs; powered off at the end.
+
+    The units are installed, then the sysusers.d and tmpfiles.d files are, and applied, as a
+    package's scripts do on a running system. With `account`, the service account exists before
+    (with that account's uid and gid, as a site's directory service has it): sysusers.d leaves it.
+    """
     nspawn = _nspawn()
     build_root()
+    log = etc.parent / f"{name}.log"
+    common = [f"--bind-ro={path}" for path in (VENV.parent, TEST_IMAGE.parent, *APPTAINER_PATHS)]
+    installs = [f"--bind-ro={UNITS / AGENT}:/etc/systemd/system/{AGENT}",
+                f"--bind-ro={UNITS / HUB}:/etc/systemd/system/{HUB}",
+                f"--bind-ro={etc}:/etc/hpc-runner"]
+    with open(log, "wb") as output:
+        # --volatile=overlay: writes go to a tmpfs over the cached root, gone at power-off.
+        process = subprocess.Popen(
+            [nspawn, "--quiet", "-D", str(ROOT), "--volatile=overlay", "-b", "--register=no",
+             "--keep-unit", "--console=pipe", f"--machine={name}", "--bind=/dev/fuse",
+             *common, *binds, *installs],
+            stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        leader = wait_for(lambda: _container_init(process.pid), BOOT_TIMEOUT_S,
+                          what="systemd-nspawn's container to start")
+        machine = Machine(process, leader, etc, log)
+        wait_for(lambda: machine.run("systemctl", "is-system-running", check=False).stdout.strip()
+                 in ("running", "degraded"), BOOT_TIMEOUT_S, interval=0.5, what="the container to boot")
+        if account is not None:
+            group = machine.run("getent", "group", str(account.pw_gid), check=False).stdout
+            assert not group, f"gid {account.pw_gid} is taken in the container: {group}"
+            machine.run("groupadd", "--system", "--gid", str(account.pw_gid), account.pw_name)
+            machine.run("useradd", "--system", "--uid", str(account.pw_uid), "--gid", str(account.pw_gid),
+                        "--home-dir", "/var/lib/hpc-runner", "--no-create-home",
+                        "--shell", "/usr/sbin/nologin", account.pw_name)
+        for name, directory in (("hpc-runner.sysusers.conf", "sysusers.d"),
+                                ("hpc-runner.tmpfiles.conf", "tmpfiles.d")):
+            (machine.root / "etc" / directory).mkdir(mode=0o755, exist_ok=True)
+            shutil.copyfile(UNITS / name, machine.root / "etc" / directory / "hpc-runner.conf")
+        machine.run("systemd-sysusers")
+        machine.run("systemd-tmpfiles", "--create", "hpc-runner.conf")
+        machine.run("systemctl", "daemon-reload")
+        project = machine.root / PROJECT.relative_to("/")
+        project.mkdir(parents=True)
+        project.chmod(0o777)  # jobs run as the service account: results go back into it
+        yield machine
+    except Exception:  # the boot's console says why the container did not come up
+        print(log.read_text(errors="replace")[-4000:])
+        raise
+    finally:
+        process.terminate()  # systemd-nspawn powers the container off
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def machine(cluster: Cluster) -> Iterator[Machine]:
+    """A node that runs jobs itself (the local executor)."""
     with tempfile.TemporaryDirectory(prefix="hpc-runner-systemd.") as tmp:
         etc = Path(tmp) / "etc"
         etc.mkdir()
-        # The agent's config as an admin writes it for a node that runs jobs itself.
-        etc.joinpath("agent.toml").write_text(
-            'state_dir = "/var/lib/hpc-runner/state"\n'
-            f'work_root = "{WORK_ROOT}"\n'
-            'policy = "/etc/hpc-runner/policy.toml"\n'
-            'executor = "local"\n'
-            "max_jobs = 2\n"
-            'socket = "/run/hpc-runner/agent.sock"\n'
-            "\n[sandbox]\n"
-            'apptainer = "/usr/bin/apptainer"\n'
-            'grace_period = "2s"\n'
-            "\n[mpi]\n"
-            'implementation = "openmpi"\n')
+        write_agent_config(etc, executor="local", work_root=WORK_ROOT)
         write_policy(etc, cluster.image_sha256, principal="local:user:root")
         etc.chmod(0o755)
-        log = Path(tmp) / "nspawn.log"
-        binds = [f"--bind-ro={path}" for path in (VENV.parent, cluster.image.parent, *APPTAINER_PATHS)]
-        installs = [f"--bind-ro={UNITS / AGENT}:/etc/systemd/system/{AGENT}",
-                    f"--bind-ro={UNITS / HUB}:/etc/systemd/system/{HUB}",
-                    f"--bind-ro={UNITS / 'hpc-runner.sysusers.conf'}:/etc/sysusers.d/hpc-runner.conf",
-                    f"--bind-ro={UNITS / 'hpc-runner.tmpfiles.conf'}:/etc/tmpfiles.d/hpc-runner.conf",
-                    f"--bind-ro={etc}:/etc/hpc-runner"]
-        with open(log, "wb") as output:
-            # --volatile=overlay: writes go to a tmpfs over the cached root, gone at power-off.
-            process = subprocess.Popen(
-                [nspawn, "--quiet", "-D", str(ROOT), "--volatile=overlay", "-b", "--register=no",
-                 "--keep-unit", "--console=pipe", "--machine=hpc-runner-systemd-test", "--bind=/dev/fuse",
-                 *binds, *installs],
-                stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            leader = wait_for(lambda: _container_init(process.pid), BOOT_TIMEOUT_S,
-                              what="systemd-nspawn's container to start")
-            machine = Machine(process, leader, etc, log)
-            wait_for(lambda: machine.run("systemctl", "is-system-running", check=False).stdout.strip()
-                     in ("running", "degraded"), BOOT_TIMEOUT_S, interval=0.5, what="the container to boot")
-            machine.run("systemd-sysusers")
-            machine.run("systemd-tmpfiles", "--create", "hpc-runner.conf")
-            machine.run("systemctl", "daemon-reload")
-            project = machine.root / PROJECT.relative_to("/")
-            project.mkdir(parents=True)
-            project.chmod(0o777)  # jobs run as the service account: results go back into it
+        with booted("hpc-runner-systemd-test", etc) as machine:
             yield machine
-        except Exception:  # the boot's console says why the container did not come up
-            print(log.read_text(errors="replace")[-4000:])
-            raise
-        finally:
-            process.terminate()  # systemd-nspawn powers the container off
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+
+
+@dataclass
+class LoginNode:
+    """A booted login node of the host's Slurm cluster, and its work_root (the same path on the host)."""
+
+    machine: Machine
+    work_root: Path
+
+
+@pytest.fixture
+def login_node(cluster: Cluster) -> Iterator[LoginNode]:
+    """A node whose agent submits to the host's Slurm cluster (the Slurm executor)."""
+    account = pwd.getpwnam(SERVICE_USER)  # the host's service account, which Slurm's accounting knows
+    SLURM_WORK_PARENT.mkdir(mode=0o755, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="hpc-runner-systemd-slurm.") as tmp, \
+            tempfile.TemporaryDirectory(prefix="login-node.", dir=SLURM_WORK_PARENT) as shared:
+        Path(shared).chmod(0o755)
+        work_root = Path(shared) / "work"
+        work_root.mkdir(mode=0o700)
+        os.chown(work_root, account.pw_uid, account.pw_gid)
+        etc = Path(tmp) / "etc"
+        etc.mkdir()
+        write_agent_config(etc, executor="slurm", work_root=work_root,
+                           sections='\n[slurm]\npoll_interval = "1s"\n')
+        write_policy(etc, cluster.image_sha256, principal="local:user:root", slurm_account=SLURM_ACCOUNT,
+                     partition=cluster.default_partition)
+        etc.chmod(0o755)
+        binds = [*(f"--bind-ro={path}" for path in SLURM_BINDS), f"--bind={work_root}"]
+        with booted("hpc-runner-systemd-slurm-test", etc, binds, account) as machine:
+            yield LoginNode(machine, work_root)
 
 
 def _container_init(nspawn_pid: int) -> int | None:
@@ -376,3 +467,84 @@ def test_the_hardened_hub_unit_serves_reloads_its_agent_tokens_and_stops_cleanly
     machine.run("systemctl", "stop", HUB)
     unit = machine.stopped(HUB)
     assert unit is not None and (unit["Result"], unit["ExecMainStatus"]) == ("success", "0"), unit
+
+
+def sacct_job(job_id: str) -> dict[str, str] | None:
+    """What Slurm's accounting recorded of the allocation of our job `job_id` once it ended, else
+    None. Found by its name: Slurm's job ids come round again when its state is reset, and sacct
+    shows only the newest job of an id."""
+    fields = ("JobID", "JobName", "Account", "User", "Partition", "State", "ExitCode")
+    result = subprocess.run(["sacct", "-X", "-n", "-P", "--starttime=now-1days", f"--name=hpcr-{job_id}",
+                             f"--format={','.join(fields)}"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    rows = [dict(zip(fields, line.split("|"), strict=True)) for line in result.stdout.splitlines() if line]
+    return rows[0] if len(rows) == 1 and rows[0]["State"] not in ("PENDING", "RUNNING") else None
+
+
+def slurm_id_in(log: str, job_id: str) -> str:
+    submitted = SUBMITTED.search(log)
+    assert submitted and submitted.group(2) == job_id, log
+    return submitted.group(1)
+
+
+def test_the_hardened_agent_unit_runs_jobs_through_slurm_and_drains_them_on_stop(
+        login_node: LoginNode, cluster: Cluster) -> None:
+    machine, work_root = login_node.machine, login_node.work_root
+    account = pwd.getpwnam(SERVICE_USER)
+    machine.start_agent()
+    assert machine.unit("ActiveState")["ActiveState"] == "active"
+
+    # The host's slurmd runs the batch script, and Apptainer in it, as the service account: the
+    # host's, by the uid and the gid the container gave the unit's account.
+    job_id = machine.submit(job_toml("hello", script=(
+        "cat /etc/debian_version; id -un; id -gn; echo computed > /work/result.txt\n"), time="2m"))
+    record = machine.wait_state(job_id, "succeeded", "failed", "denied", "infra_failed",
+                                timeout=SLURM_JOB_TIMEOUT_S)
+    logs = machine.hpc_runner("logs", job_id).stdout
+    assert record["state"] == "succeeded", (record, logs, machine.journal()[-3000:])
+    assert f"\n{account.pw_name}\n{grp.getgrgid(account.pw_gid).gr_name}\n" in logs, logs
+    assert (machine.root / PROJECT.relative_to("/") / "result.txt").read_text() == "computed\n"
+    # Slurm's accounting charged it to the policy's account, as the host's service account.
+    slurm_id = slurm_id_in(logs, job_id)
+    accounted = wait_for(lambda: sacct_job(job_id), JOB_TIMEOUT_S, what=f"sacct to show job {slurm_id} ended")
+    assert accounted == {"JobID": slurm_id, "JobName": f"hpcr-{job_id}", "Account": SLURM_ACCOUNT,
+                         "User": SERVICE_USER, "Partition": cluster.default_partition, "State": "COMPLETED",
+                         "ExitCode": "0:0"}, accounted
+
+    # An MPI job: srun --mpi=pmix starts the ranks on the host, each in its sandbox, bound to the
+    # Open MPI the agent found in its own root (the host's: both are bookworm's).
+    mpi_job = machine.submit(job_toml("mpi", command=["/usr/local/bin/mpi-hello"], tasks=2, mpi=True,
+                                      time="2m"))
+    record = machine.wait_state(mpi_job, "succeeded", "failed", "denied", "infra_failed",
+                                timeout=SLURM_JOB_TIMEOUT_S)
+    logs = machine.hpc_runner("logs", mpi_job).stdout
+    assert record["state"] == "succeeded", (record, logs)
+    lines = logs.splitlines()
+    assert sorted(line for line in lines if line.startswith("rank ")) == ["rank 0 of 2", "rank 1 of 2"], logs
+    assert "allreduce sum 3" in lines, logs
+    assert "--mpi=pmix" in (work_root / mpi_job / "slurm.sh").read_text()
+
+    # Stop drains: the Slurm job runs on, outside the unit, and the agent follows it to its end,
+    # then exits 0; started again, it shows the job succeeded.
+    long_job = machine.submit(job_toml("drained", script=WAITING_SCRIPT, time="5m"))
+    machine.wait_state(long_job, "running", timeout=SLURM_JOB_TIMEOUT_S)
+    wait_for(lambda: "waiting" in machine.hpc_runner("logs", long_job).stdout.splitlines(),
+             SLURM_JOB_TIMEOUT_S, what="the job to start waiting")
+    machine.run("systemctl", "stop", "--no-block", AGENT)
+    wait_for(lambda: "draining: no new jobs" in machine.journal(), 20.0, what="the agent to drain")
+    assert machine.unit("ActiveState")["ActiveState"] == "deactivating"
+    assert machine.status(long_job)["state"] == "running"
+    slurm_id = slurm_id_in(machine.hpc_runner("logs", long_job).stdout, long_job)
+    assert slurm_job_fields(slurm_id).get("JobState") == "RUNNING", slurm_job_fields(slurm_id)
+    (work_root / long_job / "workspace" / "go").touch()
+    unit = wait_for(machine.stopped, JOB_TIMEOUT_S, what="the agent to stop after its job")
+    assert (unit["Result"], unit["ExecMainStatus"]) == ("success", "0"), unit
+    machine.start_agent()
+    record = machine.status(long_job)
+    logs = machine.hpc_runner("logs", long_job).stdout
+    assert record["state"] == "succeeded", (record, logs)
+    assert "released" in logs.splitlines(), logs
+    accounted = wait_for(lambda: sacct_job(long_job), JOB_TIMEOUT_S,
+                         what="sacct to show the drained job ended")
+    assert (accounted["JobID"], accounted["State"]) == (slurm_id, "COMPLETED"), accounted
+    machine.run("systemctl", "stop", AGENT)
