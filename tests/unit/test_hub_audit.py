@@ -22,6 +22,7 @@ from fakes.oidc_issuer import COMMIT, OidcIssuerEmulator
 from runner.auditlines import KEYS, json_line, rfc3339, text_line
 from runner.gateway import jobs_protocol as protocol
 from runner.gateway.access import caller_keys
+from runner.gateway.board import HubBoard
 from runner.gateway.callers import authenticator
 from runner.gateway.jobstore import DB_FILENAME, MIGRATIONS, JobStore
 from runner.gateway.server import GatewayServer, JobsApiSettings
@@ -29,6 +30,8 @@ from runner.identity import Identity
 from runner.oidc.issuers import OidcIssuer
 from runner.oidc.verify import TokenVerifier
 from runner.sqlitefile import open_database
+from runner.web.board import Viewer
+from unit.test_hub_jobstore import new_job
 from unit.test_hub_server import AUDIENCE, JOB, PUBLIC_URL, TOKEN_A, TOKENS, Hub
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -208,6 +211,41 @@ async def test_since_job_and_after_filter_the_trail_and_a_bad_since_is_400_namin
         status, _, _, error = await trail.read(token, query)
         assert (status, error["field"]) == (400, field), query
     assert "since 'yesterday' is neither a date" in (await trail.read(token, "?since=yesterday"))[3]["error"]
+
+
+async def test_a_cancel_at_the_dashboard_names_the_person_who_asked(trail: Trail) -> None:
+    hub = trail.hub
+    job_id = (await hub.submit(cluster="hpc1"))["id"]
+    assert await hub.lease(cluster="hpc1") is not None
+    assert (await hub.publish(job_id, "running", account="ocean", admins=("idp:user:olga",)))[0] == 200
+    board = HubBoard(hub.server._jobs_thread, hub.server._wakeups)
+    await board.cancel(Viewer("Olga", ("idp:group:hpc", "idp:user:olga")), job_id)
+    with JobStore.open(trail.hub.server._state_dir) as store:
+        entries = store.audit_trail(["idp:user:olga"], limit=100)
+    assert [(item["action"], item["actor"]) for item in entries][-1] == ("cancel", "idp:user:olga")
+    assert entries[-1]["detail"] == {"state": "running", "agent": "login-a"}
+
+
+def test_what_the_hub_itself_ends_is_in_the_trail_as_the_hubs(tmp_path: Path) -> None:
+    clock = [START]
+    with JobStore.open(tmp_path, clock=lambda: clock[0]) as store:
+        waiting = store.submit(new_job())
+        store.request_cancel(waiting.id, "github:user:erin")       # nobody holds it: it ends at once
+        lapsed = store.submit(new_job())
+        assert store.lease("login-a", "hpc1", 60) is not None
+        store.request_cancel(lapsed.id, "github:user:erin")        # its agent is asked ...
+        clock[0] += 61
+        assert store.lease("login-a", "hpc1", 60) is None          # ... and its lease ran out
+    conn = sqlite3.connect(tmp_path / DB_FILENAME)
+    try:
+        rows = conn.execute("SELECT j.id, e.action, e.actor FROM job_events AS e JOIN jobs AS j"
+                            " ON j.seq = e.job_seq ORDER BY e.seq").fetchall()
+    finally:
+        conn.close()
+    for job_id in (waiting.id, lapsed.id):
+        assert [(action, actor) for found, action, actor in rows if found == job_id] == [
+            ("submitted", waiting.actor), ("cancel", "github:user:erin"), ("state", "hub"),
+            ("final_status", "hub")]
 
 
 async def test_a_trail_longer_than_a_batch_streams_whole_and_in_order(
