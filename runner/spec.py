@@ -25,6 +25,10 @@ MAX_NODES = 100_000
 MAX_TASKS = 10_000_000
 MAX_CPUS_PER_TASK = 4096
 MAX_GPUS = 100_000
+MAX_OUTPUT_PATTERNS = 100
+MAX_OUTPUT_PATTERN_CHARS = 512
+# Where the workspace is in the sandbox: output patterns may name it, and mean a path under it.
+WORKSPACE_PREFIX = "/work/"
 
 # Set by the runner or the MPI launcher; a job that sets them would break its own launch
 # or pretend to be something it is not.
@@ -58,6 +62,8 @@ class JobSpec:
     network: bool = False
     resources: Resources = Resources()
     mpi: bool = False
+    # Globs of files under /work collected when the job ends (`results/**/*.nc`), relative to /work.
+    outputs: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """A plain-data view, for the state store and `explain`."""
@@ -67,6 +73,7 @@ class JobSpec:
             "command": list(self.command) if self.command is not None else None,
             "script": self.script, "env": dict(self.env),
             "binds": [str(b) for b in self.binds], "network": self.network, "mpi": self.mpi,
+            "outputs": list(self.outputs),
             "resources": {
                 "account": r.account, "partition": r.partition, "nodes": r.nodes, "tasks": r.tasks,
                 "tasks_per_node": r.tasks_per_node, "cpus_per_task": r.cpus_per_task, "gpus": r.gpus,
@@ -82,6 +89,26 @@ class JobSpec:
 def _check_env_name(name: str) -> None:
     if name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES):
         raise ValueError(f"{name} is reserved for the runner and the MPI launcher")
+
+
+def parse_output_pattern(text: str) -> str:
+    """An output glob as a path relative to /work: `*` and `?` within one name, `**` for any number
+    of directories. ValueError naming what is wrong: it must stay inside the workspace."""
+    if len(text) > MAX_OUTPUT_PATTERN_CHARS:
+        raise ValueError(f"is longer than {MAX_OUTPUT_PATTERN_CHARS} characters")
+    if "\x00" in text or "\\" in text:
+        raise ValueError("must not contain NUL or backslash")
+    pattern = text[len(WORKSPACE_PREFIX):] if text.startswith(WORKSPACE_PREFIX) else text
+    if pattern.startswith("/"):
+        raise ValueError(f"{text!r} is outside the workspace: give a path under /work, or relative to it")
+    parts = pattern.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"{text!r} must be a plain relative path (no empty, '.' or '..' parts)")
+    if "**" in parts[-1:]:
+        raise ValueError(f"{text!r} must end in a file name pattern, not '**'")
+    if any("**" in part and part != "**" for part in parts):
+        raise ValueError(f"{text!r}: '**' stands for whole directories only (as in results/**/*.nc)")
+    return pattern
 
 
 def parse_resources(table: Table | None) -> Resources:
@@ -155,10 +182,19 @@ def parse_job_table(table: Table) -> JobSpec:
     if mpi_table is not None:
         mpi = mpi_table.boolean("enabled", False)
         mpi_table.finish()
+    outputs: list[str] = []
+    patterns = table.string_list("outputs", ())
+    if len(patterns) > MAX_OUTPUT_PATTERNS:
+        raise table.error("outputs", f"at most {MAX_OUTPUT_PATTERNS} patterns")
+    for index, text in enumerate(patterns):
+        try:
+            outputs.append(parse_output_pattern(text))
+        except ValueError as exc:
+            raise table.error(f"outputs[{index}]", str(exc)) from None
     table.finish()
     return JobSpec(name=name, image=image, command=command, script=script,
                    env=MappingProxyType(dict(env)), binds=tuple(binds), network=network,
-                   resources=resources, mpi=mpi)
+                   resources=resources, mpi=mpi, outputs=tuple(outputs))
 
 
 def _script(value: object) -> str:
@@ -211,7 +247,7 @@ def _table_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("command", "script"):
         if data.get(key) is not None:
             table[key] = data[key]
-    for key in ("env", "binds"):
+    for key in ("env", "binds", "outputs"):
         if data.get(key):
             table[key] = data[key]
     resources = {k: v for k, v in (data.get("resources") or {}).items() if v is not None}

@@ -122,9 +122,27 @@ ALTER TABLE jobs ADD COLUMN state_reason TEXT;
 ALTER TABLE jobs ADD COLUMN node_list TEXT;
 """
 
+# Each run's provenance record (runner/provenance), written once when it ends and never changed:
+# its bytes are what `hpc-runner provenance` prints and what a digest of the record is taken of.
+_MIGRATION_4 = """
+CREATE TABLE provenance (
+    job_id     TEXT PRIMARY KEY,
+    statement  BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TRIGGER provenance_no_update BEFORE UPDATE ON provenance
+BEGIN
+    SELECT RAISE(ABORT, 'provenance records are immutable');
+END;
+CREATE TRIGGER provenance_no_delete BEFORE DELETE ON provenance
+BEGIN
+    SELECT RAISE(ABORT, 'provenance records are immutable');
+END;
+"""
+
 # Index i migrates a database from schema version i to i + 1. Only ever append to this tuple:
 # released databases carry the version number in `PRAGMA user_version`.
-MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3)
+MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3, _MIGRATION_4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -427,6 +445,21 @@ class Store(StateFile):
             (time.time(), job_id, actor, action, encode_json(detail, f"audit detail of {action!r}")))
         assert cursor.lastrowid is not None
         return cursor.lastrowid
+
+    # --- provenance ---
+
+    def save_provenance(self, job_id: str, statement: bytes) -> bool:
+        """Store a job's provenance record; False (and nothing changed) when it already has one."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO provenance (job_id, statement, created_at) VALUES (?, ?, ?)",
+                (job_id, statement, time.time()))
+            return cursor.rowcount == 1
+
+    def provenance(self, job_id: str) -> bytes | None:
+        """A job's provenance record, byte for byte as it was stored."""
+        rows = self._read("SELECT statement FROM provenance WHERE job_id = ?", [job_id])
+        return bytes(rows[0]["statement"]) if rows else None
 
     # --- maintenance ---
 

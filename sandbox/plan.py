@@ -202,6 +202,8 @@ class SandboxPlan:
     host_env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # Variables (a trailing "*" is a prefix) the rank wrapper carries into the job.
     passthrough: tuple[str, ...] = ()
+    # The variables of `env_file`, as the job sees them (its provenance record names them).
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -435,8 +437,9 @@ def plan_sandbox(spec: JobSpec, decision: Decision, image_path: str, paths: JobP
     taken = [b.target for b in mpi_binds]
     granted = [_granted_bind(b, protected, taken, realpath) for b in spec.binds]
     gpus = _wants_gpus(spec, decision)
+    env = job_env(spec, decision, paths, job_mpi, extra_env)
     try:
-        env_text = render_env_file(job_env(spec, decision, paths, job_mpi, extra_env))
+        env_text = render_env_file(env)
     except EnvFileError as exc:
         raise SandboxRefused(f"job {spec.name}: {exc}") from None
     argv = [site.apptainer, "--quiet", "exec",
@@ -451,7 +454,8 @@ def plan_sandbox(spec: JobSpec, decision: Decision, image_path: str, paths: JobP
     passthrough = _passthrough(decision, gpus, job_mpi)
     wrapper = ("/bin/sh", "-c", rank_wrapper_script(passthrough), RANK_WRAPPER_NAME) if passthrough else ()
     return SandboxPlan(argv=tuple(argv), env_file=env_text, script=spec.script, rank_wrapper=wrapper,
-                       host_env=_host_env(site, job_mpi), passthrough=passthrough)
+                       host_env=_host_env(site, job_mpi), passthrough=passthrough,
+                       env=MappingProxyType(env))
 
 
 def plan_local_launch(plan: SandboxPlan, spec: JobSpec, decision: Decision,

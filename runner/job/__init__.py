@@ -3,12 +3,14 @@ states, how it ended, its record, and the prepared job an executor starts."""
 
 from runner.job.ids import JOB_ID_PATTERN, SLURM_JOB_NAME_PREFIX, is_job_id, new_job_id, slurm_job_name
 from runner.job.outcome import Ended, Outcome, OutcomeState
+from runner.job.outputs import OUTPUTS_DIR, OutputFile
 from runner.job.record import JobRecord
 from runner.job.states import ACTIVE_STATES, TERMINAL_STATES, JobState
 
 __all__ = [
     "ACTIVE_STATES",
     "JOB_ID_PATTERN",
+    "OUTPUTS_DIR",
     "SLURM_JOB_NAME_PREFIX",
     "TERMINAL_STATES",
     "Ended",
@@ -16,6 +18,7 @@ __all__ = [
     "JobState",
     "Outcome",
     "OutcomeState",
+    "OutputFile",
     "is_job_id",
     "new_job_id",
     "slurm_job_name",

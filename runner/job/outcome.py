@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from runner.job.outputs import OutputFile
 from runner.job.states import JobState
 
 # "infra_failed": the job did not fail, the cluster did (a node failure); another try may work.
@@ -30,3 +31,6 @@ class Ended:
     state: JobState
     exit_status: int | None
     detail: str | None
+    # The declared outputs collected into the job's directory (`outputs`), for its source to
+    # hand on; empty when it declared none or never ran.
+    outputs: tuple[OutputFile, ...] = ()

@@ -28,6 +28,7 @@ from runner.lifecycle.access import UnknownJob
 from runner.lifecycle.admission import first_few, log_path_of, redecide, workspace_of
 from runner.lifecycle.notes import Notes, append_to_log
 from runner.lifecycle.prepare import Site, job_dir, prepare_job, return_workspace
+from runner.lifecycle.recording import record_run, recorded_outputs, save_run_facts
 from runner.logging_setup import get_logger
 from runner.logs.tail import LogSink, pump
 from runner.store import Store
@@ -75,7 +76,8 @@ class JobDriver:
 
     def ended(self, job_id: str) -> Ended:
         record = self.get(job_id)
-        return Ended(record.state, record.exit_status, record.outcome_detail)
+        return Ended(record.state, record.exit_status, record.outcome_detail,
+                     outputs=recorded_outputs(self.store, job_id))
 
     def watch(self, job_id: str, watcher: StateWatcher) -> Callable[[], None]:
         """Call `watcher` after each state change of the job (and change of its whereabouts: see
@@ -116,6 +118,10 @@ class JobDriver:
                 watcher(record)
             except Exception:  # a watcher's trouble is its own; the job goes on
                 log.exception("a job's state watcher failed", job=record.id)
+
+    @property
+    def _executor_name(self) -> str:
+        return "slurm" if self.slurm is not None else "local"
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -185,6 +191,7 @@ class JobDriver:
             _refuse_uncopied_workspace(record)
             prepared = await asyncio.to_thread(prepare_job, self.site, job_id=record.id, spec=spec,
                                                decision=decision, workspace=workspace_of(record))
+            await asyncio.to_thread(save_run_facts, self.site, prepared, executor=self._executor_name)
         except (SandboxRefused, InfrastructureError) as exc:
             refused = isinstance(exc, SandboxRefused)
             self._notes(log_path, f"hpc-runner: {'refused: ' if refused else ''}{exc}\n")
@@ -290,6 +297,7 @@ class JobDriver:
             _refuse_uncopied_workspace(record)
             prepared = await asyncio.to_thread(prepare_job, self.site, job_id=job_id, spec=spec,
                                                decision=decision, workspace=workspace_of(record))
+            await asyncio.to_thread(save_run_facts, self.site, prepared, executor=self._executor_name)
         except (SandboxRefused, InfrastructureError) as exc:
             self._notes(log_path, f"hpc-runner: cannot submit the job again: {exc}\n")
             return False
@@ -299,9 +307,17 @@ class JobDriver:
     # -- the end -----------------------------------------------------------------------------------
 
     async def end(self, job_id: str, outcome: Outcome) -> None:
-        """A job that ran has ended: its results go back to the submitted directory before its
-        final state is recorded, so whoever sees the state finds the results in place."""
-        if not self.get(job_id).state.is_terminal:
+        """A job that ran has ended: its outputs are collected and its provenance recorded (the
+        log's last lines say what ran), and its results go back to the submitted directory, all
+        before its final state is recorded, so whoever sees the state finds them in place."""
+        record = self.get(job_id)
+        if not record.state.is_terminal:
+            try:
+                await record_run(self.site, self.store, record, outcome, notes=self._notes, actor=self._actor)
+            except Exception as exc:  # the job's end matters more than its record
+                log.exception("provenance not recorded", job=job_id)
+                with contextlib.suppress(OSError):
+                    self._notes(self.log_path(record), f"hpc-runner: no provenance record: {exc}\n")
             await self._return_workspace(self.get(job_id))
         self.finish(job_id, outcome)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.identity import Identity
-from runner.policy.model import Account, Grant, Policy
+from runner.policy.model import DEFAULT_MAX_OUTPUT_BYTES, Account, Grant, Policy
 from runner.principals import ref_matches
 from runner.spec import JobSpec
 from runner.units import human_duration, slurm_memory, slurm_time
@@ -64,11 +64,12 @@ class AccountCaps:
     max_gpus: int
     max_memory_mb: int | None
     max_time: int
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
 
     @classmethod
     def of(cls, account: Account) -> AccountCaps:
         return cls(account.max_nodes, account.task_cap, account.max_cpus_per_task, account.max_gpus,
-                   account.max_memory_mb, account.max_time)
+                   account.max_memory_mb, account.max_time, account.max_output_bytes)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +77,7 @@ class AccountCaps:
             "max_cpus_per_task": self.max_cpus_per_task, "max_gpus": self.max_gpus,
             "max_memory": slurm_memory(self.max_memory_mb) if self.max_memory_mb is not None else None,
             "max_time": human_duration(self.max_time),
+            "max_output_bytes": self.max_output_bytes,
         }
 
 

@@ -20,6 +20,9 @@ DEFAULT_TIME_CAP = 3600
 # executor starts `mpirun -np TASKS` on the agent's own node, where no Slurm limit applies).
 DEFAULT_TASKS_PER_NODE = 64
 DEFAULT_MAX_CPUS_PER_TASK = 16
+# What a job's collected outputs may add up to when its account names no max_output_bytes: they
+# are copied into the job's directory, on the agent's file system.
+DEFAULT_MAX_OUTPUT_BYTES = 1024 ** 3
 EVENTS = ("push", "pull_request", "local", "schedule", "api", "ui", "trigger", "merge_group")
 
 
@@ -42,6 +45,7 @@ class Account:
     retry_node_failures: bool = False
     max_tasks: int | None = None          # None: DEFAULT_TASKS_PER_NODE on each of max_nodes
     max_cpus_per_task: int = DEFAULT_MAX_CPUS_PER_TASK
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
 
     @property
     def task_cap(self) -> int:
@@ -128,6 +132,7 @@ def _parse_account(name: str, table: Table) -> Account:
     max_concurrent = table.integer("max_concurrent_jobs", None, maximum=100_000)
     admins = _principals(table, "admins", required=False)
     retry_node_failures = table.boolean("retry_node_failures", False)
+    max_output_bytes = table.converted("max_output_bytes", _byte_size, DEFAULT_MAX_OUTPUT_BYTES)
     table.finish()
     # Slurm counts walltime in whole minutes and rounds a request up: a cap of "90s" would
     # let a "90s" job run for two minutes.
@@ -142,7 +147,16 @@ def _parse_account(name: str, table: Table) -> Account:
                                        "runs at least one task")
     return Account(name, slurm_account, partitions, max_nodes, max_gpus, max_time, default_time,
                    max_memory, max_concurrent, admins, retry_node_failures, max_tasks=max_tasks,
-                   max_cpus_per_task=max_cpus_per_task)
+                   max_cpus_per_task=max_cpus_per_task, max_output_bytes=max_output_bytes)
+
+
+def _byte_size(value: object) -> int:
+    """Bytes from a whole number of bytes (0: collect nothing) or a size such as "512M" or "10G"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"must not be negative, got {value}")
+        return value
+    return parse_memory(value) * 1024 * 1024
 
 
 def _parse_image(name: str, table: Table) -> Image:

@@ -350,7 +350,9 @@ async def test_a_job_works_on_a_copy_of_its_workspace_and_its_results_come_back(
     await harness.wait_state(record.id, JobState.succeeded)
 
     assert (harness.workspace / "result.txt").read_text() == "result\n"
-    assert harness.log_of(record.id) == ""  # the log is the job's own output
+    # The log is the job's own output, then what ran: nothing about the copying.
+    assert harness.log_of(record.id).startswith("--- what ran\n")
+    assert "hpc-runner:" not in harness.log_of(record.id)
 
 
 async def test_a_workspace_that_is_not_the_submitters_is_refused_and_nothing_is_recorded(

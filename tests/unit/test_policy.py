@@ -176,7 +176,8 @@ def test_a_policy_without_grants_is_valid_and_denies_everything() -> None:
     ("max_nodes = 4", "max_node = 4",
      "p.toml:6: accounts.clima.max_node: unknown key (known keys here: admins, default_time, "
      "max_concurrent_jobs, max_cpus_per_task, "
-     "max_gpus, max_memory, max_nodes, max_tasks, max_time, partitions, retry_node_failures, slurm_account)"),
+     "max_gpus, max_memory, max_nodes, max_output_bytes, max_tasks, max_time, partitions, "
+     "retry_node_failures, slurm_account)"),
     ('admins = ["github:team:CliMA/ci-admins"]', 'admins = ["github:team:CliMA/*-admins"]',
      "p.toml:11: accounts.clima.admins[0]: 'github:team:CliMA/*-admins': '*' is only allowed as the whole "
      "last "
@@ -586,7 +587,7 @@ def test_allowed_decision_json_has_exactly_the_documented_shape() -> None:
         "slurm": {"account": "esm", "partition": "expansion", "nodes": 1, "tasks": 1, "tasks_per_node": None,
                   "cpus_per_task": 1, "gpus": 0, "memory": "64G", "time": "0-00:02:00", "time_seconds": 90},
         "caps": {"max_nodes": 4, "max_tasks": 256, "max_cpus_per_task": 16, "max_gpus": 8,
-                 "max_memory": "64G", "max_time": "4h"},
+                 "max_memory": "64G", "max_time": "4h", "max_output_bytes": 1024 ** 3},
         "reasons": [], "notes": [],
         "principals": ["github:org:CliMA", "github:repo:CliMA/ClimaAtmos.jl", "github:user:alice",
                        "github:team:CliMA/core"],
@@ -672,7 +673,7 @@ def test_task_caps_are_validated(new: str, message: str) -> None:
 def test_an_allowed_decision_shows_the_caps_it_was_held_to() -> None:
     caps = decide(_policy(), ALICE, _job()).to_json()["caps"]
     assert caps == {"max_nodes": 4, "max_tasks": 256, "max_cpus_per_task": 16, "max_gpus": 8,
-                    "max_memory": "64G", "max_time": "4h"}
+                    "max_memory": "64G", "max_time": "4h", "max_output_bytes": 1024 ** 3}
     assert decide(_policy(), MALLORY, _job()).to_json()["caps"] is None
 
 

@@ -1,0 +1,192 @@
+"""Collect a job's declared outputs from its workspace into its directory, digesting them on the way.
+
+The workspace is the job's: anything in it may be a link to the agent's own files, or be swapped
+for one while it is read. So the walk opens every directory and file relative to its parent's
+descriptor with O_NOFOLLOW, takes regular files only, and copies from the descriptor it digests,
+never by path: what is collected is what the job left, and nothing else the agent can read.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from runner.job.outputs import OutputFile
+
+CHUNK = 1024 * 1024
+# More files than this are listed as left out: the record, the log and a CI's artifact list must
+# stay readable.
+MAX_FILES = 10_000
+# Directories deeper than this are not entered (a job can nest them without end).
+MAX_DEPTH = 64
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+@dataclass(frozen=True)
+class Collected:
+    """The files collected, in path order; those matched but left out, each with why."""
+
+    files: tuple[OutputFile, ...] = ()
+    left_out: tuple[tuple[str, str], ...] = ()
+    # Patterns no file matched: a job that forgot to write one should hear of it.
+    unmatched: tuple[str, ...] = ()
+    total_bytes: int = field(default=0)
+
+
+def matches(pattern: str, path: str) -> bool:
+    """Whether a relative path matches an output pattern: `*`, `?` and `[...]` within one name,
+    `**` for any number of whole directories (none included)."""
+    return _match(pattern.split("/"), path.split("/"))
+
+
+def _match(pattern: list[str], parts: list[str]) -> bool:
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_match(rest, parts[skip:]) for skip in range(len(parts) + 1))
+    return bool(parts) and fnmatchcase(parts[0], head) and _match(rest, parts[1:])
+
+
+def _could_hold(pattern: str, directory: str) -> bool:
+    """Whether files under `directory` (relative, "" for the top) can match the pattern: the walk
+    enters only those, so a job's large unrelated trees are not read."""
+    wanted = pattern.split("/")[:-1]
+    parts = directory.split("/") if directory else []
+    for index, part in enumerate(parts):
+        if index >= len(wanted):
+            return False
+        if wanted[index] == "**":
+            return True
+        if not fnmatchcase(part, wanted[index]):
+            return False
+    return True
+
+
+def collect_outputs(workspace: Path, patterns: Sequence[str], destination: Path, *,
+                    max_bytes: int) -> Collected:
+    """Copy the workspace's regular files that match `patterns` into `destination` (made here, 0700),
+    under the same relative paths, in path order until `max_bytes` is reached; a file that would
+    pass it is left out and named, as is any match that is not a regular file."""
+    if not patterns:
+        return Collected()
+    found: list[str] = []
+    left_out: list[tuple[str, str]] = []
+    try:
+        top = os.open(workspace, _DIRECTORY_FLAGS)
+    except OSError as exc:
+        return Collected(left_out=((str(workspace), f"the workspace cannot be read: {exc.strerror}"),),
+                         unmatched=tuple(patterns))
+    try:
+        for relative, kind in _walk(top, "", patterns, 0):
+            if not any(matches(p, relative) for p in patterns):
+                continue
+            if kind != "file":
+                left_out.append((relative, kind))
+            else:
+                found.append(relative)
+        found.sort()
+        destination.mkdir(mode=0o700, parents=True, exist_ok=True)
+        files: list[OutputFile] = []
+        total = 0
+        for relative in found:
+            if len(files) >= MAX_FILES:
+                left_out.append((relative, f"more than {MAX_FILES} files"))
+                continue
+            copied = _copy(top, relative, destination, room=max_bytes - total)
+            if isinstance(copied, str):
+                left_out.append((relative, copied))
+                continue
+            files.append(copied)
+            total += copied.size
+    finally:
+        os.close(top)
+    unmatched = tuple(p for p in patterns
+                      if not any(matches(p, f.path) for f in files)
+                      and not any(matches(p, path) for path, _ in left_out))
+    return Collected(tuple(files), tuple(sorted(left_out)), unmatched, total)
+
+
+def _walk(directory_fd: int, prefix: str, patterns: Sequence[str], depth: int) -> Iterator[tuple[str, str]]:
+    """(relative path, "file" or why it is not one) of every entry the patterns may match."""
+    with os.scandir(directory_fd) as entries:
+        listed = sorted(entries, key=lambda e: e.name)
+    for entry in listed:
+        relative = f"{prefix}{entry.name}"
+        try:
+            info = os.stat(entry.name, dir_fd=directory_fd, follow_symlinks=False)
+        except OSError:
+            continue  # gone since it was listed
+        if stat.S_ISDIR(info.st_mode):
+            if depth >= MAX_DEPTH or not any(_could_hold(p, relative) for p in patterns):
+                continue
+            try:
+                child = os.open(entry.name, _DIRECTORY_FLAGS, dir_fd=directory_fd)
+            except OSError:
+                continue  # swapped for something else, or unreadable: nothing of it is taken
+            try:
+                yield from _walk(child, relative + "/", patterns, depth + 1)
+            finally:
+                os.close(child)
+        elif stat.S_ISREG(info.st_mode):
+            yield relative, "file"
+        elif stat.S_ISLNK(info.st_mode):
+            yield relative, "a symbolic link (only regular files are collected)"
+        else:
+            yield relative, "not a regular file"
+
+
+def open_under(top: int, relative: str) -> int:
+    """The file at `relative` under the directory `top`, every step opened without following links."""
+    *parents, name = relative.split("/")
+    fd = os.dup(top)
+    try:
+        for parent in parents:
+            child = os.open(parent, _DIRECTORY_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        return os.open(name, _FILE_FLAGS, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _copy(top: int, relative: str, destination: Path, *, room: int) -> OutputFile | str:
+    """The collected file, or why it was left out."""
+    try:
+        source = open_under(top, relative)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link (only regular files are collected)"
+        return f"cannot be read: {exc.strerror}"
+    try:
+        info = os.fstat(source)
+        if not stat.S_ISREG(info.st_mode):
+            return "not a regular file"
+        if info.st_size > room:
+            return (f"{info.st_size} bytes would pass the account's max_output_bytes "
+                    f"({max(room, 0)} bytes were left)")
+        target = destination / relative
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        size = 0
+        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(out, "wb") as handle:
+            while chunk := os.read(source, CHUNK):
+                size += len(chunk)
+                if size > room:  # it grew while it was read
+                    break
+                digest.update(chunk)
+                handle.write(chunk)
+        if size > room:
+            target.unlink(missing_ok=True)
+            return f"grew past the account's max_output_bytes while it was collected ({room} bytes were left)"
+        return OutputFile(relative, digest.hexdigest(), size)
+    finally:
+        os.close(source)
