@@ -174,7 +174,8 @@ def test_each_user_is_decided_by_the_grant_of_their_own_group(
     assert bob.status(bob_job)["state"] == "denied"
     finished = alice.wait_end(alice_job)
     assert (finished["state"], finished["account"]) == ("succeeded", "esm")
-    assert alice.hpc_runner("logs", alice_job).stdout == "ran as decided\n"
+    # The job's output, then the lines that say what ran.
+    assert alice.hpc_runner("logs", alice_job).stdout.startswith("ran as decided\n--- what ran\n")
 
 
 def write_job(user: QueueUser, text: str) -> Path:
@@ -248,8 +249,9 @@ def test_logs_are_byte_identical_to_what_the_job_wrote(agent: AgentProcess, alic
     followed = alice.hpc_runner("logs", job_id, "--follow", binary=True)
 
     assert printed.returncode == 0, printed.stderr
-    assert printed.stdout == RAW_OUTPUT
-    assert followed.stdout == RAW_OUTPUT
+    # Byte for byte, then what ran, on a line of its own after the job's unfinished last line.
+    assert printed.stdout.startswith(RAW_OUTPUT + b"\n--- what ran\n"), printed.stdout
+    assert followed.stdout == printed.stdout
 
 
 # -- workspaces --------------------------------------------------------------------------------
@@ -378,7 +380,7 @@ def test_sigterm_lets_the_running_job_finish_then_the_agent_exits_0(
     assert agent.wait_exit(JOB_TIMEOUT_S) == 0
     assert stored_state(queue_site, job_id) == "succeeded"
     log = (queue_site.work_root / job_id / "output.log").read_text()
-    assert log == "first line\nsecond line\n"
+    assert log.startswith("first line\nsecond line\n--- what ran\n"), log
 
 
 def test_second_sigterm_cancels_the_running_job_then_the_agent_exits_0(
