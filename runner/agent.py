@@ -9,6 +9,8 @@ happens on the event loop's thread. See docs/architecture.md.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import signal
 import time
@@ -19,7 +21,7 @@ from typing import Any
 
 from runner import retention
 from runner.config import AgentConfig
-from runner.errors import InputError
+from runner.errors import HpcRunnerError, InputError
 from runner.executors.slurm import SlurmExecutor, SlurmJob, SlurmSite
 from runner.identity import Identity
 from runner.job import Ended, JobRecord, JobState, Outcome
@@ -29,21 +31,32 @@ from runner.lifecycle.driver import Executor, JobDriver, StateWatcher
 from runner.lifecycle.metering import JobMetering
 from runner.lifecycle.notes import append_to_log
 from runner.lifecycle.prepare import Site
+from runner.lifecycle.recording import REPLAY_ACTION
 from runner.lifecycle.recovery import find_slurm_jobs, recover_records
 from runner.logging_setup import get_logger
 from runner.logs.tail import LogSink
 from runner.metrics import reattached
 from runner.policy import Decision, Policy
-from runner.spec import JobSpec
+from runner.provenance.commit import head_commit
+from runner.provenance.facts import file_sha256
+from runner.spec import JobSpec, spec_from_json
 from runner.store import Store
 from runner.tasks import TaskSet, pause
 
-__all__ = ["Agent", "NotAllowed", "UnknownJob", "slurm_executor"]
+__all__ = ["Agent", "NoRecord", "NotAllowed", "ReplayRefused", "UnknownJob", "slurm_executor"]
 
 log = get_logger("runner.agent")
 
 # Who cancelled a job, in the audit log and the job's log, when the cancel was asked at the hub.
 HUB_ACTOR = "the hub"
+
+
+class NoRecord(HpcRunnerError):
+    """The job has no provenance record (yet): the message says why."""
+
+
+class ReplayRefused(HpcRunnerError):
+    """A replay would not run what the original ran: the message says what differs and how to fix it."""
 
 
 @dataclass
@@ -108,6 +121,59 @@ class Agent:
         if admitted.decision.allowed:
             self._queue.put_nowait(admitted.job_id)
         return self.driver.get(admitted.job_id), admitted.decision
+
+    def provenance(self, identity: Identity, job_id: str) -> tuple[JobRecord, bytes]:
+        """A job the caller may see, with its provenance record's stored bytes; NoRecord says why
+        there is none."""
+        record = self.job_for(identity, job_id)
+        data = self.store.provenance(job_id)
+        if data is None:
+            raise NoRecord(why_no_record(record, self.store.started_times([job_id]).get(job_id)))
+        return record, data
+
+    async def replay(self, identity: Identity, job_id: str, submitted: Path, *,
+                     submitter_uid: int | None) -> tuple[JobRecord, Decision]:
+        """Queue the original's spec again as `identity`'s job, under the current policy, from the
+        directory `submitted` (copied as `submit` copies it). Refused unless the caller may see the
+        original, it has a record, the policy's image for it is the very file the record names,
+        and, when the record names a commit, `submitted` is a checkout of that commit. The new job
+        is linked to the original in the audit log before it can start, so its record says so."""
+        original, data = self.provenance(identity, job_id)
+        statement = json.loads(data)
+        spec = spec_from_json(original.spec, f"job {job_id}")
+        await self._check_replayed_image(job_id, spec, statement)
+        trigger = _recorded_trigger(statement)
+        commit = trigger.get("commit")
+        if isinstance(commit, str) and commit:
+            repository = trigger.get("repository")
+            await asyncio.to_thread(_check_replayed_commit, job_id, commit, submitted, submitter_uid,
+                                    repository=repository if isinstance(repository, str) else None)
+        admitted = await self.admissions.admit(Admission(
+            "local", None, identity, spec, submitted=SubmittedWorkspace(submitted, submitter_uid)))
+        # No await from here until it is queued: no worker can take the job before the link exists.
+        link = {"job_id": job_id, "provenance_sha256": hashlib.sha256(data).hexdigest()}
+        self.store.append_audit(actor=identity.actor_principal, action=REPLAY_ACTION,
+                                job_id=admitted.job_id, detail=link)
+        if admitted.decision.allowed:
+            self._queue.put_nowait(admitted.job_id)
+        return self.driver.get(admitted.job_id), admitted.decision
+
+    async def _check_replayed_image(self, job_id: str, spec: JobSpec, statement: dict[str, Any]) -> None:
+        recorded_path, recorded = _recorded_image(statement)
+        image = self.policy.images.get(spec.image)
+        if image is None:
+            raise ReplayRefused(f"job {job_id} ran image {spec.image!r} ({recorded_path or 'path unknown'}), "
+                                "which the policy's catalogue no longer has")
+        if recorded is None:
+            raise ReplayRefused(f"the record of job {job_id} names no digest of its image {spec.image!r}, "
+                                "so nothing shows that the image is still the one it ran")
+        now = await asyncio.to_thread(file_sha256, image.path, self.site.digest_cache())
+        if now != recorded:
+            found = f"its sha256 is now {now}" if now is not None else "it cannot be read as a file"
+            raise ReplayRefused(f"image {spec.image!r} at {image.path} is not the one job {job_id} ran: "
+                                f"{found}, the record says {recorded}"
+                                + (f" (it ran {recorded_path})" if recorded_path not in (None, image.path)
+                                   else ""))
 
     async def _worker(self) -> None:
         while True:
@@ -391,6 +457,61 @@ class Agent:
         await self._background.cancel_all()
         if self.driver.slurm is not None:
             await self.driver.slurm.close()
+
+
+def why_no_record(record: JobRecord, started_at: float | None) -> str:
+    """Why a job has no provenance record: one is written when a job that ran ends."""
+    state = str(record.state)
+    if record.state == JobState.queued:
+        return (f"job {record.id} has no record yet: it is queued and has not run; its record is written "
+                "when it ends")
+    if not record.state.is_terminal:
+        return f"job {record.id} has no record yet: it is still {state}; its record is written when it ends"
+    if started_at is None and record.node_list is None:
+        detail = f": {record.outcome_detail}" if record.outcome_detail else ""
+        return f"job {record.id} never ran (it ended {state}{detail}), so it has no record"
+    return (f"job {record.id} ended {state} without a record: the agent could not write it "
+            f"(its log says why: hpc-runner logs {record.id})")
+
+
+def _recorded_image(statement: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The path and sha256 of the image a record names (`resolvedDependencies`, name "image")."""
+    definition = (statement.get("predicate") or {}).get("buildDefinition") or {}
+    dependencies = definition.get("resolvedDependencies")
+    for dependency in dependencies if isinstance(dependencies, list) else []:
+        if isinstance(dependency, dict) and dependency.get("name") == "image":
+            uri = dependency.get("uri")
+            path = uri[len("file://"):] if isinstance(uri, str) and uri.startswith("file://") else None
+            digest = (dependency.get("digest") or {}).get("sha256")
+            return path, digest if isinstance(digest, str) and digest else None
+    return None, None
+
+
+def _recorded_trigger(statement: dict[str, Any]) -> dict[str, Any]:
+    external = ((statement.get("predicate") or {}).get("buildDefinition") or {}).get("externalParameters")
+    trigger = (external or {}).get("trigger") if isinstance(external, dict) else None
+    return trigger if isinstance(trigger, dict) else {}
+
+
+def _check_replayed_commit(job_id: str, commit: str, submitted: Path, submitter_uid: int | None, *,
+                           repository: str | None) -> None:
+    """Refuse unless `submitted` is a checkout of `commit`. A directory that is not the submitter's
+    is refused before its HEAD is read: the refusal would otherwise tell what someone else's
+    checkout is at."""
+    if submitter_uid is not None:
+        try:
+            owner = os.lstat(submitted).st_uid
+        except OSError as exc:
+            raise ReplayRefused(f"{submitted}: {exc.strerror}") from None
+        if owner != submitter_uid:
+            raise ReplayRefused(f"{submitted} is not yours: a job's workspace must belong to its submitter")
+    head = head_commit(submitted)
+    found = f"is at commit {head}" if head is not None else "is no git checkout"
+    if head != commit:
+        of = f" of {repository}" if repository else ""
+        raise ReplayRefused(f"job {job_id} ran commit {commit}{of}, and {submitted} {found}: clone the "
+                            f"repository and check out that commit (git clone REPOSITORY DIR && git -C DIR "
+                            f"checkout {commit}), then replay from there (--workdir DIR)")
 
 
 def slurm_executor(config: AgentConfig) -> SlurmExecutor:

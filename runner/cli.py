@@ -8,12 +8,12 @@ import sys
 from collections.abc import Sequence
 
 from runner import __version__, exitcodes
-from runner.commands import agent, audit, demo, doctor, gc, hub, policy, queue, remote, run
+from runner.commands import agent, audit, demo, doctor, gc, hub, policy, queue, records, remote, run
 from runner.errors import HpcRunnerError, InputError
 from runner.localqueue.client import RequestFailed
 from runner.logging_setup import configure_logging
 
-COMMANDS = (agent, run, queue, policy, doctor, demo, hub, remote, audit, gc)
+COMMANDS = (agent, run, queue, records, policy, doctor, demo, hub, remote, audit, gc)
 
 
 def installed_version() -> str:

@@ -2,6 +2,7 @@
 
 OK = 0
 INVALID_INPUT = 1          # policy check / explain on invalid files
+CHECK_FAILED = 1           # verify-outputs: a file is missing or differs from the record, as a failed job
 USAGE = 2                  # argparse's own status for bad arguments
 INFRASTRUCTURE = 125       # the job could not be started: not the job's fault
 DENIED = 126               # the policy said no

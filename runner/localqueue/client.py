@@ -28,6 +28,10 @@ class LogGone(RequestFailed):
     """The job ended and its log file was removed (its `[retention]` expired)."""
 
 
+class NoRecord(RequestFailed):
+    """The job has no provenance record (yet): still running, never ran, or not recorded."""
+
+
 class LocalQueueClient:
     def __init__(self, path: Path, *, timeout: float | None = 30.0) -> None:
         self.path = path
@@ -96,6 +100,34 @@ class LocalQueueClient:
                 yield chunk
         finally:
             sock.close()
+
+
+    def provenance(self, job_id: str) -> bytes:
+        """The job's provenance record, byte for byte as the agent stored it."""
+        with self._connect() as sock:
+            try:
+                _send(sock, {"op": "provenance", "job_id": job_id})
+                reply = decode_response(_read_line(sock))
+                if not reply.get("ok"):
+                    error = str(reply.get("error", "the agent refused the request"))
+                    raise NoRecord(error) if reply.get("no_record") else RequestFailed(error)
+                size = reply.get("bytes")
+                if not isinstance(size, int) or size < 0:
+                    raise ProtocolError("the agent's answer does not say how long the record is")
+                data = _read_exactly(sock, size)
+            except (OSError, ProtocolError) as exc:
+                raise AgentUnavailable(f"no answer from the agent on {self.path}: {exc}") from None
+        return data
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(min(size - len(data), 65536))
+        if not chunk:
+            raise ProtocolError(f"the agent sent {len(data)} of the record's {size} bytes")
+        data += chunk
+    return bytes(data)
 
 
 def _send(sock: socket.socket, message: dict[str, Any]) -> None:

@@ -1,8 +1,9 @@
 """The local queue's wire format: one JSON request line, one JSON response line.
 
-`logs` is the one exception: after its response line the server streams the log's raw
-bytes until the log is complete (or, without `follow`, until what exists is sent), so
-the client prints exactly what the job wrote.
+`logs` and `provenance` are the exceptions. After its response line `logs` streams the log's
+raw bytes until the log is complete (or, without `follow`, until what exists is sent), so the
+client prints exactly what the job wrote; `provenance` sends the record's stored bytes, as many
+as its response line's `bytes` says, so that their digest is the record's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from runner.tomlsource import MAX_FILE_BYTES
 # A submit carries a job file of up to MAX_FILE_BYTES as a JSON string, which writes a character
 # of valid TOML in at most three times its UTF-8 bytes (an emoji as two \u escapes).
 MAX_REQUEST_BYTES = 3 * MAX_FILE_BYTES + 64 * 1024
-OPS = ("submit", "status", "logs", "cancel", "ping")
+OPS = ("submit", "status", "logs", "cancel", "ping", "show", "provenance", "replay")
 
 
 class ProtocolError(ValueError):

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from runner import retention
-from runner.agent import Agent
+from runner.agent import Agent, NoRecord
 from runner.errors import HpcRunnerError
 from runner.identity import Identity
 from runner.job import JobRecord
 from runner.localqueue.paths import listen_at
 from runner.localqueue.peercred import identity_for_uid, peer_uid_gid
 from runner.localqueue.protocol import MAX_REQUEST_BYTES, ProtocolError, decode_request, encode
+from runner.localqueue.records import job_view
 from runner.logging_setup import ConditionLog, get_logger
 from runner.logs.tail import follow
 from runner.spec import JobSpec, parse_job_text
@@ -201,6 +202,33 @@ class LocalQueueServer:
             writer.write(encode({"ok": True, "job": job_summary(record)}))
         elif op == "logs":
             await self._logs(request, identity, writer)
+        elif op == "show":
+            record = self.agent.job_for(identity, str(request.get("job_id", "")))
+            writer.write(encode({"ok": True, "job": job_view(self.agent, record)}))
+        elif op == "provenance":
+            self._provenance(request, identity, writer)
+        elif op == "replay":
+            await self._replay(request, identity, uid, writer)
+
+    def _provenance(self, request: dict[str, Any], identity: Identity, writer: asyncio.StreamWriter) -> None:
+        try:
+            _record, data = self.agent.provenance(identity, str(request.get("job_id", "")))
+        except NoRecord as exc:
+            writer.write(encode({"ok": False, "error": str(exc), "no_record": True}))
+            return
+        writer.write(encode({"ok": True, "bytes": len(data)}))
+        writer.write(data)
+
+    async def _replay(self, request: dict[str, Any], identity: Identity, uid: int,
+                      writer: asyncio.StreamWriter) -> None:
+        job_id, workdir = request.get("job_id"), request.get("workdir")
+        if not isinstance(job_id, str) or not isinstance(workdir, str):
+            raise ProtocolError("replay needs `job_id` and `workdir`")
+        if not Path(workdir).is_absolute():
+            raise ProtocolError("workdir must be an absolute path")
+        owner = None if uid in (self.agent_uid, 0) else uid  # as for submit
+        record, decision = await self.agent.replay(identity, job_id, Path(workdir), submitter_uid=owner)
+        writer.write(encode({"ok": True, "job": job_summary(record), "decision": decision.to_json()}))
 
     async def _submit(self, request: dict[str, Any], identity: Identity, uid: int,
                       writer: asyncio.StreamWriter) -> None:
