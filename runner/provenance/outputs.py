@@ -25,6 +25,11 @@ CHUNK = 1024 * 1024
 MAX_FILES = 10_000
 # Directories deeper than this are not entered (a job can nest them without end).
 MAX_DEPTH = 64
+# Past this many, left-out files are counted rather than named one by one: a job can match a
+# million files, and each named one is a line of the record.
+MAX_LEFT_OUT = 1_000
+# The walk's reason for a directory it did not enter; named whether or not a pattern matches it.
+TOO_DEEP = f"more than {MAX_DEPTH} directories deep: not entered"
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -47,12 +52,17 @@ def matches(pattern: str, path: str) -> bool:
 
 
 def _match(pattern: list[str], parts: list[str]) -> bool:
-    if not pattern:
-        return not parts
-    head, rest = pattern[0], pattern[1:]
-    if head == "**":
-        return any(_match(rest, parts[skip:]) for skip in range(len(parts) + 1))
-    return bool(parts) and fnmatchcase(parts[0], head) and _match(rest, parts[1:])
+    # One pass over the path per pattern part (a set of the positions reached so far): a pattern
+    # of many `**` parts against a deep path must not take time exponential in either.
+    reached = {0}
+    for head in pattern:
+        if head == "**":
+            reached = set(range(min(reached), len(parts) + 1)) if reached else set()
+        else:
+            reached = {at + 1 for at in reached if at < len(parts) and fnmatchcase(parts[at], head)}
+        if not reached:
+            return False
+    return len(parts) in reached
 
 
 def _could_hold(pattern: str, directory: str) -> bool:
@@ -77,6 +87,7 @@ def collect_outputs(workspace: Path, patterns: Sequence[str], destination: Path,
     pass it is left out and named, as is any match that is not a regular file."""
     if not patterns:
         return Collected()
+    nothing = max_bytes <= 0  # the account keeps no outputs: each match is named, none copied
     found: list[str] = []
     left_out: list[tuple[str, str]] = []
     try:
@@ -86,6 +97,9 @@ def collect_outputs(workspace: Path, patterns: Sequence[str], destination: Path,
                          unmatched=tuple(patterns))
     try:
         for relative, kind in _walk(top, "", patterns, 0):
+            if kind == TOO_DEEP:
+                left_out.append((relative + "/", kind))
+                continue
             if not any(matches(p, relative) for p in patterns):
                 continue
             if kind != "file":
@@ -93,14 +107,26 @@ def collect_outputs(workspace: Path, patterns: Sequence[str], destination: Path,
             else:
                 found.append(relative)
         found.sort()
-        destination.mkdir(mode=0o700, parents=True, exist_ok=True)
         files: list[OutputFile] = []
         total = 0
+        if not nothing:
+            destination.mkdir(mode=0o700, parents=True, exist_ok=True)
+        full: str | None = None  # the file that reached max_output_bytes: none after it is taken
         for relative in found:
+            if nothing:
+                left_out.append((relative, "the account's max_output_bytes is 0: it keeps no outputs"))
+                continue
+            if full is not None:
+                left_out.append((relative, f"the account's max_output_bytes ({max_bytes} bytes) was "
+                                           f"reached at {full}"))
+                continue
             if len(files) >= MAX_FILES:
                 left_out.append((relative, f"more than {MAX_FILES} files"))
                 continue
             copied = _copy(top, relative, destination, room=max_bytes - total)
+            if isinstance(copied, Full):
+                full = relative
+                copied = copied.why
             if isinstance(copied, str):
                 left_out.append((relative, copied))
                 continue
@@ -111,7 +137,17 @@ def collect_outputs(workspace: Path, patterns: Sequence[str], destination: Path,
     unmatched = tuple(p for p in patterns
                       if not any(matches(p, f.path) for f in files)
                       and not any(matches(p, path) for path, _ in left_out))
-    return Collected(tuple(files), tuple(sorted(left_out)), unmatched, total)
+    return Collected(tuple(files), _bounded(sorted(left_out)), unmatched, total)
+
+
+def _bounded(left_out: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The first MAX_LEFT_OUT left-out files by name, and one entry that counts the rest."""
+    if len(left_out) <= MAX_LEFT_OUT:
+        return tuple(left_out)
+    rest = left_out[MAX_LEFT_OUT:]
+    return (*left_out[:MAX_LEFT_OUT],
+            (rest[0][0], f"this and {len(rest) - 1} more matching files were not collected either "
+                         f"(only the first {MAX_LEFT_OUT} are named)"))
 
 
 def _walk(directory_fd: int, prefix: str, patterns: Sequence[str], depth: int) -> Iterator[tuple[str, str]]:
@@ -125,7 +161,10 @@ def _walk(directory_fd: int, prefix: str, patterns: Sequence[str], depth: int) -
         except OSError:
             continue  # gone since it was listed
         if stat.S_ISDIR(info.st_mode):
-            if depth >= MAX_DEPTH or not any(_could_hold(p, relative) for p in patterns):
+            if not any(_could_hold(p, relative) for p in patterns):
+                continue
+            if depth >= MAX_DEPTH:
+                yield relative, TOO_DEEP
                 continue
             try:
                 child = os.open(entry.name, _DIRECTORY_FLAGS, dir_fd=directory_fd)
@@ -157,7 +196,14 @@ def open_under(top: int, relative: str) -> int:
         os.close(fd)
 
 
-def _copy(top: int, relative: str, destination: Path, *, room: int) -> OutputFile | str:
+@dataclass(frozen=True)
+class Full:
+    """Why a file was left out that would have passed max_output_bytes: the files after it are too."""
+
+    why: str
+
+
+def _copy(top: int, relative: str, destination: Path, *, room: int) -> OutputFile | Full | str:
     """The collected file, or why it was left out."""
     try:
         source = open_under(top, relative)
@@ -170,8 +216,8 @@ def _copy(top: int, relative: str, destination: Path, *, room: int) -> OutputFil
         if not stat.S_ISREG(info.st_mode):
             return "not a regular file"
         if info.st_size > room:
-            return (f"{info.st_size} bytes would pass the account's max_output_bytes "
-                    f"({max(room, 0)} bytes were left)")
+            return Full(f"{info.st_size} bytes would pass the account's max_output_bytes "
+                        f"({max(room, 0)} bytes were left)")
         target = destination / relative
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         digest = hashlib.sha256()
@@ -186,7 +232,8 @@ def _copy(top: int, relative: str, destination: Path, *, room: int) -> OutputFil
                 handle.write(chunk)
         if size > room:
             target.unlink(missing_ok=True)
-            return f"grew past the account's max_output_bytes while it was collected ({room} bytes were left)"
+            return Full(f"grew past the account's max_output_bytes while it was collected "
+                        f"({room} bytes were left)")
         return OutputFile(relative, digest.hexdigest(), size)
     finally:
         os.close(source)

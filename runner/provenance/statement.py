@@ -38,6 +38,10 @@ class RunEnd:
     left_out: tuple[tuple[str, str], ...] = ()
 
 
+def log_uri(job_id: str) -> str:
+    return f"urn:hpc-runner:job:{job_id}:log"
+
+
 def rfc3339(stamp: float) -> str:
     return dt.datetime.fromtimestamp(stamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -63,7 +67,7 @@ def build_statement(*, job_id: str, agent: str, spec: Mapping[str, Any], trigger
     queue_wait = None if end.started_at is None else round(max(end.started_at - end.queued_at, 0.0), 3)
     run_seconds = None if end.started_at is None else round(max(end.finished_at - end.started_at, 0.0), 3)
     byproducts: list[dict[str, Any]] = [
-        {"name": "log", "uri": f"urn:hpc-runner:job:{job_id}:log", "digest": {"sha256": end.log_sha256},
+        {"name": "log", "uri": log_uri(job_id), "digest": {"sha256": end.log_sha256},
          "annotations": {"size": end.log_size}},
         {"name": "run", "uri": f"urn:hpc-runner:job:{job_id}:run",
          "annotations": {"state": end.state, "exit_status": end.exit_status, "detail": end.detail,
@@ -75,10 +79,16 @@ def build_statement(*, job_id: str, agent: str, spec: Mapping[str, Any], trigger
         byproducts.append({"name": "outputs-left-out", "uri": f"urn:hpc-runner:job:{job_id}:outputs-left-out",
                            "annotations": {"files": left_out}})
     versions = facts.get("versions") or {}
+    subject: list[dict[str, Any]] = [
+        {"name": f.path, "digest": {"sha256": f.sha256}, "annotations": {"size": f.size}} for f in outputs]
+    if not subject:
+        # in-toto requires at least one subject: a run that kept no outputs vouches for its log.
+        # Its uri tells it from an output, which never has one.
+        subject.append({"name": "log", "uri": log_uri(job_id), "digest": {"sha256": end.log_sha256},
+                        "annotations": {"size": end.log_size}})
     return {
         "_type": STATEMENT_TYPE,
-        "subject": [{"name": f.path, "digest": {"sha256": f.sha256}, "annotations": {"size": f.size}}
-                    for f in outputs],
+        "subject": subject,
         "predicateType": PREDICATE_TYPE,
         "predicate": {
             "buildDefinition": {
@@ -131,6 +141,8 @@ def subjects(statement: Mapping[str, Any]) -> list[OutputFile]:
     """The outputs a statement names, back as OutputFile (a record from any agent version)."""
     files: list[OutputFile] = []
     for subject in statement.get("subject") or []:
+        if "uri" in subject:
+            continue  # the log of a run that kept no outputs
         digest = (subject.get("digest") or {}).get("sha256")
         if isinstance(subject.get("name"), str) and isinstance(digest, str):
             size = (subject.get("annotations") or {}).get("size")
