@@ -205,9 +205,19 @@ def log_lines(log: bytes) -> list[bytes]:
     return [piece + b"\n" for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
 
 
+WHAT_RAN = b"--- what ran\n"
+
+
 def job_bytes(log: bytes) -> bytes:
-    """The log without hpc-runner's own lines: what the job wrote."""
-    return b"".join(line for line in log_lines(log) if not line.startswith(b"hpc-runner:"))
+    """The log without hpc-runner's own lines and the `--- what ran` group that ends a finished
+    job's log: what the job wrote (and the newline that ends its last line when the job left it
+    unfinished)."""
+    before, marker, _ = log.rpartition(WHAT_RAN)
+    if marker:
+        assert before.endswith(b"\n"), f"what ran does not start a line: {log[-600:]!r}"
+    else:
+        before = log
+    return b"".join(line for line in log_lines(before) if not line.startswith(b"hpc-runner:"))
 
 
 def runner_lines(log: bytes) -> list[bytes]:
@@ -258,7 +268,9 @@ def assert_log_is_what_the_job_wrote(site: RunnerSite, user: QueueUser, job_id: 
     assert printed.returncode == 0, printed.stderr
     log = printed.stdout
     assert log == read_log(site, job_id)
-    assert job_bytes(log) == expected
+    # The agent ends an unfinished last line before it says what ran.
+    assert WHAT_RAN in log
+    assert job_bytes(log) == (expected if expected.endswith(b"\n") else expected + b"\n")
     ours = runner_lines(log)
     stored = stored_job(site, job_id)
     submitted = SUBMITTED.fullmatch(ours[0]) if ours else None
