@@ -49,6 +49,8 @@ class Resources:
     gpus: int | None = None
     memory_mb: int | None = None
     time_seconds: int | None = None
+    # How long the job may wait in Slurm's queue before it is taken out of it (`expired`).
+    queue_seconds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class JobSpec:
                 "account": r.account, "partition": r.partition, "nodes": r.nodes, "tasks": r.tasks,
                 "tasks_per_node": r.tasks_per_node, "cpus_per_task": r.cpus_per_task, "gpus": r.gpus,
                 "memory_mb": r.memory_mb, "time_seconds": r.time_seconds,
+                "queue_time_seconds": r.queue_seconds,
             },
         }
 
@@ -123,6 +126,7 @@ def parse_resources(table: Table | None) -> Resources:
     gpus = table.integer("gpus", None, minimum=0, maximum=MAX_GPUS)
     memory = table.converted("memory", parse_memory, None)
     time = table.converted("time", parse_duration, None)
+    queue_time = table.converted("queue_time", parse_duration, None)
     table.finish()
     effective_nodes = nodes or 1
     if per_node is not None:
@@ -135,7 +139,7 @@ def parse_resources(table: Table | None) -> Resources:
     if tasks is not None and tasks < effective_nodes:
         raise table.error("tasks", f"{tasks} task(s) cannot fill {effective_nodes} nodes "
                                    "(each node needs at least one task)")
-    return Resources(account, partition, nodes, tasks, per_node, cpus, gpus, memory, time)
+    return Resources(account, partition, nodes, tasks, per_node, cpus, gpus, memory, time, queue_time)
 
 
 def parse_job_table(table: Table) -> JobSpec:
@@ -256,6 +260,8 @@ def _table_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
         resources["memory"] = f"{resources.pop('memory_mb')}M"
     if "time_seconds" in resources:
         resources["time"] = f"{resources.pop('time_seconds')}s"
+    if "queue_time_seconds" in resources:
+        resources["queue_time"] = f"{resources.pop('queue_time_seconds')}s"
     if resources:
         table["resources"] = resources
     if data.get("mpi"):

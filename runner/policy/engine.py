@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.identity import Identity
-from runner.policy.model import DEFAULT_MAX_OUTPUT_BYTES, Account, Grant, Policy
+from runner.policy.model import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_MAX_QUEUE_TIME, Account, Grant, Policy
 from runner.principals import ref_matches
 from runner.spec import JobSpec
 from runner.units import human_duration, slurm_memory, slurm_time
@@ -25,7 +25,11 @@ MPI_PID_NOTE = ("MPI jobs share the host's PID namespace (a private one would ki
 
 @dataclass(frozen=True)
 class Usage:
-    """What is already running, for the concurrency caps (a snapshot: decide stays pure)."""
+    """What is already running, for the concurrency caps (a snapshot: decide stays pure).
+
+    `running_by_account`: the jobs that take or claim a place under max_concurrent_jobs (those in
+    Slurm or running, and those in the agent's queue ahead of the job decided). Those past the
+    cap wait for a place: max_queued_jobs bounds how many."""
 
     running_by_account: Mapping[str, int] = field(default_factory=dict)
 
@@ -43,6 +47,8 @@ class SlurmResources:
     gpus: int
     memory_mb: int | None
     time_seconds: int
+    # How long it may wait in Slurm's queue (never sent to Slurm: the agent takes it out).
+    queue_seconds: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -51,6 +57,7 @@ class SlurmResources:
             "cpus_per_task": self.cpus_per_task, "gpus": self.gpus,
             "memory": slurm_memory(self.memory_mb) if self.memory_mb is not None else None,
             "time": slurm_time(self.time_seconds), "time_seconds": self.time_seconds,
+            "queue_time": human_duration(self.queue_seconds), "queue_time_seconds": self.queue_seconds,
         }
 
 
@@ -65,11 +72,13 @@ class AccountCaps:
     max_memory_mb: int | None
     max_time: int
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    max_queue_time: int = DEFAULT_MAX_QUEUE_TIME
 
     @classmethod
     def of(cls, account: Account) -> AccountCaps:
         return cls(account.max_nodes, account.task_cap, account.max_cpus_per_task, account.max_gpus,
-                   account.max_memory_mb, account.max_time, account.max_output_bytes)
+                   account.max_memory_mb, account.max_time, account.max_output_bytes,
+                   account.max_queue_time)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +87,7 @@ class AccountCaps:
             "max_memory": slurm_memory(self.max_memory_mb) if self.max_memory_mb is not None else None,
             "max_time": human_duration(self.max_time),
             "max_output_bytes": self.max_output_bytes,
+            "max_queue_time": human_duration(self.max_queue_time),
         }
 
 
@@ -97,6 +107,9 @@ class Decision:
     gpus: bool = False
     retry_node_failure: bool = False      # the account allows one resubmission after a node failure
     signed_fields: tuple[str, ...] = ()   # what the allowing grant required the signature to cover
+    # Why an allowed job must wait in the agent's queue before it may start ("account esm runs 5
+    # of 5 jobs"); None: it may start now.
+    waits: str | None = None
 
     @property
     def network_isolated(self) -> bool:
@@ -114,6 +127,7 @@ class Decision:
                         "network_isolated": self.network_isolated},
             "retry_node_failure": self.retry_node_failure,
             "signed_fields": list(self.signed_fields),
+            "waits": self.waits,
         }
 
 
@@ -129,6 +143,7 @@ def _effective_resources(job: JobSpec, account: Account) -> SlurmResources:
         # with no request Slurm would give its own default, often the whole node: ask for the cap
         memory_mb=r.memory_mb if r.memory_mb is not None else account.max_memory_mb,
         time_seconds=r.time_seconds if r.time_seconds is not None else account.time_default,
+        queue_seconds=r.queue_seconds if r.queue_seconds is not None else account.max_queue_time,
     )
 
 
@@ -155,11 +170,31 @@ def _account_reasons(job: JobSpec, account: Account, res: SlurmResources, usage:
             and res.memory_mb > account.max_memory_mb:
         reasons.append(f"memory {slurm_memory(res.memory_mb)} exceeds account {name}'s "
                        f"max_memory = {slurm_memory(account.max_memory_mb)}")
-    running = usage.running_by_account.get(name, 0)
-    if account.max_concurrent_jobs is not None and running >= account.max_concurrent_jobs:
-        reasons.append(f"account {name} already runs {running} jobs (max_concurrent_jobs = "
-                       f"{account.max_concurrent_jobs})")
+    if res.queue_seconds > account.max_queue_time:
+        reasons.append(f"queue_time {human_duration(res.queue_seconds)} exceeds account {name}'s "
+                       f"max_queue_time = {human_duration(account.max_queue_time)}")
+    why = waits_for_a_place(account, usage)
+    if why is not None and _waiting(account, usage) >= account.max_queued_jobs:
+        reasons.append(f"{why}, and its waiting list is full (max_queued_jobs = {account.max_queued_jobs})")
     return reasons
+
+
+def _waiting(account: Account, usage: Usage) -> int:
+    """How many of the account's jobs already wait for a place."""
+    cap = account.max_concurrent_jobs
+    return 0 if cap is None else max(0, usage.running_by_account.get(account.name, 0) - cap)
+
+
+def waits_for_a_place(account: Account, usage: Usage) -> str | None:
+    """Why a job of `account` must wait for one of its jobs to end (max_concurrent_jobs), or None
+    when it may start now: "account esm runs 5 of 5 jobs", and how many wait before it."""
+    cap = account.max_concurrent_jobs
+    running = usage.running_by_account.get(account.name, 0)
+    if cap is None or running < cap:
+        return None
+    waiting = _waiting(account, usage)
+    before = f"; {waiting} wait{'s' if waiting == 1 else ''} before it" if waiting else ""
+    return f"account {account.name} runs {cap} of {cap} jobs{before}"
 
 
 def _grant_reasons(policy: Policy, grant: Grant, identity: Identity, job: JobSpec) -> list[str]:
@@ -231,6 +266,7 @@ def decide(policy: Policy, identity: Identity, job: JobSpec, usage: Usage | None
                             notes=notes, principals=principals, image=job.image, mpi=job.mpi,
                             network=job.network, gpus=resources.gpus > 0,
                             retry_node_failure=account.retry_node_failures,
-                            signed_fields=grant.signed_fields or ())
+                            signed_fields=grant.signed_fields or (),
+                            waits=waits_for_a_place(account, usage))
         reasons += [f"grant {grant.name!r}: {reason}" for reason in failed]
     return Decision(False, reasons=tuple(reasons), principals=principals, image=job.image)

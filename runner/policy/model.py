@@ -23,6 +23,12 @@ DEFAULT_MAX_CPUS_PER_TASK = 16
 # What a job's collected outputs may add up to when its account names no max_output_bytes: they
 # are copied into the job's directory, on the agent's file system.
 DEFAULT_MAX_OUTPUT_BYTES = 1024 ** 3
+# How long a job may wait in Slurm's queue when its account names no max_queue_time (and what a
+# job that names no queue_time gets): a day, longer than any CI run waits for its result.
+DEFAULT_MAX_QUEUE_TIME = 24 * 3600
+# Jobs that may wait in the agent's queue for a place under max_concurrent_jobs, per account,
+# when the account names no max_queued_jobs.
+DEFAULT_MAX_QUEUED_JOBS = 100
 EVENTS = ("push", "pull_request", "local", "schedule", "api", "ui", "trigger", "merge_group")
 
 
@@ -46,6 +52,8 @@ class Account:
     max_tasks: int | None = None          # None: DEFAULT_TASKS_PER_NODE on each of max_nodes
     max_cpus_per_task: int = DEFAULT_MAX_CPUS_PER_TASK
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    max_queue_time: int = DEFAULT_MAX_QUEUE_TIME
+    max_queued_jobs: int = DEFAULT_MAX_QUEUED_JOBS
 
     @property
     def task_cap(self) -> int:
@@ -133,6 +141,8 @@ def _parse_account(name: str, table: Table) -> Account:
     admins = _principals(table, "admins", required=False)
     retry_node_failures = table.boolean("retry_node_failures", False)
     max_output_bytes = table.converted("max_output_bytes", _byte_size, DEFAULT_MAX_OUTPUT_BYTES)
+    max_queue_time = table.converted("max_queue_time", parse_duration, DEFAULT_MAX_QUEUE_TIME)
+    max_queued_jobs = table.integer("max_queued_jobs", DEFAULT_MAX_QUEUED_JOBS, minimum=0, maximum=100_000)
     table.finish()
     # Slurm counts walltime in whole minutes and rounds a request up: a cap of "90s" would
     # let a "90s" job run for two minutes.
@@ -147,7 +157,8 @@ def _parse_account(name: str, table: Table) -> Account:
                                        "runs at least one task")
     return Account(name, slurm_account, partitions, max_nodes, max_gpus, max_time, default_time,
                    max_memory, max_concurrent, admins, retry_node_failures, max_tasks=max_tasks,
-                   max_cpus_per_task=max_cpus_per_task, max_output_bytes=max_output_bytes)
+                   max_cpus_per_task=max_cpus_per_task, max_output_bytes=max_output_bytes,
+                   max_queue_time=max_queue_time, max_queued_jobs=max_queued_jobs)
 
 
 def _byte_size(value: object) -> int:

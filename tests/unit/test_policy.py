@@ -176,7 +176,8 @@ def test_a_policy_without_grants_is_valid_and_denies_everything() -> None:
     ("max_nodes = 4", "max_node = 4",
      "p.toml:6: accounts.clima.max_node: unknown key (known keys here: admins, default_time, "
      "max_concurrent_jobs, max_cpus_per_task, "
-     "max_gpus, max_memory, max_nodes, max_output_bytes, max_tasks, max_time, partitions, "
+     "max_gpus, max_memory, max_nodes, max_output_bytes, max_queue_time, max_queued_jobs, max_tasks, "
+     "max_time, partitions, "
      "retry_node_failures, slurm_account)"),
     ('admins = ["github:team:CliMA/ci-admins"]', 'admins = ["github:team:CliMA/*-admins"]',
      "p.toml:11: accounts.clima.admins[0]: 'github:team:CliMA/*-admins': '*' is only allowed as the whole "
@@ -352,7 +353,7 @@ def test_allowed_decision_names_the_grant_and_the_effective_slurm_request() -> N
     assert (decision.grant, decision.account, decision.reasons) == ("clima-prs", "clima", ())
     assert decision.slurm == SlurmResources(
         account="esm", partition="expansion", nodes=1, tasks=1, tasks_per_node=None, cpus_per_task=1, gpus=0,
-        memory_mb=64 * 1024, time_seconds=3600)
+        memory_mb=64 * 1024, time_seconds=3600, queue_seconds=24 * 3600)
 
 
 def test_omitted_tasks_default_to_one_per_node() -> None:
@@ -481,12 +482,44 @@ def test_mpi_gpus_and_network_default_to_false_in_a_grant(extra: str, resources:
     assert f"grant 'ocean-local': {reason}" in reasons
 
 
-def test_concurrency_cap_counts_the_accounts_running_jobs() -> None:
+def test_a_job_over_the_concurrency_cap_is_allowed_to_wait_for_a_place() -> None:
     policy, job = _policy(), _job()
-    assert decide(policy, ALICE, job, Usage(running_by_account={"clima": 9})).allowed
-    assert decide(policy, ALICE, job, Usage(running_by_account={"clima": 10})).reasons == (
-        "grant 'clima-prs': account clima already runs 10 jobs (max_concurrent_jobs = 10)",)
-    assert decide(policy, ALICE, job, Usage(running_by_account={"ocean": 1000})).allowed
+    under = decide(policy, ALICE, job, Usage(running_by_account={"clima": 9}))
+    assert (under.allowed, under.waits) == (True, None)
+    at_cap = decide(policy, ALICE, job, Usage(running_by_account={"clima": 10}))
+    assert (at_cap.allowed, at_cap.waits) == (True, "account clima runs 10 of 10 jobs")
+    behind = decide(policy, ALICE, job, Usage(running_by_account={"clima": 13}))
+    assert (behind.allowed, behind.waits) == (True, "account clima runs 10 of 10 jobs; 3 wait before it")
+    assert decide(policy, ALICE, job, Usage(running_by_account={"ocean": 1000})).waits is None
+
+
+def test_max_queued_jobs_bounds_the_accounts_waiting_list() -> None:
+    policy, job = _policy(_with("max_concurrent_jobs = 10", "max_concurrent_jobs = 10\nmax_queued_jobs = 2")), _job()
+    assert decide(policy, ALICE, job, Usage(running_by_account={"clima": 11})).waits == (
+        "account clima runs 10 of 10 jobs; 1 waits before it")
+    assert decide(policy, ALICE, job, Usage(running_by_account={"clima": 12})).reasons == (
+        "grant 'clima-prs': account clima runs 10 of 10 jobs; 2 wait before it, and its waiting list is "
+        "full (max_queued_jobs = 2)",)
+    nobody_waits = _policy(_with("max_concurrent_jobs = 10", "max_concurrent_jobs = 10\nmax_queued_jobs = 0"))
+    assert not decide(nobody_waits, ALICE, job, Usage(running_by_account={"clima": 10})).allowed
+    assert decide(nobody_waits, ALICE, job, Usage(running_by_account={"clima": 9})).allowed
+
+
+def test_max_queued_jobs_defaults_to_a_hundred() -> None:
+    assert _policy().accounts["clima"].max_queued_jobs == 100
+    assert decide(_policy(), ALICE, _job(), Usage(running_by_account={"clima": 109})).allowed
+    assert not decide(_policy(), ALICE, _job(), Usage(running_by_account={"clima": 110})).allowed
+
+
+def test_queue_time_defaults_to_the_accounts_max_queue_time_and_may_not_exceed_it() -> None:
+    policy = _policy(_with('max_time = "4h"', 'max_time = "4h"\nmax_queue_time = "2h"'))
+    slurm = decide(policy, ALICE, _job()).slurm
+    assert slurm is not None and slurm.queue_seconds == 2 * 3600
+    asked = decide(policy, ALICE, _job(resources='queue_time = "20s"')).slurm
+    assert asked is not None and asked.queue_seconds == 20
+    assert decide(policy, ALICE, _job(resources='queue_time = "3h"')).reasons == (
+        "grant 'clima-prs': queue_time 3h exceeds account clima's max_queue_time = 2h",)
+    assert decide(_policy(), ALICE, _job()).slurm.queue_seconds == 24 * 3600  # type: ignore[union-attr]
 
 
 def test_an_account_without_a_concurrency_cap_is_not_limited() -> None:
@@ -585,15 +618,17 @@ def test_allowed_decision_json_has_exactly_the_documented_shape() -> None:
     assert data == {
         "allowed": True, "grant": "clima-prs", "account": "clima",
         "slurm": {"account": "esm", "partition": "expansion", "nodes": 1, "tasks": 1, "tasks_per_node": None,
-                  "cpus_per_task": 1, "gpus": 0, "memory": "64G", "time": "0-00:02:00", "time_seconds": 90},
+                  "cpus_per_task": 1, "gpus": 0, "memory": "64G", "time": "0-00:02:00", "time_seconds": 90,
+                  "queue_time": "1d", "queue_time_seconds": 24 * 3600},
         "caps": {"max_nodes": 4, "max_tasks": 256, "max_cpus_per_task": 16, "max_gpus": 8,
-                 "max_memory": "64G", "max_time": "4h", "max_output_bytes": 1024 ** 3},
+                 "max_memory": "64G", "max_time": "4h", "max_output_bytes": 1024 ** 3,
+                 "max_queue_time": "1d"},
         "reasons": [], "notes": [],
         "principals": ["github:org:CliMA", "github:repo:CliMA/ClimaAtmos.jl", "github:user:alice",
                        "github:team:CliMA/core"],
         "image": "clima-ci",
         "sandbox": {"mpi": False, "network": False, "gpus": False, "network_isolated": True},
-        "retry_node_failure": False, "signed_fields": [],
+        "retry_node_failure": False, "signed_fields": [], "waits": None,
     }
 
 
@@ -608,7 +643,7 @@ def test_denied_decision_json_has_exactly_the_documented_shape() -> None:
         "principals": ["github:org:CliMA", "github:repo:CliMA/ClimaAtmos.jl", "github:user:mallory"],
         "image": "clima-ci",
         "sandbox": {"mpi": False, "network": False, "gpus": False, "network_isolated": False},
-        "retry_node_failure": False, "signed_fields": [],
+        "retry_node_failure": False, "signed_fields": [], "waits": None,
     }
 
 
@@ -673,7 +708,8 @@ def test_task_caps_are_validated(new: str, message: str) -> None:
 def test_an_allowed_decision_shows_the_caps_it_was_held_to() -> None:
     caps = decide(_policy(), ALICE, _job()).to_json()["caps"]
     assert caps == {"max_nodes": 4, "max_tasks": 256, "max_cpus_per_task": 16, "max_gpus": 8,
-                    "max_memory": "64G", "max_time": "4h", "max_output_bytes": 1024 ** 3}
+                    "max_memory": "64G", "max_time": "4h", "max_output_bytes": 1024 ** 3,
+                    "max_queue_time": "1d"}
     assert decide(_policy(), MALLORY, _job()).to_json()["caps"] is None
 
 

@@ -75,6 +75,7 @@ def _draw_account(draw: st.DrawFn, name: str) -> Account:
         max_nodes=draw(st.integers(1, 8)), max_gpus=draw(st.integers(0, 4)), max_time=max_minutes * 60,
         default_time=default_minutes * 60 if default_minutes is not None else None,
         max_memory_mb=draw(_MEMORY_CAPS), max_concurrent_jobs=draw(_CONCURRENCY_CAPS),
+        max_queued_jobs=draw(st.integers(0, 2)),
     )
 
 
@@ -269,7 +270,8 @@ def _near_case(draw: st.DrawFn, policy: Policy, knob: str) -> NearCase:
     running = {name: draw(st.integers(0, a.max_concurrent_jobs - 1 if a.max_concurrent_jobs else 3))
                for name, a in policy.accounts.items() if draw(st.booleans())}
     if knob == "running" and account.max_concurrent_jobs is not None:
-        running[account.name] = account.max_concurrent_jobs + draw(st.integers(0, 1))
+        # past the cap and a full waiting list: below that the job waits, allowed
+        running[account.name] = account.max_concurrent_jobs + account.max_queued_jobs + draw(st.integers(0, 1))
     return NearCase(Case(policy, identity, job, Usage(running_by_account=running)), grant, knob)
 
 
@@ -327,7 +329,8 @@ def _exceeds_a_cap(account: Account, job: JobSpec, usage: Usage) -> bool:
             or (account.max_memory_mb is not None and r.memory_mb is not None
                 and r.memory_mb > account.max_memory_mb)
             or (account.max_concurrent_jobs is not None
-                and usage.running_by_account.get(account.name, 0) >= account.max_concurrent_jobs)
+                and usage.running_by_account.get(account.name, 0)
+                >= account.max_concurrent_jobs + account.max_queued_jobs)
             or (r.partition or account.partitions[0]) not in account.partitions)
 
 

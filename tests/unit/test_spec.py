@@ -9,7 +9,7 @@ import pytest
 
 from runner.binds import Bind
 from runner.errors import InputError
-from runner.spec import JobSpec, Resources, load_job, parse_job_mapping, parse_job_text
+from runner.spec import JobSpec, Resources, load_job, parse_job_mapping, parse_job_text, spec_from_json
 from runner.tomlsource import MAX_KEY_PARTS, MAX_NESTING, parse_toml
 
 # The example job of policies/examples/mpi-tests.toml; the line numbers of the error tests below
@@ -99,6 +99,13 @@ def test_parsed_env_cannot_be_changed_afterwards() -> None:
         spec.env["LD_PRELOAD"] = "/evil.so"  # type: ignore[index]
 
 
+def test_queue_time_is_a_duration_kept_through_the_store() -> None:
+    spec = parse_job_text(EXAMPLE_JOB.replace('time = "30m"', 'time = "30m"\nqueue_time = "20s"'))
+    assert spec.resources.queue_seconds == 20
+    assert spec_from_json(spec.to_json(), "stored").resources.queue_seconds == 20
+    assert parse_job_text(EXAMPLE_JOB).resources.queue_seconds is None
+
+
 def test_job_to_json_is_plain_data() -> None:
     assert parse_job_text(EXAMPLE_JOB).to_json() == {
         "name": "mpi-tests", "image": "clima-ci", "command": ["julia", "--project", "test/runtests.jl"],
@@ -106,7 +113,7 @@ def test_job_to_json_is_plain_data() -> None:
         "network": False, "mpi": True, "outputs": [],
         "resources": {"account": "clima", "partition": "expansion", "nodes": 2, "tasks": 8,
                       "tasks_per_node": None, "cpus_per_task": 4, "gpus": 0, "memory_mb": 16384,
-                      "time_seconds": 1800},
+                      "time_seconds": 1800, "queue_time_seconds": None},
     }
 
 
@@ -177,7 +184,7 @@ def test_job_to_json_is_plain_data() -> None:
      "network, outputs, resources, script)"),
     ("gpus = 0", "gpu = 0",
      "job.toml:15: job.resources.gpu: unknown key (known keys here: account, cpus_per_task, gpus, memory, "
-     "nodes, partition, tasks, tasks_per_node, time)"),
+     "nodes, partition, queue_time, tasks, tasks_per_node, time)"),
     ("enabled = true", "enable = true",
      "job.toml:20: job.mpi.enable: unknown key (known keys here: enabled)"),
     ("[job.mpi]", "[job.mpich]", "job.toml:19: job.mpich: unknown key"),
