@@ -1,5 +1,5 @@
 """The agents' side of API jobs: lease one for a cluster, register one of their other sources,
-publish a job's state and its log.
+publish a job's state, its log, its provenance record and its output files.
 
 Agents authenticate with their agent token, as for webhook leases. What each request means is in
 `jobs_protocol`; the state is in `jobstore`, used from its own thread. A publication wakes the
@@ -8,6 +8,8 @@ job's log followers; a new job or a returned lease wakes the agents waiting for 
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,6 +20,15 @@ from runner.gateway import jobs_protocol as protocol
 from runner.gateway.access import admin_keys, member_keys, owner_keys
 from runner.gateway.answers import TooLarge, agent_unauthorized, error, read_body, stopping
 from runner.gateway.jobstore import Conflict, JobNotFound, JobStore, LogFull, NewJob, NotHeld
+from runner.gateway.outputs import (
+    MAX_RECORD_BYTES,
+    OutputFiles,
+    OutputRefused,
+    RecordedOutput,
+    check_output_path,
+    find_output,
+    parse_record,
+)
 from runner.gateway.polling import LongPolls, Stopping, Wakeups
 from runner.gateway.protocol import parse_lease_seconds, parse_wait
 from runner.gateway.statethread import StateThread
@@ -32,6 +43,8 @@ JOBS_CHANGED = "jobs"
 # which wakes the agents waiting for a job to lease.
 LIST_CHANGED = "jobs:list"
 MAX_STATE_BODY_BYTES = 256 * 1024
+# An output file is written in pieces of this size at most, each off the event loop.
+_WRITE_BYTES = 1024 * 1024
 _JOB_ROUTE = f"{protocol.AGENT_JOBS_PATH}/{{job_id:{JOB_ID_PATTERN.pattern}}}"
 
 AgentHandler = Callable[[web.Request, str], Awaitable[web.Response]]
@@ -50,8 +63,10 @@ def notify_state(wakeups: Wakeups, job_id: str) -> None:
 
 class AgentJobsApi:
     def __init__(self, *, jobs: StateThread[JobStore], wakeups: Wakeups, polls: LongPolls,
-                 agent_of: Callable[[web.Request], str | None], public_url: str | None) -> None:
+                 agent_of: Callable[[web.Request], str | None], public_url: str | None,
+                 outputs: OutputFiles) -> None:
         self._jobs = jobs
+        self._outputs = outputs
         self._public_url = public_url
         self._wakeups = wakeups
         self._polls = polls
@@ -61,7 +76,9 @@ class AgentJobsApi:
         routes: tuple[tuple[str, str, AgentHandler], ...] = (
             ("POST", protocol.AGENT_LEASE_PATH, self._lease), ("GET", _JOB_ROUTE, self._show),
             ("PUT", _JOB_ROUTE, self._register), ("POST", f"{_JOB_ROUTE}/state", self._state),
-            ("POST", f"{_JOB_ROUTE}/log", self._log), ("GET", protocol.AGENT_HUB_PATH, self._hub))
+            ("POST", f"{_JOB_ROUTE}/log", self._log), ("GET", protocol.AGENT_HUB_PATH, self._hub),
+            ("PUT", f"{_JOB_ROUTE}/provenance", self._provenance),
+            ("PUT", f"{_JOB_ROUTE}/outputs/{{path:.+}}", self._output))
         for method, path, handler in routes:
             app.router.add_route(method, path, self._as_agent(handler))
 
@@ -163,6 +180,108 @@ class AgentJobsApi:
         if answer.status == 200:
             hub_log_received(len(data))
         return answer
+
+    async def _provenance(self, request: web.Request, agent: str) -> web.Response:
+        """Keep the job's record (once; a repeat of the same bytes is answered alike) and answer
+        which of the outputs it names the hub holds: `{"sha256", "outputs": [{path, sha256, size,
+        held}]}`."""
+        job_id = request.match_info["job_id"]
+        try:
+            data = await read_body(request, MAX_RECORD_BYTES)
+            outputs = parse_record(data)
+        except TooLarge as exc:
+            return error(413, f"the provenance record is refused: {exc}")
+        except OutputRefused as exc:
+            return error(400, f"the provenance record is refused: {exc}")
+        sha256 = hashlib.sha256(data).hexdigest()
+        try:
+            fresh = await self._jobs.run(self._jobs.file.save_provenance, job_id, agent, data, sha256)
+            held = await self._jobs.run(self._jobs.file.outputs, job_id)
+        except JobNotFound:
+            return error(404, f"no job {job_id}")
+        except NotHeld:
+            return error(409, f"this agent does not hold job {job_id}")
+        except Conflict as exc:
+            return error(409, str(exc))
+        if fresh:
+            self._wakeups.notify(job_changed(job_id))
+            log.info("provenance record received", job=job_id, agent=agent, sha256=sha256,
+                     outputs=len(outputs))
+        return web.json_response({"sha256": sha256, "outputs": [
+            {**output.to_json(), "held": held.get(output.path) == (output.sha256, output.size)}
+            for output in outputs]}, status=201 if fresh else 200)
+
+    async def _output(self, request: web.Request, agent: str) -> web.Response:
+        """Take one output file the job's record names, streamed to disk and checked against the
+        record's size and sha256 as it comes; 400 naming the difference otherwise."""
+        job_id = request.match_info["job_id"]
+        try:
+            path = check_output_path(request.match_info["path"])
+        except OutputRefused as exc:
+            return error(400, str(exc))
+        store = self._jobs.file
+        try:
+            await self._jobs.run(store.held, job_id, agent)
+            record = await self._jobs.run(store.provenance, job_id)
+        except JobNotFound:
+            return error(404, f"no job {job_id}")
+        except NotHeld:
+            return error(409, f"this agent does not hold job {job_id}")
+        if record is None:
+            return error(409, f"job {job_id} has no provenance record at the hub yet: its outputs come "
+                              "after it")
+        expected = find_output(parse_record(record), path)
+        if expected is None:
+            return error(400, f"output {path} is refused: job {job_id}'s record names no such output")
+        held = await self._jobs.run(store.outputs, job_id)
+        if held.get(path) == (expected.sha256, expected.size):
+            return web.json_response({**expected.to_json(), "held": True})
+        if request.content_length is not None and request.content_length != expected.size:
+            return error(400, f"output {path} differs from its record: {request.content_length} bytes, "
+                              f"its record says {expected.size}")
+        try:
+            await self._receive(request, job_id, expected)
+        except OutputRefused as exc:
+            log.warning("output refused", job=job_id, agent=agent, path=path, reason=str(exc))
+            return error(400, str(exc))
+        await self._jobs.run(store.add_output, job_id, agent, path, expected.sha256, expected.size)
+        self._wakeups.notify(job_changed(job_id))
+        log.info("output received", job=job_id, agent=agent, path=path, size=expected.size)
+        return web.json_response({**expected.to_json(), "held": True}, status=201)
+
+    async def _receive(self, request: web.Request, job_id: str, expected: RecordedOutput) -> None:
+        """The request's body into the job's output file, a piece at a time (never whole in memory)."""
+        if await asyncio.to_thread(self._outputs.has, job_id, expected.sha256):
+            incoming = None     # the same bytes under another path of the job: read and checked only
+        else:
+            incoming = await asyncio.to_thread(self._outputs.receive, job_id, expected)
+        digest, size = hashlib.sha256(), 0
+        try:
+            piece = bytearray()
+            while True:
+                chunk = await request.content.read(64 * 1024)
+                if chunk:
+                    piece += chunk
+                    size += len(chunk)
+                    digest.update(chunk)
+                    if size > expected.size:
+                        raise OutputRefused(f"output {expected.path} is larger than the {expected.size} "
+                                            "bytes its record says")
+                if piece and (len(piece) >= _WRITE_BYTES or not chunk) and incoming is not None:
+                    await asyncio.to_thread(incoming.write, bytes(piece))
+                    piece.clear()
+                if not chunk:
+                    break
+            if incoming is not None:
+                await asyncio.to_thread(incoming.finish)
+            elif (size, digest.hexdigest()) != (expected.size, expected.sha256):
+                raise OutputRefused(f"output {expected.path} differs from its record: sha256 "
+                                    f"{digest.hexdigest()} ({size} bytes), its record says {expected.sha256} "
+                                    f"({expected.size} bytes)")
+        except BaseException:
+            if incoming is not None:
+                await asyncio.to_thread(incoming.discard)
+            raise
 
     async def _change(self, request: web.Request, agent: str, change: Callable[..., Any], *args: Any,
                       changes: bool = True) -> web.Response:

@@ -17,9 +17,10 @@ from typing import Any, Protocol
 
 from runner.gateway.access import NOT_CANCELLABLE, Access, access_of, caller_keys
 from runner.gateway.agent_jobs_api import LIST_CHANGED, job_changed
-from runner.gateway.jobs_api import cancel_job
+from runner.gateway.jobs_api import cancel_job, open_output
 from runner.gateway.jobs_protocol import MAX_LOG_READ_BYTES
 from runner.gateway.jobstore import JobNotFound, JobStore, ListFilter, StoredJob
+from runner.gateway.outputs import OutputFiles, parse_record
 from runner.gateway.polling import Wakeups, wait_for_change
 from runner.gateway.statethread import StateThread
 from runner.job import JobState
@@ -30,6 +31,8 @@ from runner.web.board import (
     ListQuery,
     NotCancellable,
     NotVisible,
+    OpenedOutput,
+    OutputEntry,
     Page,
     Resources,
     SourceLink,
@@ -42,9 +45,18 @@ _WAITING = frozenset({JobState.queued.value, JobState.pending.value})
 class HubBoard:
     """`JobBoard` over the hub's job store (used from its thread) and its wake-ups."""
 
-    def __init__(self, jobs: StateThread[JobStore], wakeups: Wakeups) -> None:
+    def __init__(self, jobs: StateThread[JobStore], wakeups: Wakeups,
+                 outputs: OutputFiles | None = None) -> None:
         self._jobs = jobs
         self._wakeups = wakeups
+        self._files = outputs
+
+    @property
+    def _outputs(self) -> OutputFiles:
+        """The output files (beside the job store, unless told where)."""
+        if self._files is None:
+            self._files = OutputFiles(self._jobs.file.path.parent)
+        return self._files
 
     async def page(self, viewer: Viewer, query: ListQuery) -> Page:
         keys = caller_keys(viewer.principals)
@@ -90,6 +102,24 @@ class HubBoard:
         if access is not Access.CANCEL:
             raise NotCancellable(NOT_CANCELLABLE.format(job_id=job.id))
         return _detail(await cancel_job(self._jobs, self._wakeups, job.id, _actor(viewer)), access)
+
+    async def provenance(self, viewer: Viewer, job_id: str) -> bytes | None:
+        job, _ = await self._visible(viewer, job_id)
+        return await self._jobs.run(self._jobs.file.provenance, job.id)
+
+    async def outputs(self, viewer: Viewer, job_id: str) -> tuple[OutputEntry, ...]:
+        job, _ = await self._visible(viewer, job_id)
+        record = await self._jobs.run(self._jobs.file.provenance, job.id)
+        if record is None:
+            return ()
+        held = await self._jobs.run(self._jobs.file.outputs, job.id)
+        return tuple(OutputEntry(output.path, output.sha256, output.size,
+                                 held.get(output.path) == (output.sha256, output.size))
+                     for output in parse_record(record))
+
+    async def open_output(self, viewer: Viewer, job_id: str, path: str) -> OpenedOutput | None:
+        job, _ = await self._visible(viewer, job_id)
+        return await open_output(self._jobs, self._outputs, job.id, path)
 
     async def _visible(self, viewer: Viewer, job_id: str) -> tuple[StoredJob, Access]:
         job = await self._jobs.run(self._jobs.file.get, job_id)

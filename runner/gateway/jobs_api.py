@@ -1,4 +1,5 @@
-"""The hub's REST API for jobs: submit, look, read the log, cancel; and the audit trail.
+"""The hub's REST API for jobs: submit, look, read the log, cancel, fetch the provenance record
+and the output files; and the audit trail.
 
 Every request carries an OIDC ID token of a trusted issuer (`Authorization: Bearer <token>`); the
 caller is who the token says (`callers`), the body is judged in `submission`, who may see and
@@ -6,6 +7,9 @@ cancel what in `access` (as for the hub's pages), and the jobs live in `jobstore
 own thread. A job the caller may not see is answered 404, as one that does not exist: an id alone
 tells nobody whether the job is there; one it may see but not cancel (a member of its account) is
 answered 403 to a cancel.
+A job's provenance record and its outputs are seen by whoever sees the job: the record as the
+bytes its agent sent (`application/json`), the outputs as a list (path, sha256, size, URL) and each
+file as an attachment that no browser renders (`gateway.outputs` keeps them).
 The token is kept with the job for the agent and never appears in an answer or the log.
 The audit trail (`GET /api/v1/audit`) is its accounts' admins' alone: neither a job's submitter
 nor its account's members read it, and a caller naming an account it does not administer is
@@ -15,7 +19,10 @@ job store a batch at a time.
 
 from __future__ import annotations
 
+import asyncio
+import urllib.parse
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -27,6 +34,7 @@ from runner.gateway.agent_jobs_api import JOBS_CHANGED, LIST_CHANGED, job_change
 from runner.gateway.answers import TooLarge, read_body
 from runner.gateway.callers import Authenticate, Caller
 from runner.gateway.jobstore import JobNotFound, JobStore, NewJob, StoredJob
+from runner.gateway.outputs import OutputFiles, OutputRefused, check_output_path, find_output, parse_record
 from runner.gateway.polling import Wakeups, wait_for_change
 from runner.gateway.protocol import MAX_WAIT_SECONDS
 from runner.gateway.refusal import Refusal
@@ -43,6 +51,8 @@ from runner.logging_setup import get_logger
 from runner.metrics import hub_job_submitted
 from runner.oidc.binding import check_job_binding
 from runner.oidc.errors import TokenRejected
+from runner.web.board import OpenedOutput
+from runner.web.pages import send_output
 
 log = get_logger("runner.gateway")
 
@@ -55,8 +65,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 class JobsApi:
     def __init__(self, *, jobs: StateThread[JobStore], wakeups: Wakeups, authenticate: Authenticate,
-                 public_url: str) -> None:
+                 public_url: str, outputs: OutputFiles) -> None:
         self._jobs = jobs
+        self._outputs = outputs
         self._wakeups = wakeups
         self._authenticate = authenticate
         self._public_url = public_url
@@ -65,7 +76,10 @@ class JobsApi:
         routes: tuple[tuple[str, str, Handler], ...] = (
             ("POST", protocol.JOBS_PATH, self._submit), ("GET", protocol.JOBS_PATH, self._list),
             ("GET", _JOB_ROUTE, self._show), ("DELETE", _JOB_ROUTE, self._cancel),
-            ("GET", f"{_JOB_ROUTE}/log", self._log), ("GET", protocol.AUDIT_PATH, self._audit))
+            ("GET", f"{_JOB_ROUTE}/log", self._log), ("GET", protocol.AUDIT_PATH, self._audit),
+            ("GET", f"{_JOB_ROUTE}/provenance", self._provenance),
+            ("GET", f"{_JOB_ROUTE}/outputs", self._outputs_list),
+            ("GET", f"{_JOB_ROUTE}/outputs/{{path:.+}}", self._output))
         for method, path, handler in routes:
             app.router.add_route(method, path, _answering(handler))
 
@@ -178,6 +192,28 @@ class JobsApi:
         await response.write_eof()
         return response
 
+    async def _provenance(self, request: web.Request) -> web.Response:
+        _, job, _ = await self._visible_job(request)
+        record = await self._jobs.run(self._jobs.file.provenance, job.id)
+        if record is None:
+            raise Refusal(404, f"job {job.id} has no provenance record at the hub (yet): a job has one "
+                               "once it ran and ended, and its agent sends it before its final state")
+        return web.Response(body=record, content_type="application/json",
+                            headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+
+    async def _outputs_list(self, request: web.Request) -> web.Response:
+        _, job, _ = await self._visible_job(request)
+        listed = await output_list(self._jobs, job.id, protocol.job_path(job.id))
+        return web.json_response({"outputs": listed}, headers={"Cache-Control": "no-store"})
+
+    async def _output(self, request: web.Request) -> web.StreamResponse:
+        _, job, _ = await self._visible_job(request)
+        path = request.match_info["path"]
+        opened = await open_output(self._jobs, self._outputs, job.id, path)
+        if opened is None:
+            raise Refusal(404, f"job {job.id} has no output {path[:200]!r} at the hub")
+        return await send_output(request, opened, path)
+
     async def _audit(self, request: web.Request) -> web.StreamResponse:
         caller = await self._caller(request)
         keys = caller_keys(caller.principals)
@@ -239,6 +275,39 @@ async def cancel_job(jobs: StateThread[JobStore], wakeups: Wakeups, job_id: str,
     job = await jobs.run(jobs.file.request_cancel, job_id, actor)
     notify_state(wakeups, job.id)
     return job
+
+
+async def output_list(jobs: StateThread[JobStore], job_id: str, base: str) -> list[dict[str, Any]]:
+    """The outputs the job's record names: path, sha256, size, and `url` (`base`/outputs/PATH) for
+    each the hub holds (null for one it does not hold, yet or ever)."""
+    record = await jobs.run(jobs.file.provenance, job_id)
+    if record is None:
+        return []
+    held = await jobs.run(jobs.file.outputs, job_id)
+    return [{**output.to_json(),
+             "url": f"{base}/outputs/{urllib.parse.quote(output.path)}"
+             if held.get(output.path) == (output.sha256, output.size) else None}
+            for output in parse_record(record)]
+
+
+async def open_output(jobs: StateThread[JobStore], files: OutputFiles, job_id: str,
+                      path: str) -> OpenedOutput | None:
+    """The file of the job's output `path` (open, and its size), if its record names it and the hub
+    holds it."""
+    try:
+        check_output_path(path)
+    except OutputRefused:
+        return None
+    record = await jobs.run(jobs.file.provenance, job_id)
+    output = None if record is None else find_output(parse_record(record), path)
+    held = await jobs.run(jobs.file.outputs, job_id)
+    if output is None or held.get(path) != (output.sha256, output.size):
+        return None
+    try:
+        handle = await asyncio.to_thread(files.open, job_id, output.sha256)
+    except FileNotFoundError:
+        return None
+    return OpenedOutput(handle, output.size)
 
 
 def _answering(handler: Handler) -> Handler:

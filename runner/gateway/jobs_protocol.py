@@ -10,6 +10,9 @@ Users (authenticated by an OIDC ID token of a trusted issuer):
     GET    /api/v1/jobs?limit=N&before=ID  -> {"jobs": [<job view>...], "next": ID | null}
     GET    /api/v1/jobs/ID              -> <job view>
     GET    /api/v1/jobs/ID/log?offset=N&follow=1  -> the log's bytes from N
+    GET    /api/v1/jobs/ID/provenance   -> its provenance record, byte for byte (404 before it has one)
+    GET    /api/v1/jobs/ID/outputs      -> {"outputs": [{"path", "sha256", "size", "url" | null}...]}
+    GET    /api/v1/jobs/ID/outputs/PATH -> the output file, as an attachment
     DELETE /api/v1/jobs/ID              -> 202 <job view>
 
 Agents (authenticated by their agent token, as for webhook leases):
@@ -20,8 +23,13 @@ Agents (authenticated by their agent token, as for webhook leases):
     POST /api/v1/agent/jobs/ID/state   <state body>  -> 200 <agent view>
     POST /api/v1/agent/jobs/ID/log?offset=N  raw bytes -> 200 {"length"} | 409 {"error", "length"}
     GET  /api/v1/agent/hub                           -> 200 {"public_url": URL | null}
+    PUT  /api/v1/agent/jobs/ID/provenance   the record -> 201 (200 when repeated) <outputs held>
+    PUT  /api/v1/agent/jobs/ID/outputs/PATH  the file  -> 201 (200 when held already) | 400 {"error"}
 
-where <agent view> is {"id", "state", "cancel_requested", "log_length"}.
+where <agent view> is {"id", "state", "cancel_requested", "log_length"}, and <outputs held> is
+{"sha256", "outputs": [{"path", "sha256", "size", "held"}...]}: the outputs the record names, and
+whether the hub has each file already. A record is refused past its size limit or when it is no
+in-toto Statement; a file unless the record names its path and it has the record's size and sha256.
 
 A registration (`{"job", "identity", "cluster", "repository"?, "commit"?, "created"?, "source"?,
 "source_label"?, "source_url"?}`) puts a job of the agent's other sources (Buildkite, GitHub, its
@@ -46,7 +54,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from runner.errors import InputError
 from runner.gateway.protocol import format_time, parse_time
@@ -130,6 +138,15 @@ def agent_state_path(job_id: str) -> str:
 
 def agent_log_path(job_id: str) -> str:
     return f"{agent_job_path(job_id)}/log"
+
+
+def agent_provenance_path(job_id: str) -> str:
+    return f"{agent_job_path(job_id)}/provenance"
+
+
+def agent_output_path(job_id: str, path: str) -> str:
+    """Where an output file goes; `path` (under /work) quoted part by part."""
+    return f"{agent_job_path(job_id)}/outputs/{quote(path, safe='/')}"
 
 
 def job_url(public_url: str, job_id: str) -> str:

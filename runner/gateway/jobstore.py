@@ -193,12 +193,49 @@ SELECT at, job_seq, actor, action, detail FROM (
                        'from_stored_job', json('true'))
     FROM jobs
     WHERE ended IS NOT NULL
-      AND state IN ('succeeded', 'failed', 'cancelled', 'timed_out', 'denied', 'infra_failed')
+      AND state IN ('succeeded', 'failed', 'cancelled', 'timed_out', 'denied', 'infra_failed', 'expired')
 ) ORDER BY at, job_seq, action = 'final_status';
 """
 
+# A job's provenance record, as its agent sent it, and the output files of it the hub holds (the
+# files themselves are under state_dir/outputs, `gateway.outputs`). Both are kept for good: SQLite
+# refuses to change or delete a row, as for the audit trail.
+_MIGRATION_6 = """
+CREATE TABLE provenance (
+    job_seq   INTEGER PRIMARY KEY REFERENCES jobs (seq),
+    statement BLOB NOT NULL,
+    sha256    TEXT NOT NULL,
+    received  REAL NOT NULL
+);
+CREATE TABLE job_outputs (
+    job_seq   INTEGER NOT NULL REFERENCES jobs (seq),
+    path      TEXT NOT NULL,
+    sha256    TEXT NOT NULL,
+    size      INTEGER NOT NULL,
+    received  REAL NOT NULL,
+    PRIMARY KEY (job_seq, path)
+) WITHOUT ROWID;
+CREATE TRIGGER provenance_no_update BEFORE UPDATE ON provenance
+BEGIN
+    SELECT RAISE(ABORT, 'a provenance record is kept as it came');
+END;
+CREATE TRIGGER provenance_no_delete BEFORE DELETE ON provenance
+BEGIN
+    SELECT RAISE(ABORT, 'a provenance record is kept as it came');
+END;
+CREATE TRIGGER job_outputs_no_update BEFORE UPDATE ON job_outputs
+BEGIN
+    SELECT RAISE(ABORT, 'an output is kept as it came');
+END;
+CREATE TRIGGER job_outputs_no_delete BEFORE DELETE ON job_outputs
+BEGIN
+    SELECT RAISE(ABORT, 'an output is kept as it came');
+END;
+"""
+
 # Index i migrates from schema version i to i + 1. Only ever append.
-MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, outbox.MIGRATION, _MIGRATION_3, _MIGRATION_4, _MIGRATION_5)
+MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, outbox.MIGRATION, _MIGRATION_3, _MIGRATION_4, _MIGRATION_5,
+                               _MIGRATION_6)
 
 # The facts of a job that make an entry of its trail when an agent's publication changes them.
 _AUDITED = ("state", "slurm_job_id", "exit_status", "account", "grant")
@@ -726,6 +763,46 @@ class JobStore(StateFile):
                          (seq, length, tail))
             conn.execute("UPDATE jobs SET log_length = ? WHERE seq = ?", (length + len(tail), seq))
             return length + len(tail)
+
+    # --- provenance and outputs ---
+
+    def save_provenance(self, job_id: str, agent: str, statement: bytes, sha256: str) -> bool:
+        """Keep the record of the job `agent` holds; False when it is kept already (the same bytes:
+        a repeat whose answer was lost). Conflict when the job has another record."""
+        with self._transaction() as conn:
+            job = self._held(conn, job_id, agent)
+            seq = self._seq(conn, job_id)
+            row = conn.execute("SELECT sha256 FROM provenance WHERE job_seq = ?", (seq,)).fetchone()
+            if row is not None:
+                if row["sha256"] != sha256:
+                    raise Conflict(f"job {job_id} has another provenance record already (sha256 "
+                                   f"{row['sha256']})", length=job.log_length)
+                return False
+            conn.execute("INSERT INTO provenance (job_seq, statement, sha256, received) VALUES (?, ?, ?, ?)",
+                         (seq, statement, sha256, self._clock()))
+            self._record(conn, job_id, agent_actor(agent), "provenance_received", {"sha256": sha256})
+            return True
+
+    def provenance(self, job_id: str) -> bytes | None:
+        """The job's record, byte for byte as its agent sent it (None before it has one)."""
+        rows = self._read("SELECT p.statement FROM provenance p JOIN jobs j ON j.seq = p.job_seq"
+                          " WHERE j.id = ?", (job_id,))
+        return bytes(rows[0]["statement"]) if rows else None
+
+    def add_output(self, job_id: str, agent: str, path: str, sha256: str, size: int) -> bool:
+        """Note that the hub holds the job's output `path` (its file stored); False if it was noted."""
+        with self._transaction() as conn:
+            self._held(conn, job_id, agent)
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO job_outputs (job_seq, path, sha256, size, received)"
+                " VALUES (?, ?, ?, ?, ?)", (self._seq(conn, job_id), path, sha256, size, self._clock()))
+            return cursor.rowcount == 1
+
+    def outputs(self, job_id: str) -> dict[str, tuple[str, int]]:
+        """The job's outputs the hub holds: path -> (sha256, size)."""
+        rows = self._read("SELECT o.path, o.sha256, o.size FROM job_outputs o"
+                          " JOIN jobs j ON j.seq = o.job_seq WHERE j.id = ? ORDER BY o.path", (job_id,))
+        return {str(row["path"]): (str(row["sha256"]), int(row["size"])) for row in rows}
 
     # --- hooks ---
 

@@ -30,6 +30,7 @@ from runner.gateway.hook_delivery import HookDeliverer
 from runner.gateway.hooks import DEFAULT_SCHEDULE, HookTarget, RetrySchedule, outbox_entries
 from runner.gateway.jobs_api import JobsApi
 from runner.gateway.jobstore import JobStore, StoredJob
+from runner.gateway.outputs import OutputFiles
 from runner.gateway.polling import LongPolls, Stopping, Wakeups
 from runner.gateway.queue import DeliveryQueue, Enqueued, LeasedDelivery
 from runner.gateway.statethread import StateThread
@@ -100,6 +101,7 @@ class GatewayServer:
         self._pruner: asyncio.Task[None] | None = None
         self._wakeups = Wakeups()
         self._polls = LongPolls(self._wakeups, clock)
+        self._outputs = OutputFiles(state_dir)
         self.addresses: list[Any] = []
 
     # --- life cycle ---
@@ -125,10 +127,11 @@ class GatewayServer:
             f"{protocol.LEASES_PATH}/{{lease_id:{protocol.LEASE_ID_PATTERN}}}/{{action:extend|ack|release}}",
             self._lease_action)
         AgentJobsApi(jobs=self._jobs_thread, wakeups=self._wakeups, polls=self._polls, agent_of=self._agent,
-                     public_url=None if self._jobs_api is None else self._jobs_api.public_url).add_routes(app)
+                     public_url=None if self._jobs_api is None else self._jobs_api.public_url,
+                     outputs=self._outputs).add_routes(app)
         if self._jobs_api is not None:
             JobsApi(jobs=self._jobs_thread, wakeups=self._wakeups, authenticate=self._jobs_api.authenticate,
-                    public_url=self._jobs_api.public_url).add_routes(app)
+                    public_url=self._jobs_api.public_url, outputs=self._outputs).add_routes(app)
             self._add_dashboard(app, self._jobs_api)
         # An agent that hangs up ends its long poll at once; its request must not lease anything.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
@@ -155,7 +158,8 @@ class GatewayServer:
                        secure=settings.public_url.startswith("https://"))
         add_security_headers(app)
         host = urllib.parse.urlsplit(settings.public_url).hostname or "hub"
-        Dashboard(HubBoard(self._jobs_thread, self._wakeups), login.viewer if login is not None else _nobody,
+        board = HubBoard(self._jobs_thread, self._wakeups, self._outputs)
+        Dashboard(board, login.viewer if login is not None else _nobody,
                   site_name=host, login_path="/login" if login is not None else None,
                   logout=login is not None,
                   nobody="log in to see jobs" if login is not None else

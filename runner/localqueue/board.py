@@ -19,14 +19,17 @@ import asyncio
 import functools
 import os
 import pwd
+import stat
 from pathlib import Path
 
 from runner.agent import Agent
 from runner.errors import InputError
+from runner.gateway.outputs import OutputRefused, RecordedOutput, check_output_path, find_output, parse_record
 from runner.identity import Identity, identity_from_json
-from runner.job import JobRecord, JobState
+from runner.job import OUTPUTS_DIR, JobRecord, JobState
 from runner.job.waiting import waiting_reason
 from runner.logs.redact import read_masked, secret_needles, secret_values
+from runner.provenance.outputs import open_under
 from runner.sources.api.publish import source_link
 from runner.store import JobFilter, Visible
 from runner.tasks import pause
@@ -37,6 +40,8 @@ from runner.web.board import (
     ListQuery,
     NotCancellable,
     NotVisible,
+    OpenedOutput,
+    OutputEntry,
     Page,
     Resources,
     SourceLink,
@@ -225,6 +230,64 @@ class AgentBoard:
         self._agent.cancel(identity, job_id)
         record = self._agent.job(job_id) or record
         return self._detail(identity, record)
+
+
+    # -- provenance and outputs --------------------------------------------------------------------
+
+    async def provenance(self, viewer: Viewer, job_id: str) -> bytes | None:
+        _, record = self._visible_record(viewer, job_id)
+        return self._agent.store.provenance(record.id)
+
+    def _recorded(self, record: JobRecord) -> tuple[RecordedOutput, ...]:
+        data = self._agent.store.provenance(record.id)
+        try:
+            return () if data is None else parse_record(data)
+        except OutputRefused:
+            return ()
+
+    def _outputs_dir(self, record: JobRecord) -> Path:
+        return self._log_path(record).parent / OUTPUTS_DIR
+
+    async def outputs(self, viewer: Viewer, job_id: str) -> tuple[OutputEntry, ...]:
+        _, record = self._visible_record(viewer, job_id)
+        directory = self._outputs_dir(record)
+        entries = []
+        for output in self._recorded(record):
+            opened = await asyncio.to_thread(_open_output, directory, output)
+            if opened is not None:
+                opened.handle.close()
+            entries.append(OutputEntry(output.path, output.sha256, output.size, opened is not None))
+        return tuple(entries)
+
+    async def open_output(self, viewer: Viewer, job_id: str, path: str) -> OpenedOutput | None:
+        _, record = self._visible_record(viewer, job_id)
+        output = find_output(self._recorded(record), path)
+        if output is None:
+            return None
+        return await asyncio.to_thread(_open_output, self._outputs_dir(record), output)
+
+
+def _open_output(directory: Path, output: RecordedOutput) -> OpenedOutput | None:
+    """The collected file of `output` under the job's outputs directory, every step opened without
+    following a link, if it is a regular file of the size the record gives (retention may have
+    removed it)."""
+    try:
+        check_output_path(output.path)
+        top = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (OutputRefused, OSError):
+        return None
+    try:
+        fd = open_under(top, output.path)
+    except OSError:
+        return None
+    finally:
+        os.close(top)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size != output.size:
+        os.close(fd)
+        return None
+    os.set_blocking(fd, True)
+    return OpenedOutput(os.fdopen(fd, "rb"), output.size)
 
 
 def _identity(record: JobRecord) -> Identity | None:

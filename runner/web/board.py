@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from runner.job import JOB_ID_PATTERN, JobState
 
@@ -125,6 +125,24 @@ class Page:
     accounts: Sequence[str] = field(default_factory=tuple)   # what the account filter offers
 
 
+@dataclass(frozen=True)
+class OutputEntry:
+    """One output a job's provenance record names, and whether its holder can give out the file."""
+
+    path: str
+    sha256: str
+    size: int
+    available: bool
+
+
+@dataclass
+class OpenedOutput:
+    """An output file opened for reading (never through a link); the reader closes it."""
+
+    handle: BinaryIO
+    size: int
+
+
 class NotVisible(Exception):
     """No such job for this viewer (answered 404, whether it exists or not)."""
 
@@ -156,6 +174,18 @@ class JobBoard(Protocol):
 
     async def cancel(self, viewer: Viewer, job_id: str) -> JobDetail:
         """NotVisible, NotCancellable, or the job with its cancel asked for."""
+        ...
+
+    async def provenance(self, viewer: Viewer, job_id: str) -> bytes | None:
+        """The job's provenance record, byte for byte (None before it has one); NotVisible."""
+        ...
+
+    async def outputs(self, viewer: Viewer, job_id: str) -> tuple[OutputEntry, ...]:
+        """The outputs its record names (none before it has one); NotVisible."""
+        ...
+
+    async def open_output(self, viewer: Viewer, job_id: str, path: str) -> OpenedOutput | None:
+        """The file of an output its record names, if the holder has it; NotVisible."""
         ...
 
 

@@ -8,6 +8,8 @@
                                         from byte N, numbered from M), `status`, then `end`
     GET  /jobs/ID/log/earlier?before=N&number=M   the lines before byte N, as JSON
     GET  /jobs/ID/log/raw               the log's bytes, exactly as the job wrote them
+    GET  /jobs/ID/provenance            its provenance record (a download), once it ended
+    GET  /jobs/ID/outputs/PATH          an output file its record names (a download, never shown)
     POST /jobs/ID/cancel                (CSRF token) cancel it, for its submitter and its admins
     GET  /static/DIGEST/NAME            the pages' own script and stylesheets
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import urllib.parse
 from collections import OrderedDict
@@ -38,6 +41,7 @@ from runner.web.board import (
     ListQuery,
     NotCancellable,
     NotVisible,
+    OpenedOutput,
     Page,
     Viewer,
     parse_list_query,
@@ -46,6 +50,7 @@ from runner.web.logview import LineCounter, LogLine, LogLines, blocks_of, count_
 from runner.web.render import render, render_lines, static_file
 from runner.web.security import no_store
 from runner.web.sessions import CSRF_FIELD, check_csrf, csrf_token
+from runner.web.whatran import WhatRan, what_ran
 
 log = get_logger("runner.web")
 
@@ -128,6 +133,8 @@ class Dashboard:
         app.router.add_get(f"/jobs/{{job_id:{_ID}}}/log/earlier", self._earlier)
         app.router.add_get(f"/jobs/{{job_id:{_ID}}}/log/raw", self._raw)
         app.router.add_post(f"/jobs/{{job_id:{_ID}}}/cancel", self._cancel)
+        app.router.add_get(f"/jobs/{{job_id:{_ID}}}/provenance", self._provenance)
+        app.router.add_get(f"/jobs/{{job_id:{_ID}}}/outputs/{{path:.+}}", self._output)
         app.router.add_get("/static/{digest:[0-9a-f]{16}}/{name}", self._static)
 
     # ---------------------------------------------------------------------------- who looks
@@ -205,7 +212,42 @@ class Dashboard:
         return await self._page(
             request, viewer, "job.html", job=job, view=view, blocks=blocks_of(view.lines),
             events_url=f"/jobs/{job_id}/events", earlier_url=f"/jobs/{job_id}/log/earlier",
-            raw_url=f"/jobs/{job_id}/log/raw")
+            raw_url=f"/jobs/{job_id}/log/raw", ran=await self._what_ran(viewer, job_id),
+            provenance_url=f"/jobs/{job_id}/provenance", outputs_url=f"/jobs/{job_id}/outputs",
+            # A replay is asked for by whoever may cancel the job: its submitter, its account's admins.
+            may_replay=job.may_cancel, cluster=job.card.cluster, ended=job.ended)
+
+    async def _what_ran(self, viewer: Viewer, job_id: str) -> WhatRan | None:
+        record = await self.board.provenance(viewer, job_id)
+        if record is None:
+            return None
+        outputs = await self.board.outputs(viewer, job_id)
+        return what_ran(record, hashlib.sha256(record).hexdigest(), outputs)
+
+    async def _provenance(self, request: web.Request) -> web.Response:
+        viewer = await self._viewer(request)
+        job_id = request.match_info["job_id"]
+        try:
+            record = await self.board.provenance(viewer, job_id)
+        except NotVisible:
+            raise web.HTTPNotFound(text=f"no job {job_id} that you may see\n") from None
+        if record is None:
+            raise web.HTTPNotFound(text=f"job {job_id} has no provenance record here (yet)\n")
+        return no_store(web.Response(body=record, content_type="application/json", headers={
+            "Content-Disposition": f'attachment; filename="{job_id}.provenance.json"',
+            "X-Content-Type-Options": "nosniff"}))
+
+    async def _output(self, request: web.Request) -> web.StreamResponse:
+        viewer = await self._viewer(request)
+        job_id = request.match_info["job_id"]
+        path = request.match_info["path"]
+        try:
+            opened = await self.board.open_output(viewer, job_id, path)
+        except NotVisible:
+            raise web.HTTPNotFound(text=f"no job {job_id} that you may see\n") from None
+        if opened is None:
+            raise web.HTTPNotFound(text=f"job {job_id} has no output {path[:200]} here\n")
+        return await send_output(request, opened, path)
 
     async def _tail(self, viewer: Viewer, job: JobDetail) -> LogView:
         """The end of the log, from a line's start, numbered as in the whole log."""
@@ -329,6 +371,24 @@ class Dashboard:
         # Named by content digest: a new version has a new URL.
         return web.Response(body=body, content_type=kind,
                             headers={"Cache-Control": "public, max-age=31536000, immutable"})
+
+
+async def send_output(request: web.Request, opened: OpenedOutput, path: str) -> web.StreamResponse:
+    """An output file as a download: never rendered by the browser, nor its type guessed."""
+    name = path.rsplit("/", 1)[-1]
+    response = web.StreamResponse(headers={
+        "Content-Type": "application/octet-stream", "Content-Length": str(opened.size),
+        "Content-Disposition": f"attachment; filename*=UTF-8''{urllib.parse.quote(name)}",
+        "X-Content-Type-Options": "nosniff"})
+    no_store(response)
+    try:
+        await response.prepare(request)
+        while chunk := await asyncio.to_thread(opened.handle.read, READ_BYTES * 4):
+            await response.write(chunk)
+        await response.write_eof()
+    finally:
+        opened.handle.close()
+    return response
 
 
 def _lines_event(lines: list[LogLine], reader: LogLines) -> str:

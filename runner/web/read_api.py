@@ -4,6 +4,9 @@ gives (`runner.gateway.jobs_api`), for whoever holds the jobs (an agent on its o
     GET /api/v1/jobs?limit=N&before=ID        -> {"jobs": [<job view>...], "next": ID | null}
     GET /api/v1/jobs/ID                       -> <job view>
     GET /api/v1/jobs/ID/log?offset=N&follow=1 -> the log's bytes from N (with follow, until the job ends)
+    GET /api/v1/jobs/ID/provenance            -> its provenance record, byte for byte (application/json)
+    GET /api/v1/jobs/ID/outputs               -> {"outputs": [{"path", "sha256", "size", "url"}...]}
+    GET /api/v1/jobs/ID/outputs/PATH          -> the output file (an attachment)
 
 A job view holds `VIEW_FIELDS`; its `url` is the job's page (`base_url` + /jobs/ID). Who asks is
 `viewer_of`'s to say; a job the viewer may not see is 404, as one that does not exist. Refusals
@@ -12,6 +15,7 @@ are `{"error": ...}`, as the hub's.
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +24,7 @@ from aiohttp import web
 
 from runner.job import JOB_ID_PATTERN
 from runner.web.board import JobBoard, JobDetail, ListQuery, NotVisible, Viewer
+from runner.web.pages import send_output
 from runner.web.security import no_store
 
 ViewerOf = Callable[[web.Request], Awaitable[Viewer | None]]
@@ -77,6 +82,9 @@ class ReadApi:
         app.router.add_get(JOBS_PATH, _answering(self._list))
         app.router.add_get(f"{JOBS_PATH}/{{job_id:{_ID}}}", _answering(self._show))
         app.router.add_get(f"{JOBS_PATH}/{{job_id:{_ID}}}/log", _answering(self._log))
+        app.router.add_get(f"{JOBS_PATH}/{{job_id:{_ID}}}/provenance", _answering(self._provenance))
+        app.router.add_get(f"{JOBS_PATH}/{{job_id:{_ID}}}/outputs", _answering(self._outputs))
+        app.router.add_get(f"{JOBS_PATH}/{{job_id:{_ID}}}/outputs/{{path:.+}}", _answering(self._output))
 
     async def _viewer(self, request: web.Request) -> Viewer:
         viewer = await self._viewer_of(request)
@@ -134,6 +142,43 @@ class ReadApi:
             pass
         await response.write_eof()
         return response
+
+    async def _provenance(self, request: web.Request) -> web.Response:
+        viewer = await self._viewer(request)
+        job_id = request.match_info["job_id"]
+        try:
+            record = await self.board.provenance(viewer, job_id)
+        except NotVisible:
+            raise Refused(404, f"no job {job_id} that you may see") from None
+        if record is None:
+            raise Refused(404, f"job {job_id} has no provenance record (yet): a job has one once it ran and "
+                               "ended")
+        return no_store(web.Response(body=record, content_type="application/json",
+                                     headers={"X-Content-Type-Options": "nosniff"}))
+
+    async def _outputs(self, request: web.Request) -> web.Response:
+        viewer = await self._viewer(request)
+        job_id = request.match_info["job_id"]
+        try:
+            outputs = await self.board.outputs(viewer, job_id)
+        except NotVisible:
+            raise Refused(404, f"no job {job_id} that you may see") from None
+        base = f"{JOBS_PATH}/{job_id}/outputs"
+        return no_store(web.json_response({"outputs": [
+            {"path": output.path, "sha256": output.sha256, "size": output.size,
+             "url": f"{base}/{urllib.parse.quote(output.path)}" if output.available else None}
+            for output in outputs]}))
+
+    async def _output(self, request: web.Request) -> web.StreamResponse:
+        viewer = await self._viewer(request)
+        job_id, path = request.match_info["job_id"], request.match_info["path"]
+        try:
+            opened = await self.board.open_output(viewer, job_id, path)
+        except NotVisible:
+            raise Refused(404, f"no job {job_id} that you may see") from None
+        if opened is None:
+            raise Refused(404, f"job {job_id} has no output {path[:200]!r} here")
+        return await send_output(request, opened, path)
 
     async def _copy(self, viewer: Viewer, job_id: str, offset: int, response: web.StreamResponse) -> int:
         """The log from `offset` to its present end, written; where it ended."""

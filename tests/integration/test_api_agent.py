@@ -11,6 +11,7 @@ that the agent's `checkout_url` (a `file://` URL) names.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import urllib.error
 import urllib.request
@@ -40,6 +41,7 @@ from fakes.oidc_issuer import OidcIssuerEmulator
 from integration.test_agent_slurm import squeue_lists
 from integration.test_gateway import TOKEN, GatewayProcess, Site
 from runner.auditlines import KEYS
+from runner.sources.api.published import agent_record
 
 REPOSITORY = "octo-org/octo-repo"
 CLUSTER = "dev"
@@ -203,6 +205,38 @@ def test_a_job_submitted_to_the_hub_runs_on_the_cluster_and_the_hub_holds_its_st
     status, denied_log = call(hub, "GET", f"/api/v1/jobs/{denied_id}/log", elsewhere)
     assert b"hpc-runner: denied by policy:\n" in denied_log
     assert all(f"  - {reason}\n".encode() in denied_log for reason in denied["reasons"])
+
+
+def test_the_hub_holds_the_agents_provenance_record_byte_for_byte_and_the_jobs_output(
+        cluster: Cluster, service_tmp: Path, hub: Site, issuer: IssuerThread, shared_socket: Path,
+        agents: Callable[[RunnerSite], AgentProcess]) -> None:
+    _, commit = published_repository(service_tmp)
+    site = api_site(cluster, service_tmp, hub, issuer, socket=shared_socket)
+    agent = agents(site)
+    token = issuer.token(REPOSITORY, commit)
+    spec = {**JOB, "script": "mkdir -p results\ncp data.txt results/copy.txt\n", "outputs": ["results/*.txt"]}
+    job_id = submit(hub, token, {"job": spec, "cluster": CLUSTER})
+    try:
+        view = ended(hub, job_id, token)
+    except AssertionError:
+        raise AssertionError(f"the job did not end at the hub; the agent's log:\n{agent.log()}") from None
+    assert view["state"] == "succeeded"
+
+    # As soon as the hub shows the job ended, it holds the record: the very bytes the agent stored.
+    status, at_hub = call(hub, "GET", f"/api/v1/jobs/{job_id}/provenance", token)
+    assert status == 200, at_hub
+    [record_id] = [path.parent.name for path in site.work_root.glob("*/output.log")]
+    assert agent_record(site.state_dir, record_id) == at_hub
+    status, listing = call(hub, "GET", f"/api/v1/jobs/{job_id}/outputs", token)
+    [output] = json.loads(listing)["outputs"]
+    expected = hashlib.sha256(b"from the repository\n").hexdigest()
+    assert (output["path"], output["sha256"], output["size"]) == ("results/copy.txt", expected, 20)
+    status, data = call(hub, "GET", output["url"], token)
+    assert status == 200 and hashlib.sha256(data).hexdigest() == expected
+    # Another repository's token sees neither.
+    elsewhere = issuer.token("octo-org/elsewhere", commit)
+    assert call(hub, "GET", f"/api/v1/jobs/{job_id}/provenance", elsewhere)[0] == 404
+    assert call(hub, "GET", output["url"], elsewhere)[0] == 404
 
 
 def test_the_hubs_audit_trail_of_a_job_agrees_with_its_agents_audit_log(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import os
 import pwd
@@ -37,6 +38,7 @@ from runner.gateway.jobs_protocol import VIEW_FIELDS
 from runner.gateway.protocol import format_time as hub_format_time
 from runner.identity import Identity
 from runner.job import JobState
+from runner.lifecycle.admission import workspace_of
 from runner.lifecycle.prepare import job_dir
 from runner.localqueue.board import AgentBoard
 from runner.localqueue.web import AgentWebServer, local_viewer_of, socket_peer_uid
@@ -491,3 +493,60 @@ def test_the_dashboard_socket_is_a_config_key_of_its_own(tmp_path: Path) -> None
     with pytest.raises(InputError, match="web_socket: must not be the local queue's socket"):
         parse_config_text(f'state_dir = "{tmp_path}/state"\nweb_socket = "{tmp_path}/state/agent.sock"\n')
 
+
+
+# -- what ran ----------------------------------------------------------------------------------------
+
+
+async def test_a_finished_jobs_page_shows_what_ran_its_outputs_and_to_those_who_may_the_replay(
+        site: Site) -> None:
+    record = await site.harness.submit(ZED, dataclasses.replace(job("ocean-run"), outputs=("results/*.txt",)))
+    await site.harness.wait_started(record.id)
+    workspace = workspace_of(site.harness.store.get_job(record.id) or record)
+    (workspace / "results").mkdir()
+    (workspace / "results" / "a.txt").write_bytes(b"alpha\n")
+    # A link in the workspace is no output: it is left out, and nothing it names is given out.
+    (workspace / "results" / "secret.txt").symlink_to(site.harness.config.state_dir / "state.sqlite3")
+    site.harness.executor.release(record.id)
+    await site.harness.wait_state(record.id, JobState.succeeded)
+    stored = site.harness.store.provenance(record.id)
+    assert stored is not None
+    digest = hashlib.sha256(b"alpha\n").hexdigest()
+
+    async with site.client() as client:
+        async with client.get(f"{ORIGIN}/jobs/{record.id}") as answer:
+            page = await answer.text()
+        async with client.get(f"{ORIGIN}/jobs/{record.id}/outputs/results/a.txt") as answer:
+            assert await answer.read() == b"alpha\n"
+            assert answer.headers["Content-Disposition"] == "attachment; filename*=UTF-8''a.txt"
+            assert answer.headers["X-Content-Type-Options"] == "nosniff"
+        async with client.get(f"{ORIGIN}/jobs/{record.id}/outputs/results/secret.txt") as answer:
+            assert answer.status == 404
+        async with client.get(f"{ORIGIN}/jobs/{record.id}/provenance") as answer:
+            assert await answer.read() == stored
+        # The read API mirrors the hub's.
+        async with client.get(f"{ORIGIN}/api/v1/jobs/{record.id}/provenance") as answer:
+            assert (answer.status, await answer.read()) == (200, stored)
+        async with client.get(f"{ORIGIN}/api/v1/jobs/{record.id}/outputs") as answer:
+            assert (await answer.json())["outputs"] == [
+                {"path": "results/a.txt", "sha256": digest, "size": 6,
+                 "url": f"/api/v1/jobs/{record.id}/outputs/results/a.txt"}]
+        async with client.get(f"{ORIGIN}/api/v1/jobs/{record.id}/outputs/results/a.txt") as answer:
+            assert await answer.read() == b"alpha\n"
+        site.peer["uid"] = pwd.getpwnam("hpcr-bob").pw_uid       # a member of ocean: sees, may not cancel
+        async with client.get(f"{ORIGIN}/jobs/{record.id}") as answer:
+            members_page = await answer.text()
+        site.peer["uid"] = NOBODY
+        for path in (f"/jobs/{record.id}/provenance", f"/jobs/{record.id}/outputs/results/a.txt",
+                     f"/api/v1/jobs/{record.id}/provenance",
+                     f"/api/v1/jobs/{record.id}/outputs/results/a.txt"):
+            async with client.get(f"{ORIGIN}{path}") as answer:
+                assert answer.status == 404, path
+
+    assert 'id="what-ran"' in page and digest in page
+    assert f'href="/jobs/{record.id}/outputs/results/a.txt"' in page
+    assert f'href="/jobs/{record.id}/provenance"' in page and hashlib.sha256(stored).hexdigest() in page
+    assert "ocean-members" in page and "results/secret.txt: a symbolic link" in page
+    # The replay (the command to run in a checkout: a browser has none) is for those who may cancel.
+    assert f'<pre class="command" id="replay-command">hpc-runner replay {record.id}</pre>' in page
+    assert digest in members_page and 'id="replay-command"' not in members_page

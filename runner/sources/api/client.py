@@ -24,7 +24,7 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import aiohttp
 
@@ -50,6 +50,8 @@ T = TypeVar("T")
 
 # A request that is not a long poll gets this long; a long poll gets its wait on top.
 REQUEST_TIMEOUT_SECONDS = 30.0
+# The slowest upload of an output file waited for (its timeout grows with its size).
+UPLOAD_BYTES_PER_SECOND = 1024 * 1024
 
 
 class HubRefused(HpcRunnerError):
@@ -70,6 +72,16 @@ class AgentView:
     state: str
     cancel_requested: bool
     log_length: int
+
+
+@dataclass(frozen=True)
+class HeldOutput:
+    """An output a job's record names, and whether the hub holds its file."""
+
+    path: str
+    sha256: str
+    size: int
+    held: bool
 
 
 def agent_view(data: object) -> AgentView:
@@ -167,6 +179,29 @@ class HubClient(SessionHolder):
             raise GatewayError(f"hub {self.url}: a log append was answered without the log's length")
         return length
 
+    async def put_provenance(self, job_id: str, record: bytes) -> list[HeldOutput]:
+        """Give the hub the job's provenance record (again: harmless); the outputs it names, each
+        with whether the hub holds its file."""
+        status, _, body = await self._request("PUT", protocol.agent_provenance_path(job_id), data=record,
+                                              content_type="application/json")
+        self._check(status, body)
+        answer = _json(body)
+        outputs = answer.get("outputs") if isinstance(answer, dict) else None
+        try:
+            return [HeldOutput(str(item["path"]), str(item["sha256"]), int(item["size"]), bool(item["held"]))
+                    for item in outputs or ()]
+        except (KeyError, TypeError, ValueError):
+            raise GatewayError(f"hub {self.url}: a provenance record was answered without its outputs") \
+                from None
+
+    async def put_output(self, job_id: str, path: str, file: BinaryIO, size: int) -> None:
+        """Stream one output file (`size` bytes, from `file`'s start) to the hub."""
+        status, _, body = await self._request(
+            "PUT", protocol.agent_output_path(job_id, path), data=file,
+            content_type="application/octet-stream",
+            timeout=REQUEST_TIMEOUT_SECONDS + size / UPLOAD_BYTES_PER_SECOND)
+        self._check(status, body)
+
     async def public_url(self) -> str | None:
         """The address the hub's users reach it at (None: the hub serves no jobs API)."""
         status, _, body = await self._request("GET", protocol.AGENT_HUB_PATH)
@@ -200,7 +235,7 @@ class HubClient(SessionHolder):
         raise GatewayError(f"hub {self.url} answered {status}: {message}")
 
     async def _request(self, method: str, path: str, *, params: dict[str, str] | None = None,
-                       data: bytes | None = None, content_type: str | None = None,
+                       data: bytes | BinaryIO | None = None, content_type: str | None = None,
                        timeout: float = REQUEST_TIMEOUT_SECONDS) -> tuple[int, Any, bytes]:
         if self._session is None:
             self._session = aiohttp.ClientSession()

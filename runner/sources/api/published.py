@@ -11,8 +11,10 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from runner.sqlitefile import StateFile
+from runner.sqlitefile import BUSY_TIMEOUT_MS, StateFile, StoreError
+from runner.store import DB_FILENAME, Store
 
 FILENAME = "published.sqlite"
 
@@ -86,3 +88,22 @@ class PublishedState(StateFile):
     def _from_row(row: sqlite3.Row) -> PublishedJob:
         return PublishedJob(hub_id=str(row["job_id"]), registered=bool(row["registered"]),
                             log_offset=int(row["log_offset"]))
+
+
+def agent_record(state_dir: Path, job_id: str) -> bytes | None:
+    """The agent's provenance record of a job, byte for byte, read from the agent's store in
+    `state_dir` (the publisher's own file's directory) over a read-only connection of its own: the
+    publisher only reads what the lifecycle stored."""
+    path = state_dir / DB_FILENAME
+    try:
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                               check_same_thread=False)
+    except sqlite3.Error:
+        return None
+    conn.row_factory = sqlite3.Row
+    try:
+        return Store(conn, path).provenance(job_id)
+    except StoreError:      # a store too old to hold records
+        return None
+    finally:
+        conn.close()

@@ -17,18 +17,29 @@ job waits (Slurm's reason while it pends there), the Slurm job id once there is 
 it was given, and at the end the exit status and why it ended. A change of the reason or of the
 nodes is published like a change of state (the lifecycle's watchers hear of both). A hub
 out of reach is tried again with a growing pause: nothing is dropped, the job runs on meanwhile.
+
+A job that ran has a provenance record in the agent's store when it ends, and the outputs it names
+in its directory (`outputs/`). Both go to the hub after the log and before the final state, so
+whoever sees the job ended at the hub finds them there: the record first (its answer says which
+files the hub holds already, so a restart of either side sends only the others), then each file,
+streamed and opened without following links. They never hold the final state back for ever: a
+refusal (the record too large, a file that changed since its record) is logged and the final state
+goes without what was refused; a hub that takes none of it for `HAND_OVER_SECONDS` (out of reach,
+or failing) gets the final state without the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from runner.gateway.jobs_protocol import (
     MAX_MEMBERS,
@@ -38,14 +49,17 @@ from runner.gateway.jobs_protocol import (
     MAX_STATE_REASON_CHARS,
     state_body,
 )
-from runner.job import JobRecord, JobState
+from runner.gateway.outputs import OutputRefused, check_output_path
+from runner.job import OUTPUTS_DIR, JobRecord, JobState
 from runner.job.waiting import waiting_reason
 from runner.logging_setup import get_logger
 from runner.logs.redact import read_masked, secret_needles, secret_values
 from runner.logs.tail import pump
 from runner.policy import Policy
+from runner.provenance.outputs import open_under
 from runner.sources import Ended
-from runner.sources.api.client import HubClient, HubRefused
+from runner.sources.api.client import HeldOutput, HubClient, HubRefused
+from runner.sources.api.published import agent_record
 from runner.sources.github.gateway_client import GatewayError
 
 log = get_logger("runner.sources.api")
@@ -58,6 +72,12 @@ PIECE_BYTES = 1024 * 1024
 # How often the acknowledged offset is written to the state file while a job runs: the hub's own
 # length is what a restart resumes from, the kept offset is for when the hub cannot be asked.
 KEEP_OFFSET_SECONDS = 1.0
+# How long a job's record and outputs may hold back its final state while the hub does not take
+# them (out of reach or failing): then the final state goes without what is left.
+HAND_OVER_SECONDS = 600.0
+
+# Reads the agent's provenance record of a job (by the agent's job id).
+RecordReader = Callable[[str], bytes | None]
 
 
 def state_fields(record: JobRecord, policy: Policy) -> dict[str, Any]:
@@ -137,8 +157,11 @@ class HubReport:
     """The hub's view of one job this agent runs: its states and its log (see the module docstring)."""
 
     def __init__(self, client: HubClient, job: ReportedJob, *, state: OffsetKeeper, log_path: Path,
-                 policy: Callable[[], Policy], secrets: Sequence[str] = ()) -> None:
+                 policy: Callable[[], Policy], secrets: Sequence[str] = (),
+                 records: RecordReader | None = None, hand_over_seconds: float | None = None) -> None:
         self.client = client
+        self._records = records if records is not None else _records_beside(state)
+        self.hand_over_seconds = hand_over_seconds
         # The job's secrets (its environment's values the redaction patterns name) never reach the
         # hub: masked in place, so the hub's log keeps the job's offsets (see `_masked`).
         self._needles = secret_needles(secrets)
@@ -192,6 +215,12 @@ class HubReport:
             await self.client.retrying(lambda: self.client.publish(self.job.hub_id, state, **fields),
                                        "the job's state")
         except HubRefused as refused:
+            if state == JobState.expired.value and refused.status == 400:
+                # A hub older than this agent knows no `expired`: it ends the job as cancelled,
+                # its reasons saying it expired, rather than leaving it open for good.
+                log.warning("the hub knows no expired state; published as cancelled", job=self.job.hub_id)
+                await self._publish(JobState.cancelled.value, record)
+                return
             log.error("the hub refused the job's state", job=self.job.hub_id, state=state, error=str(refused))
 
     async def conclude(self, ended: Ended, record: JobRecord) -> None:
@@ -201,8 +230,56 @@ class HubReport:
         if self._publishing is not None:
             with contextlib.suppress(Exception):
                 await self._publishing
+        await self.hand_over(record)
         await self._publish(ended.state.value, record)
         self.keep(force=True)
+
+    # ---------------------------------------------------------------------------- record and outputs
+
+    async def hand_over(self, record: JobRecord) -> None:
+        """The job's provenance record and its outputs to the hub, if it has a record; bounded (see
+        the module docstring)."""
+        data = None if self._records is None else await asyncio.to_thread(self._records, record.id)
+        if data is None:
+            return
+        seconds = HAND_OVER_SECONDS if self.hand_over_seconds is None else self.hand_over_seconds
+        try:
+            async with asyncio.timeout(seconds):
+                await self._hand_over(record, data)
+        except TimeoutError:
+            log.error("the hub did not take the job's provenance record and outputs in time; its final "
+                      "state goes without what is left", job=self.job.hub_id, seconds=seconds)
+        except HubRefused as refused:
+            log.error("the hub refused the job's provenance record; its final state goes without it and "
+                      "its outputs", job=self.job.hub_id, error=str(refused))
+
+    async def _hand_over(self, record: JobRecord, data: bytes) -> None:
+        hub_id = self.job.hub_id
+        held = await self.client.retrying(lambda: self.client.put_provenance(hub_id, data),
+                                          "the job's provenance record")
+        directory = self.log_path.parent / OUTPUTS_DIR
+        sent = 0
+        for output in held:
+            if output.held:
+                continue
+            try:
+                await self.client.retrying(functools.partial(self._put_output, directory, output),
+                                           f"output {output.path}")
+                sent += 1
+            except HubRefused as refused:
+                log.error("the hub refused an output of the job", job=hub_id, path=output.path,
+                          error=str(refused))
+            except OSError as exc:
+                log.error("an output of the job cannot be read; it is not sent to the hub", job=hub_id,
+                          path=output.path, error=str(exc))
+        log.info("provenance record and outputs at the hub", job=hub_id, outputs=len(held), sent=sent)
+
+    async def _put_output(self, directory: Path, output: HeldOutput) -> None:
+        handle = await asyncio.to_thread(_open_output, directory, output.path)
+        try:
+            await self.client.put_output(self.job.hub_id, output.path, handle, output.size)
+        finally:
+            handle.close()
 
     # ---------------------------------------------------------------------------- the log
 
@@ -293,6 +370,34 @@ def job_secrets(record: JobRecord | None, patterns: Sequence[str] = ()) -> list[
     and `patterns`): what its log must not carry to the hub."""
     env = (record.spec.get("env") if record is not None else None) or {}
     return secret_values({str(k): str(v) for k, v in env.items()}, patterns) if isinstance(env, dict) else []
+
+
+def _records_beside(state: OffsetKeeper) -> RecordReader | None:
+    """The agent's records, read from its store beside the state file that keeps the offsets (the
+    API source's and the publisher's are in the agent's state_dir); None for a keeper of no file."""
+    path = getattr(state, "path", None)
+    if not isinstance(path, Path):
+        return None
+    return functools.partial(agent_record, path.parent)
+
+
+def _open_output(directory: Path, path: str) -> BinaryIO:
+    """A collected output under the job's `outputs/`, every step opened without following a link
+    (OSError for a path of another form than the record's, or anything but a regular file)."""
+    try:
+        check_output_path(path)
+    except OutputRefused as exc:
+        raise OSError(errno.EINVAL, str(exc)) from None
+    top = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = open_under(top, path)
+    finally:
+        os.close(top)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def _read_range(path: Path, start: int, size: int) -> bytes:
