@@ -14,6 +14,11 @@ lost job in production:
   call in the wrong state.
 * log chunks: gzip bodies, ``sequence``/``offset``/``size`` in the query string, stored by offset,
   so out-of-order and retried uploads reassemble byte-exactly, and gaps are detected.
+* artifacts: a batch create (``POST /jobs/{id}/artifacts``) whose every field is checked, answered
+  with ids and form upload instructions that point at a storage endpoint served here (no
+  credentials taken, the form's fields as instructed, the file last, its size and digests as
+  declared), and the batch state update (``PUT /jobs/{id}/artifacts``), where ``finished`` is
+  refused for an artifact whose content never arrived.
 
 Tests drive it through methods (``queue_job``, ``cancel_job``, ``fail``, ``delay``, ``drop`` ...)
 and inspect what the client did through ``log``, ``finishes``, ``requests`` and the agent/job
@@ -26,7 +31,9 @@ import asyncio
 import contextlib
 import fnmatch
 import gzip
+import hashlib
 import json
+import re
 import secrets
 import time
 import uuid
@@ -57,6 +64,9 @@ ENDPOINTS: frozenset[str] = frozenset(
         "chunks",
         "job_state",
         "finish",
+        "artifacts_create",
+        "artifact_upload",
+        "artifacts_update",
     }
 )
 
@@ -74,6 +84,9 @@ _FINAL_STATE = {"running": "finished", "canceling": "canceled", "timing_out": "t
 _TERMINAL_STATES = frozenset({"finished", "canceled", "timed_out"})
 
 EDGE_PREFIX = "/edge"
+# Where the emulated artifact storage takes form uploads (Buildkite's is an S3 bucket).
+STORAGE_PATH = "/_artifact-storage/uploads"
+_HEX = frozenset("0123456789abcdef")
 DEFAULT_REGISTRATION_TOKEN = "bkct_emulator-registration-token"
 
 
@@ -176,6 +189,28 @@ class EmulatedJob:
     chunk_sequences: dict[int, int] = field(default_factory=dict)  # sequence -> offset
     duplicate_chunks: int = 0
     chunk_conflicts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EmulatedArtifact:
+    """An artifact as Buildkite keeps it: what the batch create declared, what the storage
+    received (``content``, None until then) and the state the agent last set."""
+
+    id: str
+    job_id: str
+    batch_id: str
+    path: str
+    absolute_path: str
+    glob_path: str
+    file_size: int
+    sha1sum: str
+    sha256sum: str
+    content_type: str
+    # The form fields the storage expects for this artifact, in the order the instructions list them.
+    fields: list[tuple[str, str]] = field(default_factory=list)
+    state: str = "new"
+    content: bytes | None = None
+    uploads: int = 0
 
 
 def make_job(
@@ -315,6 +350,10 @@ class BuildkiteEmulator:
         self._revoked_sessions: dict[str, str] = {}
         self._job_tokens: dict[str, str] = {}  # job token -> job id
         self._faults: dict[str, deque[Fault]] = {}
+        self.artifacts: dict[str, EmulatedArtifact] = {}
+        self._artifact_batches: dict[tuple[str, str], tuple[list[dict[str, Any]], dict[str, Any]]] = {}
+        # Instructions per artifact (``per_artifact_instructions``) instead of one template per batch.
+        self.per_artifact_instructions = False
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._closing = asyncio.Event()
@@ -349,6 +388,9 @@ class BuildkiteEmulator:
             ("POST", "/v3/jobs/{job_id}/chunks", "chunks", self._h_chunks),
             ("GET", "/v3/jobs/{job_id}", "job_state", self._h_job_state),
             ("PUT", "/v3/jobs/{job_id}/finish", "finish", self._h_finish),
+            ("POST", "/v3/jobs/{job_id}/artifacts", "artifacts_create", self._h_artifacts_create),
+            ("PUT", "/v3/jobs/{job_id}/artifacts", "artifacts_update", self._h_artifacts_update),
+            ("POST", STORAGE_PATH, "artifact_upload", self._h_artifact_upload),
         ]
         for method, path, name, handler in routes:
             app.router.add_route(method, path, self._wrap(name, handler))
@@ -531,6 +573,11 @@ class BuildkiteEmulator:
     def chunks(self, job_id: str) -> list[ChunkRecord]:
         job = self._job(job_id)
         return [job.chunks_by_offset[o] for o in sorted(job.chunks_by_offset)]
+
+    def job_artifacts(self, job_id: str) -> list[EmulatedArtifact]:
+        """The job's artifacts in the order they were created."""
+        self._job(job_id)
+        return [a for a in self.artifacts.values() if a.job_id == job_id]
 
     def log(self, job_id: str) -> bytes:
         """The job's log as Buildkite would show it: chunks in offset order, decompressed.
@@ -980,3 +1027,181 @@ class BuildkiteEmulator:
         job.state = _FINAL_STATE[job.state]
         self._release(job)
         return _json({"id": job.id, "state": job.state})
+
+    # ---------------------------------------------------------------------------- artifacts
+
+    async def _h_artifacts_create(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
+        job = self._job_for_token(record, request)
+        if job.state not in _LIVE_STATES:
+            raise _Reject(422, f"This job can't have artifacts while it is in a '{job.state}' state")
+        body = self._json_body(record, required=True)
+        batch_id = body.get("id")
+        if not isinstance(batch_id, str) or not batch_id:
+            raise _Reject(422, "A batch needs an id")
+        if body.get("upload_destination") not in (None, ""):
+            raise _Reject(422, "Only Buildkite's own artifact storage is emulated")
+        declared = body.get("artifacts")
+        if not isinstance(declared, list) or not declared:
+            raise _Reject(422, "artifacts must be a non-empty list")
+        for index, item in enumerate(declared):
+            problem = _artifact_problem(item)
+            if problem is not None:
+                raise _Reject(422, f"artifacts[{index}]: {problem}")
+        seen = self._artifact_batches.get((job.id, batch_id))
+        if seen is not None:
+            # A retried create: the same batch id gives the same artifacts, and nothing new.
+            if seen[0] != declared:
+                raise _Reject(422, f"Batch {batch_id} was created with other artifacts")
+            return _json(seen[1])
+        policy = secrets.token_hex(16)
+        template = {
+            "action": {"url": self.root_url + "/", "method": "POST", "path": STORAGE_PATH,
+                       "file_input": "file"},
+            "data": {"key": f"jobs/{job.id}/${{artifact:path}}", "acl": "private", "policy": policy},
+        }
+        ids: list[str] = []
+        specific: dict[str, Any] = {}
+        for item in declared:
+            artifact = EmulatedArtifact(
+                id=str(uuid.uuid4()), job_id=job.id, batch_id=batch_id, path=item["path"],
+                absolute_path=item["absolute_path"], glob_path=item["glob_path"], file_size=item["file_size"],
+                sha1sum=item["sha1sum"], sha256sum=item["sha256sum"],
+                content_type=str(item.get("content_type") or ""))
+            if self.per_artifact_instructions:
+                own = {"action": dict(template["action"]),
+                       "data": {"key": f"jobs/{job.id}/{artifact.id}", "acl": "private", "policy": policy}}
+                specific[artifact.id] = own
+                artifact.fields = list(own["data"].items())
+            else:
+                artifact.fields = [(k, v.replace("${artifact:path}", artifact.path))
+                                   for k, v in template["data"].items()]
+            self.artifacts[artifact.id] = artifact
+            ids.append(artifact.id)
+        answer = {"id": batch_id, "artifact_ids": ids, "upload_instructions": template,
+                  "per_artifact_instructions": specific}
+        self._artifact_batches[(job.id, batch_id)] = (declared, answer)
+        return _json(answer, status=201)
+
+    async def _h_artifact_upload(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
+        # A presigned form upload: the form is its credential, and a request that carries another
+        # (the agent's token) is one the storage refuses, as S3 refuses two auth mechanisms.
+        if "Authorization" in request.headers:
+            raise _Reject(400, "Only one auth mechanism allowed: the upload form carries its own")
+        if any(k.lower().startswith("buildkite-") for k in request.headers):
+            raise _Reject(400, "Buildkite- headers are the agent API's, not the storage's")
+        if "Content-Length" not in request.headers:
+            raise _Reject(411, "MissingContentLength: uploads must say their length")
+        content_type = request.headers.get("Content-Type", "")
+        kind, _, params = content_type.partition(";")
+        params = params.strip()
+        boundary = params.removeprefix("boundary=").strip('"')
+        if kind.strip() != "multipart/form-data" or not params.startswith("boundary=") or not boundary:
+            raise _Reject(400, "The upload must be multipart/form-data with a boundary")
+        parts = _form_parts(record.body, boundary)
+        if not parts:
+            raise _Reject(400, "The form has no parts")
+        *fields, (file_name, filename, content) = parts
+        if filename is None:
+            raise _Reject(400, "The file must be the form's last part")
+        if any(name_of_file is not None for _, name_of_file, _ in fields):
+            raise _Reject(400, "Only the last part may be a file")
+        sent = [(name, value.decode()) for name, _, value in fields]
+        key = dict(sent).get("key")
+        candidates = [a for a in self.artifacts.values() if dict(a.fields).get("key") == key]
+        if not candidates:
+            raise _Reject(403, f"No upload was granted for key {key!r}")
+        artifact = candidates[-1]
+        if sent != artifact.fields:
+            raise _Reject(403, f"The form's fields {sent} are not the ones granted {artifact.fields}")
+        if file_name != "file":
+            raise _Reject(400, f"The file goes in the field 'file', not {file_name!r}")
+        if filename != artifact.path:
+            raise _Reject(400, f"The file is named {filename!r}, the artifact {artifact.path!r}")
+        if len(content) != artifact.file_size:
+            raise _Reject(400, f"{len(content)} bytes arrived for an artifact of {artifact.file_size}")
+        if hashlib.sha256(content).hexdigest() != artifact.sha256sum:
+            raise _Reject(400, "The content's sha256 is not the one declared")
+        if hashlib.sha1(content).hexdigest() != artifact.sha1sum:
+            raise _Reject(400, "The content's sha1 is not the one declared")
+        artifact.content = content
+        artifact.uploads += 1
+        return web.Response(status=204)
+
+    async def _h_artifacts_update(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
+        job = self._job_for_token(record, request)
+        body = self._json_body(record, required=True)
+        states = body.get("artifacts")
+        if not isinstance(states, list) or not states:
+            raise _Reject(422, "artifacts must be a non-empty list")
+        changes: list[tuple[EmulatedArtifact, str]] = []
+        for index, item in enumerate(states):
+            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+                raise _Reject(422, f"artifacts[{index}] needs an id")
+            artifact = self.artifacts.get(item["id"])
+            if artifact is None or artifact.job_id != job.id:
+                raise _Reject(404, f"No artifact {item['id']!r} in this job")
+            state = item.get("state")
+            if state not in ("finished", "error"):
+                raise _Reject(422, f"artifacts[{index}]: state {state!r} is not finished or error")
+            if state == "finished" and artifact.content is None:
+                raise _Reject(422, f"Artifact {artifact.path} was never uploaded")
+            changes.append((artifact, state))
+        for artifact, state in changes:
+            artifact.state = state
+        return _json({})
+
+
+def _artifact_problem(item: object) -> str | None:
+    """Why an artifact of a batch create is not one the agent would send, or None."""
+    if not isinstance(item, dict):
+        return "not an object"
+    path = item.get("path")
+    if not isinstance(path, str) or not path or path.startswith("/") or ".." in path.split("/"):
+        return "path must be a relative path without '..'"
+    absolute = item.get("absolute_path")
+    if not isinstance(absolute, str) or not absolute.startswith("/"):
+        return "absolute_path must be absolute"
+    if not isinstance(item.get("glob_path"), str):
+        return "glob_path must be a string"
+    size = item.get("file_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return "file_size must be a non-negative integer"
+    for key, length in (("sha1sum", 40), ("sha256sum", 64)):
+        value = item.get(key)
+        if not isinstance(value, str) or len(value) != length or not set(value) <= _HEX:
+            return f"{key} must be {length} lowercase hex digits"
+    content_type = item.get("content_type")
+    if content_type is not None and not isinstance(content_type, str):
+        return "content_type must be a string"
+    return None
+
+
+def _form_parts(body: bytes, boundary: str) -> list[tuple[str, str | None, bytes]]:
+    """A multipart/form-data body as (field name, file name or None, content), strictly parsed."""
+    opening = b"--" + boundary.encode()
+    closing = b"\r\n" + opening + b"--\r\n"
+    if not body.startswith(opening + b"\r\n") or not body.endswith(closing):
+        raise _Reject(400, "The form does not open and close with its boundary")
+    inner = body[len(opening) + 2:len(body) - len(closing)]
+    parts: list[tuple[str, str | None, bytes]] = []
+    for raw in inner.split(b"\r\n" + opening + b"\r\n"):
+        head, sep, content = raw.partition(b"\r\n\r\n")
+        if not sep:
+            raise _Reject(400, "A part has no headers")
+        headers = {}
+        for line in head.decode().split("\r\n"):
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        disposition = headers.get("content-disposition", "")
+        if not disposition.startswith("form-data;"):
+            raise _Reject(400, "A part is not form-data")
+        params = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', disposition))
+        if "name" not in params:
+            raise _Reject(400, "A part has no name")
+        filename = params.get("filename")
+        parts.append((_unescape(params["name"]), None if filename is None else _unescape(filename), content))
+    return parts
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -509,3 +510,134 @@ async def test_unknown_fault_endpoint_is_refused(bk: BuildkiteEmulator) -> None:
 def test_intervals_must_be_positive() -> None:
     with pytest.raises(ValueError):
         BuildkiteEmulator(ping_interval=0)
+
+
+# -- artifacts -----------------------------------------------------------------------------------
+
+
+def declared(path: str, content: bytes, **override: Any) -> dict[str, Any]:
+    return {"path": path, "absolute_path": f"/work/{path}", "glob_path": "*.txt", "file_size": len(content),
+            "sha1sum": hashlib.sha1(content).hexdigest(), "sha256sum": hashlib.sha256(content).hexdigest(),
+            "content_type": "text/plain", **override}
+
+
+async def create(http: aiohttp.ClientSession, bk: BuildkiteEmulator, job: dict[str, Any],
+                 artifacts: list[dict[str, Any]], batch_id: str = "batch-1") -> tuple[int, Any]:
+    status, answer, _ = await call(http, "POST", f"{bk.url}/jobs/{job['id']}/artifacts", job["token"],
+                                   body={"id": batch_id, "artifacts": artifacts, "upload_destination": ""},
+                                   headers=SHARD)
+    return status, answer
+
+
+async def store(http: aiohttp.ClientSession, instructions: dict[str, Any], path: str, content: bytes, *,
+                fields: dict[str, str] | None = None, file_field: str | None = None,
+                headers: dict[str, str] | None = None) -> int:
+    """A form upload as the instructions say, built by aiohttp rather than by the agent's code."""
+    action = instructions["action"]
+    form = aiohttp.FormData(quote_fields=False)
+    data = fields if fields is not None else {k: v.replace("${artifact:path}", path)
+                                              for k, v in instructions["data"].items()}
+    for key, value in data.items():
+        form.add_field(key, value)
+    form.add_field(file_field or action["file_input"], content, filename=path,
+                   content_type="application/octet-stream")
+    url = action["url"].rstrip("/") + action["path"]
+    async with http.request(action["method"], url, data=form, headers=headers) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_artifacts_are_created_stored_and_finished(bk: BuildkiteEmulator,
+                                                        http: aiohttp.ClientSession) -> None:
+    _, job = await running_job(http, bk)
+    files = {"out/a.txt": b"alpha\n", "b.txt": b"\x00\xff binary \r\n--not-a-boundary\r\n"}
+    status, answer = await create(http, bk, job, [declared(p, c) for p, c in files.items()])
+    assert status == 201 and answer["id"] == "batch-1" and len(answer["artifact_ids"]) == 2
+    assert answer["per_artifact_instructions"] == {}
+    template = answer["upload_instructions"]
+    assert template["action"]["file_input"] == "file" and "${artifact:path}" in template["data"]["key"]
+    # A retried create (same batch id) gets the same artifacts, and no new ones.
+    assert (await create(http, bk, job, [declared(p, c) for p, c in files.items()]))[1] == answer
+    for path, content in files.items():
+        assert await store(http, template, path, content) == 204
+    states = [{"id": i, "state": "finished"} for i in answer["artifact_ids"]]
+    status, _, _ = await call(http, "PUT", f"{bk.url}/jobs/{job['id']}/artifacts", job["token"],
+                              body={"artifacts": states}, headers=SHARD)
+    assert status == 200
+    assert [(a.path, a.state, a.content) for a in bk.job_artifacts(job["id"])] == [
+        (p, "finished", c) for p, c in files.items()]
+
+
+async def test_a_batch_create_is_checked_field_by_field(bk: BuildkiteEmulator,
+                                                        http: aiohttp.ClientSession) -> None:
+    _, job = await running_job(http, bk)
+    good = declared("a.txt", b"a")
+    for bad in ({**good, "path": "/etc/passwd"}, {**good, "path": "x/../../y"},
+                {**good, "absolute_path": "a.txt"}, {**good, "sha256sum": "A" * 64},
+                {**good, "sha1sum": ""}, {**good, "file_size": -1}, {**good, "file_size": True},
+                {k: v for k, v in good.items() if k != "glob_path"}):
+        assert (await create(http, bk, job, [bad], batch_id=str(bad)))[0] == 422, bad
+    assert (await create(http, bk, job, []))[0] == 422
+    status, _, _ = await call(http, "POST", f"{bk.url}/jobs/{job['id']}/artifacts", job["token"],
+                              body={"artifacts": [good]}, headers=SHARD)
+    assert status == 422  # no batch id
+    assert (await create(http, bk, job, [good], batch_id="same"))[0] == 201
+    assert (await create(http, bk, job, [declared("b.txt", b"b")], batch_id="same"))[0] == 422
+    # The session token is not the job's.
+    status, _, _ = await call(http, "POST", f"{bk.url}/jobs/{job['id']}/artifacts", "bkaa_nope",
+                              body={"id": "x", "artifacts": [good]}, headers=SHARD)
+    assert status == 401
+    assert [a.path for a in bk.job_artifacts(job["id"])] == ["a.txt"]
+
+
+async def test_the_storage_takes_only_the_declared_content_through_the_granted_form(
+        bk: BuildkiteEmulator, http: aiohttp.ClientSession) -> None:
+    _, job = await running_job(http, bk)
+    content = b"the real thing\n"
+    _, answer = await create(http, bk, job, [declared("r.txt", content)])
+    template = answer["upload_instructions"]
+    fields = {k: v.replace("${artifact:path}", "r.txt") for k, v in template["data"].items()}
+    assert await store(http, template, "r.txt", b"something else\n") == 400
+    assert await store(http, template, "r.txt", content + b"!") == 400
+    assert await store(http, template, "r.txt", content, fields={**fields, "policy": "forged"}) == 403
+    assert await store(http, template, "r.txt", content, fields={**fields, "key": "jobs/x/r.txt"}) == 403
+    assert await store(http, template, "r.txt", content, file_field="upload") == 400
+    # A request carrying the agent's token is refused: the form is the only credential.
+    token = {"Authorization": f"Token {job['token']}"}
+    assert await store(http, template, "r.txt", content, headers=token) == 400
+    [artifact] = bk.job_artifacts(job["id"])
+    assert artifact.content is None
+
+    async def mark(artifact_id: str, state: str) -> int:
+        status, _, _ = await call(http, "PUT", f"{bk.url}/jobs/{job['id']}/artifacts", job["token"],
+                                  body={"artifacts": [{"id": artifact_id, "state": state}]})
+        return status
+
+    # Finished needs content; error does not; an unknown id is not found, an unknown state refused.
+    assert await mark(artifact.id, "finished") == 422
+    assert await mark("nope", "error") == 404
+    assert await mark(artifact.id, "done") == 422
+    assert await mark(artifact.id, "error") == 200 and artifact.state == "error"
+
+
+async def test_per_artifact_instructions_and_upload_faults(bk: BuildkiteEmulator,
+                                                           http: aiohttp.ClientSession) -> None:
+    bk.per_artifact_instructions = True
+    _, job = await running_job(http, bk)
+    _, answer = await create(http, bk, job, [declared("a.txt", b"a"), declared("b.txt", b"b")])
+    own = answer["per_artifact_instructions"]
+    assert set(own) == set(answer["artifact_ids"])
+    keys = {instructions["data"]["key"] for instructions in own.values()}
+    assert len(keys) == 2 and not any("${" in key for key in keys)
+    first = own[answer["artifact_ids"][0]]
+    bk.fail("artifact_upload", 503)
+    assert await store(http, first, "a.txt", b"a") == 503
+    assert await store(http, first, "a.txt", b"a") == 204
+    assert bk.job_artifacts(job["id"])[0].content == b"a"
+    assert bk.job_artifacts(job["id"])[1].content is None
+
+
+async def test_artifacts_only_while_the_job_runs(bk: BuildkiteEmulator, http: aiohttp.ClientSession) -> None:
+    _, job = await running_job(http, bk)
+    assert (await call(http, "PUT", f"{bk.url}/jobs/{job['id']}/finish", job["token"], body=FINISH))[0] == 200
+    assert (await create(http, bk, job, [declared("late.txt", b"late")]))[0] == 422

@@ -9,6 +9,7 @@ tiny and the emulator's intervals short, so the whole file takes a minute or two
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import signal
 import sqlite3
@@ -310,3 +311,28 @@ def test_sigterm_lets_the_job_finish_and_disconnects_a_second_cancels_it_as_agen
     assert (body["exit_status"], body["signal_reason"]) == ("-1", "agent_stop")
     assert agent.wait_exit(30) == 0
     assert not squeue_lists(runner_job(site, second))
+
+
+def test_a_steps_declared_outputs_become_its_artifacts_with_the_files_digests(
+        emulator: EmulatorThread, signer: StepSigner, repo: Path, serve: Serve) -> None:
+    site, _ = serve(workers=1)
+    plugin = {"hpc-runner#v1": {**PLUGIN["hpc-runner#v1"], "outputs": ["results/**/*.nc", "plots/*.png"]}}
+    command = ("mkdir -p results/run1 plots\nseq 1 5000 > results/run1/state.nc\n"
+               "head -c 3000 /dev/urandom > plots/sst.png\necho not an output > notes.txt")
+    job_id = emulator.queue(signed_job(signer, command, repo=str(repo), plugins=[plugin]))
+
+    body = emulator.wait_finished(job_id)
+
+    assert body["exit_status"] == "0", unstamped(emulator.log(job_id))
+    runner_id = runner_job(site, job_id)
+    collected = site.work_root / runner_id / "outputs"
+    artifacts = emulator.call(lambda: {a.path: (a.state, a.sha256sum, a.content, a.glob_path)
+                                       for a in emulator.bk.job_artifacts(job_id)})
+    assert set(artifacts) == {"results/run1/state.nc", "plots/sst.png"}
+    for path, (state, sha256, content, _) in artifacts.items():
+        on_disk = (collected / path).read_bytes()
+        assert state == "finished" and content == on_disk
+        assert sha256 == hashlib.sha256(on_disk).hexdigest()
+    assert artifacts["results/run1/state.nc"][2] == "".join(f"{n}\n" for n in range(1, 5001)).encode()
+    assert artifacts["plots/sst.png"][3] == "plots/*.png"
+    assert b"hpc-runner: 2 of 2 artifact(s) uploaded\n" in unstamped(emulator.log(job_id))

@@ -2,20 +2,23 @@
 
 It admits with the real policy engine and the real store, and "runs" a job by appending to the
 job's output file what the test scripted (`outputs`), piece by piece, while the file is followed
-as the agent follows a Slurm job's output; a cancel ends the job as cancelled.
+as the agent follows a Slurm job's output; a cancel ends the job as cancelled. A job named in
+`collected` ends with those files collected into its directory's `outputs/`, as the agent collects
+a job's declared outputs, and names them in its end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 
 from conftest import TEST_IMAGE_NAME, image_table, policy_document, toml_table
 
 from runner.identity import identity_from_json
-from runner.job import JobRecord, JobState
+from runner.job import OUTPUTS_DIR, JobRecord, JobState, OutputFile
 from runner.logs.tail import follow
 from runner.policy import Policy, decide
 from runner.policy.model import parse_policy_text
@@ -52,6 +55,8 @@ class FakeHost:
         self.hold: dict[str, asyncio.Event] = {}   # a job named here waits for the event (or cancel)
         self.ran: list[str] = []
         self.exit_status = 0
+        # What each job leaves as its collected outputs, by job name: relative path -> content.
+        self.collected: dict[str, dict[str, bytes]] = {}
 
     def buildkite_state(self) -> BuildkiteState:
         """The Buildkite source's own state file, beside this host's store (as the agent's is)."""
@@ -141,7 +146,18 @@ class FakeHost:
         record = self.store.get_job(job_id)
         assert record is not None
         self.store.mark_final_reported(job_id)
-        return Ended(record.state, record.exit_status, record.outcome_detail)
+        outputs = self.collect(job_id, str(record.spec["name"]))
+        return Ended(record.state, record.exit_status, record.outcome_detail, outputs)
+
+    def collect(self, job_id: str, name: str) -> tuple[OutputFile, ...]:
+        files = self.collected.get(name, {})
+        root = self.log_path(job_id).parent / OUTPUTS_DIR
+        for path, content in files.items():
+            target = root / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+        return tuple(OutputFile(path, hashlib.sha256(content).hexdigest(), len(content))
+                     for path, content in sorted(files.items()))
 
     async def _write(self, job_id: str, name: str, cancel: asyncio.Event, *, resume: bool = False) -> None:
         path = self.log_path(job_id)

@@ -331,3 +331,59 @@ def test_the_streamers_fast_chunker_writes_what_the_chunker_writes() -> None:
             base.feed(piece)
             fast.feed(piece)
         assert [c.data for c in base.close()] == [c.data for c in fast.close()], round_index
+
+
+# -- artifacts ---------------------------------------------------------------------------------
+
+ARTIFACT = protocol.Artifact(path='out/a "b".txt', absolute_path="/w/out/a.txt", glob_path="out/*",
+                             file_size=3, sha1sum="1" * 40, sha256sum="2" * 64, content_type="text/plain")
+ACTION = {"url": "https://storage.example/ignored?x=1", "method": "post", "path": "/bucket",
+          "file_input": "file"}
+
+
+def test_artifact_requests_use_the_job_token_and_the_agents_field_names() -> None:
+    create = protocol.create_artifacts("job.1", "batch", [ARTIFACT])
+    assert (create.method, create.path, create.token) == ("POST", "jobs/job%2E1/artifacts", "job")
+    assert create.json_body == {"id": "batch", "upload_destination": "", "artifacts": [{
+        "path": 'out/a "b".txt', "absolute_path": "/w/out/a.txt", "glob_path": "out/*", "file_size": 3,
+        "sha1sum": "1" * 40, "sha256sum": "2" * 64, "content_type": "text/plain"}]}
+    update = protocol.update_artifacts("job.1", [("a1", "finished"), ("a2", "error")])
+    assert (update.method, update.path) == ("PUT", "jobs/job%2E1/artifacts")
+    assert update.json_body == {"artifacts": [{"id": "a1", "state": "finished"},
+                                              {"id": "a2", "state": "error"}]}
+    with pytest.raises(ValueError):
+        protocol.update_artifacts("j", [("a1", "uploaded")])
+
+
+def test_each_artifact_gets_its_own_instructions_or_the_batchs_template() -> None:
+    answer = {"id": "batch", "artifact_ids": ["a1", "a2"],
+              "upload_instructions": {"action": ACTION, "data": {"key": "k/${artifact:path}"}},
+              "per_artifact_instructions": {"a2": {"action": {**ACTION, "path": "/other"},
+                                                   "data": {"key": "k2"}}}}
+    [(first, template), (second, own)] = protocol.parse_artifact_batch(answer, 2)
+    assert (first, template.path, template.method, template.data) == ("a1", "/bucket", "POST",
+                                                                      (("key", "k/${artifact:path}"),))
+    assert (second, own.path, own.data) == ("a2", "/other", (("key", "k2"),))
+    # The URL's path is the action's, as the agent builds it.
+    assert protocol.upload_url(template) == "https://storage.example/bucket?x=1"
+    for bad in ({**answer, "artifact_ids": ["a1"]}, {**answer, "upload_instructions": None},
+                {**answer, "per_artifact_instructions": {"a1": {"action": {**ACTION, "url": "file:///etc"}}}},
+                {**answer, "upload_instructions": {"action": ACTION, "actions": [ACTION]}}, []):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.parse_artifact_batch(bad, 2)
+
+
+def test_the_upload_form_puts_the_fields_first_with_the_path_and_the_file_last() -> None:
+    instructions = protocol.UploadInstructions("https://s.example/", "POST", "/up", "file",
+                                               (("key", "jobs/1/${artifact:path}"), ("policy", "p")))
+    form = protocol.upload_form(instructions, ARTIFACT, "BOUNDARY")
+    body = form.head + b"abc" + form.tail
+    assert form.content_type == "multipart/form-data; boundary=BOUNDARY"
+    assert form.content_length(3) == len(body)
+    disposition = b"--BOUNDARY\r\nContent-Disposition: form-data; "
+    assert body == (disposition + b'name="key"\r\n\r\njobs/1/out/a "b".txt\r\n'
+                    + disposition + b'name="policy"\r\n\r\np\r\n'
+                    + disposition + b'name="file"; filename="out/a \\"b\\".txt"\r\n'
+                    b"Content-Type: application/octet-stream\r\n\r\nabc\r\n--BOUNDARY--\r\n")
+    with pytest.raises(ValueError):
+        protocol.upload_form(instructions, ARTIFACT, "bad boundary\r\n")

@@ -7,6 +7,7 @@ out), one finish with the right exit status and signal reason, whatever the API 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import socket
@@ -23,7 +24,7 @@ from fakes.github_api import GitHubEmulator
 from structlog.testing import capture_logs
 
 from runner.config import BuildkiteConfig, GithubConfig
-from runner.job import JobState
+from runner.job import JobState, OutputFile
 from runner.sources import LogSink
 from runner.sources.buildkite import protocol
 from runner.sources.buildkite import source as source_module
@@ -1094,3 +1095,131 @@ async def test_a_session_that_dies_is_logged_with_a_count_and_restarted_after_a_
     assert len(bk.agents) == 4
     assert bk.jobs[job_id].agent_id == list(bk.agents)[-1]
     assert all(agent.disconnected for agent in bk.agents.values())
+
+
+# -- outputs as artifacts ----------------------------------------------------------------------
+
+OUTPUTS_PLUGIN = {"hpc-runner#v1": {"image": "test", "resources": {"time": "5m"},
+                                    "outputs": ["results/**/*.nc", "plots/*.png"]}}
+OUTPUT_FILES = {"results/run1/field.nc": b"\x89HDF\r\n" + bytes(range(256)) * 40,
+                "plots/energy.png": b"\x89PNG\r\n\x1a\n" + b"plot" * 1000}
+
+
+def outputs_job(signer: StepSigner, repo: Path) -> dict[str, Any]:
+    return signed_job(signer, "make results", repo=str(repo), plugins=[OUTPUTS_PLUGIN],
+                      env={"BUILDKITE_STEP_KEY": "results"})
+
+
+async def test_a_jobs_outputs_become_its_artifacts_with_the_recorded_digests_before_it_finishes(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    running = make_source()
+    running.host.collected["results"] = dict(OUTPUT_FILES)
+    job_id = queue(bk, outputs_job(signer, repo))
+
+    body = await finished(bk, job_id)
+
+    assert body["exit_status"] == "0"
+    artifacts = {a.path: a for a in bk.job_artifacts(job_id)}
+    assert set(artifacts) == set(OUTPUT_FILES)
+    for path, content in OUTPUT_FILES.items():
+        artifact = artifacts[path]
+        assert artifact.state == "finished"
+        assert artifact.content == content
+        assert artifact.sha256sum == hashlib.sha256(content).hexdigest()
+    # Each names the declared pattern that matched it, as Buildkite shows an artifact's glob.
+    assert artifacts["results/run1/field.nc"].glob_path == "results/**/*.nc"
+    assert artifacts["plots/energy.png"].glob_path == "plots/*.png"
+    assert artifacts["plots/energy.png"].content_type == "image/png"
+    # Created, uploaded and marked while the job still ran: all before its finish.
+    names = [r.endpoint for r in bk.recorded if r.job_id == job_id or r.endpoint == "artifact_upload"]
+    assert names.index("finish") > max(i for i, n in enumerate(names) if n == "artifacts_update")
+    assert b"hpc-runner: 2 of 2 artifact(s) uploaded\n" in unstamped(bk.log(job_id))
+    # The storage heard nothing of the agent's tokens (the emulator refuses them).
+    assert all(r.status == 204 for r in bk.requests("artifact_upload"))
+
+
+async def test_an_upload_the_storage_refuses_is_an_error_artifact_in_the_log_and_the_job_keeps_its_status(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    running = make_source()
+    running.host.exit_status = 3
+    running.host.collected["results"] = {"plots/energy.png": OUTPUT_FILES["plots/energy.png"]}
+    # A storage error is retried; a refusal (an expired form) is final.
+    bk.fail("artifact_upload", 503)
+    bk.fail("artifact_upload", 403, message="Request has expired")
+    job_id = queue(bk, outputs_job(signer, repo))
+
+    body = await finished(bk, job_id)
+
+    assert body["exit_status"] == "3"
+    [artifact] = bk.job_artifacts(job_id)
+    assert (artifact.state, artifact.content) == ("error", None)
+    assert len(bk.requests("artifact_upload")) == 2
+    log = unstamped(bk.log(job_id)).decode()
+    assert "hpc-runner: artifact plots/energy.png not uploaded: storage answered HTTP 403" in log
+    assert "hpc-runner: 0 of 1 artifact(s) uploaded" in log
+
+
+async def test_when_buildkite_creates_no_artifacts_the_job_still_finishes_and_its_log_says_why(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    running = make_source()
+    running.host.collected["results"] = dict(OUTPUT_FILES)
+    bk.fail("artifacts_create", 422, message="Artifact quota exceeded")
+    job_id = queue(bk, outputs_job(signer, repo))
+
+    assert (await finished(bk, job_id))["exit_status"] == "0"
+    assert bk.job_artifacts(job_id) == []
+    assert not bk.requests("artifact_upload") and not bk.requests("artifacts_update")
+    log = unstamped(bk.log(job_id)).decode()
+    assert "hpc-runner: artifact plots/energy.png not uploaded: Buildkite did not create it" in log
+    assert "Artifact quota exceeded" in log
+
+
+async def test_a_collected_output_replaced_by_a_link_is_not_uploaded(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path,
+        tmp_path: Path) -> None:
+    running = make_source()
+    running.host.collected["results"] = dict(OUTPUT_FILES)
+    secret = tmp_path / "agent-secret"
+    secret.write_bytes(OUTPUT_FILES["plots/energy.png"])
+    collected = running.host.collect
+
+    def collect_then_swap(job_id: str, name: str) -> tuple[OutputFile, ...]:
+        outputs = collected(job_id, name)
+        plot = running.host.log_path(job_id).parent / "outputs" / "plots" / "energy.png"
+        plot.unlink()
+        plot.symlink_to(secret)
+        return outputs
+
+    running.host.collect = collect_then_swap  # type: ignore[method-assign]
+    job_id = queue(bk, outputs_job(signer, repo))
+
+    assert (await finished(bk, job_id))["exit_status"] == "0"
+    assert [a.path for a in bk.job_artifacts(job_id)] == ["results/run1/field.nc"]
+    log = unstamped(bk.log(job_id)).decode()
+    assert "hpc-runner: artifact plots/energy.png not uploaded: a link stands in its path" in log
+    assert "hpc-runner: 1 of 2 artifact(s) uploaded" in log
+
+
+async def test_a_job_without_outputs_makes_no_artifact_requests(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    make_source()
+    job_id = queue(bk, outputs_job(signer, repo))
+
+    assert (await finished(bk, job_id))["exit_status"] == "0"
+    assert not [r for r in bk.recorded if r.endpoint and r.endpoint.startswith("artifact")]
+    assert b"Uploading artifacts" not in unstamped(bk.log(job_id))
+
+
+async def test_a_stopping_agent_finishes_the_job_without_uploading_its_outputs(
+        bk: BuildkiteEmulator, make_source: Callable[..., Running], signer: StepSigner, repo: Path) -> None:
+    running = make_source()
+    running.host.collected["results"] = dict(OUTPUT_FILES)
+    running.host.hold["results"] = release = asyncio.Event()
+    job_id = queue(bk, outputs_job(signer, repo))
+    await wait_until(lambda: running.host.ran, "the job to run")
+    running.host.stopping.set()
+    release.set()
+
+    assert (await finished(bk, job_id))["exit_status"] == "0"
+    assert not [r for r in bk.recorded if r.endpoint and r.endpoint.startswith("artifact")]
+    assert b"hpc-runner: artifacts not uploaded: the agent is stopping\n" in unstamped(bk.log(job_id))

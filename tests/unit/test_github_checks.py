@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.job import JobState
+from runner.job import JobState, OutputFile
 from runner.sources import Ended
 from runner.sources.github.checks import (
     MAX_DESCRIPTION_CHARS,
@@ -16,9 +16,11 @@ from runner.sources.github.checks import (
     completion_of,
     create_body,
     log_text,
+    outputs_sections,
     readable,
     status_body,
     status_state,
+    summary,
     tail_utf8,
     update_body,
 )
@@ -122,3 +124,32 @@ def test_values_chosen_by_others_are_code_spans() -> None:
     assert code("a`b") == "``a`b``"
     assert code("`x`") == "`` `x` ``"
     assert code("two\nlines") == "`two lines`"
+
+
+def test_outputs_are_a_table_of_path_size_and_digest_cut_after_the_row_limit() -> None:
+    outputs = [OutputFile(f"results/run{i:03}.nc", f"{i:064x}", 1024 * i + 5) for i in range(25)]
+    text = summary(outputs_sections(outputs, rows=20))
+    assert text.startswith("**Outputs (25, ")
+    assert "| Path | Size | SHA-256 |" in text
+    assert f"| `results/run001.nc` | 1.0 KiB (1,029 bytes) | `{1:064x}` |" in text
+    assert "| `results/run000.nc` | 5 bytes |" in text
+    assert "run019.nc" in text and "run020.nc" not in text
+    assert text.rstrip().endswith("and 5 more")
+
+
+def test_an_outputs_path_cannot_break_the_table_or_the_summarys_limit() -> None:
+    odd = OutputFile("a|b`c/" + "d" * 70_000 + "/end.png", "e" * 64, 1)
+    text = summary(outputs_sections([odd] * 20))
+    assert len(text.encode()) < MAX_OUTPUT_BYTES
+    row = next(line for line in text.splitlines() if "end.png" in line)
+    # Three cells, whatever the path holds: its pipe escaped, its middle given up.
+    assert row.replace("\\|", "").count("|") == 4
+    assert "a\\|b`c/ddd" in row and "…" in row and row.count("d") < 300
+
+
+def test_left_out_outputs_are_listed_with_why() -> None:
+    left_out = [("big.nc", "would pass max_output_bytes"), ("link.png", "a symbolic link")]
+    text = summary(outputs_sections([], left_out))
+    assert text == ("**Outputs left out:**\n- `big.nc`: would pass max_output_bytes\n"
+                    "- `link.png`: a symbolic link\n")
+    assert summary(outputs_sections([])) == "\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hashlib
 import json
 import threading
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from fakes.github_webhooks import SECRET, examples, send
 
 from runner.gateway.server import GatewayServer
 from runner.gateway.tokens import parse_agent_tokens
+from runner.sources.github import checks
 from runner.sources.github import runs as runs_module
 from runner.sources.github.gateway_client import GatewayClient, GatewayError
 from runner.sources.github.jobsfile import parse_jobs_file
@@ -626,3 +628,24 @@ async def test_a_large_jobs_file_is_parsed_while_the_event_loop_keeps_serving(
         assert order == ["parse started", "tick", "parse done"]
         [run] = site.check_runs("hpc-runner/unit", site.gh.pull_request(REPO, number).head_sha)
         assert run["conclusion"] == "success"
+
+
+async def test_the_final_check_run_lists_the_jobs_outputs_with_their_digests_and_sizes(
+        tmp_path: Path) -> None:
+    async with github_site(tmp_path) as site:
+        await site.poll()
+        files = {"results/field.nc": b"\x89HDF" * 300, "plots/energy.png": b"\x89PNG" + b"p" * 99}
+        site.host.collected["unit"] = files
+        number = site.open_pull(author="alice", labelled_by="alice")
+        head = site.gh.pull_request(REPO, number).head_sha
+        await site.poll()
+
+        [run] = site.check_runs("hpc-runner/unit", head)
+        assert run["conclusion"] == "success"
+        summary = run["_history"][-1]["output"]["summary"]
+        assert "**Outputs (2, 1.3 KiB (1,303 bytes)):**" in summary
+        for path, content in files.items():
+            digest = hashlib.sha256(content).hexdigest()
+            assert f"| `{path}` | {checks.human_bytes(len(content))} | `{digest}` |" in summary
+        # Only the final report has them: the job's outputs exist once it has ended.
+        assert all("Outputs" not in body["output"]["summary"] for body in run["_history"][:-1])

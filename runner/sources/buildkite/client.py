@@ -69,6 +69,21 @@ class AgentSession:
         self.rng = rng or random.Random()
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        """The agent's HTTP client, for requests that are not the agent API's (artifact storage)."""
+        return self._http
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout.total or DEFAULT_TIMEOUT_S
+
+    def policy(self, name: str) -> RetryPolicy:
+        return self._policies.get(name) or protocol.DEFAULT_POLICIES[name]
+
+    async def sleep(self, seconds: float) -> None:
+        await self._sleep(seconds)
+
     def adopt_headers(self, headers: Mapping[str, str] | None,
                       refused: Mapping[str, str] | None = None) -> None:
         """A register or ping answer's `request_headers` replace the whole set (None: keep it).
@@ -85,7 +100,7 @@ class AgentSession:
     async def call(self, request: ApiRequest, *, job_token: str | None = None,
                    policy: RetryPolicy | None = None) -> Answer:
         """Send `request`, retrying as its endpoint's policy says; raise ApiError when it fails."""
-        rule = policy or self._policies[request.name]
+        rule = policy or self.policy(request.name)
         attempt = 0
         while True:
             attempt += 1

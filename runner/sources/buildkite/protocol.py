@@ -16,7 +16,7 @@ import json
 import random
 import re
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
@@ -184,6 +184,163 @@ def finish(job_id: str, report: FinishReport, now: datetime | None = None) -> Ap
 
 def disconnect() -> ApiRequest:
     return ApiRequest("disconnect", "POST", "disconnect", "session")
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts: created in a batch, uploaded to the storage each one's instructions name, then
+# marked `finished` or `error`, as buildkite-agent does with a step's artifact_paths.
+
+# What Buildkite's form instructions write for the artifact's path in their field values.
+ARTIFACT_PATH_VARIABLE = "${artifact:path}"
+ARTIFACT_STATES = frozenset({"finished", "error"})
+# The agent's content type for a file whose extension names none.
+FALLBACK_CONTENT_TYPE = "binary/octet-stream"
+# Buildkite's own storage takes a single form upload of at most 5 GiB.
+MAX_FORM_UPLOAD_BYTES = 5 * 1024 ** 3
+# buildkite-agent creates artifacts 30 to a batch, so each batch's upload URLs are fresh when used.
+ARTIFACT_BATCH_SIZE = 30
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file to upload: `path` is how Buildkite lists it (relative, with slashes)."""
+
+    path: str
+    absolute_path: str
+    glob_path: str
+    file_size: int
+    sha1sum: str
+    sha256sum: str
+    content_type: str = FALLBACK_CONTENT_TYPE
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "absolute_path": self.absolute_path, "glob_path": self.glob_path,
+                "file_size": self.file_size, "sha1sum": self.sha1sum, "sha256sum": self.sha256sum,
+                "content_type": self.content_type}
+
+
+def create_artifacts(job_id: str, batch_id: str, artifacts: Sequence[Artifact]) -> ApiRequest:
+    """`POST /jobs/{id}/artifacts`: the batch's id makes a retried create return the same artifacts.
+    No upload destination: the files go to Buildkite's own storage."""
+    body = {"id": batch_id, "artifacts": [a.to_json() for a in artifacts], "upload_destination": ""}
+    return ApiRequest("artifacts_create", "POST", job_path(job_id, "artifacts"), "job", json_body=body)
+
+
+def update_artifacts(job_id: str, states: Sequence[tuple[str, str]]) -> ApiRequest:
+    """`PUT /jobs/{id}/artifacts`: each artifact's id, and whether its upload `finished` or ended
+    in `error`."""
+    for _, state in states:
+        if state not in ARTIFACT_STATES:
+            raise ValueError(f"artifact state {state!r} is not one Buildkite takes")
+    body = {"artifacts": [{"id": artifact_id, "state": state} for artifact_id, state in states]}
+    return ApiRequest("artifacts_update", "PUT", job_path(job_id, "artifacts"), "job", json_body=body)
+
+
+@dataclass(frozen=True)
+class UploadInstructions:
+    """Where and how one artifact is uploaded: a form sent with `method` to `url` with its path
+    replaced by `path`, the `data` fields first and the file last as the field `file_input`."""
+
+    url: str
+    method: str
+    path: str
+    file_input: str
+    data: tuple[tuple[str, str], ...]
+
+
+def _instructions(value: object, where: str) -> UploadInstructions:
+    if not isinstance(value, Mapping):
+        raise ProtocolError(f"artifact batch answer: {where} is not an object")
+    action = value.get("action")
+    if not isinstance(action, Mapping):
+        raise ProtocolError(f"artifact batch answer: {where} has no action")
+    if isinstance(value.get("actions"), list) and value["actions"]:
+        # A multipart upload: only offered to an agent that says it supports one, which this does not.
+        raise ProtocolError(f"artifact batch answer: {where} asks for a multipart upload")
+    url, method = action.get("url"), action.get("method")
+    path, file_input = action.get("path", ""), action.get("file_input")
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+        raise ProtocolError(f"artifact batch answer: {where} has no http(s) upload URL")
+    if not isinstance(method, str) or not method or not isinstance(file_input, str) or not file_input:
+        raise ProtocolError(f"artifact batch answer: {where} has no method or file_input")
+    if not isinstance(path, str):
+        raise ProtocolError(f"artifact batch answer: {where} has a path that is not a string")
+    data = value.get("data") or {}
+    if not isinstance(data, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                for k, v in data.items()):
+        raise ProtocolError(f"artifact batch answer: {where} has data that is not strings")
+    return UploadInstructions(url, method.upper(), path, file_input, tuple(data.items()))
+
+
+def parse_artifact_batch(data: object, count: int) -> list[tuple[str, UploadInstructions]]:
+    """Each artifact's id and upload instructions, in the order they were sent: the batch's
+    template, unless `per_artifact_instructions` has some for that id."""
+    if not isinstance(data, Mapping):
+        raise ProtocolError("artifact batch answer is not a JSON object")
+    ids = data.get("artifact_ids")
+    if not isinstance(ids, list) or len(ids) != count or not all(isinstance(i, str) and i for i in ids):
+        raise ProtocolError(f"artifact batch answer: artifact_ids is not a list of {count} ids")
+    specific = data.get("per_artifact_instructions") or {}
+    if not isinstance(specific, Mapping):
+        raise ProtocolError("artifact batch answer: per_artifact_instructions is not an object")
+    template = data.get("upload_instructions")
+    out = []
+    for artifact_id in ids:
+        own = specific.get(artifact_id)
+        if own is not None:
+            out.append((artifact_id, _instructions(own, f"the instructions of {artifact_id}")))
+        elif template is not None:
+            out.append((artifact_id, _instructions(template, "upload_instructions")))
+        else:
+            raise ProtocolError(f"artifact batch answer: no upload instructions for {artifact_id}")
+    return out
+
+
+def upload_url(instructions: UploadInstructions) -> str:
+    """The action's URL with its path replaced by the action's path, as the agent builds it."""
+    parts = urllib.parse.urlsplit(instructions.url)
+    path = instructions.path or parts.path
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, parts.fragment))
+
+
+def _quoted(value: str) -> str:
+    # A form field's name or file name in a Content-Disposition header: quotes and backslashes
+    # escaped as Go's multipart writer does, line breaks percent-encoded so none ends the header.
+    return (value.replace("\\", "\\\\").replace('"', '\\"')
+            .replace("\r", "%0D").replace("\n", "%0A"))
+
+
+@dataclass(frozen=True)
+class UploadForm:
+    """A multipart/form-data body around a file: `head`, then the file's bytes, then `tail`."""
+
+    method: str
+    url: str
+    content_type: str
+    head: bytes
+    tail: bytes
+
+    def content_length(self, file_size: int) -> int:
+        return len(self.head) + file_size + len(self.tail)
+
+
+def upload_form(instructions: UploadInstructions, artifact: Artifact, boundary: str) -> UploadForm:
+    """The storage upload of `artifact`: every data field (with the artifact's path put in), then
+    the file, last, since S3's form uploads take nothing after it."""
+    if not re.fullmatch(r"[0-9A-Za-z'()+_,./:=?-]{1,70}", boundary):
+        raise ValueError("a multipart boundary is 1 to 70 plain characters")
+    parts = []
+    for key, value in instructions.data:
+        value = value.replace(ARTIFACT_PATH_VARIABLE, artifact.path)
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{_quoted(key)}"\r\n\r\n'
+                     .encode() + value.encode() + b"\r\n")
+    field = _quoted(instructions.file_input)
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+                 f'filename="{_quoted(artifact.path)}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+                 .encode())
+    return UploadForm(instructions.method, upload_url(instructions),
+                      f"multipart/form-data; boundary={boundary}", b"".join(parts),
+                      f"\r\n--{boundary}--\r\n".encode())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,6 +582,10 @@ DEFAULT_POLICIES: Mapping[str, RetryPolicy] = {
     "job_state": RetryPolicy(1, constant(0)),
     "finish": RetryPolicy(12, exponential_subsecond()),
     "disconnect": RetryPolicy(4, constant(1)),
+    "artifacts_create": RetryPolicy(10, exponential_subsecond(500.0)),
+    # Each storage upload: tried every 5 s, up to 10 times.
+    "artifact_upload": RetryPolicy(10, constant(5)),
+    "artifacts_update": RetryPolicy(10, exponential_subsecond(500.0)),
 }
 
 

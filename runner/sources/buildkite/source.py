@@ -27,6 +27,10 @@ Finish statuses (Buildkite's `exit_status` / `signal_reason`):
 | cancelled in Buildkite (or timed out there, or the job token revoked) | -1 (signal SIGTERM) | cancel |
 | cancelled by a second SIGTERM to the agent | -1 (signal SIGTERM) | agent_stop |
 | reached its Slurm walltime | 124 | |
+| expired: waited in Slurm's queue past its queue_time, never ran | 75 (EX_TEMPFAIL) | |
+
+An expired job did not fail: 75 is `hpc-runner run`'s status for it too, and a pipeline may retry
+it (`retry: automatic: [{exit_status: 75}]`) rather than count it against the code.
 """
 
 from __future__ import annotations
@@ -42,10 +46,10 @@ from typing import Any
 
 import aiohttp
 
-from runner import __version__
+from runner import __version__, exitcodes
 from runner.config import BuildkiteConfig, GithubConfig
 from runner.identity import identity_from_json
-from runner.job import JobState
+from runner.job import OUTPUTS_DIR, JobState
 from runner.logging_setup import get_logger
 from runner.logs.redact import secret_values
 from runner.logs.tail import pump
@@ -53,6 +57,7 @@ from runner.metrics import signature_rejected
 from runner.secrets import read_secret_file
 from runner.sources import Admission, Ended, JobHost
 from runner.sources.buildkite import protocol
+from runner.sources.buildkite.artifacts import Uploader
 from runner.sources.buildkite.checkout import CheckoutFailed, CommitNotOnRef, checkout
 from runner.sources.buildkite.client import AgentSession, ApiError
 from runner.sources.buildkite.confirm import NotConfirmed, confirm_pull_request, pull_request_claim
@@ -99,6 +104,8 @@ def finish_report(ended: Ended, cancel_reason: str | None, chunks_failed: int) -
         return FinishReport(protocol.NOT_RUN, "SIGTERM", cancel_reason or "cancel", chunks_failed)
     if state == JobState.timed_out:
         return FinishReport(WALLTIME_EXIT_STATUS, chunks_failed_count=chunks_failed)
+    if state == JobState.expired:
+        return FinishReport(exitcodes.EXPIRED, chunks_failed_count=chunks_failed)
     if state == JobState.denied:
         return FinishReport(protocol.NOT_RUN, None, "agent_refused", chunks_failed)
     return FinishReport(protocol.NOT_RUN, None, "process_run_error", chunks_failed)
@@ -578,10 +585,36 @@ class BuildkiteSource:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+        if ended.outputs:
+            await self._upload_outputs(session, state, ended, streamer)
         failed = await streamer.close()
         if not reason and self.host.stopping.is_set() and ended.state == JobState.cancelled:
             reason.append("agent_stop")
         await self._conclude(session, state, finish_report(ended, reason[0] if reason else None, failed))
+
+    async def _upload_outputs(self, session: AgentSession, state: AcceptedJob, ended: Ended,
+                              streamer: LogStreamer) -> None:
+        """The job's collected outputs as its artifacts, after its command and before its finish, as
+        buildkite-agent uploads artifact_paths; what could not be uploaded is said in its log. The
+        lines go to Buildkite's log only: the job's own log ended with its record."""
+        assert state.runner_id is not None
+        record = self.host.job(state.runner_id)
+        if record is None or not record.log_path:
+            return
+        # The job's directory holds its log and the outputs collected from its workspace.
+        root = Path(record.log_path).parent / OUTPUTS_DIR
+        patterns = [p for p in record.spec.get("outputs") or [] if isinstance(p, str)]
+        await streamer.write(b"~~~ Uploading artifacts\n")
+        if self.host.stopping.is_set():
+            # Cancelled by the agent's second SIGTERM: the finish comes first, whatever the uploads
+            # would take.
+            await streamer.write(b"hpc-runner: artifacts not uploaded: the agent is stopping\n")
+            return
+        results = await Uploader(session, state.bk_id, state.token).upload(ended.outputs, root, patterns)
+        uploaded = sum(1 for r in results if r.state == "finished")
+        lines = "".join(r.line or "" for r in results)
+        summary = f"hpc-runner: {uploaded} of {len(results)} artifact(s) uploaded\n"
+        await streamer.write((lines + summary).encode())
 
     async def _report_runner_end(self, session: AgentSession, state: AcceptedJob,
                                  ended: Ended | None) -> None:

@@ -16,6 +16,11 @@ says action buttons are displayed once a run completes, so the reliable way to c
 | not approved by someone with write permission | action_required (what is missing, how to approve) |
 | cancelled | cancelled |
 | reached its Slurm walltime | timed_out |
+| expired: waited in Slurm's queue past its queue_time, never ran | timed_out ("Expired in the queue") |
+
+GitHub has no conclusion for a job that never ran because the cluster was busy. `timed_out` is the
+nearest: time ran out, the test did not fail; `cancelled` would read as someone's decision, and
+`failure` as a failing test.
 
 GitHub's limits are respected by construction: `output.summary` and `output.text` at most 65535
 *bytes* (cut on a UTF-8 boundary), a commit status description at most 140 characters. The log
@@ -33,12 +38,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from runner.job import JobState
+from runner.job import JobState, OutputFile
 from runner.logs.redact import Redactor
 from runner.sources import Ended
 from runner.sources.github.client import GitHubClient, GitHubHTTPError, api_path
@@ -49,6 +54,10 @@ UPDATE_INTERVAL = 10.0
 # Raw log bytes kept for the tail: the code block, its fence and the note must still fit.
 TAIL_BYTES = 60_000
 NAME_PREFIX = "hpc-runner"
+# A job's outputs in its summary: this many rows, then how many more; a path longer than
+# MAX_PATH_CHARS is shortened in the middle, so the table stays well within the summary's limit.
+MAX_OUTPUT_ROWS = 20
+MAX_PATH_CHARS = 200
 CANCEL_BUTTON = {"label": "Cancel", "description": "Cancel the Slurm job", "identifier": "cancel"}
 
 Conclusion = Literal["success", "failure", "cancelled", "timed_out", "action_required", "neutral"]
@@ -228,6 +237,9 @@ def completion_of(ended: Ended) -> Completion:
         return Completion("cancelled", "Cancelled", detail)
     if state == JobState.timed_out:
         return Completion("timed_out", "Reached its walltime", detail)
+    if state == JobState.expired:
+        return Completion("timed_out", "Expired in the queue: the cluster was busy, the job did not run",
+                          detail)
     if state == JobState.denied:
         return Completion("failure", "Denied by the site's policy", detail)
     return Completion("failure", "Could not run", detail)
@@ -303,12 +315,73 @@ def status_body(*, context: str, state: str, description: str, target_url: str |
     return body
 
 
-def summary(sections: Mapping[str, str | Iterable[str]]) -> str:
-    """Markdown: a bold heading per section with its text or its list of lines."""
+@dataclass(frozen=True)
+class Table:
+    """A Markdown table of cells already rendered (`cell` each), and a line after it."""
+
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    after: str | None = None
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.header) + " |", "|" + "|".join(" --- " for _ in self.header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines) + (f"\n\n{self.after}" if self.after else "")
+
+
+def cell(text: str) -> str:
+    """A table cell's text: a pipe in it would end the cell, even inside a code span."""
+    return text.replace("|", "\\|")
+
+
+def human_bytes(size: int) -> str:
+    """`4,203 bytes`, or `4.1 KiB (4,203 bytes)` from a KiB up."""
+    exact = f"{size:,} byte{'' if size == 1 else 's'}"
+    if size < 1024:
+        return exact
+    value, units = size / 1024, ["KiB", "MiB", "GiB", "TiB"]
+    while value >= 1024 and len(units) > 1:
+        value /= 1024
+        units.pop(0)
+    return f"{value:.1f} {units[0]} ({exact})"
+
+
+def _short_path(path: str, limit: int = MAX_PATH_CHARS) -> str:
+    """A path of at most `limit` characters, its middle given up first (the name matters most)."""
+    if len(path) <= limit:
+        return path
+    keep = limit - 1
+    return path[:keep // 3] + "…" + path[len(path) - (keep - keep // 3):]
+
+
+def outputs_sections(outputs: Sequence[OutputFile], left_out: Sequence[tuple[str, str]] = (), *,
+                     rows: int = MAX_OUTPUT_ROWS) -> dict[str, str | Table | list[str]]:
+    """The summary's account of a job's collected outputs (path, size, sha256), at most `rows` of
+    them and then how many more, and of the files it matched but left out, and why."""
+    sections: dict[str, str | Table | list[str]] = {}
+    if outputs:
+        total = sum(o.size for o in outputs)
+        shown = tuple((cell(code(_short_path(o.path))), human_bytes(o.size), code(o.sha256))
+                      for o in outputs[:rows])
+        more = len(outputs) - len(shown)
+        heading = f"Outputs ({len(outputs)}, {human_bytes(total)})"
+        sections[heading] = Table(("Path", "Size", "SHA-256"), shown, f"and {more} more" if more else None)
+    if left_out:
+        lines = [f"{code(_short_path(path))}: {' '.join(why.split())}" for path, why in left_out[:rows]]
+        if len(left_out) > rows:
+            lines.append(f"and {len(left_out) - rows} more")
+        sections["Outputs left out"] = lines
+    return sections
+
+
+def summary(sections: Mapping[str, str | Table | Iterable[str]]) -> str:
+    """Markdown: a bold heading per section with its text, its table or its list of lines."""
     parts = []
     for heading, content in sections.items():
         if isinstance(content, str):
             parts.append(f"**{heading}:** {content}")
+        elif isinstance(content, Table):
+            parts.append(f"**{heading}:**\n\n{content.markdown()}")
         else:
             items = list(content)
             if items:
