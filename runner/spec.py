@@ -34,6 +34,9 @@ WORKSPACE_PREFIX = "/work/"
 # or pretend to be something it is not.
 RESERVED_ENV_PREFIXES = ("HPC_RUNNER_", "APPTAINER", "SINGULARITY", "SLURM_", "PMIX_", "PMI_")
 RESERVED_ENV_NAMES = ("LD_PRELOAD", "LD_AUDIT")
+# `[job.mpi] launch`: every rank runs the command ("ranks"), or the command runs once and starts
+# ranks with `mpiexec` from inside the sandbox ("inside", see sandbox.mpiexec).
+MPI_LAUNCHES = ("ranks", "inside")
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,14 @@ class JobSpec:
     network: bool = False
     resources: Resources = Resources()
     mpi: bool = False
+    mpi_launch: str = "ranks"  # one of MPI_LAUNCHES
     # Globs of files under /work collected when the job ends (`results/**/*.nc`), relative to /work.
     outputs: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """A plain-data view, for the state store and `explain`."""
         r = self.resources
-        return {
+        data: dict[str, Any] = {
             "name": self.name, "image": self.image,
             "command": list(self.command) if self.command is not None else None,
             "script": self.script, "env": dict(self.env),
@@ -83,6 +87,10 @@ class JobSpec:
                 "queue_time_seconds": r.queue_seconds,
             },
         }
+        # Only when not the default: the stored form of every other job stays as it was.
+        if self.mpi_launch != "ranks":
+            data["mpi_launch"] = self.mpi_launch
+        return data
 
     def to_table(self) -> dict[str, Any]:
         """The `[job]` table that parses back into this spec."""
@@ -182,10 +190,15 @@ def parse_job_table(table: Table) -> JobSpec:
     network = table.boolean("network", False)
     resources = parse_resources(table.table("resources"))
     mpi = False
+    mpi_launch = "ranks"
     mpi_table = table.table("mpi")
     if mpi_table is not None:
         mpi = mpi_table.boolean("enabled", False)
+        mpi_launch = mpi_table.string("launch", "ranks", pattern="|".join(MPI_LAUNCHES),
+                                      what='"ranks" or "inside"')
         mpi_table.finish()
+        if mpi_launch == "inside" and not mpi:
+            raise mpi_table.error("launch", '"inside" starts MPI ranks: it needs enabled = true')
     outputs: list[str] = []
     patterns = table.string_list("outputs", ())
     if len(patterns) > MAX_OUTPUT_PATTERNS:
@@ -198,7 +211,7 @@ def parse_job_table(table: Table) -> JobSpec:
     table.finish()
     return JobSpec(name=name, image=image, command=command, script=script,
                    env=MappingProxyType(dict(env)), binds=tuple(binds), network=network,
-                   resources=resources, mpi=mpi, outputs=tuple(outputs))
+                   resources=resources, mpi=mpi, mpi_launch=mpi_launch, outputs=tuple(outputs))
 
 
 def _script(value: object) -> str:
@@ -266,4 +279,6 @@ def _table_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
         table["resources"] = resources
     if data.get("mpi"):
         table["mpi"] = {"enabled": True}
+        if data.get("mpi_launch"):
+            table["mpi"]["launch"] = data["mpi_launch"]
     return table

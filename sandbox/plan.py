@@ -40,14 +40,22 @@ What a job gets, and why each flag is there:
 
 Every bind is a `--bind src:dst:mode` of its own; paths that contain `:` or `,` (which
 `--bind` would split) or control characters are refused rather than quoted.
+
+A job with `[job.mpi] launch = "inside"` runs its command once, in a sandbox like a rank's but
+with its own PID namespace (it is no rank: nothing joins it, so no `--sharens`) and its mpiexec
+channel bound read-write at /opt/hpc-runner/mpiexec; its ranks are the rank argv of an MPI job
+with the request's program as the command, started by `sandbox.mpiexec`'s launcher. The env
+file puts the `mpiexec` shim first on PATH (`PREPEND_PATH`, which Apptainer applies after the
+image's own PATH).
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from runner.binds import FORBIDDEN_ROOTS, RESERVED_TARGETS, Bind, check_absolute_path, is_within
@@ -56,6 +64,16 @@ from runner.policy.engine import Decision, SlurmResources
 from runner.spec import JobSpec
 from sandbox.envfile import EnvFileError, check_env_name, render_env_file
 from sandbox.hostmpi import HostMpi
+from sandbox.mpiexec import (
+    CHANNEL_DIR_NAME,
+    CHANNEL_TARGET,
+    RANKS_PLACEHOLDER,
+    SHIM_DIR_NAME,
+    SHIM_NAME,
+    SHIM_PATH_DIR,
+    InsideLaunch,
+    launcher_argv,
+)
 
 WORKSPACE = "/work"
 META = "/.hpc-runner"
@@ -204,6 +222,9 @@ class SandboxPlan:
     passthrough: tuple[str, ...] = ()
     # The variables of `env_file`, as the job sees them (its provenance record names them).
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # `[job.mpi] launch = "inside"`: how the launcher starts ranks; `argv` is then the job's
+    # command, run once, and the executors run it under the launcher (sandbox.mpiexec).
+    mpiexec: InsideLaunch | None = None
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -453,13 +474,33 @@ def plan_sandbox(spec: JobSpec, decision: Decision, image_path: str, paths: JobP
     argv += [*site.extra_flags, image, *(RANK_HOLD if job_mpi else ()), *_command(spec)]
     passthrough = _passthrough(decision, gpus, job_mpi)
     wrapper = ("/bin/sh", "-c", rank_wrapper_script(passthrough), RANK_WRAPPER_NAME) if passthrough else ()
-    return SandboxPlan(argv=tuple(argv), env_file=env_text, script=spec.script, rank_wrapper=wrapper,
+    plan = SandboxPlan(argv=tuple(argv), env_file=env_text, script=spec.script, rank_wrapper=wrapper,
                        host_env=_host_env(site, job_mpi), passthrough=passthrough,
                        env=MappingProxyType(env))
+    if job_mpi is not None and spec.mpi_launch == "inside":
+        return _mpiexec_inside(plan, spec, image, scratch=scratch, meta=meta, workspace=workspace,
+                               tasks=_resources(decision).tasks)
+    return plan
+
+
+def _mpiexec_inside(plan: SandboxPlan, spec: JobSpec, image: str, *, scratch: str, meta: str,
+                    workspace: str, tasks: int) -> SandboxPlan:
+    """An MPI plan made into `launch = "inside"`'s: the rank argv kept for the launcher, the
+    command's own sandbox (see the module's docstring) as `argv`."""
+    command = _command(spec)
+    options = plan.argv[:len(plan.argv) - len(command) - len(RANK_HOLD) - 1]
+    channel = posixpath.join(scratch, CHANNEL_DIR_NAME)
+    argv = (*("--pid" if word == "--sharens" else word for word in options),
+            *bind_flag(Bind(channel, CHANNEL_TARGET, "rw")), image, *command)
+    env = {**plan.env, "PREPEND_PATH": SHIM_PATH_DIR}
+    inside = InsideLaunch(tasks=tasks, channel=channel, shim=posixpath.join(meta, SHIM_DIR_NAME, SHIM_NAME),
+                          env_file=posixpath.join(meta, ENV_FILE_NAME), workspace=workspace,
+                          rank_argv=(*options, image, *RANK_HOLD))
+    return replace(plan, argv=argv, env_file=render_env_file(env), env=MappingProxyType(env), mpiexec=inside)
 
 
 def plan_local_launch(plan: SandboxPlan, spec: JobSpec, decision: Decision,
-                      mpi: HostMpi | None) -> tuple[str, ...]:
+                      mpi: HostMpi | None, *, python: str = sys.executable) -> tuple[str, ...]:
     """The host command that runs the job on this machine (the local executor).
 
     MPI jobs start under the host's mpirun, every rank through the rank wrapper:
@@ -468,12 +509,18 @@ def plan_local_launch(plan: SandboxPlan, spec: JobSpec, decision: Decision,
       mpirun refuses to start more ranks than slots without it;
     - `--bind-to none`: Open MPI pins ranks to cores when not oversubscribed, which pins
       every concurrently running job to the same first cores of a shared machine.
+
+    A `launch = "inside"` job runs its command once under the mpiexec launcher (`python`, the
+    agent's own interpreter), which starts each `mpiexec`'s ranks with that same mpirun line.
     """
     res = _resources(decision)
     if not (spec.mpi and decision.mpi):
         return (*plan.rank_wrapper, *plan.argv)
     if mpi is None:
         raise InfrastructureError(f"job {spec.name} uses MPI and no host MPI was discovered")
+    if plan.mpiexec is not None:
+        launcher = (mpi.mpirun, "-np", RANKS_PLACEHOLDER, "--oversubscribe", "--bind-to", "none")
+        return launcher_argv(python, plan.mpiexec, launcher, plan.rank_wrapper, plan.argv)
     return (mpi.mpirun, "-np", str(res.tasks), "--oversubscribe", "--bind-to", "none",
             *plan.rank_wrapper, *plan.argv)
 
@@ -485,7 +532,7 @@ def expected_env_name(name: str, spec: JobSpec, plan: SandboxPlan) -> bool:
 
 
 def plan_srun_launch(plan: SandboxPlan, spec: JobSpec, decision: Decision, *, srun: str = "srun",
-                     mpi_plugin: str = "pmix") -> tuple[str, ...]:
+                     mpi_plugin: str = "pmix", python: str = sys.executable) -> tuple[str, ...]:
     """The launch line of a Slurm batch script (the Slurm executor): srun, then each rank.
 
     - `--export=ALL`: the batch script is submitted with `--export=NONE`, which Slurm passes on
@@ -500,10 +547,18 @@ def plan_srun_launch(plan: SandboxPlan, spec: JobSpec, decision: Decision, *, sr
       sbatch, and it implies `--exact`, which a one-CPU rank does not need.
     - Other jobs run once (`--nodes=1 --ntasks=1`), as the local executor runs them, with every
       CPU the job has on that node (a step without `--exact` gets them all).
+    - `launch = "inside"` jobs run their command once, in the batch script itself (on the first
+      node, inside the allocation), under the mpiexec launcher (`python`: the agent's interpreter,
+      on a path the compute nodes share), which starts each `mpiexec`'s ranks as a step of the
+      MPI launch line above with `--ntasks=N`.
     """
     res = _resources(decision)
     if spec.mpi and decision.mpi:
         cpus = (f"--cpus-per-task={res.cpus_per_task}",) if res.cpus_per_task > 1 else ()
+        if plan.mpiexec is not None:
+            launcher = (srun, "--export=ALL", f"--mpi={mpi_plugin}", "--unbuffered", "--kill-on-bad-exit=1",
+                        f"--ntasks={RANKS_PLACEHOLDER}", *cpus)
+            return launcher_argv(python, plan.mpiexec, launcher, plan.rank_wrapper, plan.argv)
         return (srun, "--export=ALL", f"--mpi={mpi_plugin}", "--unbuffered", "--kill-on-bad-exit=1",
                 *cpus, *plan.rank_wrapper, *plan.argv)
     return (srun, "--export=ALL", "--nodes=1", "--ntasks=1", "--unbuffered", *plan.rank_wrapper, *plan.argv)

@@ -186,7 +186,7 @@ def test_job_to_json_is_plain_data() -> None:
      "job.toml:15: job.resources.gpu: unknown key (known keys here: account, cpus_per_task, gpus, memory, "
      "nodes, partition, queue_time, tasks, tasks_per_node, time)"),
     ("enabled = true", "enable = true",
-     "job.toml:20: job.mpi.enable: unknown key (known keys here: enabled)"),
+     "job.toml:20: job.mpi.enable: unknown key (known keys here: enabled, launch)"),
     ("[job.mpi]", "[job.mpich]", "job.toml:19: job.mpich: unknown key"),
     # binds
     ('binds = ["/groups/esm/data:/data:ro"]', 'binds = ["/proc:/proc"]',

@@ -24,6 +24,11 @@ The sbatch arguments, and why each is there:
   whether to retry with a fresh workspace. (A job preempted under PreemptMode=REQUEUE is then
   cancelled rather than requeued, which the executor reports the same way.)
 
+A job with `[job.mpi] launch = "inside"` runs its command once, in the batch script on the first
+node of the allocation, under the mpiexec launcher (`sandbox.mpiexec`), which starts the ranks of
+each `mpiexec` the command calls as an `srun` step of the same allocation; `SlurmSite.python` is
+the interpreter that runs it, on a path every compute node must have.
+
 The batch script runs the launch line from `sandbox.plan.plan_srun_launch` and writes the
 launch's exit status atomically into the job's directory, where the executor reads it: the exit
 code is then exact even without Slurm accounting, and known even when the job was killed by a
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -41,6 +47,7 @@ from pathlib import PurePosixPath
 from runner.job import slurm_job_name
 from runner.job.prepared import PreparedJob
 from runner.units import slurm_memory, slurm_time
+from sandbox.mpiexec import MODULE as MPIEXEC_MODULE
 from sandbox.plan import plan_srun_launch
 
 __all__ = [
@@ -70,6 +77,9 @@ class SlurmSite:
 
     srun: str = "srun"  # looked up on the job's PATH unless absolute
     mpi_plugin: str = "pmix"
+    # Runs the mpiexec launcher of `launch = "inside"` jobs: the agent's own interpreter, which
+    # the compute nodes must see at the same path (a shared venv, as in the dev cluster).
+    python: str = sys.executable
 
 
 @dataclass(frozen=True)
@@ -149,7 +159,8 @@ def plan_batch(job: PreparedJob, *, comment: str, site: SlurmSite = SlurmSite(),
         args.append(f"--begin={options.begin}")
     if options.hold:
         args.append("--hold")
-    launch = plan_srun_launch(job.plan, job.spec, job.decision, srun=site.srun, mpi_plugin=site.mpi_plugin)
+    launch = plan_srun_launch(job.plan, job.spec, job.decision, srun=site.srun, mpi_plugin=site.mpi_plugin,
+                              python=site.python)
     script = _script(job, name=name, args=args, launch=launch, status_path=status_path)
     return BatchJob(job_name=name, args=tuple(args), script=script,
                     script_path=str(job_dir / BATCH_SCRIPT_NAME), status_path=status_path)
@@ -183,8 +194,7 @@ def _script(job: PreparedJob, *, name: str, args: Sequence[str], launch: Sequenc
         f"status_file={shlex.quote(status_path)}",
         'rm -f -- "$status_file"',
         "",
-        "# The job itself, every rank inside the sandbox.",
-        _command_lines(launch, job.plan.rank_wrapper, job.plan.argv, image.path),
+        *_launch_lines(job, launch),
         "status=$?",
         "",
         "# Written under another name and renamed, so that a reader never sees half a number.",
@@ -197,6 +207,47 @@ def _script(job: PreparedJob, *, name: str, args: Sequence[str], launch: Sequenc
 def _comment_text(text: str) -> str:
     # Everything in a header line is data: it must not be able to end the comment.
     return sanitize_comment(text, limit=10_000)
+
+
+def _launch_lines(job: PreparedJob, launch: Sequence[str]) -> list[str]:
+    image = job.image.path
+    if job.plan.mpiexec is None:
+        return ["# The job itself, every rank inside the sandbox.",
+                _command_lines(launch, job.plan.rank_wrapper, job.plan.argv, image)]
+    return ["# The job's command, once, inside the sandbox, under the launcher that starts the ranks of",
+            "# each of its mpiexec calls as a step of this allocation (srun below), each rank inside the",
+            "# sandbox.",
+            _inside_lines(launch, image)]
+
+
+def _inside_lines(launch: Sequence[str], image: str) -> str:
+    """The launcher's command line: its options one per line, its srun and rank launch as
+    `_command_lines` shows a launch, then the job's command."""
+    words = list(launch)
+    at = words.index(MPIEXEC_MODULE) + 1
+    groups: list[list[str]] = [words[:at]]
+    while words[at] != "--":
+        if words[at] in ("--launcher", "--ranks"):
+            count = int(words[at + 1])
+            part = words[at + 2:at + 2 + count]
+            groups.append(words[at:at + 2])
+            if words[at] == "--launcher":
+                groups.append(part)
+            else:
+                split = part.index(image) if image in part else len(part)
+                head = next((i for i, word in enumerate(part) if word.endswith("apptainer")), 0)
+                if head:
+                    groups.append(part[:head])
+                groups += _option_groups(part[head:split])
+                groups.append(part[split:])
+            at += 2 + count
+        else:
+            groups.append(words[at:at + 2])
+            at += 2
+    command = words[at + 1:]
+    split = command.index(image) if image in command else len(command)
+    groups += [["--"], *_option_groups(command[:split]), command[split:]]
+    return " \\\n    ".join(" ".join(shlex.quote(word) for word in group) for group in groups if group)
 
 
 def _command_lines(launch: Sequence[str], wrapper: Sequence[str], argv: Sequence[str], image: str) -> str:
