@@ -13,6 +13,7 @@ Commands that the service account would run in production run here as that accou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import grp
 import json
@@ -426,6 +427,165 @@ def service_tmp(service_user: str, request: pytest.FixtureRequest) -> Iterator[P
     account = pwd.getpwnam(service_user)
     os.chown(path, account.pw_uid, account.pw_gid)
     path.chmod(0o750)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The two-node cluster (deploy/dev/two-nodes.sh)
+
+TWO_NODES_CONF = Path("/etc/slurm/two-nodes/slurm.conf")
+# Job files of the two-node cluster live here: every node sees it, while each node's /tmp is its own.
+TWO_NODES_SHARED = Path("/srv/hpc-runner-two-nodes")
+# The Slurm account its jobs are charged to (the same accounts as the one-node cluster's).
+TWO_NODES_ACCOUNT = "esm"
+
+
+@dataclass(frozen=True)
+class TwoNodes:
+    """What the ``two_nodes`` fixture found: a second Slurm cluster whose two nodes each run in
+    network, mount and UTS namespaces of their own, reached with ``SLURM_CONF=slurm_conf``."""
+
+    slurm_conf: Path
+    cluster_name: str
+    partition: str
+    account: str
+    nodes: tuple[str, ...]
+    gpu_node: str
+    veths: Mapping[str, str]  # node -> the host side of its link into the bridge
+    shared: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a Slurm command (or the agent) needs in its environment to reach this cluster."""
+        return {"SLURM_CONF": os.fspath(self.slurm_conf)}
+
+    def slurm(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """A Slurm command against this cluster, as root, with a deadline."""
+        return subprocess.run(list(argv), env={**os.environ, **self.env}, text=True, capture_output=True,
+                              timeout=_CHECK_TIMEOUT, check=check)
+
+    def node_state(self, node: str) -> str:
+        """sinfo's state of ``node``: idle, allocated, down* (not responding), drained..."""
+        return self.slurm("sinfo", "-h", "-N", "-n", node, "-o", "%T").stdout.strip()
+
+
+def _two_nodes_problems() -> tuple[list[str], dict[str, str]]:
+    """Problems with the two-node cluster, and its nodes' states and GRES (``node -> state gres``)."""
+    if not TWO_NODES_CONF.is_file():
+        return [f"no {TWO_NODES_CONF}"], {}
+    env = {**os.environ, "SLURM_CONF": os.fspath(TWO_NODES_CONF)}
+    try:
+        result = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T %G"], env=env, text=True,
+                                capture_output=True, timeout=_CHECK_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        return [f"sinfo with SLURM_CONF={TWO_NODES_CONF} timed out"], {}
+    if result.returncode != 0:
+        return [f"sinfo with SLURM_CONF={TWO_NODES_CONF} fails: {result.stderr.strip()}"], {}
+    nodes: dict[str, str] = {}
+    for line in result.stdout.splitlines():
+        name, state, gres = [*line.split(), "", "", ""][:3]
+        nodes[name] = f"{state} {gres}"
+    problems = [f"node {name} is {info.split()[0]}" for name, info in nodes.items()
+                if info.split()[0].rstrip("*~#") not in USABLE_NODE_STATES]
+    if len(nodes) != 2:
+        problems.append(f"the two-node cluster has nodes {sorted(nodes)}")
+    return problems, nodes
+
+
+@pytest.fixture(scope="session")
+def two_nodes(cluster: Cluster) -> TwoNodes:
+    """The two-node cluster from deploy/dev/setup.sh, checked to be up with both nodes usable; one
+    of them has a GPU GRES. Skipped without it, failed in CI, as the ``cluster`` fixture."""
+    problems, nodes = _two_nodes_problems()
+    if problems:
+        # A node left down by an interrupted run comes back when resumed.
+        for name in nodes:
+            subprocess.run(["scontrol", "update", f"nodename={name}", "state=resume"],
+                           env={**os.environ, "SLURM_CONF": os.fspath(TWO_NODES_CONF)},
+                           capture_output=True, timeout=_CHECK_TIMEOUT, check=False)
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not _two_nodes_problems()[0], 30, interval=0.5, what="the two nodes to be up")
+        problems, nodes = _two_nodes_problems()
+    gpu_nodes = [name for name, info in nodes.items() if "gpu" in info]
+    if not problems and len(gpu_nodes) != 1:
+        problems.append(f"expected one node with a GPU GRES, sinfo shows {nodes}")
+    if not TWO_NODES_SHARED.is_dir():
+        problems.append(f"no {TWO_NODES_SHARED}")
+    if problems:
+        _unavailable([f"two-node cluster ({TWO_NODES_CONF}): " + "; ".join(problems)])
+    config = subprocess.run(["scontrol", "show", "config"], env={**os.environ, "SLURM_CONF": os.fspath(
+        TWO_NODES_CONF)}, text=True, capture_output=True, timeout=_CHECK_TIMEOUT, check=True).stdout
+    name = re.search(r"^ClusterName\s*=\s*(\S+)", config, re.MULTILINE)
+    partitions = subprocess.run(["sinfo", "-h", "-o", "%P"], env={**os.environ, "SLURM_CONF": os.fspath(
+        TWO_NODES_CONF)}, text=True, capture_output=True, timeout=_CHECK_TIMEOUT, check=True).stdout.split()
+    names = tuple(sorted(nodes))
+    return TwoNodes(slurm_conf=TWO_NODES_CONF, cluster_name=name.group(1) if name else "",
+                    partition=partitions[0].rstrip("*"), account=TWO_NODES_ACCOUNT, nodes=names,
+                    gpu_node=gpu_nodes[0], veths={node: f"hpcr-{node}" for node in names},
+                    shared=TWO_NODES_SHARED)
+
+
+@dataclass
+class NodeLinks:
+    """Takes a node of the two-node cluster off its network (its link into the bridge down), as a
+    failed node or switch would; ``restore`` brings every link back and the nodes into service."""
+
+    cluster: TwoNodes
+    cut: set[str]
+
+    def take_down(self, node: str) -> None:
+        self.cut.add(node)
+        subprocess.run(["ip", "link", "set", self.cluster.veths[node], "down"], check=True,
+                       capture_output=True, timeout=_CHECK_TIMEOUT)
+
+    def bring_up(self, node: str) -> None:
+        subprocess.run(["ip", "link", "set", self.cluster.veths[node], "up"], check=True,
+                       capture_output=True, timeout=_CHECK_TIMEOUT)
+        self.cut.discard(node)
+
+    def restore(self, timeout: float = 90.0) -> None:
+        """Every link up, and every node answering and resumed (slurmctld keeps a node that stopped
+        answering down until told otherwise)."""
+        for node in self.cluster.nodes:
+            self.bring_up(node)
+
+        def usable() -> bool:
+            ready = True
+            for node in self.cluster.nodes:
+                state = self.cluster.node_state(node)
+                if state.rstrip("*~#") in USABLE_NODE_STATES and not state.endswith("*"):
+                    continue
+                ready = False
+                if not state.endswith("*"):  # it answers again: down or drained only in name
+                    self.cluster.slurm("scontrol", "update", f"nodename={node}", "state=resume", check=False)
+            return ready
+
+        wait_for(usable, timeout, interval=0.5, what="both nodes of the two-node cluster back in service")
+
+
+@pytest.fixture
+def node_links(two_nodes: TwoNodes) -> Iterator[NodeLinks]:
+    """`take_down(node)` cuts a node's link; after the test every link is up and every node in
+    service again, whatever the test did."""
+    links = NodeLinks(two_nodes, set())
+    try:
+        yield links
+    finally:
+        links.restore()
+
+
+@pytest.fixture
+def two_nodes_tmp(two_nodes: TwoNodes, service_user: str, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh directory of the service account under the two-node cluster's shared directory (as
+    ``service_tmp``, on a path both nodes see), removed afterwards."""
+    prefix = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:60] + "-"
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=two_nodes.shared))
+    account = pwd.getpwnam(service_user)
+    os.chown(path, account.pw_uid, account.pw_gid)
+    path.chmod(0o755)
     try:
         yield path
     finally:

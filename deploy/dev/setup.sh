@@ -13,6 +13,8 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 REPO=$(cd "$SCRIPT_DIR/../.." && pwd -P)
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$SCRIPT_DIR/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=two-nodes.sh
+. "$SCRIPT_DIR/two-nodes.sh"
 
 DEBIAN_MIRROR=${HPC_RUNNER_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CACHE=/var/cache/hpc-runner-dev
@@ -432,8 +434,10 @@ join_commas() {
     printf '%s\n' "$*"
 }
 
-# The cluster, the accounts and the users' associations; only what is missing is added.
+# ensure_associations [CLUSTER]: the cluster (default the one-node cluster), the accounts and the
+# users' associations in it; only what is missing is added.
 ensure_associations() {
+    local CLUSTER=${1:-$CLUSTER}
     local clusters
     clusters=$(run_sacctmgr -n -P show cluster format=Cluster) || die "sacctmgr show cluster failed"
     if ! grep -qxF "$CLUSTER" <<<"$clusters"; then
@@ -846,6 +850,7 @@ main() {
     start_slurmdbd
     ensure_associations
     start_slurm
+    two_nodes_up
     ensure_image
     install_project
     fill_wheelhouse
@@ -853,6 +858,7 @@ main() {
     log "---------------------------------------------------------------------------"
     log "apptainer: $(apptainer --version)"
     log "slurm:     $(sinfo --version) (node $NODE: $(node_state); partitions $(sinfo -h -o %P | tr '\n' ' '))"
+    log "two nodes: $(SLURM_CONF=$TWO_NODES_CONF sinfo -h -N -o '%N %T %G' | tr '\n' ' ')(SLURM_CONF=$TWO_NODES_CONF)"
     log "accounts:  ${SLURM_ACCOUNTS[*]} (default $SERVICE_USER account: hpcr-test)"
     log "image:     $IMAGE"
     log "venv:      $VENV"
@@ -860,4 +866,5 @@ main() {
     log "setup done in ${SECONDS}s; stop the daemons with deploy/dev/stop.sh"
 }
 
-main "$@"
+# two-nodes.sh sources this file for its helpers alone.
+[[ -n ${HPC_RUNNER_SETUP_NO_MAIN:-} ]] || main "$@"
