@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,16 +130,21 @@ def visible_rows(browser: webdriver.Chrome) -> list[str]:
     return [row.get_attribute("data-job") or "" for row in browser.find_elements(By.CSS_SELECTOR, "tr.job")]
 
 
-def raw_log(browser: webdriver.Chrome, job_id: str) -> tuple[int, bytes]:
-    """The raw log as the page's own session downloads it."""
+def fetch(browser: webdriver.Chrome, url: str) -> tuple[int, bytes]:
+    """A URL as the page's own session downloads it."""
     answer: list[Any] = browser.execute_async_script(
         """const done = arguments[arguments.length - 1];
            fetch(arguments[0], {credentials: "same-origin"}).then(async (response) => {
              const bytes = new Uint8Array(await response.arrayBuffer());
              let text = ""; for (const b of bytes) { text += String.fromCharCode(b); }
              done([response.status, btoa(text)]);
-           });""", f"/jobs/{job_id}/log/raw")
+           });""", url)
     return int(answer[0]), base64.b64decode(answer[1])
+
+
+def raw_log(browser: webdriver.Chrome, job_id: str) -> tuple[int, bytes]:
+    """The raw log as the page's own session downloads it."""
+    return fetch(browser, f"/jobs/{job_id}/log/raw")
 
 
 def test_a_member_sees_their_accounts_jobs_and_follows_one_live_to_its_cancel(
@@ -223,3 +230,49 @@ def test_one_tab_opens_one_running_job_after_another_without_running_out_of_conn
     for job_id in jobs:
         browser.get(f"{hub.url}/jobs/{job_id}")
         wait_until_page(browser, lambda page: page.find_elements(By.ID, "L5"), f"job {job_id}'s page")
+
+
+def test_a_finished_jobs_page_shows_what_ran_and_its_output_downloads(
+        browser: webdriver.Chrome, hub: HubDashboard, screenshot: Callable[[str], Path],
+        tmp_path: Path) -> None:
+    job_id = hub.job(new_job_id(), account="climate", group="climate", log=b"all tests passed\n")
+    data = b"t,temperature\n0,288.15\n"
+    digest = hashlib.sha256(data).hexdigest()
+    record = json.dumps({
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": "results/t.csv", "digest": {"sha256": digest},
+                     "annotations": {"size": len(data)}}],
+        "predicateType": "https://slsa.dev/provenance/v1",
+        "predicate": {"buildDefinition": {
+            "buildType": "urn:hpc-runner:job:v1",
+            "externalParameters": {"job": JOB, "trigger": {"source": "local"}},
+            "internalParameters": {"grant": "climate-grant", "account": "climate"},
+            "resolvedDependencies": [{"name": "image", "uri": "file:///images/test.sif",
+                                      "digest": {"sha256": "22" * 32}}]},
+            "runDetails": {"builder": {"id": "urn:hpc-runner:agent:dev"},
+                           "metadata": {"invocationId": job_id}}}}).encode()
+    source = tmp_path / "t.csv"
+    source.write_bytes(data)
+
+    async def hand_over() -> None:
+        await hub.agent.put_provenance(job_id, record)
+        with source.open("rb") as handle:
+            await hub.agent.put_output(job_id, "results/t.csv", handle, len(data))
+    hub.loop.run(hand_over())
+    hub.end(job_id, "succeeded")
+
+    log_in(browser, hub, "alice", f"/jobs/{job_id}")
+    panel = wait_until_page(browser, lambda page: page.find_elements(By.ID, "what-ran"), "the panel")[0]
+    link = panel.find_element(By.CLASS_NAME, "output-link")
+    assert not link.is_displayed()          # the panel starts closed
+    panel.find_element(By.TAG_NAME, "summary").click()
+    wait_until_page(browser, lambda page: link.is_displayed(), "the output's link")
+    assert link.text == "results/t.csv" and digest in panel.text and "22" * 32 in panel.text
+    # alice administers the account: she may replay it, and is told how.
+    replay = browser.find_element(By.ID, "replay")
+    replay.find_element(By.TAG_NAME, "summary").click()
+    wait_until_page(browser, lambda page: f"hpc-runner replay {job_id}" in replay.text, "the replay command")
+    screenshot("what-ran")
+    status, downloaded = fetch(browser, link.get_attribute("href") or "")
+    assert status == 200 and hashlib.sha256(downloaded).hexdigest() == digest
+
