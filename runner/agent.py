@@ -24,9 +24,9 @@ from runner.config import AgentConfig
 from runner.errors import HpcRunnerError, InputError
 from runner.executors.slurm import SlurmExecutor, SlurmJob, SlurmSite
 from runner.identity import Identity
-from runner.job import Ended, JobRecord, JobState, Outcome
+from runner.job import ACTIVE_STATES, Ended, JobRecord, JobState, Outcome
 from runner.lifecycle.access import NotAllowed, UnknownJob, may_control, refuse_unless_allowed
-from runner.lifecycle.admission import Admission, Admissions, Admitted, SubmittedWorkspace
+from runner.lifecycle.admission import Admission, Admissions, Admitted, SubmittedWorkspace, redecide
 from runner.lifecycle.driver import Executor, JobDriver, StateWatcher
 from runner.lifecycle.metering import JobMetering
 from runner.lifecycle.notes import append_to_log
@@ -36,7 +36,7 @@ from runner.lifecycle.recovery import find_slurm_jobs, recover_records
 from runner.logging_setup import get_logger
 from runner.logs.tail import LogSink
 from runner.metrics import reattached
-from runner.policy import Decision, Policy
+from runner.policy import Decision, Policy, Usage, waits_for_a_place
 from runner.provenance.commit import head_commit
 from runner.provenance.facts import file_sha256
 from runner.spec import JobSpec, spec_from_json
@@ -67,6 +67,12 @@ class _Turn:
     task: asyncio.Task[None] | asyncio.Task[Ended]
     started: bool = False  # holds its slot: a cancel reaches it through `cancel` only
     unwatch: list[Callable[[], None]] = field(default_factory=list)
+    # Waiting for a place under its account's max_concurrent_jobs: its account (as admitted) and
+    # when it was submitted, its place in the account's line.
+    waiting_in: str | None = None
+    submitted_at: float = 0.0
+    # Given a place under its account's cap, not yet in Slurm or running: it counts as running.
+    placed: bool = False
 
 
 class Agent:
@@ -101,6 +107,10 @@ class Agent:
         self._found_running: dict[str, SlurmJob] = {}
         self._found_finished: dict[str, Outcome] = {}
         self._reattached = asyncio.Event()
+        # Set, and replaced, whenever a job changes state or the policy is reloaded: what jobs
+        # waiting for a place under their account's max_concurrent_jobs look again at.
+        self._places_changed = asyncio.Event()
+        self.driver.watch_every(lambda _record: self._look_again())
         # What `[retention]` measures a finished job's age by, and how often it looks.
         self.clock: Callable[[], float] = time.time
         self.retention_interval = retention.INTERVAL_SECONDS
@@ -176,16 +186,21 @@ class Agent:
                                    else ""))
 
     async def _worker(self) -> None:
+        """Give each local job its turn, in the order queued: a job that waits (for a slot, or for
+        a place under its account's cap) keeps no other job from its own turn."""
         while True:
             job_id = await self._queue.get()
             record = self.store.get_job(job_id)
             if record is None or record.state != JobState.queued:
                 continue
-            try:
-                await self._take_turn(job_id, cancel=asyncio.Event(), sink=self._offset_sink(job_id),
-                                      offset=record.log_offset)
-            except Exception:  # one job's trouble must not stop the worker
-                log.exception("job failed in the agent", job=job_id)
+            self._background.spawn(self._local_turn(job_id, record.log_offset))
+
+    async def _local_turn(self, job_id: str, offset: int) -> None:
+        try:
+            await self._take_turn(job_id, cancel=asyncio.Event(), sink=self._offset_sink(job_id),
+                                  offset=offset)
+        except Exception:  # one job's trouble must not stop the others
+            log.exception("job failed in the agent", job=job_id)
 
     def _offset_sink(self, job_id: str) -> LogSink:
         """The local queue's log sink: the log file is the delivery; the offset is what was read."""
@@ -246,9 +261,11 @@ class Agent:
 
     async def _take_turn(self, job_id: str, *, cancel: asyncio.Event, sink: LogSink, offset: int,
                          on_change: StateWatcher | None = None) -> Ended:
-        """Wait for a slot, then drive the job (unless it ended meanwhile: a cancel while queued)."""
+        """Wait for a place under the account's cap and for a slot, then drive the job (unless it
+        ended meanwhile: a cancel while queued)."""
         self._enter(job_id, cancel, on_change)
         try:
+            await self._wait_for_a_place(job_id, cancel)
             async with self._slots:
                 record = self.driver.get(job_id)
                 if record.state != JobState.queued:
@@ -261,6 +278,70 @@ class Agent:
                 return await self.driver.drive(job_id, cancel=cancel, sink=sink, offset=offset)
         finally:
             self._leave(job_id)
+
+    # -- places under the accounts' max_concurrent_jobs -------------------------------------------
+
+    def _look_again(self) -> None:
+        self._places_changed.set()
+        self._places_changed = asyncio.Event()
+
+    async def _wait_for_a_place(self, job_id: str, cancel: asyncio.Event) -> None:
+        """Return once the job may start under its account's max_concurrent_jobs (decided again
+        under the policy in force: it may have been reloaded), it ended, or `cancel` is set. Jobs of
+        one account get their places in the order they were submitted; why the job waits goes
+        into its log and is its state_reason (the dashboards, the hub and the CI show it)."""
+        turn = self._turns[job_id]
+        record = self.driver.get(job_id)
+        turn.waiting_in = (record.decision or {}).get("account")
+        turn.submitted_at = record.created_at
+        said: str | None = None
+        try:
+            while not cancel.is_set():
+                record = self.driver.get(job_id)
+                if record.state != JobState.queued:
+                    return
+                why = self._why_wait(job_id, record)
+                if why is None:
+                    turn.placed = True
+                    if said is not None:
+                        self.driver.note(job_id, "hpc-runner: a place is free; the job starts\n")
+                        self.driver.set_whereabouts(job_id, state_reason=None, node_list=None)
+                    return
+                if why != said:
+                    self.driver.note(job_id, f"hpc-runner: waiting in the agent's queue: {why} "
+                                             "(max_concurrent_jobs); it starts when one of them ends\n")
+                    self.driver.set_whereabouts(job_id, state_reason=why, node_list=None)
+                    said = why
+                waits = [asyncio.ensure_future(self._places_changed.wait()),
+                         asyncio.ensure_future(cancel.wait())]
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiting in waits:
+                        waiting.cancel()
+        finally:
+            turn.waiting_in = None
+
+    def _why_wait(self, job_id: str, record: JobRecord) -> str | None:
+        """Why the job cannot start yet under its account's max_concurrent_jobs, or None."""
+        _, decision = redecide(self.policy, record)
+        account = self.policy.accounts.get(decision.account or "")
+        if not decision.allowed or account is None or account.max_concurrent_jobs is None:
+            return None  # no cap to wait for (a job the policy now denies is denied as it starts)
+        turn = self._turns[job_id]
+        running = self.store.count_by_account(ACTIVE_STATES).get(account.name, 0)
+        for other_id, other in self._turns.items():
+            if other_id == job_id:
+                continue
+            other_record = self.store.get_job(other_id)
+            if other_record is None or other_record.state != JobState.queued:
+                continue
+            if other.placed and (other_record.decision or {}).get("account") == account.name:
+                running += 1  # given its place, about to be submitted
+            elif other.waiting_in == account.name \
+                    and (other.submitted_at, other_id) < (turn.submitted_at, job_id):
+                running += 1  # waits before this one
+        return waits_for_a_place(account, Usage(running_by_account={account.name: running}))
 
     def _enter(self, job_id: str, cancel: asyncio.Event, on_change: StateWatcher | None) -> _Turn:
         task = asyncio.current_task()
@@ -418,6 +499,7 @@ class Agent:
                                                                                   "error": str(exc)})
             return False
         self.site.policy = policy
+        self._look_again()  # the caps may have changed for the jobs waiting for a place
         self.store.append_audit(actor="agent", action="policy_reload", detail={"ok": True})
         log.info("policy reloaded", grants=len(policy.grants))
         return True

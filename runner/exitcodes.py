@@ -8,6 +8,7 @@ INFRASTRUCTURE = 125       # the job could not be started: not the job's fault
 DENIED = 126               # the policy said no
 TIMED_OUT = 124            # as timeout(1): the job ran past its walltime
 CANCELLED = 130            # as a shell reports Ctrl-C
+EXPIRED = 75               # EX_TEMPFAIL: it waited in Slurm's queue past its queue_time; try later
 
 
 def for_outcome(state: str, exit_status: int | None) -> int:
@@ -18,6 +19,8 @@ def for_outcome(state: str, exit_status: int | None) -> int:
         return TIMED_OUT
     if state == "cancelled":
         return CANCELLED
+    if state == "expired":
+        return EXPIRED
     if state == "failed" and exit_status is not None:
         return exit_status if 0 < exit_status < 256 else 1
     return INFRASTRUCTURE

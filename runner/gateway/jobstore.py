@@ -193,7 +193,7 @@ SELECT at, job_seq, actor, action, detail FROM (
                        'from_stored_job', json('true'))
     FROM jobs
     WHERE ended IS NOT NULL
-      AND state IN ('succeeded', 'failed', 'cancelled', 'timed_out', 'denied', 'infra_failed')
+      AND state IN ('succeeded', 'failed', 'cancelled', 'timed_out', 'denied', 'infra_failed', 'expired')
 ) ORDER BY at, job_seq, action = 'final_status';
 """
 

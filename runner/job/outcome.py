@@ -9,8 +9,9 @@ from runner.job.outputs import OutputFile
 from runner.job.states import JobState
 
 # "infra_failed": the job did not fail, the cluster did (a node failure); another try may work.
-# Only the Slurm executor can tell; a local job never ends so.
-OutcomeState = Literal["succeeded", "failed", "timed_out", "cancelled", "infra_failed"]
+# Only the Slurm executor can tell; a local job never ends so. "expired": it waited in Slurm's
+# queue past its queue_time and was cancelled there before it ran (Slurm only, too).
+OutcomeState = Literal["succeeded", "failed", "timed_out", "cancelled", "infra_failed", "expired"]
 
 
 @dataclass(frozen=True)

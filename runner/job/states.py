@@ -15,6 +15,9 @@ class JobState(StrEnum):
     cancelled = "cancelled"
     timed_out = "timed_out"
     infra_failed = "infra_failed"
+    # Waited in Slurm's queue past its queue_time and was taken out of it: the cluster was busy,
+    # the job itself never ran, so nothing about it failed.
+    expired = "expired"
 
     @property
     def is_terminal(self) -> bool:
@@ -23,7 +26,7 @@ class JobState(StrEnum):
 
 TERMINAL_STATES = frozenset({
     JobState.denied, JobState.succeeded, JobState.failed, JobState.cancelled,
-    JobState.timed_out, JobState.infra_failed,
+    JobState.timed_out, JobState.infra_failed, JobState.expired,
 })
 # Jobs holding (or about to hold) cluster resources: what a project account's concurrency cap counts.
 ACTIVE_STATES = (JobState.pending, JobState.running)

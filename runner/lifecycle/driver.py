@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from runner import metrics
 from runner.errors import InfrastructureError
 from runner.executors.local import LocalExecutor, LocalLaunch, local_launch
-from runner.executors.slurm import SlurmExecutor, SlurmJob, SlurmUnavailable, SubmissionFailed
+from runner.executors.slurm import QueueLimit, SlurmExecutor, SlurmJob, SlurmUnavailable, SubmissionFailed
 from runner.executors.slurm.tracker import NodesGiven, PendingInfo, TrackerEvent
 from runner.job import Ended, JobRecord, JobState, Outcome
 from runner.job.prepared import PreparedJob
@@ -261,11 +261,22 @@ class JobDriver:
                 self.set_whereabouts(job_id, state_reason=None, node_list=event.node_list)
 
         outcome = await slurm.follow(job, cancel=cancel, grace_seconds=self._grace, on_running=running,
-                                     on_event=heard)
+                                     on_event=heard, queue_limit=self._queue_limit(job_id))
         if outcome.retryable and not cancel.is_set() \
                 and await self._resubmit_after_node_failure(slurm, job_id, outcome, cancel):
             return
         await self.end(job_id, outcome)
+
+    def _queue_limit(self, job_id: str) -> QueueLimit | None:
+        """How long the job may pend in Slurm (its queue_time, under the policy now in force),
+        counted from its last submission, so that a restarted agent keeps the same deadline."""
+        record = self.get(job_id)
+        _, decision = redecide(self.site.policy, record)
+        if decision.slurm is None or decision.slurm.queue_seconds <= 0:
+            return None
+        submitted = [entry.at for entry in self.store.audit_entries(job_id=job_id)
+                     if entry.action == "submitted"]
+        return QueueLimit(decision.slurm.queue_seconds, submitted[-1] if submitted else record.updated_at)
 
     async def _resubmit_after_node_failure(self, slurm: SlurmExecutor, job_id: str, outcome: Outcome,
                                            cancel: asyncio.Event) -> bool:

@@ -29,4 +29,4 @@ def test_job_ids_that_could_not_name_a_slurm_job_are_refused() -> None:
 def test_every_state_knows_whether_it_is_terminal() -> None:
     terminal = {s for s in JobState if s.is_terminal}
     assert terminal == {JobState.denied, JobState.succeeded, JobState.failed, JobState.cancelled,
-                        JobState.timed_out, JobState.infra_failed}
+                        JobState.timed_out, JobState.infra_failed, JobState.expired}

@@ -174,9 +174,9 @@ def test_a_policy_without_grants_is_valid_and_denies_everything() -> None:
     ('slurm_account = "esm"', 'slurm_account = "esm --qos=high"',
      "p.toml:4: accounts.clima.slurm_account: 'esm --qos=high' is not a Slurm account name"),
     ("max_nodes = 4", "max_node = 4",
-     "p.toml:6: accounts.clima.max_node: unknown key (known keys here: admins, default_time, "
+     "p.toml:6: accounts.clima.max_node: unknown key (known keys here: admins, caches, default_time, "
      "max_concurrent_jobs, max_cpus_per_task, "
-     "max_gpus, max_memory, max_nodes, max_output_bytes, max_queue_time, max_queued_jobs, max_tasks, "
+     "max_gpus, max_memory, max_nodes, max_output_bytes, max_queue_time, max_queued_jobs, max_setup_time, max_tasks, "
      "max_time, partitions, "
      "retry_node_failures, slurm_account)"),
     ('admins = ["github:team:CliMA/ci-admins"]', 'admins = ["github:team:CliMA/*-admins"]',
@@ -243,9 +243,9 @@ def test_a_policy_without_grants_is_valid_and_denies_everything() -> None:
     ('refs = ["refs/heads/main", "refs/pull/*"]', 'refs = ["main"]',
      "p.toml:29: grants[0].refs[0]: 'main' is not a git ref"),
     ("forks = false", "fork = false",
-     "p.toml:30: grants[0].fork: unknown key (known keys here: account, binds, events, forks, gpus, images, "
+     "p.toml:30: grants[0].fork: unknown key (known keys here: account, binds, caches, events, forks, gpus, images, "
      "mpi, "
-     "name, network, principals, refs, signed_fields, signers)"),
+     "name, network, principals, refs, setup_network, signed_fields, signers)"),
     ("mpi = true", 'mpi = "yes"', "p.toml:34: grants[0].mpi: must be true or false, got a string"),
     ('events = ["pull_request", "push"]', "events = []",
      "p.toml:28: grants[0].events: must not be empty (omit `events` and any event is allowed)"),
@@ -494,7 +494,8 @@ def test_a_job_over_the_concurrency_cap_is_allowed_to_wait_for_a_place() -> None
 
 
 def test_max_queued_jobs_bounds_the_accounts_waiting_list() -> None:
-    policy, job = _policy(_with("max_concurrent_jobs = 10", "max_concurrent_jobs = 10\nmax_queued_jobs = 2")), _job()
+    policy = _policy(_with("max_concurrent_jobs = 10", "max_concurrent_jobs = 10\nmax_queued_jobs = 2"))
+    job = _job()
     assert decide(policy, ALICE, job, Usage(running_by_account={"clima": 11})).waits == (
         "account clima runs 10 of 10 jobs; 1 waits before it")
     assert decide(policy, ALICE, job, Usage(running_by_account={"clima": 12})).reasons == (
@@ -627,6 +628,7 @@ def test_allowed_decision_json_has_exactly_the_documented_shape() -> None:
         "principals": ["github:org:CliMA", "github:repo:CliMA/ClimaAtmos.jl", "github:user:alice",
                        "github:team:CliMA/core"],
         "image": "clima-ci",
+        "caches": {}, "setup": {"network": False, "network_isolated": True, "max_time": "30m"},
         "sandbox": {"mpi": False, "network": False, "gpus": False, "network_isolated": True},
         "retry_node_failure": False, "signed_fields": [], "waits": None,
     }
@@ -642,6 +644,7 @@ def test_denied_decision_json_has_exactly_the_documented_shape() -> None:
         "notes": [],
         "principals": ["github:org:CliMA", "github:repo:CliMA/ClimaAtmos.jl", "github:user:mallory"],
         "image": "clima-ci",
+        "caches": {}, "setup": {"network": False, "network_isolated": False, "max_time": None},
         "sandbox": {"mpi": False, "network": False, "gpus": False, "network_isolated": False},
         "retry_node_failure": False, "signed_fields": [], "waits": None,
     }

@@ -271,7 +271,8 @@ def _near_case(draw: st.DrawFn, policy: Policy, knob: str) -> NearCase:
                for name, a in policy.accounts.items() if draw(st.booleans())}
     if knob == "running" and account.max_concurrent_jobs is not None:
         # past the cap and a full waiting list: below that the job waits, allowed
-        running[account.name] = account.max_concurrent_jobs + account.max_queued_jobs + draw(st.integers(0, 1))
+        running[account.name] = (account.max_concurrent_jobs + account.max_queued_jobs
+                                  + draw(st.integers(0, 1)))
     return NearCase(Case(policy, identity, job, Usage(running_by_account=running)), grant, knob)
 
 

@@ -14,10 +14,11 @@ from runner.executors.slurm.cli import (
     SubmissionFailed,
     SubprocessRunner,
 )
-from runner.executors.slurm.executor import Reconciliation, SlurmExecutor, SlurmJob
+from runner.executors.slurm.executor import QueueLimit, Reconciliation, SlurmExecutor, SlurmJob
 from runner.executors.slurm.plan import SlurmSite, SubmitOptions
 
 __all__ = [
+    "QueueLimit",
     "Reconciliation",
     "SlurmCli",
     "SlurmExecutor",

@@ -55,7 +55,9 @@ SQUEUE_FORMAT = ("JobID:|,State:|,Reason:|,StartTime:|,TimeLimit:|,exit_code:|,R
 _SQUEUE_FIELDS = 10
 UNKNOWN_JOB = "Invalid job id specified"
 # scancel's answers for a job that has nothing left to cancel.
-_NOTHING_TO_CANCEL = (UNKNOWN_JOB, "already completing or completed", "Job/step already")
+# (The last: `--state=PENDING` of a job that is no longer pending.)
+_NOTHING_TO_CANCEL = (UNKNOWN_JOB, "already completing or completed", "Job/step already",
+                      "No active jobs match")
 # sbatch's messages when it never reached the controller: the job was not refused, just not sent.
 _CONTROLLER_UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out", "Connection refused",
                            "Zero Bytes were transmitted or received", "Communication connection failure")
@@ -222,15 +224,17 @@ class SlurmCli:
             raise SlurmUnavailable(f"scontrol show job {wanted} printed no record of it: {result.stdout!r}")
         return record
 
-    async def scancel(self, slurm_id: str, *, signal: str | None = None, full: bool = False) -> bool:
+    async def scancel(self, slurm_id: str, *, signal: str | None = None, full: bool = False,
+                      pending_only: bool = False) -> bool:
         """Cancel the job, or with `signal` only signal it (its steps; with `full` also the batch
-        script). False when there was nothing left to cancel."""
+        script); `pending_only`: only while it still pends (Slurm checks, so a job that has just
+        started is left alone). False when there was nothing left to cancel."""
         (wanted,) = _checked_ids([slurm_id])
         if signal is not None and not re.fullmatch(r"[A-Z0-9]+", signal):
             raise ValueError(f"signal {signal!r} is not a signal name")
         # --verbose: without it scancel says nothing, and exits 0, when the job is unknown.
         args = ["--verbose", *([f"--signal={signal}"] if signal else []), *(["--full"] if full else []),
-                wanted]
+                *(["--state=PENDING"] if pending_only else []), wanted]
         result = await self._call("scancel", args, check=False)
         if result.returncode != 0 or result.stderr.strip():
             if any(text in result.stderr for text in _NOTHING_TO_CANCEL):

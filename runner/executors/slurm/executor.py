@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import pwd
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from runner.executors.slurm.tracker import (
     DEFAULT_MAX_DELAY_SECONDS,
     Finished,
     JobNote,
+    NodesGiven,
     PendingInfo,
     StateChanged,
     Tracker,
@@ -48,8 +50,9 @@ from runner.executors.slurm.tracker import (
 )
 from runner.job import Outcome, slurm_job_name
 from runner.job.prepared import PreparedJob
+from runner.units import human_duration
 
-__all__ = ["Reconciliation", "SlurmExecutor", "SlurmJob", "append_log_line"]
+__all__ = ["QueueLimit", "Reconciliation", "SlurmExecutor", "SlurmJob", "append_log_line"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,19 @@ class SlurmJob:
     @property
     def status_path(self) -> Path:
         return self.job_dir / EXIT_STATUS_NAME
+
+
+@dataclass(frozen=True)
+class QueueLimit:
+    """How long a job may pend in Slurm's queue: `seconds` from `since` (epoch seconds: when it was
+    submitted, which a restarted agent reads from its record), so `deadline` holds across restarts."""
+
+    seconds: int
+    since: float
+
+    @property
+    def deadline(self) -> float:
+        return self.since + self.seconds
 
 
 @dataclass(frozen=True)
@@ -208,32 +224,84 @@ class SlurmExecutor:
 
     async def follow(self, job: SlurmJob, *, cancel: asyncio.Event, grace_seconds: float,
                      on_running: Callable[[], None] | None = None,
-                     on_event: Callable[[TrackerEvent], None] | None = None) -> Outcome:
+                     on_event: Callable[[TrackerEvent], None] | None = None,
+                     queue_limit: QueueLimit | None = None) -> Outcome:
         """Watch a submitted job to its end; setting `cancel` cancels it in Slurm (with the grace
         period), however long Slurm takes to answer. `on_running` is called once it runs, and
-        `on_event` with every tracker event of the job (its pending reason, its nodes...)."""
+        `on_event` with every tracker event of the job (its pending reason, its nodes...).
+        `queue_limit`: a job still pending in Slurm when it passes is taken out of the queue and
+        ends `expired`, saying how long it waited and Slurm's last reason why."""
+        ran = asyncio.Event()
+        reason: list[str] = []  # Slurm's last pending reason
 
         def heard(event: TrackerEvent) -> None:
-            if isinstance(event, StateChanged) and event.phase == "running" and on_running is not None:
-                on_running()
+            if isinstance(event, StateChanged) and event.phase == "running":
+                ran.set()
+                if on_running is not None:
+                    on_running()
+            elif isinstance(event, NodesGiven):
+                ran.set()
+            elif isinstance(event, PendingInfo) and event.reason not in (None, "", "None"):
+                reason[:] = [str(event.reason)]
             if on_event is not None:
                 on_event(event)
 
         watch = asyncio.create_task(self.watch(job, on_event=heard))
         canceller: asyncio.Task[None] | None = None
+        expiry: asyncio.Task[str | None] | None = None
+        if queue_limit is not None and job.slurm_id is not None:
+            expiry = asyncio.create_task(self._expire(job, queue_limit, ran, reason))
         try:
             waiter = asyncio.create_task(cancel.wait())
             await asyncio.wait({watch, waiter}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             if not watch.done() and job.slurm_id is not None:
                 canceller = asyncio.create_task(self._cancel_until_answered(job.slurm_id, grace_seconds))
-            return await watch
+            outcome = await watch
+            expired = expiry.result() if expiry is not None and expiry.done() and not expiry.cancelled() \
+                and expiry.exception() is None else None
+            if expired is not None and not ran.is_set() and outcome.state == "cancelled" \
+                    and not cancel.is_set():
+                return Outcome("expired", None, expired)
+            return outcome
         finally:
-            for task in (watch, canceller):
+            for task in (watch, canceller, expiry):
                 if task is not None and not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
+
+    async def _expire(self, job: SlurmJob, limit: QueueLimit, ran: asyncio.Event,
+                      reason: list[str]) -> str | None:
+        """Once `limit` passes, take the job out of Slurm's queue if it still pends there; what its
+        end then says (None: it ran, or started before Slurm took it out)."""
+        assert job.slurm_id is not None
+        wait = limit.deadline - time.time()
+        if wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ran.wait(), wait)
+        delay = 1.0
+        while not ran.is_set():
+            try:
+                rows = await self.cli.squeue([job.slurm_id])
+                row = rows.get(job.slurm_id)
+                if row is None or normalize_state(row.state) != "PENDING":
+                    return None  # started (or already ended): the job goes on as it is
+                why = row.reason if row.reason not in ("", "None") else (reason[0] if reason else None)
+                waited = human_duration(max(0, round(time.time() - limit.since)))
+                detail = (f"waited {waited} in Slurm's queue, past its queue_time of "
+                          f"{human_duration(limit.seconds)}"
+                          + (f" (Slurm's reason: {why})" if why else "")
+                          + "; taken out of the queue before it started")
+                self._note(job.log_path, f"hpc-runner: expired: {detail}")
+                # Only while it still pends: a job that starts meanwhile runs on.
+                await self.cli.scancel(job.slurm_id, pending_only=True)
+                self.tracker.wake()
+                return detail
+            except SlurmUnavailable:
+                await asyncio.sleep(delay)  # Slurm's controller is briefly away: ask again
+                delay = min(delay * 2, 30.0)
+        return None
 
     async def _cancel_until_answered(self, slurm_id: str, grace_seconds: float) -> None:
         # Slurm may be briefly unreachable (a controller restart): keep asking until it answers.

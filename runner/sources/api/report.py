@@ -215,6 +215,12 @@ class HubReport:
             await self.client.retrying(lambda: self.client.publish(self.job.hub_id, state, **fields),
                                        "the job's state")
         except HubRefused as refused:
+            if state == JobState.expired.value and refused.status == 400:
+                # A hub older than this agent knows no `expired`: it ends the job as cancelled,
+                # its reasons saying it expired, rather than leaving it open for good.
+                log.warning("the hub knows no expired state; published as cancelled", job=self.job.hub_id)
+                await self._publish(JobState.cancelled.value, record)
+                return
             log.error("the hub refused the job's state", job=self.job.hub_id, state=state, error=str(refused))
 
     async def conclude(self, ended: Ended, record: JobRecord) -> None:

@@ -90,6 +90,8 @@ def summary(state: RunState, identity: Identity, decision: Decision, *, comment_
 def queued_title(decision: Decision) -> str:
     if not decision.allowed:
         return "Denied by the site's policy"
+    if decision.waits is not None:
+        return f"Waiting in the agent's queue: {decision.waits}"
     slurm = decision.slurm
     partition = f" on partition {slurm.partition}" if slurm is not None else ""
     return f"Queued: account {decision.account}{partition}"
