@@ -61,6 +61,18 @@ def test_mpi_latency_quick(cluster: Cluster, tmp_path: Path) -> None:
         assert "--sharens" not in commands["sandbox without --sharens"]
 
 
+def test_mpiexec_inside_quick(cluster: Cluster, tmp_path: Path) -> None:
+    data = run_bench(cluster, "mpiexec_inside.py", tmp_path / "mpiexec_inside.json")
+    assert data["benchmark"] == "mpiexec_inside"
+    variants = data["variants"]
+    assert set(variants) == {"mpiexec from inside", "srun from outside"}
+    assert {"paired_ratio_to_outside", "added_ms_over_outside"} <= set(variants["mpiexec from inside"])
+    for entry in variants.values():
+        assert len(entry["samples_ms"]) == data["settings"]["rounds"]
+    assert "srun" in data["commands"]["srun from outside"]
+    assert "sandbox.mpiexec_launcher" in data["commands"]["mpiexec from inside"]
+
+
 def test_buildkite_log_quick(cluster: Cluster, tmp_path: Path) -> None:
     data = run_bench(cluster, "buildkite_log.py", tmp_path / "buildkite_log.json")
     assert data["benchmark"] == "buildkite_log"
