@@ -27,6 +27,13 @@ MAX_CPUS_PER_TASK = 4096
 MAX_GPUS = 100_000
 MAX_OUTPUT_PATTERNS = 100
 MAX_OUTPUT_PATTERN_CHARS = 512
+# A cache's name becomes a directory (/cache/NAME) and, upper-cased with '-' as '_', part of a
+# variable name (HPC_RUNNER_CACHE_NAME): so no '.'.
+CACHE_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+MAX_CACHES = 32
+CACHE_ROOT = "/cache"
+CACHE_ENV_PREFIX = "HPC_RUNNER_CACHE_"
+DEFAULT_SETUP_SECONDS = 600
 # Where the workspace is in the sandbox: output patterns may name it, and mean a path under it.
 WORKSPACE_PREFIX = "/work/"
 
@@ -57,6 +64,28 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Setup:
+    """The setup phase: one process on the agent's node before the main phase (`[job.setup]`)."""
+
+    command: tuple[str, ...] | None = None
+    script: str | None = None
+    time_seconds: int = DEFAULT_SETUP_SECONDS
+
+    def to_json(self) -> dict[str, Any]:
+        return {"command": list(self.command) if self.command is not None else None,
+                "script": self.script, "time_seconds": self.time_seconds}
+
+
+def cache_env_name(name: str) -> str:
+    """The variable that tells a job where cache `name` is: HPC_RUNNER_CACHE_JULIA_DEPOT."""
+    return CACHE_ENV_PREFIX + name.upper().replace("-", "_")
+
+
+def cache_target(name: str) -> str:
+    return f"{CACHE_ROOT}/{name}"
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     image: str
@@ -70,6 +99,9 @@ class JobSpec:
     mpi_launch: str = "ranks"  # one of MPI_LAUNCHES
     # Globs of files under /work collected when the job ends (`results/**/*.nc`), relative to /work.
     outputs: tuple[str, ...] = ()
+    setup: Setup | None = None
+    # Names of the account's caches the job uses (read-write in setup, read-only after).
+    caches: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """A plain-data view, for the state store and `explain`."""
@@ -80,6 +112,8 @@ class JobSpec:
             "script": self.script, "env": dict(self.env),
             "binds": [str(b) for b in self.binds], "network": self.network, "mpi": self.mpi,
             "outputs": list(self.outputs),
+            "setup": self.setup.to_json() if self.setup is not None else None,
+            "caches": list(self.caches),
             "resources": {
                 "account": r.account, "partition": r.partition, "nodes": r.nodes, "tasks": r.tasks,
                 "tasks_per_node": r.tasks_per_node, "cpus_per_task": r.cpus_per_task, "gpus": r.gpus,
@@ -150,11 +184,8 @@ def parse_resources(table: Table | None) -> Resources:
     return Resources(account, partition, nodes, tasks, per_node, cpus, gpus, memory, time, queue_time)
 
 
-def parse_job_table(table: Table) -> JobSpec:
-    """Parse one `[job]` table (or a `[[jobs]]` entry, or a plugin config block)."""
-    name = table.string("name", pattern=NAME_PATTERN,
-                        what="a job name (letters, digits, '.', '_', '-'; at most 64)")
-    image = table.string("image", pattern=NAME_PATTERN, what="an image name from the policy's catalogue")
+def _command_or_script(table: Table) -> tuple[tuple[str, ...] | None, str | None]:
+    """Exactly one of `command` (an array) or `script` (a string)."""
     command: tuple[str, ...] | None = None
     if table.has("command"):
         command = table.string_list("command", unique=False)
@@ -171,6 +202,26 @@ def parse_job_table(table: Table) -> JobSpec:
         raise table.error(None, "needs either `command` (an array) or `script` (a string)")
     if command is not None and script is not None:
         raise table.error("script", "give either `command` or `script`, not both")
+    return command, script
+
+
+def parse_setup(table: Table | None) -> Setup | None:
+    if table is None:
+        return None
+    command, script = _command_or_script(table)
+    time = table.converted("time", parse_duration, DEFAULT_SETUP_SECONDS)
+    table.finish()
+    if time <= 0:
+        raise table.error("time", "must be longer than nothing")
+    return Setup(command, script, time)
+
+
+def parse_job_table(table: Table) -> JobSpec:
+    """Parse one `[job]` table (or a `[[jobs]]` entry, or a plugin config block)."""
+    name = table.string("name", pattern=NAME_PATTERN,
+                        what="a job name (letters, digits, '.', '_', '-'; at most 64)")
+    image = table.string("image", pattern=NAME_PATTERN, what="an image name from the policy's catalogue")
+    command, script = _command_or_script(table)
     env = table.string_map("env", key_pattern=ENV_NAME_PATTERN, what="an environment variable name")
     for env_name in env:
         try:
@@ -208,10 +259,16 @@ def parse_job_table(table: Table) -> JobSpec:
             outputs.append(parse_output_pattern(text))
         except ValueError as exc:
             raise table.error(f"outputs[{index}]", str(exc)) from None
+    setup = parse_setup(table.table("setup"))
+    caches = table.string_list("caches", (), pattern=CACHE_NAME_PATTERN,
+                               what="a cache name (letters, digits, '_', '-'; at most 64)")
+    if len(caches) > MAX_CACHES:
+        raise table.error("caches", f"at most {MAX_CACHES} caches")
     table.finish()
     return JobSpec(name=name, image=image, command=command, script=script,
                    env=MappingProxyType(dict(env)), binds=tuple(binds), network=network,
-                   resources=resources, mpi=mpi, mpi_launch=mpi_launch, outputs=tuple(outputs))
+                   resources=resources, mpi=mpi, mpi_launch=mpi_launch, outputs=tuple(outputs), setup=setup,
+                   caches=tuple(caches))
 
 
 def _script(value: object) -> str:
@@ -264,7 +321,7 @@ def _table_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("command", "script"):
         if data.get(key) is not None:
             table[key] = data[key]
-    for key in ("env", "binds", "outputs"):
+    for key in ("env", "binds", "outputs", "caches"):
         if data.get(key):
             table[key] = data[key]
     resources = {k: v for k, v in (data.get("resources") or {}).items() if v is not None}
@@ -281,4 +338,8 @@ def _table_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
         table["mpi"] = {"enabled": True}
         if data.get("mpi_launch"):
             table["mpi"]["launch"] = data["mpi_launch"]
+    setup = data.get("setup")
+    if setup:
+        table["setup"] = {key: setup[key] for key in ("command", "script") if setup.get(key) is not None}
+        table["setup"]["time"] = f"{setup['time_seconds']}s"
     return table

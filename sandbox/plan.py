@@ -37,6 +37,13 @@ What a job gets, and why each flag is there:
   command under the image's `/bin/sh` (`RANK_HOLD_SCRIPT`), which keeps it from ending
   before every rank of its node has started: see there for why.
 - `--nv` only for a job that asks for GPUs under a grant that allows them.
+- the job's named caches at `/cache/NAME`: read-only in the main phase, so that what runs on
+  the compute nodes (and whatever it was given to test) cannot change what the next job finds.
+
+The setup phase (`plan_setup`) is one process on the agent's node before the main phase: the
+same image, workspace, binds and isolation as a non-MPI job (its own PID namespace), network only
+when the grant has `setup_network`, and the caches read-write: that is where it puts what the
+main phase, offline, needs. Its env file and script are `META/setup-env` and `META/setup-script`.
 
 Every bind is a `--bind src:dst:mode` of its own; paths that contain `:` or `,` (which
 `--bind` would split) or control characters are refused rather than quoted.
@@ -57,11 +64,12 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import Literal
 
 from runner.binds import FORBIDDEN_ROOTS, RESERVED_TARGETS, Bind, check_absolute_path, is_within
 from runner.errors import HpcRunnerError, InfrastructureError
 from runner.policy.engine import Decision, SlurmResources
-from runner.spec import JobSpec
+from runner.spec import CACHE_ENV_PREFIX, JobSpec, cache_env_name, cache_target
 from sandbox.envfile import EnvFileError, check_env_name, render_env_file
 from sandbox.hostmpi import HostMpi
 from sandbox.mpiexec import (
@@ -81,6 +89,8 @@ CONTAINER_HOME = "/tmp"
 CONTAINER_TMPDIR = "/tmp"
 ENV_FILE_NAME = "env"
 SCRIPT_NAME = "script"
+SETUP_ENV_FILE_NAME = "setup-env"
+SETUP_SCRIPT_NAME = "setup-script"
 # Scripts run with `sh -e`: the first failing command fails the job, as in CI services.
 SCRIPT_SHELL = ("/bin/sh", "-e")
 DEFAULT_HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -154,6 +164,7 @@ RANK_HOLD = ("/bin/sh", "-c", RANK_HOLD_SCRIPT, RANK_HOLD_NAME)
 DOCUMENTED_ENV = (
     "CI", "HOME", "HPC_RUNNER_ACCOUNT", "HPC_RUNNER_CPUS_PER_TASK", "HPC_RUNNER_JOB_ID",
     "HPC_RUNNER_JOB_NAME", "HPC_RUNNER_NODES", "HPC_RUNNER_TASKS", "HPC_RUNNER_WORKSPACE", "TMPDIR",
+    f"{CACHE_ENV_PREFIX}*",
 )
 # What Apptainer 1.4 adds inside the container on its own ("*": a prefix). It appends its
 # own library directory to LD_LIBRARY_PATH, sets a default PATH and LANG=C unless the job's
@@ -312,16 +323,17 @@ def bind_flag(bind: Bind) -> tuple[str, str]:
     return ("--bind", f"{bind.source}:{bind.target}:{bind.mode}")
 
 
-def _isolation_flags(site: SandboxSite, decision: Decision, scratch: str, home: str) -> list[str]:
+def _isolation_flags(site: SandboxSite, scratch: str, home: str, *, mpi: bool,
+                     network_isolated: bool) -> list[str]:
     flags = ["--contain", "--cleanenv", "--no-eval", "--no-home", "--home", f"{scratch}:{home}",
              "--no-mount", "cwd"]
-    if not decision.mpi:
+    if not mpi:
         flags.append("--pid")
     if site.userns:
         flags.append("--userns")
-    if decision.network_isolated:
+    if network_isolated:
         flags += ["--net", "--network", "none"]
-    if decision.mpi:
+    if mpi:
         flags.append("--sharens")
     return flags
 
@@ -341,6 +353,30 @@ def _mpi_binds(mpi: HostMpi, protected: list[str], realpath: Callable[[str], str
                 raise InfrastructureError(f"host MPI bind {bind} refused: {path} is {problem}")
         binds.append(Bind(source, _host_path(bind.target, "host MPI target"), "ro"))
     return binds
+
+
+def _cache_binds(decision: Decision, mode: Literal["ro", "rw"], protected: list[str], taken: list[str],
+                 realpath: Callable[[str], str]) -> list[Bind]:
+    """The job's caches at /cache/NAME, their host directories checked like the runner's own binds:
+    the policy names them, but a link could make one reach the agent's state."""
+    binds = []
+    for name, path in decision.caches:
+        source = _host_path(realpath(_host_path(path, f"cache {name}")), f"cache {name}")
+        for form in dict.fromkeys((posixpath.normpath(path), source)):
+            problem = _source_problem(form, protected)
+            if problem:
+                how = f"{path} resolves to {form}, which" if form != posixpath.normpath(path) else path
+                raise SandboxRefused(f"cache {name} refused: its directory {how} is {problem}")
+        target = cache_target(name)
+        problem = _target_problem(target, taken)
+        if problem:
+            raise SandboxRefused(f"cache {name} refused: {target} is {problem}")
+        binds.append(Bind(source, target, mode))
+    return binds
+
+
+def _cache_targets(decision: Decision) -> list[str]:
+    return [cache_target(name) for name, _ in decision.caches]
 
 
 def _command(spec: JobSpec) -> tuple[str, ...]:
@@ -383,6 +419,7 @@ def job_env(spec: JobSpec, decision: Decision, paths: JobPaths, mpi: HostMpi | N
         "HPC_RUNNER_TASKS": str(res.tasks), "HPC_RUNNER_CPUS_PER_TASK": str(res.cpus_per_task),
         "HPC_RUNNER_WORKSPACE": WORKSPACE,
     })
+    env.update({cache_env_name(name): cache_target(name) for name, _ in decision.caches})
     env.pop("HOME", None)
     if mpi is not None:
         # The bound MPI first; a job's own LD_LIBRARY_PATH still applies after it.
@@ -455,7 +492,8 @@ def plan_sandbox(spec: JobSpec, decision: Decision, image_path: str, paths: JobP
     meta = _runner_dir(paths.meta, "metadata directory", protected, realpath)
     image = _host_path(image_path, "image")
     mpi_binds = _mpi_binds(job_mpi, protected, realpath) if job_mpi else []
-    taken = [b.target for b in mpi_binds]
+    caches = _cache_binds(decision, "ro", protected, [b.target for b in mpi_binds], realpath)
+    taken = [b.target for b in (*mpi_binds, *caches)]
     granted = [_granted_bind(b, protected, taken, realpath) for b in spec.binds]
     gpus = _wants_gpus(spec, decision)
     env = job_env(spec, decision, paths, job_mpi, extra_env)
@@ -464,12 +502,13 @@ def plan_sandbox(spec: JobSpec, decision: Decision, image_path: str, paths: JobP
     except EnvFileError as exc:
         raise SandboxRefused(f"job {spec.name}: {exc}") from None
     argv = [site.apptainer, "--quiet", "exec",
-            *_isolation_flags(site, decision, scratch, _home(spec)),
+            *_isolation_flags(site, scratch, _home(spec), mpi=decision.mpi,
+                              network_isolated=decision.network_isolated),
             *(["--nv"] if gpus else []),
             "--workdir", scratch,
             *bind_flag(Bind(workspace, WORKSPACE, "rw")), "--pwd", WORKSPACE,
             *bind_flag(Bind(meta, META, "ro")), "--env-file", posixpath.join(meta, ENV_FILE_NAME)]
-    for bind in (*granted, *mpi_binds):
+    for bind in (*granted, *caches, *mpi_binds):
         argv += bind_flag(bind)
     argv += [*site.extra_flags, image, *(RANK_HOLD if job_mpi else ()), *_command(spec)]
     passthrough = _passthrough(decision, gpus, job_mpi)
@@ -497,6 +536,46 @@ def _mpiexec_inside(plan: SandboxPlan, spec: JobSpec, image: str, *, scratch: st
                           env_file=posixpath.join(meta, ENV_FILE_NAME), workspace=workspace,
                           rank_argv=(*options, image, *RANK_HOLD))
     return replace(plan, argv=argv, env_file=render_env_file(env), env=MappingProxyType(env), mpiexec=inside)
+
+
+def plan_setup(spec: JobSpec, decision: Decision, image_path: str, paths: JobPaths, site: SandboxSite, *,
+               realpath: Callable[[str], str] = os.path.realpath,
+               extra_env: Mapping[str, str] = MappingProxyType({})) -> SandboxPlan:
+    """The setup phase's Apptainer argv and env file (see the module's docstring); the caller writes
+    `env_file` to META/setup-env and `script` to META/setup-script, and runs `argv` on its own node."""
+    _resources(decision)
+    setup = spec.setup
+    if setup is None:
+        raise SandboxRefused(f"job {spec.name} has no setup phase")
+    protected = _protected_roots(site, realpath)
+    workspace = _runner_dir(paths.workspace, "workspace", protected, realpath)
+    scratch = _runner_dir(paths.scratch, "scratch directory", protected, realpath)
+    meta = _runner_dir(paths.meta, "metadata directory", protected, realpath)
+    image = _host_path(image_path, "image")
+    caches = _cache_binds(decision, "rw", protected, [], realpath)
+    granted = [_granted_bind(b, protected, _cache_targets(decision), realpath) for b in spec.binds]
+    env = job_env(spec, decision, paths, None, extra_env)
+    try:
+        env_text = render_env_file(env)
+    except EnvFileError as exc:
+        raise SandboxRefused(f"job {spec.name}: {exc}") from None
+    if setup.script is not None:
+        command: tuple[str, ...] = (*SCRIPT_SHELL, posixpath.join(META, SETUP_SCRIPT_NAME))
+    elif setup.command and not any("\x00" in arg for arg in setup.command):
+        command = setup.command
+    else:
+        raise SandboxRefused(f"job {spec.name}: the setup phase needs a command (without NUL) or a script")
+    argv = [site.apptainer, "--quiet", "exec",
+            *_isolation_flags(site, scratch, _home(spec), mpi=False,
+                              network_isolated=decision.setup_network_isolated),
+            "--workdir", scratch,
+            *bind_flag(Bind(workspace, WORKSPACE, "rw")), "--pwd", WORKSPACE,
+            *bind_flag(Bind(meta, META, "ro")), "--env-file", posixpath.join(meta, SETUP_ENV_FILE_NAME)]
+    for bind in (*granted, *caches):
+        argv += bind_flag(bind)
+    argv += [*site.extra_flags, image, *command]
+    return SandboxPlan(argv=tuple(argv), env_file=env_text, script=setup.script, rank_wrapper=(),
+                       host_env=_host_env(site, None), env=MappingProxyType(env))
 
 
 def plan_local_launch(plan: SandboxPlan, spec: JobSpec, decision: Decision,

@@ -89,6 +89,8 @@ class LocalLaunch:
     grace_seconds: float = 10.0
     # RLIMIT_DATA of every process of the job (see the module's docstring); None: no limit.
     memory_limit_bytes: int | None = None
+    # What `walltime_seconds` is called in the job's log and outcome (a setup phase has its own).
+    limit_name: str = "walltime"
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -195,7 +197,7 @@ async def _supervise(process: asyncio.subprocess.Process, job: JobProcesses, lau
                            launch.grace_seconds)
         return _exit_outcome(code)
     if ending == "timed_out":
-        detail = why = f"walltime of {_seconds(launch.walltime_seconds)} exceeded"
+        detail = why = f"{launch.limit_name} of {_seconds(launch.walltime_seconds)} exceeded"
     else:
         detail, why = "cancelled", "job cancelled"
     await _end_job(process, job, log_fd, why, launch.grace_seconds)

@@ -29,6 +29,7 @@ from runner.lifecycle.admission import first_few, log_path_of, redecide, workspa
 from runner.lifecycle.notes import Notes, append_to_log
 from runner.lifecycle.prepare import Site, job_dir, prepare_job, return_workspace
 from runner.lifecycle.recording import record_run, recorded_outputs, save_run_facts
+from runner.lifecycle.setup import PreparedSetup, check_caches, prepare_setup, run_setup
 from runner.logging_setup import get_logger
 from runner.logs.tail import LogSink, pump
 from runner.store import Store
@@ -189,8 +190,10 @@ class JobDriver:
             return
         try:
             _refuse_uncopied_workspace(record)
+            await asyncio.to_thread(check_caches, decision)
             prepared = await asyncio.to_thread(prepare_job, self.site, job_id=record.id, spec=spec,
                                                decision=decision, workspace=workspace_of(record))
+            setup = await asyncio.to_thread(prepare_setup, self.site, prepared, self._grace)
             await asyncio.to_thread(save_run_facts, self.site, prepared, executor=self._executor_name)
         except (SandboxRefused, InfrastructureError) as exc:
             refused = isinstance(exc, SandboxRefused)
@@ -198,6 +201,8 @@ class JobDriver:
             self.set_state(record.id, JobState.denied if refused else JobState.infra_failed, detail=str(exc))
             if not refused:  # denials are answered at admission, never as final statuses
                 self.report_final(record.id)
+            return
+        if setup is not None and not await self._set_up(record.id, setup, cancel):
             return
         if self.slurm is not None:
             await self._run_on_slurm(self.slurm, record, prepared, cancel)
@@ -214,6 +219,18 @@ class JobDriver:
             self._notes(log_path, f"hpc-runner: {exc}\n")
             outcome = Outcome("infra_failed", None, str(exc))
         await self.end(record.id, outcome)
+
+    async def _set_up(self, job_id: str, setup: PreparedSetup, cancel: asyncio.Event) -> bool:
+        """Run the job's setup phase on this host; False: it ended the job (nothing goes to Slurm)."""
+        self.set_whereabouts(job_id, state_reason=None, node_list=socket.gethostname(), announce=False)
+        self.set_state(job_id, JobState.running)
+        self.store.append_audit(actor=self._actor, action="setup_started", job_id=job_id,
+                                detail={"argv": list(setup.launch.argv)})
+        ended = await run_setup(setup, self._local.run, cancel)
+        if ended is None:
+            return True
+        await self.end(job_id, ended)
+        return False
 
     # -- Slurm -------------------------------------------------------------------------------------
 
@@ -306,6 +323,8 @@ class JobDriver:
         log.warning("a node failed under a job; submitting it again", job=job_id, slurm_id=record.slurm_id)
         try:
             _refuse_uncopied_workspace(record)
+            # The setup phase is not run again (runner.lifecycle.setup); the caches are still checked.
+            await asyncio.to_thread(check_caches, decision)
             prepared = await asyncio.to_thread(prepare_job, self.site, job_id=job_id, spec=spec,
                                                decision=decision, workspace=workspace_of(record))
             await asyncio.to_thread(save_run_facts, self.site, prepared, executor=self._executor_name)

@@ -19,6 +19,8 @@ from runner.units import human_duration, slurm_memory, slurm_time
 
 MPI_NETWORK_NOTE = ("MPI jobs share the host's network namespace (ranks reach the launcher over "
                     "loopback), so network = false cannot isolate them: the site firewall is the boundary")
+SETUP_OFFLINE_NOTE = ("the setup phase runs without network: the grant has setup_network = false "
+                      "(fill caches from what the workspace holds, or ask for setup_network)")
 MPI_PID_NOTE = ("MPI jobs share the host's PID namespace (a private one would kill the other ranks when "
                 "the first exits), so under the local executor they can see the agent's processes")
 
@@ -102,6 +104,10 @@ class Decision:
     notes: tuple[str, ...] = ()
     principals: tuple[str, ...] = ()
     image: str | None = None
+    # The job's caches as (name, host directory), in the job's order.
+    caches: tuple[tuple[str, str], ...] = ()
+    setup_network: bool = False           # the job's setup phase has the network (setup_network)
+    max_setup_time: int | None = None     # the account's cap on a setup phase, for `explain`
     mpi: bool = False
     network: bool = False
     gpus: bool = False
@@ -116,6 +122,11 @@ class Decision:
         """Whether the sandbox gets its own, loopback-only network namespace."""
         return self.allowed and not self.network and not self.mpi
 
+    @property
+    def setup_network_isolated(self) -> bool:
+        """Whether the setup phase (one process, never MPI) gets a loopback-only namespace."""
+        return self.allowed and not self.setup_network
+
     def to_json(self) -> dict[str, Any]:
         return {
             "allowed": self.allowed, "grant": self.grant, "account": self.account,
@@ -123,6 +134,10 @@ class Decision:
             "caps": self.caps.to_json() if self.caps else None,
             "reasons": list(self.reasons), "notes": list(self.notes),
             "principals": list(self.principals), "image": self.image,
+            "caches": dict(self.caches),
+            "setup": {"network": self.setup_network, "network_isolated": self.setup_network_isolated,
+                      "max_time": human_duration(self.max_setup_time)
+                      if self.max_setup_time is not None else None},
             "sandbox": {"mpi": self.mpi, "network": self.network, "gpus": self.gpus,
                         "network_isolated": self.network_isolated},
             "retry_node_failure": self.retry_node_failure,
@@ -170,6 +185,9 @@ def _account_reasons(job: JobSpec, account: Account, res: SlurmResources, usage:
             and res.memory_mb > account.max_memory_mb:
         reasons.append(f"memory {slurm_memory(res.memory_mb)} exceeds account {name}'s "
                        f"max_memory = {slurm_memory(account.max_memory_mb)}")
+    if job.setup is not None and job.setup.time_seconds > account.max_setup_time:
+        reasons.append(f"setup time {human_duration(job.setup.time_seconds)} exceeds account {name}'s "
+                       f"max_setup_time = {human_duration(account.max_setup_time)}")
     if res.queue_seconds > account.max_queue_time:
         reasons.append(f"queue_time {human_duration(res.queue_seconds)} exceeds account {name}'s "
                        f"max_queue_time = {human_duration(account.max_queue_time)}")
@@ -239,6 +257,14 @@ def _grant_reasons(policy: Policy, grant: Grant, identity: Identity, job: JobSpe
         reasons.append(f"the job asks for {job.resources.gpus} GPUs and the grant has gpus = false")
     if job.network and not grant.network:
         reasons.append("the job asks for network access and the grant has network = false")
+    caches = policy.accounts[grant.account].caches
+    for cache in job.caches:
+        if cache not in caches:
+            known = ", ".join(sorted(caches)) or "none"
+            reasons.append(f"cache {cache!r} is not one of account {grant.account}'s caches ({known})")
+        elif cache not in grant.caches:
+            reasons.append(f"cache {cache!r} is not granted (the grant's caches: "
+                           f"{', '.join(grant.caches) or 'none'})")
     return reasons
 
 
@@ -259,12 +285,16 @@ def decide(policy: Policy, identity: Identity, job: JobSpec, usage: Usage | None
         if job.resources.account in (None, grant.account):
             failed += _account_reasons(job, account, resources, usage)
         if not failed:
+            setup_network = job.setup is not None and grant.setup_network
             notes = ((MPI_NETWORK_NOTE,) if job.mpi and not job.network else ()) \
-                + ((MPI_PID_NOTE,) if job.mpi else ())
+                + ((MPI_PID_NOTE,) if job.mpi else ()) \
+                + ((SETUP_OFFLINE_NOTE,) if job.setup is not None and not setup_network else ())
             return Decision(True, grant=grant.name, account=account.name, slurm=resources,
                             caps=AccountCaps.of(account),
                             notes=notes, principals=principals, image=job.image, mpi=job.mpi,
                             network=job.network, gpus=resources.gpus > 0,
+                            caches=tuple((c, account.caches[c]) for c in job.caches),
+                            setup_network=setup_network, max_setup_time=account.max_setup_time,
                             retry_node_failure=account.retry_node_failures,
                             signed_fields=grant.signed_fields or (),
                             waits=waits_for_a_place(account, usage))

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.binds import Bind, check_absolute_path, parse_bind
 from runner.fields import Table
 from runner.identity import SIGNABLE_FIELDS
 from runner.principals import PrincipalPattern, check_ref_pattern, parse_principal
-from runner.spec import MAX_CPUS_PER_TASK, MAX_GPUS, MAX_NODES, MAX_TASKS, NAME_PATTERN
+from runner.spec import (
+    CACHE_NAME_PATTERN,
+    MAX_CPUS_PER_TASK,
+    MAX_GPUS,
+    MAX_NODES,
+    MAX_TASKS,
+    NAME_PATTERN,
+    cache_env_name,
+)
 from runner.tomlsource import TomlDocument, load_toml, parse_toml
 from runner.units import human_duration, parse_duration, parse_memory
 
@@ -29,6 +38,9 @@ DEFAULT_MAX_QUEUE_TIME = 24 * 3600
 # Jobs that may wait in the agent's queue for a place under max_concurrent_jobs, per account,
 # when the account names no max_queued_jobs.
 DEFAULT_MAX_QUEUED_JOBS = 100
+# The longest setup phase of an account that names no max_setup_time: it runs on the agent's own
+# node, outside any Slurm allocation.
+DEFAULT_MAX_SETUP_TIME = 1800
 EVENTS = ("push", "pull_request", "local", "schedule", "api", "ui", "trigger", "merge_group")
 
 
@@ -52,6 +64,10 @@ class Account:
     max_tasks: int | None = None          # None: DEFAULT_TASKS_PER_NODE on each of max_nodes
     max_cpus_per_task: int = DEFAULT_MAX_CPUS_PER_TASK
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    max_setup_time: int = DEFAULT_MAX_SETUP_TIME
+    # Named caches: a name to a host directory of the service account's (`julia-depot =
+    # "/scratch/ci/esm/depot"`), bound at /cache/NAME for the jobs whose grant names it.
+    caches: Mapping[str, str] = field(default_factory=dict)
     max_queue_time: int = DEFAULT_MAX_QUEUE_TIME
     max_queued_jobs: int = DEFAULT_MAX_QUEUED_JOBS
 
@@ -92,6 +108,11 @@ class Grant:
     signers: tuple[str, ...] | None = None
     # Identity fields that must come from the step's signature, not from what Buildkite asserts.
     signed_fields: tuple[str, ...] | None = None
+    # The account's caches this grant's jobs may use.
+    caches: tuple[str, ...] = ()
+    # Whether a job's setup phase has the network (to fetch packages); the main phase never
+    # gets it from this, only from `network`.
+    setup_network: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,6 +162,8 @@ def _parse_account(name: str, table: Table) -> Account:
     admins = _principals(table, "admins", required=False)
     retry_node_failures = table.boolean("retry_node_failures", False)
     max_output_bytes = table.converted("max_output_bytes", _byte_size, DEFAULT_MAX_OUTPUT_BYTES)
+    max_setup_time = table.converted("max_setup_time", parse_duration, DEFAULT_MAX_SETUP_TIME)
+    caches = _parse_caches(table)
     max_queue_time = table.converted("max_queue_time", parse_duration, DEFAULT_MAX_QUEUE_TIME)
     max_queued_jobs = table.integer("max_queued_jobs", DEFAULT_MAX_QUEUED_JOBS, minimum=0, maximum=100_000)
     table.finish()
@@ -158,7 +181,30 @@ def _parse_account(name: str, table: Table) -> Account:
     return Account(name, slurm_account, partitions, max_nodes, max_gpus, max_time, default_time,
                    max_memory, max_concurrent, admins, retry_node_failures, max_tasks=max_tasks,
                    max_cpus_per_task=max_cpus_per_task, max_output_bytes=max_output_bytes,
+                   max_setup_time=max_setup_time, caches=caches,
                    max_queue_time=max_queue_time, max_queued_jobs=max_queued_jobs)
+
+
+def _parse_caches(table: Table) -> Mapping[str, str]:
+    """`[accounts.X.caches]`: cache names to absolute host directories."""
+    caches = table.string_map("caches", key_pattern=CACHE_NAME_PATTERN,
+                              what="a cache name (letters, digits, '_', '-'; at most 64)")
+    variables: dict[str, str] = {}
+    for name, text in caches.items():
+        try:
+            path = check_absolute_path(text, "cache directory")
+        except ValueError as exc:
+            raise table.error(f"caches.{name}", str(exc)) from None
+        if path == "/":
+            raise table.error(f"caches.{name}", "a cache must not be the root directory")
+        caches[name] = path
+        # Jobs find a cache by its variable, which folds case and '-': two names must not share one.
+        variable = cache_env_name(name)
+        if variable in variables:
+            raise table.error(f"caches.{name}", f"{name!r} and {variables[variable]!r} would both be "
+                                                f"{variable}")
+        variables[variable] = name
+    return caches
 
 
 def _byte_size(value: object) -> int:
@@ -232,6 +278,13 @@ def _parse_grant(table: Table, accounts: dict[str, Account], images: dict[str, I
     network = table.boolean("network", False)
     signers = table.string_list("signers", None, pattern=r"[A-Za-z0-9._:-]{1,128}", what="a key id")
     signed_fields = table.string_list("signed_fields", None)
+    caches = table.string_list("caches", (), pattern=CACHE_NAME_PATTERN, what="a cache name")
+    for index, cache in enumerate(caches):
+        if cache not in accounts[account].caches:
+            known = ", ".join(sorted(accounts[account].caches)) or "none defined"
+            raise table.error(f"caches[{index}]", f"account {account} has no cache {cache!r} "
+                                                  f"(its caches: {known})")
+    setup_network = table.boolean("setup_network", False)
     if signed_fields is not None:
         for index, field in enumerate(signed_fields):
             if field not in SIGNABLE_FIELDS:
@@ -247,7 +300,7 @@ def _parse_grant(table: Table, accounts: dict[str, Account], images: dict[str, I
             meaning = meanings.get(key, f"any {key.rstrip('s')} is allowed")
             raise table.error(key, f"must not be empty (omit `{key}` and {meaning})")
     return Grant(name, principals, account, events, refs, forks, image_names, tuple(binds), mpi, gpus,
-                 network, signers, signed_fields)
+                 network, signers, signed_fields, caches=caches, setup_network=setup_network)
 
 
 def policy_from_document(doc: TomlDocument) -> Policy:

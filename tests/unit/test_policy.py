@@ -176,7 +176,8 @@ def test_a_policy_without_grants_is_valid_and_denies_everything() -> None:
     ("max_nodes = 4", "max_node = 4",
      "p.toml:6: accounts.clima.max_node: unknown key (known keys here: admins, caches, default_time, "
      "max_concurrent_jobs, max_cpus_per_task, "
-     "max_gpus, max_memory, max_nodes, max_output_bytes, max_queue_time, max_queued_jobs, max_setup_time, max_tasks, "
+     "max_gpus, max_memory, max_nodes, max_output_bytes, max_queue_time, max_queued_jobs, "
+     "max_setup_time, max_tasks, "
      "max_time, partitions, "
      "retry_node_failures, slurm_account)"),
     ('admins = ["github:team:CliMA/ci-admins"]', 'admins = ["github:team:CliMA/*-admins"]',
@@ -243,7 +244,8 @@ def test_a_policy_without_grants_is_valid_and_denies_everything() -> None:
     ('refs = ["refs/heads/main", "refs/pull/*"]', 'refs = ["main"]',
      "p.toml:29: grants[0].refs[0]: 'main' is not a git ref"),
     ("forks = false", "fork = false",
-     "p.toml:30: grants[0].fork: unknown key (known keys here: account, binds, caches, events, forks, gpus, images, "
+     "p.toml:30: grants[0].fork: unknown key (known keys here: account, binds, caches, events, forks, gpus, "
+     "images, "
      "mpi, "
      "name, network, principals, refs, setup_network, signed_fields, signers)"),
     ("mpi = true", 'mpi = "yes"', "p.toml:34: grants[0].mpi: must be true or false, got a string"),

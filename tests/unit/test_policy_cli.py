@@ -19,6 +19,7 @@ HPC_RUNNER = Path(sys.executable).with_name("hpc-runner")
 
 DECISION_KEYS = {"allowed", "grant", "account", "slurm", "caps", "reasons", "notes", "principals", "image",
                  "sandbox",
+                 "caches", "setup",
                  "retry_node_failure", "signed_fields"}
 
 

@@ -111,6 +111,7 @@ def test_job_to_json_is_plain_data() -> None:
         "name": "mpi-tests", "image": "clima-ci", "command": ["julia", "--project", "test/runtests.jl"],
         "script": None, "env": {"JULIA_NUM_THREADS": "4"}, "binds": ["/groups/esm/data:/data:ro"],
         "network": False, "mpi": True, "outputs": [],
+        "setup": None, "caches": [],
         "resources": {"account": "clima", "partition": "expansion", "nodes": 2, "tasks": 8,
                       "tasks_per_node": None, "cpus_per_task": 4, "gpus": 0, "memory_mb": 16384,
                       "time_seconds": 1800, "queue_time_seconds": None},
@@ -180,8 +181,8 @@ def test_job_to_json_is_plain_data() -> None:
      "job.toml:4: job.command: must not be empty"),
     # unknown keys
     ("network = false", "networks = false",
-     "job.toml:7: job.networks: unknown key (known keys here: binds, command, env, image, mpi, name, "
-     "network, outputs, resources, script)"),
+     "job.toml:7: job.networks: unknown key (known keys here: binds, caches, command, env, image, mpi, name, "
+     "network, outputs, resources, script, setup)"),
     ("gpus = 0", "gpu = 0",
      "job.toml:15: job.resources.gpu: unknown key (known keys here: account, cpus_per_task, gpus, memory, "
      "nodes, partition, queue_time, tasks, tasks_per_node, time)"),
