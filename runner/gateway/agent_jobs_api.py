@@ -78,7 +78,7 @@ class AgentJobsApi:
             ("PUT", _JOB_ROUTE, self._register), ("POST", f"{_JOB_ROUTE}/state", self._state),
             ("POST", f"{_JOB_ROUTE}/log", self._log), ("GET", protocol.AGENT_HUB_PATH, self._hub),
             ("PUT", f"{_JOB_ROUTE}/provenance", self._provenance),
-            ("PUT", f"{_JOB_ROUTE}/outputs/{{path:.+}}", self._output))
+            ("PUT", f"{_JOB_ROUTE}/outputs", self._output))
         for method, path, handler in routes:
             app.router.add_route(method, path, self._as_agent(handler))
 
@@ -216,7 +216,7 @@ class AgentJobsApi:
         record's size and sha256 as it comes; 400 naming the difference otherwise."""
         job_id = request.match_info["job_id"]
         try:
-            path = check_output_path(request.match_info["path"])
+            path = check_output_path(request.query.get("path", ""))
         except OutputRefused as exc:
             return error(400, str(exc))
         store = self._jobs.file

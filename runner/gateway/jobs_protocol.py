@@ -24,7 +24,7 @@ Agents (authenticated by their agent token, as for webhook leases):
     POST /api/v1/agent/jobs/ID/log?offset=N  raw bytes -> 200 {"length"} | 409 {"error", "length"}
     GET  /api/v1/agent/hub                           -> 200 {"public_url": URL | null}
     PUT  /api/v1/agent/jobs/ID/provenance   the record -> 201 (200 when repeated) <outputs held>
-    PUT  /api/v1/agent/jobs/ID/outputs/PATH  the file  -> 201 (200 when held already) | 400 {"error"}
+    PUT  /api/v1/agent/jobs/ID/outputs?path=PATH  the file  -> 201 (200 when held) | 400 {"error"}
 
 where <agent view> is {"id", "state", "cancel_requested", "log_length"}, and <outputs held> is
 {"sha256", "outputs": [{"path", "sha256", "size", "held"}...]}: the outputs the record names, and
@@ -54,7 +54,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 from runner.errors import InputError
 from runner.gateway.protocol import format_time, parse_time
@@ -144,9 +144,11 @@ def agent_provenance_path(job_id: str) -> str:
     return f"{agent_job_path(job_id)}/provenance"
 
 
-def agent_output_path(job_id: str, path: str) -> str:
-    """Where an output file goes; `path` (under /work) quoted part by part."""
-    return f"{agent_job_path(job_id)}/outputs/{quote(path, safe='/')}"
+def agent_outputs_path(job_id: str) -> str:
+    """Where an output file goes, its path under /work in the query (`path`): a query, not more
+    of the URL's path, so that nothing between agent and hub resolves a `..` in it, and a request's
+    metrics name no directory of a job's."""
+    return f"{agent_job_path(job_id)}/outputs"
 
 
 def job_url(public_url: str, job_id: str) -> str:

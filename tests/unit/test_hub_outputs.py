@@ -33,6 +33,7 @@ from runner.gateway.outputs import OutputRefused, check_output_path, parse_recor
 from runner.identity import Identity
 from runner.job import JobRecord
 from runner.lifecycle.admission import workspace_of
+from runner.metrics import endpoint_of
 from runner.sources.api.client import HubClient, HubRefused
 from runner.sqlitefile import StoreError
 from runner.store import Store
@@ -191,13 +192,13 @@ async def test_the_hub_refuses_a_tampered_output_a_path_out_of_work_and_a_record
         # `..` never leads anywhere: not in a record, not in a request's path.
         with pytest.raises(HubRefused, match=r"has a '\.\.' part"):
             await client.put_provenance(job_id, statement({"../../etc/cron.d/x": b"x"}))
-        for path in ("results/../../x", "results/%2E%2E/%2E%2E/x", "results/..%2F..%2Fx"):
-            url = yarl.URL(f"{hub.url}{protocol.agent_job_path(job_id)}/outputs/{path}", encoded=True)
+        for path in ("results/../../x", "results/%2E%2E/%2E%2E/x", "results%2F..%2F..%2Fx", "/etc/x"):
+            url = yarl.URL(f"{hub.url}{protocol.agent_outputs_path(job_id)}?path={path}", encoded=True)
             headers = {"Authorization": f"Bearer {TOKEN_A}"}
             async with hub.http.put(url, data=b"x", headers=headers) as response:
                 answer = await response.json()
                 assert (response.status, answer["error"][:13]) == (400, "output path '"), (path, answer)
-                assert "'..' part" in answer["error"]
+                assert "'..' part" in answer["error"] or "absolute" in answer["error"]
         # Another agent may not add to the job; a second, different record is refused.
         other = statement({"plots/a.png": b"another"})
         status, answer, _ = await hub.call("PUT", protocol.agent_provenance_path(job_id), agent=TOKEN_B,
@@ -225,6 +226,9 @@ def test_an_output_path_is_plain_names_under_work() -> None:
     assert parse_record(json.dumps(log_only).encode()) == ()
     with pytest.raises(OutputRefused, match="not an in-toto Statement"):
         parse_record(b'{"subject": []}')
+    # An output's path goes in the query: the agent's request metrics name no directory of a job's.
+    assert endpoint_of(f"{protocol.agent_outputs_path('01jz0a1b2c3d4')}?path=results/a.txt") == \
+        "api/v1/agent/jobs/outputs"
 
 
 def test_the_hub_keeps_a_record_and_its_outputs_as_they_came(tmp_path: Path) -> None:

@@ -197,7 +197,7 @@ class HubClient(SessionHolder):
     async def put_output(self, job_id: str, path: str, file: BinaryIO, size: int) -> None:
         """Stream one output file (`size` bytes, from `file`'s start) to the hub."""
         status, _, body = await self._request(
-            "PUT", protocol.agent_output_path(job_id, path), data=file,
+            "PUT", protocol.agent_outputs_path(job_id), params={"path": path}, data=file,
             content_type="application/octet-stream",
             timeout=REQUEST_TIMEOUT_SECONDS + size / UPLOAD_BYTES_PER_SECOND)
         self._check(status, body)
