@@ -90,6 +90,8 @@ def test_a_resumed_tail_is_seeded_from_the_file() -> None:
     (Ended(JobState.failed, 3, None), "failure", "Failed with exit status 3"),
     (Ended(JobState.cancelled, None, "cancelled"), "cancelled", "Cancelled"),
     (Ended(JobState.timed_out, None, None), "timed_out", "Reached its walltime"),
+    (Ended(JobState.expired, None, "waited 1h in Slurm's queue"), "timed_out",
+     "Expired in the queue: the cluster was busy, the job did not run"),
     (Ended(JobState.denied, None, None), "failure", "Denied by the site's policy"),
     (Ended(JobState.infra_failed, None, "git clone failed"), "failure", "Could not run"),
 ])

@@ -27,6 +27,10 @@ Finish statuses (Buildkite's `exit_status` / `signal_reason`):
 | cancelled in Buildkite (or timed out there, or the job token revoked) | -1 (signal SIGTERM) | cancel |
 | cancelled by a second SIGTERM to the agent | -1 (signal SIGTERM) | agent_stop |
 | reached its Slurm walltime | 124 | |
+| expired: waited in Slurm's queue past its queue_time, never ran | 75 (EX_TEMPFAIL) | |
+
+An expired job did not fail: 75 is `hpc-runner run`'s status for it too, and a pipeline may retry
+it (`retry: automatic: [{exit_status: 75}]`) rather than count it against the code.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from typing import Any
 
 import aiohttp
 
-from runner import __version__
+from runner import __version__, exitcodes
 from runner.config import BuildkiteConfig, GithubConfig
 from runner.identity import identity_from_json
 from runner.job import OUTPUTS_DIR, JobState
@@ -100,6 +104,8 @@ def finish_report(ended: Ended, cancel_reason: str | None, chunks_failed: int) -
         return FinishReport(protocol.NOT_RUN, "SIGTERM", cancel_reason or "cancel", chunks_failed)
     if state == JobState.timed_out:
         return FinishReport(WALLTIME_EXIT_STATUS, chunks_failed_count=chunks_failed)
+    if state == JobState.expired:
+        return FinishReport(exitcodes.EXPIRED, chunks_failed_count=chunks_failed)
     if state == JobState.denied:
         return FinishReport(protocol.NOT_RUN, None, "agent_refused", chunks_failed)
     return FinishReport(protocol.NOT_RUN, None, "process_run_error", chunks_failed)

@@ -16,6 +16,11 @@ says action buttons are displayed once a run completes, so the reliable way to c
 | not approved by someone with write permission | action_required (what is missing, how to approve) |
 | cancelled | cancelled |
 | reached its Slurm walltime | timed_out |
+| expired: waited in Slurm's queue past its queue_time, never ran | timed_out ("Expired in the queue") |
+
+GitHub has no conclusion for a job that never ran because the cluster was busy. `timed_out` is the
+nearest: time ran out, the test did not fail; `cancelled` would read as someone's decision, and
+`failure` as a failing test.
 
 GitHub's limits are respected by construction: `output.summary` and `output.text` at most 65535
 *bytes* (cut on a UTF-8 boundary), a commit status description at most 140 characters. The log
@@ -232,6 +237,9 @@ def completion_of(ended: Ended) -> Completion:
         return Completion("cancelled", "Cancelled", detail)
     if state == JobState.timed_out:
         return Completion("timed_out", "Reached its walltime", detail)
+    if state == JobState.expired:
+        return Completion("timed_out", "Expired in the queue: the cluster was busy, the job did not run",
+                          detail)
     if state == JobState.denied:
         return Completion("failure", "Denied by the site's policy", detail)
     return Completion("failure", "Could not run", detail)
