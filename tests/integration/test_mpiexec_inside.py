@@ -1,6 +1,7 @@
 """`[job.mpi] launch = "inside"` on this machine's Slurm cluster and through the local executor: the
 job's script runs once, pre-processes, starts ranks with `mpiexec` (twice), post-processes; what
-mpiexec refuses; a failing rank's status; and a channel that only its own job can reach.
+mpiexec refuses; a failing rank's status; a channel that only its own job can reach; and, through
+the agent on the two-node cluster, one MPI world started from inside across both nodes.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from conftest import (
     SERVICE_USER,
     Cluster,
     RunnerSite,
+    TwoNodes,
     as_service_user,
     job_toml,
+    make_runner_site,
     spawn_as_user,
     wait_for,
 )
 
-from integration.test_agent_slurm import SUBMITTED, slurm_policy
+from integration.test_agent_slurm import SUBMITTED, job_bytes, log_lines, read_log, slurm_policy
+from integration.test_local_queue import QueueUser
+from integration.test_two_nodes import ALICE, start_agent, two_nodes_job, two_nodes_policy
 
 JOB_TIMEOUT_S = 150.0
 
@@ -146,3 +151,43 @@ def test_only_the_job_reaches_its_channel(runner_site: RunnerSite) -> None:
         f"{os.getuid()}, not by this job" in out, out
     assert "foreign request ran" not in out
     assert "own request ran" in out.splitlines()
+
+
+# -- across the two-node cluster ---------------------------------------------------------------
+
+# The command says where it runs once; each rank says where it runs, then becomes mpi-hello.
+ACROSS = textwrap.dedent("""\
+    echo "the command runs on $(hostname)"
+    mpiexec -n 2 /bin/sh -c 'echo "rank $PMIX_RANK runs on $(hostname)"; exec /usr/local/bin/mpi-hello'
+    echo "after the ranks"
+    """)
+
+
+def test_an_inside_job_starts_one_world_across_two_nodes(
+    cluster: Cluster, two_nodes: TwoNodes, two_nodes_tmp: Path, shared_socket: Path,
+    queue_users: dict[str, str]
+) -> None:
+    site = make_runner_site(two_nodes_tmp, cluster.image_sha256, socket=shared_socket, max_jobs=4,
+                            executor="slurm",
+                            policy_text=two_nodes_policy(cluster, two_nodes, retry_node_failures=False))
+    agent = start_agent(site, two_nodes)
+    try:
+        alice = QueueUser(ALICE, site)
+        job = two_nodes_job("inside-across", script=ACROSS, nodes=2, tasks=2, mpi=True)
+        job_id = alice.submit(job + 'launch = "inside"\n')
+
+        finished = alice.wait_end(job_id)
+    finally:
+        agent.stop()
+        two_nodes.slurm("scancel", f"--user={SERVICE_USER}", check=False)
+
+    log = read_log(site, job_id)
+    assert finished["state"] == "succeeded", (finished, log)
+    lines = [line.decode().rstrip("\n") for line in log_lines(job_bytes(log))]
+    # the command once, on the allocation's first node; the ranks one on each node, one world
+    commands = [line for line in lines if line.startswith("the command runs on ")]
+    assert commands == [f"the command runs on {two_nodes.nodes[0]}"], log
+    where = {line for line in lines if line.startswith("rank ") and " runs on " in line}
+    assert {line.split()[-1] for line in where} == set(two_nodes.nodes), log
+    assert {"rank 0 of 2", "rank 1 of 2", "world size 2", "allreduce sum 3"} <= set(lines), log
+    assert lines.index("allreduce sum 3") < lines.index("after the ranks"), log
