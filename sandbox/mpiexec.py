@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -336,8 +337,12 @@ def _prepare(inside: InsideLaunch) -> None:
         info = os.lstat(inside.channel)
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
             raise RuntimeError(f"{inside.channel} is not a directory of this user") from None
-        for name in os.listdir(inside.channel):  # a run before this one's
-            os.unlink(os.path.join(inside.channel, name))
+        for name in os.listdir(inside.channel):  # a run before this one's, whatever it left
+            path = os.path.join(inside.channel, name)
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
     os.makedirs(os.path.dirname(inside.shim), mode=0o700, exist_ok=True)
     temporary = f"{inside.shim}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o500)

@@ -390,3 +390,23 @@ read -r status <"$CHANNEL/9-0.status"; echo "foreign: $status"
     assert "foreign: 126" in out
     assert "refused request 9-0: 9-0.ready was written by uid 4242, not by this job" in err
     assert not record.exists()  # nothing was launched
+
+
+def test_a_launcher_started_again_clears_what_an_earlier_run_left_in_the_channel(tmp_path: Path) -> None:
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "env").write_text("CI='true'\n")
+    channel = tmp_path / "channel"
+    (channel / "left-dir").mkdir(parents=True)
+    (channel / "1-0.ready").write_bytes(b"")  # a request of the earlier run, never to be served now
+    (channel / "1-0.req").write_bytes(request("-n", "1", "-wd", "/work", "--", "hello"))
+    inside = InsideLaunch(tasks=1, channel=str(channel), shim=str(meta / "bin" / "mpiexec"),
+                          env_file=str(meta / "env"), workspace=str(tmp_path),
+                          rank_argv=("a", "--pwd", "/work", "--env-file", "e", "IMAGE"))
+    argv = checkout_launcher(launcher_argv(sys.executable, inside, ("false",), (),
+                                           ("/bin/sh", "-c", 'ls -A "$CHANNEL"; exit 4')))
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], "CHANNEL": str(channel),
+                               "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert done.returncode == 4, done.stderr
+    assert done.stdout == "" and "refused" not in done.stderr
