@@ -12,6 +12,7 @@ import os
 import pwd
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -248,3 +249,22 @@ def test_a_setup_has_no_network_unless_the_grant_gives_it_setup_network(
     assert "the setup phase failed: exit status 1" in offline.stderr
     assert online.returncode == 0, online.stderr + online.stdout
     assert in_order(online.stdout.encode(), SETUP_GROUP, b"connected\n", MAIN_GROUP, b"main phase\n")
+
+
+def test_a_setup_past_its_time_is_stopped_and_fails_the_job(runner_site: RunnerSite,
+                                                            cluster: Cluster) -> None:
+    runner_site.write_policy(network_policy(cluster, setup_network=False))
+    job = with_setup(job_toml("slow", command=["echo", "main phase"]),
+                     "echo setting up\nsleep 60\necho still setting up\n", time="3s", caches=())
+    started = time.monotonic()
+
+    result = runner_site.run(runner_site.write_job("slow", job))
+
+    took = time.monotonic() - started
+    assert result.returncode != 0, result.stdout
+    lines = result.stdout.splitlines()
+    assert "setting up" in lines and "still setting up" not in lines and "main phase" not in lines
+    assert "hpc-runner: setup time of 3s exceeded; sent SIGTERM" in lines, result.stdout
+    assert "the setup phase failed: setup time of 3s exceeded" in result.stderr
+    # The 3 s, the grace period (1 s) and Apptainer's start and end: far from the 60 s asked for.
+    assert took < 30, took
