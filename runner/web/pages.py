@@ -212,17 +212,22 @@ class Dashboard:
         return await self._page(
             request, viewer, "job.html", job=job, view=view, blocks=blocks_of(view.lines),
             events_url=f"/jobs/{job_id}/events", earlier_url=f"/jobs/{job_id}/log/earlier",
-            raw_url=f"/jobs/{job_id}/log/raw", ran=await self._what_ran(viewer, job_id),
-            provenance_url=f"/jobs/{job_id}/provenance", outputs_url=f"/jobs/{job_id}/outputs",
-            # A replay is asked for by whoever may cancel the job: its submitter, its account's admins.
-            may_replay=job.may_cancel, cluster=job.card.cluster, ended=job.ended)
+            raw_url=f"/jobs/{job_id}/log/raw", **await self._what_ran(viewer, job))
 
-    async def _what_ran(self, viewer: Viewer, job_id: str) -> WhatRan | None:
-        record = await self.board.provenance(viewer, job_id)
-        if record is None:
-            return None
-        outputs = await self.board.outputs(viewer, job_id)
-        return what_ran(record, hashlib.sha256(record).hexdigest(), outputs)
+    async def _what_ran(self, viewer: Viewer, job: JobDetail) -> dict[str, object]:
+        """What the status's "What ran" panel shows: from the job's record, once it ended (the
+        status a page gets at the end carries it, so the panel comes without a reload)."""
+        job_id = job.card.id
+        ran: WhatRan | None = None
+        if job.ended:
+            record = await self.board.provenance(viewer, job_id)
+            if record is not None:
+                outputs = await self.board.outputs(viewer, job_id)
+                ran = what_ran(record, hashlib.sha256(record).hexdigest(), outputs)
+        return {"ran": ran, "provenance_url": f"/jobs/{job_id}/provenance",
+                "outputs_url": f"/jobs/{job_id}/outputs",
+                # A replay is asked for by whoever may cancel the job: its submitter, its admins.
+                "may_replay": job.may_cancel, "cluster": job.card.cluster}
 
     async def _provenance(self, request: web.Request) -> web.Response:
         viewer = await self._viewer(request)
@@ -303,7 +308,8 @@ class Dashboard:
                 now = (job.card.state, job.card.state_reason, job.card.slurm_job_id)
                 if now != state:
                     state = now
-                    status = render("status.html", job=job, csrf=await csrf_token(request))
+                    status = render("status.html", job=job, csrf=await csrf_token(request),
+                                    **await self._what_ran(viewer, job))
                     await stream.send(status, event="status")
                 if job.ended and position >= job.log_length:
                     last = reader.flush()

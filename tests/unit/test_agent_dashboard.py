@@ -507,8 +507,21 @@ async def test_a_finished_jobs_page_shows_what_ran_its_outputs_and_to_those_who_
     (workspace / "results" / "a.txt").write_bytes(b"alpha\n")
     # A link in the workspace is no output: it is left out, and nothing it names is given out.
     (workspace / "results" / "secret.txt").symlink_to(site.harness.config.state_dir / "state.sqlite3")
-    site.harness.executor.release(record.id)
+    received = bytearray()
+    async with site.client() as client, \
+            client.get(f"{ORIGIN}/jobs/{record.id}/events?offset=0&number=1") as answer:
+        # A page opened while the job runs gets the panel with the status that ends it.
+        async def read_all() -> None:
+            async for chunk in answer.content.iter_any():
+                received.extend(chunk)
+        reading = asyncio.ensure_future(read_all())
+        await wait_until(lambda: b"event: status" in received, "the running job's status")
+        assert b'id="no-record"' in received and b"output-link" not in received
+        site.harness.executor.release(record.id)
+        await asyncio.wait_for(reading, 5)
     await site.harness.wait_state(record.id, JobState.succeeded)
+    last_status = received.decode().rsplit("event: status", 1)[1]
+    assert "succeeded" in last_status and 'class="output-link">results/a.txt</a>' in last_status
     stored = site.harness.store.provenance(record.id)
     assert stored is not None
     digest = hashlib.sha256(b"alpha\n").hexdigest()
