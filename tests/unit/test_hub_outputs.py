@@ -50,7 +50,17 @@ from .test_hub_publisher import (
     node,  # noqa: F401  (fixture)
 )
 from .test_hub_publisher import hub as publishing_hub  # noqa: F401  (fixture)
-from .test_hub_server import JOB, REPOSITORY, TOKEN_A, TOKEN_B, Hub, hub, issuer, start_hub  # noqa: F401
+from .test_hub_server import (  # noqa: F401  (fixtures)
+    JOB,
+    REPOSITORY,
+    TOKEN_A,
+    TOKEN_B,
+    Hub,
+    StartHub,
+    hub,
+    issuer,
+    start_hub,
+)
 
 COMMIT = "c0ffee" + "0" * 34
 PLOT = b"\x89PNG\r\n\x1a\n not really a plot"
@@ -210,6 +220,29 @@ async def test_the_hub_refuses_a_tampered_output_a_path_out_of_work_and_a_record
         with pytest.raises(HubRefused, match="larger than 100 bytes") as refused:
             await client.put_provenance(job_id, statement({"x": b"x"}))
         assert refused.value.status == 413
+
+
+async def test_a_restarted_hub_says_which_outputs_it_holds_and_takes_the_rest(
+        start_hub: StartHub, tmp_path: Path) -> None:  # noqa: F811
+    first = await start_hub(tmp_path / "kept")
+    job_id = await registered_job(first)
+    outputs = {"plots/a.png": PLOT, "results/table.html": TABLE}
+    record = statement(outputs)
+    async with HubClient(first.url, TOKEN_A) as client:
+        await client.put_provenance(job_id, record)
+        await put_output(client, job_id, "plots/a.png", PLOT, tmp_path)
+    await first.server.close()
+
+    second = await start_hub(tmp_path / "kept")
+    async with HubClient(second.url, TOKEN_A) as client:
+        held = await client.put_provenance(job_id, record)
+        assert [(output.path, output.held) for output in held] == [("plots/a.png", True),
+                                                                   ("results/table.html", False)]
+        await put_output(client, job_id, "results/table.html", TABLE, tmp_path)
+    for path, data in outputs.items():
+        status, _, body = await second.call("GET", f"/api/v1/jobs/{job_id}/outputs/{path}",
+                                            token=second.token())
+        assert (status, sha256(body)) == (200, sha256(data))
 
 
 def test_an_output_path_is_plain_names_under_work() -> None:
