@@ -164,8 +164,9 @@ RANK_HOLD = ("/bin/sh", "-c", RANK_HOLD_SCRIPT, RANK_HOLD_NAME)
 DOCUMENTED_ENV = (
     "CI", "HOME", "HPC_RUNNER_ACCOUNT", "HPC_RUNNER_CPUS_PER_TASK", "HPC_RUNNER_JOB_ID",
     "HPC_RUNNER_JOB_NAME", "HPC_RUNNER_NODES", "HPC_RUNNER_TASKS", "HPC_RUNNER_WORKSPACE", "TMPDIR",
-    f"{CACHE_ENV_PREFIX}*",
 )
+# Also set by the runner, for a job with caches: HPC_RUNNER_CACHE_<NAME>, one for each.
+CACHE_ENV = f"{CACHE_ENV_PREFIX}*"
 # What Apptainer 1.4 adds inside the container on its own ("*": a prefix). It appends its
 # own library directory to LD_LIBRARY_PATH, sets a default PATH and LANG=C unless the job's
 # env sets them, and describes itself in APPTAINER_* and SINGULARITY_*. (It would also
@@ -606,7 +607,7 @@ def plan_local_launch(plan: SandboxPlan, spec: JobSpec, decision: Decision,
 
 def expected_env_name(name: str, spec: JobSpec, plan: SandboxPlan) -> bool:
     """Whether `name` may appear in the job's environment (for tests and `doctor`)."""
-    patterns = (*DOCUMENTED_ENV, *APPTAINER_ADDED_ENV, *spec.env, *plan.passthrough)
+    patterns = (*DOCUMENTED_ENV, CACHE_ENV, *APPTAINER_ADDED_ENV, *spec.env, *plan.passthrough)
     return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in patterns)
 
 

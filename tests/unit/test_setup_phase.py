@@ -29,7 +29,15 @@ from runner.lifecycle.setup import (
 from runner.policy import Decision, decide, parse_policy_text
 from runner.policy.engine import SETUP_OFFLINE_NOTE, SlurmResources
 from runner.spec import DEFAULT_SETUP_SECONDS, JobSpec, Setup, parse_job_text, spec_from_json
-from sandbox.plan import JobPaths, SandboxPlan, SandboxRefused, SandboxSite, plan_sandbox, plan_setup
+from sandbox.plan import (
+    JobPaths,
+    SandboxPlan,
+    SandboxRefused,
+    SandboxSite,
+    expected_env_name,
+    plan_sandbox,
+    plan_setup,
+)
 
 GOLDEN_DIR = Path(__file__).with_name("golden")
 IMAGE = "/groups/esm/images/clima-ci.sif"
@@ -240,6 +248,7 @@ def test_caches_are_read_write_in_setup_and_read_only_in_the_main_phase() -> Non
     assert not any(b.startswith(DEPOT) and b.endswith(":rw") for b in binds_of(main.argv))
     for result in (setup, main):
         assert result.env["HPC_RUNNER_CACHE_JULIA_DEPOT"] == "/cache/julia-depot"
+        assert expected_env_name("HPC_RUNNER_CACHE_JULIA_DEPOT", spec, result)
 
 
 def test_the_setup_is_network_isolated_unless_granted_whatever_the_main_phase_has() -> None:
