@@ -9,8 +9,10 @@ touches lives under the cluster's shared directory: each node's /tmp is its own.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +40,7 @@ from integration.test_agent_slurm import SUBMITTED, job_bytes, log_lines, read_l
 from integration.test_local_queue import QueueUser
 from runner.executors.slurm.plan import BATCH_SCRIPT_NAME
 
+REPO = Path(__file__).resolve().parents[2]
 ALICE = "hpcr-alice"
 # Both nodes share this machine's CPUs with whatever else runs on it: waits for a job are generous.
 JOB_TIMEOUT_S = 150.0
@@ -238,6 +241,38 @@ def test_a_two_node_job_that_loses_a_node_ends_infra_failed_with_the_reason(
     assert stored_job(site, job_id).final_status_entries == 1
 
 
+def test_a_two_node_job_submitted_again_after_a_node_failure_waits_for_the_node_and_then_runs(
+    site_factory: Callable[[bool], RunnerSite], two_nodes: TwoNodes, node_links: NodeLinks
+) -> None:
+    site = site_factory(True)
+    alice = QueueUser(ALICE, site)
+    job_id = alice.submit(two_nodes_job("wait-for-node", script=TWO_ATTEMPTS_SCRIPT, nodes=2, tasks=2,
+                                        time="3m"))
+    wait_for_log(site, job_id, b"first attempt on ")
+    lost = two_nodes.nodes[-1]
+
+    node_links.take_down(lost)
+    # The second submission cannot start while a node of the two is down: Slurm keeps it pending,
+    # and the job's log says so (not a silent wait).
+    def pending_again() -> bytes | None:
+        log = read_log(site, job_id)
+        since = log.rpartition(b"hpc-runner: submitted to Slurm as job")[2]
+        return log if len(slurm_ids(log)) == 2 and b"hpc-runner: pending" in since else None
+
+    log = wait_for(pending_again, NODE_FAILURE_BOUND_S, interval=0.5, what="the second submission, pending")
+    assert alice.status(job_id)["state"] == "pending", log
+    node_links.restore()
+    finished = alice.wait_end(job_id, timeout=JOB_TIMEOUT_S)
+
+    log = read_log(site, job_id)
+    assert finished["state"] == "succeeded", (finished, log)
+    assert b"a node of the job failed (NODE_FAIL)" in log and b"submitting it again, once" in log, log
+    first, second = slurm_ids(log)
+    assert sacct_fields(two_nodes, first, "State")["State"] == "NODE_FAIL"
+    assert sacct_fields(two_nodes, second, "State", "NNodes") == {"State": "COMPLETED", "NNodes": "2"}
+    assert stored_job(site, job_id).final_status_entries == 1
+
+
 # -- GPUs --------------------------------------------------------------------------------------
 
 
@@ -265,3 +300,29 @@ def test_a_gpu_job_is_scheduled_on_the_gres_node_with_nv(
     if finished["state"] == "succeeded":
         assert f"gpu job on {two_nodes.gpu_node}\n".encode() in job_bytes(log), log
     assert stored_job(site, job_id).final_status_entries == 1
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+
+
+def test_the_two_node_latency_benchmark_runs_and_writes_its_results(two_nodes: TwoNodes, tmp_path: Path
+                                                                    ) -> None:
+    """bench/two_node_latency.py --quick works end to end (what it measures is not checked: timings
+    on a shared machine are no pass/fail criterion)."""
+    output = tmp_path / "two_node_latency.json"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "two_node_latency.py"), "--quick",
+                             "--output", str(output)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            check=False)
+
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "| variant |" in result.stdout
+    data = json.loads(output.read_text())
+    assert data["benchmark"] == "two_node_latency" and data["quick"] is True
+    assert set(data["sizes"]) == {"4", "1048576"}
+    for size, entry in data["sizes"].items():
+        assert set(entry["variants"]) == {"bare host MPI", "sandbox"}
+        commands = data["commands"][size]
+        # Both launched by the same srun options; only the sandbox goes through Apptainer.
+        assert commands["sandbox"][:5] == commands["bare host MPI"][:5]
+        assert "--mpi=pmix" in commands["bare host MPI"] and "apptainer" not in commands["bare host MPI"]
+        assert "apptainer" in commands["sandbox"]
