@@ -24,8 +24,9 @@ whoever sees the job ended at the hub finds them there: the record first (its an
 files the hub holds already, so a restart of either side sends only the others), then each file,
 streamed and opened without following links. They never hold the final state back for ever: a
 refusal (the record too large, a file that changed since its record) is logged and the final state
-goes without what was refused; a hub that takes none of it for `HAND_OVER_SECONDS` (out of reach,
-or failing) gets the final state without the rest.
+goes without what was refused; a hub that has not taken it all within `HAND_OVER_SECONDS`, and the
+time its files take at the slowest upload waited for (out of reach, or failing), gets the final
+state without the rest.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from runner.logs.tail import pump
 from runner.policy import Policy
 from runner.provenance.outputs import open_under
 from runner.sources import Ended
-from runner.sources.api.client import HeldOutput, HubClient, HubRefused
+from runner.sources.api.client import UPLOAD_BYTES_PER_SECOND, HeldOutput, HubClient, HubRefused
 from runner.sources.api.published import agent_record
 from runner.sources.github.gateway_client import GatewayError
 
@@ -73,7 +74,8 @@ PIECE_BYTES = 1024 * 1024
 # length is what a restart resumes from, the kept offset is for when the hub cannot be asked.
 KEEP_OFFSET_SECONDS = 1.0
 # How long a job's record and outputs may hold back its final state while the hub does not take
-# them (out of reach or failing): then the final state goes without what is left.
+# them (out of reach or failing), beside the time their files take at the slowest upload waited
+# for (`UPLOAD_BYTES_PER_SECOND`): then the final state goes without what is left.
 HAND_OVER_SECONDS = 600.0
 
 # Reads the agent's provenance record of a job (by the agent's job id).
@@ -244,8 +246,8 @@ class HubReport:
             return
         seconds = HAND_OVER_SECONDS if self.hand_over_seconds is None else self.hand_over_seconds
         try:
-            async with asyncio.timeout(seconds):
-                await self._hand_over(record, data)
+            async with asyncio.timeout(seconds) as deadline:
+                await self._hand_over(record, data, deadline)
         except TimeoutError:
             log.error("the hub did not take the job's provenance record and outputs in time; its final "
                       "state goes without what is left", job=self.job.hub_id, seconds=seconds)
@@ -253,10 +255,14 @@ class HubReport:
             log.error("the hub refused the job's provenance record; its final state goes without it and "
                       "its outputs", job=self.job.hub_id, error=str(refused))
 
-    async def _hand_over(self, record: JobRecord, data: bytes) -> None:
+    async def _hand_over(self, record: JobRecord, data: bytes, deadline: asyncio.Timeout) -> None:
         hub_id = self.job.hub_id
         held = await self.client.retrying(lambda: self.client.put_provenance(hub_id, data),
                                           "the job's provenance record")
+        missing = sum(output.size for output in held if not output.held)
+        when = deadline.when()
+        if when is not None:
+            deadline.reschedule(when + missing / UPLOAD_BYTES_PER_SECOND)
         directory = self.log_path.parent / OUTPUTS_DIR
         sent = 0
         for output in held:
