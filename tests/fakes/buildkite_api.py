@@ -183,6 +183,8 @@ class EmulatedJob:
     lock_retry_after: int | None = None
     agent_id: str | None = None
     start_body: dict[str, Any] | None = None
+    # time.monotonic() when the start was taken: what Buildkite counts the step's timeout from.
+    started_at: float | None = None
     finish_calls: list[dict[str, Any]] = field(default_factory=list)
     finish_body: dict[str, Any] | None = None
     chunks_by_offset: dict[int, ChunkRecord] = field(default_factory=dict)
@@ -492,6 +494,10 @@ class BuildkiteEmulator:
 
     def job_state(self, job_id: str) -> str:
         return self._job(job_id).state
+
+    def started_at(self, job_id: str) -> float | None:
+        """When (time.monotonic()) the job was started; None while it was not."""
+        return self._job(job_id).started_at
 
     # ---------------------------------------------------------------------------- test API: agents
 
@@ -948,6 +954,7 @@ class BuildkiteEmulator:
         if not isinstance(body.get("started_at"), str):
             raise _Reject(422, "started_at is required")
         job.start_body = body
+        job.started_at = time.monotonic()
         job.state = "running"
         return _json({"id": job.id, "state": job.state})
 

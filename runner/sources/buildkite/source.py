@@ -31,6 +31,14 @@ Finish statuses (Buildkite's `exit_status` / `signal_reason`):
 
 An expired job did not fail: 75 is `hpc-runner run`'s status for it too, and a pipeline may retry
 it (`retry: automatic: [{exit_status: 75}]`) rather than count it against the code.
+
+When Buildkite's job starts: a job that runs is `start`ed only once the runner job runs (in Slurm,
+once Slurm starts it), so the step's `timeout_in_minutes`, which Buildkite counts from the start,
+never runs while the job only waits (for a place under its account's cap, or in Slurm's queue).
+Buildkite takes no log chunks before the start, so what the job's log says meanwhile (the pending
+reasons, its place in the agent's queue) is held and sent first, as soon as it has started. A job
+that ends without running (expired, cancelled while it waited) is started just to be given its log
+and its finish; one refused before admission (signature, translation, policy) is started at once.
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ import aiohttp
 from runner import __version__, exitcodes
 from runner.config import BuildkiteConfig, GithubConfig
 from runner.identity import identity_from_json
-from runner.job import OUTPUTS_DIR, JobState
+from runner.job import OUTPUTS_DIR, JobRecord, JobState
 from runner.logging_setup import get_logger
 from runner.logs.redact import secret_values
 from runner.logs.tail import pump
@@ -76,6 +84,9 @@ from runner.tasks import TaskSet, pause
 log = get_logger("runner.sources.buildkite")
 
 WALLTIME_EXIT_STATUS = 124
+# How often a job not yet started at Buildkite looks whether its runner job runs, besides hearing
+# of it: the end of a job that ended while no agent watched is not announced.
+START_LOOK_S = 1.0
 REJECTED_HEADER = "+++ ⛔ Job signature verification failed\n"
 # A session that ends with an exception is started again after RESTART_BACKOFF_S, doubling with
 # each death in a row up to MAX_RESTART_BACKOFF_S; a session that lived HEALTHY_SESSION_S was
@@ -404,9 +415,9 @@ class BuildkiteSource:
             await self._finish(session, state)
             return
         if state.phase == "accepted":
+            # Not started yet: Buildkite's job starts when the runner job runs (see the module
+            # docstring); `_refuse` and `_report_runner_end` start it to say why it will not.
             verdict = self._verify(state)
-            if not await self._start(session, state):
-                return
             if isinstance(verdict, str):
                 signature_rejected()
                 await self._refuse(session, state, verdict, "signature_rejected")
@@ -534,6 +545,8 @@ class BuildkiteSource:
 
     async def _refuse(self, session: AgentSession, state: AcceptedJob, text: str, reason: str) -> None:
         """A job that never becomes a runner job: its log is these lines, its status -1."""
+        if not await self._start(session, state):
+            return
         streamer = self._streamer(session, state, durable=False)
         streamer.start()
         await streamer.write(text.encode())
@@ -567,15 +580,36 @@ class BuildkiteSource:
         """Run (or follow again) the admitted runner job with its log streamed, then finish."""
         assert state.runner_id is not None
         streamer = self._streamer(session, state, durable=True)
-        streamer.start()
         cancel = asyncio.Event()
         reason: list[str] = []
+        runs = asyncio.Event()      # the runner job runs, or ended: Buildkite's job may start
+        opened: list[bool] = []     # [True]: started, the log goes out; [False]: Buildkite refused
+
+        def heard(record: JobRecord) -> None:
+            if record.state == JobState.running or record.state.is_terminal:
+                runs.set()
+
+        async def open_stream() -> bool:
+            if not opened:
+                opened.append(await self._start_when_it_runs(session, state, runs, reason, cancel))
+                if opened[0]:
+                    streamer.start()
+            return opened[0]
+
+        async def sink(offset: int, data: bytes) -> None:
+            # Held until Buildkite's job has started: the first chunks are what was said meanwhile.
+            if await open_stream():
+                await streamer.sink(offset, data)
+
         watcher = asyncio.create_task(self._watch(session, state, cancel, reason, lost))
         try:
             runner = self.host.resume if resumed else self.host.run
             # The log from where the last stream's checkpoint stopped: nothing twice, nothing lost.
-            ended = await runner(state.runner_id, sink=streamer.sink, cancel=cancel,
-                                 offset=state.checkpoint.file_offset)
+            ended = await runner(state.runner_id, sink=sink, cancel=cancel,
+                                 offset=state.checkpoint.file_offset, on_change=heard)
+            if not await open_stream():  # Buildkite would not let it start: nothing to report
+                await streamer.abandon()
+                return
         except BaseException:
             # Cancelled, or failed: this stream stops here (the next one carries on from its
             # checkpoint), so none of its tasks goes on sending.
@@ -591,6 +625,53 @@ class BuildkiteSource:
         if not reason and self.host.stopping.is_set() and ended.state == JobState.cancelled:
             reason.append("agent_stop")
         await self._conclude(session, state, finish_report(ended, reason[0] if reason else None, failed))
+
+    async def _start_when_it_runs(self, session: AgentSession, state: AcceptedJob, runs: asyncio.Event,
+                                  reason: list[str], cancel: asyncio.Event) -> bool:
+        """Wait until the runner job runs (or ended), then start Buildkite's job; False when
+        Buildkite will not let it start (the runner job is then cancelled: nobody would hear of it).
+        A job cancelled in Buildkite before it started is not started: Buildkite takes the log and
+        the finish of a job it is cancelling as they are."""
+        assert state.runner_id is not None
+        while not state.started and not runs.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(runs.wait(), START_LOOK_S)
+            # A host that says nothing of the change (an end found after a restart): look.
+            record = self.host.job(state.runner_id)
+            if record is None or record.state == JobState.running or record.state.is_terminal:
+                runs.set()
+        if state.started or reason:
+            return True
+        try:
+            await session.call(protocol.start(state.bk_id), job_token=state.token)
+        except ApiError as exc:
+            # A retried start whose first try arrived is answered 422 (the job already runs).
+            if not (exc.status == 422 and exc.attempts > 1):
+                return await self._not_started(session, state, exc, reason, cancel)
+        state.started = True
+        self.memory.save(state)
+        log.info("Buildkite job started: the runner job runs", job=state.bk_id)
+        return True
+
+    async def _not_started(self, session: AgentSession, state: AcceptedJob, refusal: ApiError,
+                           reason: list[str], cancel: asyncio.Event) -> bool:
+        """Buildkite refused the start of a job whose runner job runs: cancelled (or timed out)
+        there meanwhile, it is cancelled here and still given its log and finish (True); otherwise
+        Buildkite is done with it and nothing is reported (False)."""
+        try:
+            answer = await session.call(protocol.job_state(state.bk_id), job_token=state.token)
+            action = protocol.job_state_action(answer.data)
+        except ApiError:
+            action = None
+        if action is not None:
+            why = "the job was cancelled in Buildkite" if action == "cancel" \
+                else "the job reached its Buildkite timeout"
+            self._cancel(state, cancel, reason, why)
+            return True
+        log.warning("Buildkite did not let the job start", job=state.bk_id, error=str(refusal))
+        self.memory.close(state)
+        cancel.set()
+        return False
 
     async def _upload_outputs(self, session: AgentSession, state: AcceptedJob, ended: Ended,
                               streamer: LogStreamer) -> None:
@@ -620,6 +701,8 @@ class BuildkiteSource:
                                  ended: Ended | None) -> None:
         """A runner job that ended without running (denied, checkout failed): send its log, finish."""
         assert state.runner_id is not None
+        if not await self._start(session, state):
+            return
         record = self.host.job(state.runner_id)
         assert record is not None
         if ended is None:
