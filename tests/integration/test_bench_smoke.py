@@ -137,3 +137,15 @@ def test_dashboard_quick(cluster: Cluster, tmp_path: Path) -> None:
     for entry in results["viewers"].values():
         assert {"lag_ms", "hub_cpu_percent", "hub_peak_rss_mb"} <= set(entry)
     assert {"hub", "browser"} <= set(data["commands"])
+
+
+def test_outputs_quick(cluster: Cluster, tmp_path: Path) -> None:
+    data = run_bench(cluster, "outputs.py", tmp_path / "outputs.json")
+    assert data["benchmark"] == "outputs"
+    assert {entry["set"] for entry in data["results"]} == {"large", "small"}
+    for entry in data["results"]:
+        assert set(entry["variants"]) == {"sha256sum", "hashlib, read only", "cp -r + sha256sum",
+                                          "collect_outputs"}
+        assert {"target_ratio", "target_met"} <= set(entry)
+        for stats in entry["variants"].values():
+            assert {"ratio_to_sha256sum", "ratio_to_cp_and_sha256sum", "mb_s"} <= set(stats)

@@ -188,11 +188,13 @@ async def test_a_log_that_ends_with_a_newline_gets_no_blank_line_before_the_grou
 
     job_id = await site.run(spec_text(), before_end=job_writes)
     assert (job_dir(site.config, job_id) / "output.log").read_bytes().startswith(b"done\n--- what ran\n")
+    validate_record(site.record(job_id))
 
 
 async def test_the_record_is_stored_once(site: RecordingAgent) -> None:
     job_id = await site.run(spec_text())
     first = site.record(job_id)
+    validate_record(first)
     assert json.loads(first)["predicate"]["runDetails"]["metadata"]["invocationId"] == job_id
     assert site.store.save_provenance(job_id, b"{}") is False
     assert site.record(job_id) == first
