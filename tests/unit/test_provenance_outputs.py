@@ -204,10 +204,16 @@ def test_a_linked_directory_pointing_at_the_state_dir_is_not_entered(
     assert not any(path.startswith("results/agent/") for path, _ in collected.left_out)
 
 
-def test_a_fifo_matching_a_pattern_is_named_and_never_opened(workspace: Path, destination: Path) -> None:
+def test_a_fifo_matching_a_pattern_is_named_and_never_opened(
+    workspace: Path, destination: Path, tmp_path: Path
+) -> None:
     write(workspace / "results/a.nc", b"a")
     fifo = workspace / "results/pipe.nc"
     os.mkfifo(fifo)
+    # The naive collector stops at it: every file after it would be lost (one that opened it
+    # for reading would wait for a writer instead).
+    with pytest.raises(shutil.SpecialFileError):
+        naive_collect(workspace, "results/*.nc", tmp_path / "naive")
     # The test holds both ends: whatever reads the FIFO takes these bytes out of it.
     held = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
     try:
@@ -265,7 +271,8 @@ def test_a_file_swapped_for_a_link_after_the_walk_is_not_followed(
 
 
 def test_a_directory_swapped_for_a_link_after_the_walk_is_not_followed(
-    workspace: Path, destination: Path, state_dir: Path, swap_after_walk: Callable[[Callable[[], None]], None]
+    workspace: Path, destination: Path, state_dir: Path, tmp_path: Path,
+    swap_after_walk: Callable[[Callable[[], None]], None]
 ) -> None:
     write(workspace / "secret.nc", b"job's own")
     write(workspace / "results/secret.nc", b"job's own")
@@ -273,6 +280,15 @@ def test_a_directory_swapped_for_a_link_after_the_walk_is_not_followed(
     def swap() -> None:
         shutil.rmtree(workspace / "results")
         (workspace / "results").symlink_to(state_dir, target_is_directory=True)
+
+    # The naive collector, swapped between its listing and its copy, copies the secret.
+    listed = sorted(workspace.glob("results/*.nc"))
+    swap()
+    naive = tmp_path / "naive.nc"
+    shutil.copy(listed[0], naive)
+    assert naive.read_bytes() == SECRET
+    (workspace / "results").unlink()
+    write(workspace / "results/secret.nc", b"job's own")
 
     swap_after_walk(swap)
     collected = collect(workspace, ["results/*.nc"], destination)
