@@ -35,3 +35,6 @@ class Ended:
     # The declared outputs collected into the job's directory (`outputs`), for its source to
     # hand on; empty when it declared none or never ran.
     outputs: tuple[OutputFile, ...] = ()
+    # Files the declared outputs matched that were not collected, each with why (links, the
+    # account's max_output_bytes), for its source to say so.
+    outputs_left_out: tuple[tuple[str, str], ...] = ()

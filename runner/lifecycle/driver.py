@@ -28,7 +28,7 @@ from runner.lifecycle.access import UnknownJob
 from runner.lifecycle.admission import first_few, log_path_of, redecide, workspace_of
 from runner.lifecycle.notes import Notes, append_to_log
 from runner.lifecycle.prepare import Site, job_dir, prepare_job, return_workspace
-from runner.lifecycle.recording import record_run, recorded_outputs, save_run_facts
+from runner.lifecycle.recording import record_run, recorded_left_out, recorded_outputs, save_run_facts
 from runner.lifecycle.setup import PreparedSetup, check_caches, prepare_setup, run_setup
 from runner.logging_setup import get_logger
 from runner.logs.tail import LogSink, pump
@@ -78,7 +78,8 @@ class JobDriver:
     def ended(self, job_id: str) -> Ended:
         record = self.get(job_id)
         return Ended(record.state, record.exit_status, record.outcome_detail,
-                     outputs=recorded_outputs(self.store, job_id))
+                     outputs=recorded_outputs(self.store, job_id),
+                     outputs_left_out=recorded_left_out(self.store, job_id))
 
     def watch(self, job_id: str, watcher: StateWatcher) -> Callable[[], None]:
         """Call `watcher` after each state change of the job (and change of its whereabouts: see

@@ -27,7 +27,7 @@ from runner.policy.model import DEFAULT_MAX_OUTPUT_BYTES
 from runner.provenance.commit import head_commit
 from runner.provenance.facts import REDACTED, load_facts, run_facts, save_facts
 from runner.provenance.outputs import Collected, collect_outputs
-from runner.provenance.statement import RunEnd, build_statement, canonical, subjects
+from runner.provenance.statement import RunEnd, build_statement, canonical, left_out, subjects
 from runner.provenance.whatran import what_ran
 from runner.store import Store
 
@@ -55,6 +55,12 @@ def save_run_facts(site: Site, prepared: PreparedJob, *, executor: str) -> None:
                       cache=site.digest_cache())
     facts["workspace_commit"] = head_commit(prepared.workspace)
     save_facts(prepared.job_dir, facts)
+
+
+def recorded_left_out(store: Store, job_id: str) -> tuple[tuple[str, str], ...]:
+    """The files a job's stored record says were not collected, with why; none before it has one."""
+    stored = store.provenance(job_id)
+    return tuple(left_out(json.loads(stored))) if stored is not None else ()
 
 
 def recorded_outputs(store: Store, job_id: str) -> tuple[OutputFile, ...]:

@@ -137,6 +137,19 @@ def canonical(statement: Mapping[str, Any]) -> bytes:
     return rfc8785.dumps(statement)
 
 
+def left_out(statement: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The files a statement says were matched and not collected, each with why."""
+    found: list[tuple[str, str]] = []
+    byproducts = ((statement.get("predicate") or {}).get("runDetails") or {}).get("byproducts") or []
+    for byproduct in byproducts:
+        if isinstance(byproduct, dict) and byproduct.get("name") == "outputs-left-out":
+            for item in (byproduct.get("annotations") or {}).get("files") or []:
+                path, why = (item.get("path"), item.get("why")) if isinstance(item, dict) else (None, None)
+                if isinstance(path, str) and isinstance(why, str):
+                    found.append((path, why))
+    return found
+
+
 def subjects(statement: Mapping[str, Any]) -> list[OutputFile]:
     """The outputs a statement names, back as OutputFile (a record from any agent version)."""
     files: list[OutputFile] = []

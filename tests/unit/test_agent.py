@@ -355,6 +355,25 @@ async def test_a_job_works_on_a_copy_of_its_workspace_and_its_results_come_back(
     assert "hpc-runner:" not in harness.log_of(record.id)
 
 
+async def test_a_jobs_end_carries_its_collected_outputs_and_those_left_out_for_its_source(
+        harness: Harness) -> None:
+    spec = parse_job_text('[job]\nname = "outs"\nimage = "test"\ncommand = ["true"]\n'
+                          'outputs = ["results/*"]\n')
+    record = await harness.submit(ALICE, spec)
+    await harness.wait_started(record.id)
+    copy = job_dir(harness.config, record.id) / "workspace"
+    (copy / "results").mkdir()
+    (copy / "results" / "a.txt").write_text("kept\n")  # what the job writes
+    (copy / "results" / "link").symlink_to(harness.policy_path)
+    harness.executor.release(record.id)
+    await harness.wait_state(record.id, JobState.succeeded)
+
+    ended = harness.agent.driver.ended(record.id)
+    assert [(o.path, o.size) for o in ended.outputs] == [("results/a.txt", 5)]
+    assert [path for path, _why in ended.outputs_left_out] == ["results/link"]
+    assert "symbolic link" in ended.outputs_left_out[0][1]
+
+
 async def test_a_workspace_that_is_not_the_submitters_is_refused_and_nothing_is_recorded(
     harness: Harness,
 ) -> None:

@@ -18,7 +18,7 @@ from attestation import validate_record
 from conftest import check_golden
 
 from runner.job.outputs import OutputFile
-from runner.provenance.statement import RunEnd, build_statement, canonical, subjects
+from runner.provenance.statement import RunEnd, build_statement, canonical, left_out, subjects
 from runner.provenance.whatran import MAX_LISTED, what_ran
 
 GOLDEN = Path(__file__).with_name("golden") / "provenance-statement.json"
@@ -88,6 +88,14 @@ def test_the_stored_bytes_are_rfc8785_whatever_order_the_fields_were_built_in() 
 
 def test_subjects_give_back_the_outputs_in_order() -> None:
     assert subjects(json.loads(canonical(statement()))) == list(OUTPUTS)
+
+
+def test_left_out_gives_back_the_files_not_collected_and_why() -> None:
+    assert left_out(json.loads(canonical(statement()))) == list(END.left_out)
+    assert left_out(json.loads(canonical(statement(end=RunEnd(**{**END.__dict__, "left_out": ()}))))) == []
+    # A record is data: a byproduct of another shape gives nothing rather than an error.
+    assert left_out({"predicate": {"runDetails": {"byproducts": [
+        {"name": "outputs-left-out", "annotations": {"files": [{"path": 3}, "x"]}}]}}}) == []
 
 
 def test_a_run_without_outputs_has_its_log_as_the_one_subject_and_no_outputs() -> None:

@@ -151,9 +151,11 @@ async def send_final_report(state: RunState, report: Report, ended: Ended, tail:
     text_summary = state.summary
     if completion.lines:
         text_summary += "\n" + checks.summary({"Outcome": list(completion.lines)})
-    if ended.outputs:
-        # What the job left, with the digests its provenance record holds, for whoever reviews the run.
-        text_summary += "\n" + checks.summary(checks.outputs_sections(ended.outputs))
+    if ended.outputs or ended.outputs_left_out:
+        # What the job left, with the digests its provenance record holds, for whoever reviews the
+        # run, and what it matched that was not kept.
+        sections = checks.outputs_sections(ended.outputs, ended.outputs_left_out)
+        text_summary += "\n" + checks.summary(sections)
     text = log_text(tail, full_log=state.details_url)
     for attempt in range(1, FINAL_REPORT_ATTEMPTS + 1):
         try:
