@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from pathlib import Path
@@ -16,14 +17,19 @@ from runner.commands.policy import local_identity
 from runner.config import AgentConfig, default_config, load_config
 from runner.errors import InputError
 from runner.identity import Identity, load_identity
-from runner.job import Ended, JobState
-from runner.lifecycle.admission import Admission, Admissions
+from runner.job import ACTIVE_STATES, Ended, JobState
+from runner.lifecycle.admission import Admission, Admissions, redecide
 from runner.lifecycle.driver import JobDriver
 from runner.lifecycle.notes import to_stderr
 from runner.lifecycle.prepare import Site
+from runner.policy import Usage, waits_for_a_place
 from runner.site_policy import load_site_policy
 from runner.spec import JobSpec, load_job
 from runner.store import Store
+
+# How often a job over its account's max_concurrent_jobs looks again for a place: `run` has no
+# agent to tell it when one of the account's jobs ends.
+PLACE_LOOK_S = 2.0
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -81,12 +87,51 @@ async def _admit_and_drive(site: Site, store: Store, identity: Identity, spec: J
     slurm = slurm_executor(site.config) if executor == "slurm" else None
     driver = JobDriver(site, store, grace_seconds=site.config.sandbox.grace_period, notes=to_stderr,
                        slurm=slurm, actor=identity.actor_principal)
+    cancel = cancel_on_signals()
     try:
-        return admitted.job_id, await driver.drive(admitted.job_id, cancel=cancel_on_signals(),
-                                                   sink=write_stdout, offset=0)
+        if not await _wait_for_a_place(site, store, driver, admitted.job_id, cancel,
+                                       actor=identity.actor_principal):
+            return admitted.job_id, driver.ended(admitted.job_id)
+        return admitted.job_id, await driver.drive(admitted.job_id, cancel=cancel, sink=write_stdout,
+                                                   offset=0)
     finally:
         if slurm is not None:
             await slurm.close()
+
+
+async def _wait_for_a_place(site: Site, store: Store, driver: JobDriver, job_id: str,
+                            cancel: asyncio.Event, *, actor: str) -> bool:
+    """Over its account's max_concurrent_jobs the job waits, as in the agent's queue, until one of
+    the account's jobs ends (saying why on stderr); False when it was cancelled meanwhile."""
+    said: str | None = None
+    while (why := _why_wait(site, store, job_id)) is not None:
+        if why != said:
+            to_stderr(Path(), f"hpc-runner: waiting: {why} (max_concurrent_jobs); it starts when one of "
+                              "them ends\n")
+            said = why
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(cancel.wait(), PLACE_LOOK_S)
+        if cancel.is_set():
+            driver.cancel_queued(job_id, actor=actor, detail="cancelled before it started",
+                                 note="hpc-runner: cancelled before it started\n")
+            return False
+    return True
+
+
+def _why_wait(site: Site, store: Store, job_id: str) -> str | None:
+    """Why the job cannot start yet under its account's max_concurrent_jobs, or None: the
+    account's jobs in Slurm or running, and those queued before it, take the places."""
+    record = store.get_job(job_id)
+    assert record is not None
+    _, decision = redecide(site.policy, record)
+    account = site.policy.accounts.get(decision.account or "")
+    if not decision.allowed or account is None or account.max_concurrent_jobs is None:
+        return None
+    taken = store.count_by_account(ACTIVE_STATES).get(account.name, 0) + sum(
+        1 for other in store.list_jobs(states=[JobState.queued])
+        if other.id != job_id and (other.decision or {}).get("account") == account.name
+        and (other.created_at, other.id) < (record.created_at, record.id))
+    return waits_for_a_place(account, Usage(running_by_account={account.name: taken}))
 
 
 def cancel_on_signals() -> asyncio.Event:
