@@ -55,7 +55,7 @@ def test_alices_pull_request_runs_the_mpi_tests_job_with_the_accounts_slurm_requ
         True, "clima-prs", "clima", ())
     assert decision.slurm == SlurmResources(
         account="esm", partition="expansion", nodes=2, tasks=8, tasks_per_node=None, cpus_per_task=4, gpus=0,
-        memory_mb=16 * 1024, time_seconds=1800)
+        memory_mb=16 * 1024, time_seconds=1800, queue_seconds=24 * 3600)
     assert decision.mpi and not decision.network_isolated
 
 

@@ -20,7 +20,7 @@ HPC_RUNNER = Path(sys.executable).with_name("hpc-runner")
 DECISION_KEYS = {"allowed", "grant", "account", "slurm", "caps", "reasons", "notes", "principals", "image",
                  "sandbox",
                  "caches", "setup",
-                 "retry_node_failure", "signed_fields"}
+                 "retry_node_failure", "signed_fields", "waits"}
 
 
 def _write(directory: Path, name: str, text: str) -> Path:
@@ -94,7 +94,8 @@ def test_explain_prints_an_allowed_decision_and_exits_zero(capsys: pytest.Captur
         True, "clima-prs", "clima", [])
     assert decision["slurm"] == {"account": "esm", "partition": "expansion", "nodes": 2, "tasks": 8,
                                  "tasks_per_node": None, "cpus_per_task": 4, "gpus": 0, "memory": "16G",
-                                 "time": "0-00:30:00", "time_seconds": 1800}
+                                 "time": "0-00:30:00", "time_seconds": 1800,
+                                 "queue_time": "1d", "queue_time_seconds": 86400}
 
 
 def test_explain_says_plainly_that_an_mpi_job_shares_the_host_network(
