@@ -94,7 +94,13 @@ def site_factory(cluster: Cluster, two_nodes: TwoNodes, two_nodes_tmp: Path, sha
     yield make
     for agent in agents:
         agent.stop()
-    two_nodes.slurm("scancel", f"--user={SERVICE_USER}", check=False)
+        # Whatever of this test still runs in Slurm (its jobs run in directories under the site's
+        # work root); other jobs of the service account on the cluster are not this test's.
+        listed = two_nodes.slurm("squeue", "-h", f"--user={SERVICE_USER}", "-o", "%i %Z", check=False).stdout
+        ours = [line.split()[0] for line in listed.splitlines()
+                if len(line.split()) == 2 and Path(line.split()[1]).is_relative_to(agent.site.work_root)]
+        if ours:
+            two_nodes.slurm("scancel", *ours, check=False)
 
 
 def two_nodes_job(name: str, *, command: list[str] | None = None, script: str | None = None, nodes: int = 1,
