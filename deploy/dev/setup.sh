@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up the local test cluster on Debian bookworm (run as root): system packages, Apptainer from
 # Debian sid in a private glibc prefix, the hpcrunner service account and two test users, munge,
-# Slurm accounting (MariaDB and slurmdbd, with the test accounts), a one-node Slurm cluster, the MPI
-# test image, the project's virtual environment and a wheelhouse of its dependencies.
+# Slurm accounting (MariaDB and slurmdbd, with the test accounts), a one-node Slurm cluster and,
+# beside it, a two-node one in network namespaces (two-nodes.sh), the MPI test image, the project's
+# virtual environment and a wheelhouse of its dependencies.
 #
 # Idempotent: every step checks what is already in place, so a second run takes seconds.
 # Environment: HPC_RUNNER_DEBIAN_MIRROR (default http://deb.debian.org/debian).
