@@ -200,6 +200,10 @@ def open_under(top: int, relative: str) -> int:
         os.close(fd)
 
 
+def relative_of(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
 @dataclass(frozen=True)
 class Full:
     """Why a file was left out that would have passed max_output_bytes: the files after it are too."""
@@ -269,7 +273,14 @@ class _Copier:
                 return Full(f"{info.st_size} bytes would pass the account's max_output_bytes "
                             f"({max(room, 0)} bytes were left)")
             target = self._target_directory(parent) / name
-            out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            # Left by an earlier collection of this job (stopped before its record was stored):
+            # it may be a second name of the workspace's file, which must not be written through.
+            target.unlink(missing_ok=True)
+            if info.st_nlink == 1:
+                linked = self._link(name, parent, target, info, source, room)
+                if linked is not None:
+                    return linked
+            out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 copied = self._pump(source, out, room)
             finally:
@@ -283,7 +294,36 @@ class _Copier:
         finally:
             os.close(source)
 
-    def _pump(self, source: int, out: int, room: int) -> tuple[str, int] | None:
+    def _link(self, name: str, parent: str, target: Path, info: os.stat_result, source: int,
+              room: int) -> OutputFile | Full | None:
+        """The file kept under a second name of its own inode instead of a copy (None: copy it).
+
+        The job has ended and nothing writes its workspace any more, so the inode is as good as
+        a copy, costs no space and no copying: creating 20,000 small copies costs far more than
+        digesting them. Only a file with no other name is linked (another name could be written
+        through), on the same file system, and only if the new name is the inode that was opened
+        and is digested: a name swapped meanwhile is removed again and the file copied.
+        """
+        try:
+            os.link(name, target, src_dir_fd=self._directory(parent), follow_symlinks=False)
+        except OSError:
+            return None  # another file system, or links refused here
+        try:
+            linked = os.lstat(target)
+        except OSError:
+            return None
+        if (linked.st_dev, linked.st_ino) != (info.st_dev, info.st_ino):
+            target.unlink(missing_ok=True)
+            return None
+        digested = self._pump(source, None, room)
+        if digested is None:
+            target.unlink(missing_ok=True)
+            return Full(f"grew past the account's max_output_bytes while it was collected "
+                        f"({room} bytes were left)")
+        digest, size = digested
+        return OutputFile(relative_of(parent, name), digest, size)
+
+    def _pump(self, source: int, out: int | None, room: int) -> tuple[str, int] | None:
         """Copy and digest what `source` holds; None when it holds more than `room` bytes."""
         digest = hashlib.sha256()
         view = memoryview(self._buffer)
@@ -294,6 +334,6 @@ class _Copier:
                 return None
             chunk = view[:count]
             digest.update(chunk)
-            while chunk:
+            while out is not None and chunk:
                 chunk = chunk[os.write(out, chunk):]
         return digest.hexdigest(), size

@@ -164,8 +164,40 @@ def test_matching_files_are_copied_with_their_digests_in_path_order(
                                OutputFile("results/b/x.nc", sha256(b"bx"), 2))
     assert tree(destination) == {"plots/p.png": b"png", "results/a.nc": b"a", "results/b/x.nc": b"bx"}
     assert (collected.left_out, collected.unmatched, collected.total_bytes) == ((), (), 6)
-    assert (destination.stat().st_mode & 0o777, (destination / "results/a.nc").stat().st_mode & 0o777) == (
-        0o700, 0o600)
+    # The outputs directory is the agent's alone; a file in it keeps the mode the job gave it.
+    assert destination.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_file_with_one_name_is_kept_as_a_second_name_of_its_inode_not_copied(
+    workspace: Path, destination: Path
+) -> None:
+    write(workspace / "results/a.nc", b"a")
+    collect(workspace, ["results/*"], destination)
+    kept, original = (destination / "results/a.nc").stat(), (workspace / "results/a.nc").stat()
+    assert (kept.st_ino, kept.st_nlink) == (original.st_ino, 2)
+
+
+def test_a_file_with_another_name_is_copied_so_writing_through_that_name_cannot_change_it(
+    workspace: Path, destination: Path
+) -> None:
+    write(workspace / "results/a.nc", b"as digested")
+    os.link(workspace / "results/a.nc", workspace / "elsewhere.nc")
+    collected = collect(workspace, ["results/*"], destination)
+    (workspace / "elsewhere.nc").write_bytes(b"changed later")
+    assert collected.files == (OutputFile("results/a.nc", sha256(b"as digested"), 11),)
+    assert (destination / "results/a.nc").read_bytes() == b"as digested"
+
+
+def test_collecting_again_never_writes_through_what_an_earlier_collection_left(
+    workspace: Path, destination: Path
+) -> None:
+    write(workspace / "results/a.nc", b"the job's")
+    collect(workspace, ["results/*"], destination)
+    os.link(workspace / "results/a.nc", workspace / "results/b.nc")  # now two names: copied
+    collect(workspace, ["results/*"], destination)
+    assert (workspace / "results/a.nc").read_bytes() == b"the job's"
+    assert (destination / "results/a.nc").read_bytes() == b"the job's"
+    assert (destination / "results/a.nc").stat().st_ino != (workspace / "results/a.nc").stat().st_ino
 
 
 def test_a_pattern_that_matched_nothing_is_reported(workspace: Path, destination: Path) -> None:
