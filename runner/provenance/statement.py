@@ -117,9 +117,7 @@ def _dependencies(trigger: Mapping[str, Any], facts: Mapping[str, Any]) -> list[
                   "annotations": annotations})
     commit = trigger.get("commit")
     if commit:
-        repository = trigger.get("repository_url") or trigger.get("repository")
-        found.append({"name": "source", **({"uri": f"git+{repository}"} if repository else {}),
-                      "digest": {"gitCommit": commit}})
+        found.append({"name": "source", **_source_uri(trigger), "digest": {"gitCommit": commit}})
     mpi = facts.get("host_mpi")
     if mpi:
         for library in mpi.get("libraries", []):
@@ -130,6 +128,18 @@ def _dependencies(trigger: Mapping[str, Any], facts: Mapping[str, Any]) -> list[
         if version:
             found.append({"name": tool, "uri": f"pkg:generic/{tool}@{version}"})
     return found
+
+
+def _source_uri(trigger: Mapping[str, Any]) -> dict[str, Any]:
+    """The source's `uri` when it is known as one (a GitHub repository's, or a URL the trigger
+    gives), else its name as an annotation: a repository's bare name is no URI."""
+    repository = trigger.get("repository")
+    url = trigger.get("repository_url")
+    if not url and isinstance(repository, str) and trigger.get("source") == "github":
+        url = f"https://github.com/{repository}"
+    if isinstance(url, str) and "://" in url:
+        return {"uri": f"git+{url}"}
+    return {"annotations": {"repository": repository}} if repository else {}
 
 
 def canonical(statement: Mapping[str, Any]) -> bytes:
