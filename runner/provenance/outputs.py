@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -110,6 +111,10 @@ def collect_outputs(workspace: Path, patterns: Sequence[str], destination: Path,
         files: list[OutputFile] = []
         total = 0
         if not nothing:
+            # Left by an earlier collection of this job (stopped before its record was stored): its
+            # files may be second names of the workspace's, which must never be written through.
+            if destination.is_dir() and not destination.is_symlink():
+                shutil.rmtree(destination)
             destination.mkdir(mode=0o700, parents=True, exist_ok=True)
         full: str | None = None  # the file that reached max_output_bytes: none after it is taken
         copier = _Copier(top, destination)
@@ -160,11 +165,15 @@ def _walk(directory_fd: int, prefix: str, patterns: Sequence[str], depth: int) -
         listed = sorted(entries, key=lambda e: e.name)
     for entry in listed:
         relative = f"{prefix}{entry.name}"
+        # The entry's type as the directory listing gives it (no stat per file); a file swapped
+        # after the listing is caught when it is opened, without following links.
         try:
-            info = os.stat(entry.name, dir_fd=directory_fd, follow_symlinks=False)
+            is_directory = entry.is_dir(follow_symlinks=False)
+            is_file = not is_directory and entry.is_file(follow_symlinks=False)
+            is_link = not (is_directory or is_file) and entry.is_symlink()
         except OSError:
             continue  # gone since it was listed
-        if stat.S_ISDIR(info.st_mode):
+        if is_directory:
             if not any(_could_hold(p, relative) for p in patterns):
                 continue
             if depth >= MAX_DEPTH:
@@ -178,9 +187,9 @@ def _walk(directory_fd: int, prefix: str, patterns: Sequence[str], depth: int) -
                 yield from _walk(child, relative + "/", patterns, depth + 1)
             finally:
                 os.close(child)
-        elif stat.S_ISREG(info.st_mode):
+        elif is_file:
             yield relative, "file"
-        elif stat.S_ISLNK(info.st_mode):
+        elif is_link:
             yield relative, "a symbolic link (only regular files are collected)"
         else:
             yield relative, "not a regular file"
@@ -273,9 +282,6 @@ class _Copier:
                 return Full(f"{info.st_size} bytes would pass the account's max_output_bytes "
                             f"({max(room, 0)} bytes were left)")
             target = self._target_directory(parent) / name
-            # Left by an earlier collection of this job (stopped before its record was stored):
-            # it may be a second name of the workspace's file, which must not be written through.
-            target.unlink(missing_ok=True)
             if info.st_nlink == 1:
                 linked = self._link(name, parent, target, info, source, room)
                 if linked is not None:
