@@ -127,6 +127,13 @@ def _slurm_ids(store: Store, record: JobRecord) -> tuple[str, ...]:
     return tuple(ids)
 
 
+def _ran(started: float | None, record: JobRecord, outcome: Outcome) -> bool:
+    """Whether the job ran: seen running or given nodes, or ended as only a job that ran ends
+    (one that started and ended between two looks at Slurm, or while no agent watched)."""
+    return started is not None or record.node_list is not None or outcome.exit_status is not None \
+        or outcome.state in ("succeeded", "failed", "timed_out")
+
+
 async def record_run(site: Site, store: Store, record: JobRecord, outcome: Outcome, *, notes: Notes,
                      actor: str) -> tuple[OutputFile, ...]:
     """Collect the job's outputs, end its log with what ran and store its provenance record; the
@@ -134,7 +141,7 @@ async def record_run(site: Site, store: Store, record: JobRecord, outcome: Outco
     if store.provenance(record.id) is not None:
         return recorded_outputs(store, record.id)
     started = store.started_times([record.id]).get(record.id)
-    if started is None and record.node_list is None:
+    if not _ran(started, record, outcome):
         return ()
     directory = job_dir(site.config, record.id)
     facts = load_facts(directory)
