@@ -1,9 +1,9 @@
 """What collecting a job's outputs costs, against `sha256sum` of the same files.
 
-When a job ends, the agent copies the files its `outputs` globs match into the job's directory and
-digests them on the way (runner/provenance/outputs.py: a walk by descriptors, O_NOFOLLOW). What
-that replaces is a copy and a digest; what it cannot beat is reading every byte once, which is
-what `sha256sum` does. Two sets of files, each in interleaved rounds with the baselines of the
+When a job ends, the agent keeps the files its `outputs` globs match in the job's directory (a
+second name of each file's inode, or a copy of a file with other names) and digests them
+(runner/provenance/outputs.py: a walk by descriptors, O_NOFOLLOW). What it cannot beat is reading
+every byte once, which is what `sha256sum` does. Two sets of files, each in interleaved rounds with the baselines of the
 same round:
 
 - `large`: 2 GiB in 8 files;
