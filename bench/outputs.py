@@ -3,8 +3,8 @@
 When a job ends, the agent keeps the files its `outputs` globs match in the job's directory (a
 second name of each file's inode, or a copy of a file with other names) and digests them
 (runner/provenance/outputs.py: a walk by descriptors, O_NOFOLLOW). What it cannot beat is reading
-every byte once, which is what `sha256sum` does. Two sets of files, each in interleaved rounds with the baselines of the
-same round:
+every byte once, which is what `sha256sum` does. Two sets of files, each in interleaved rounds with
+the baselines of the same round:
 
 - `large`: 2 GiB in 8 files;
 - `small`: 20,000 files of 4 KiB in 100 directories.
