@@ -30,6 +30,7 @@ from runner.web.board import (
     JobDetail,
     ListQuery,
     NotCancellable,
+    NotReplayable,
     NotVisible,
     OpenedOutput,
     OutputEntry,
@@ -102,6 +103,16 @@ class HubBoard:
         if access is not Access.CANCEL:
             raise NotCancellable(NOT_CANCELLABLE.format(job_id=job.id))
         return _detail(await cancel_job(self._jobs, self._wakeups, job.id, _actor(viewer)), access)
+
+    # A replay runs on the agent that ran the job, from a checkout there: the page shows the command.
+    replays = False
+
+    async def replay(self, viewer: Viewer, job_id: str) -> str:
+        job, access = await self._visible(viewer, job_id)
+        if access is not Access.CANCEL:
+            raise NotCancellable(NOT_CANCELLABLE.format(job_id=job.id))
+        raise NotReplayable(f"job {job.id} is replayed on its cluster ({job.cluster}), from a checkout of "
+                            "what it ran: run the command its page shows there")
 
     async def provenance(self, viewer: Viewer, job_id: str) -> bytes | None:
         job, _ = await self._visible(viewer, job_id)

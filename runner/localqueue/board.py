@@ -22,7 +22,7 @@ import pwd
 import stat
 from pathlib import Path
 
-from runner.agent import Agent
+from runner.agent import Agent, ReplayRefused
 from runner.errors import InputError
 from runner.gateway.outputs import OutputRefused, RecordedOutput, check_output_path, find_output, parse_record
 from runner.identity import Identity, identity_from_json
@@ -39,6 +39,7 @@ from runner.web.board import (
     JobDetail,
     ListQuery,
     NotCancellable,
+    NotReplayable,
     NotVisible,
     OpenedOutput,
     OutputEntry,
@@ -231,6 +232,42 @@ class AgentBoard:
         record = self._agent.job(job_id) or record
         return self._detail(identity, record)
 
+
+    # -- replay ------------------------------------------------------------------------------------
+
+    replays = True
+
+    async def replay(self, viewer: Viewer, job_id: str) -> str:
+        """A replay from the directory the job was submitted from, as `hpc-runner replay --workdir`
+        would start it for the viewer: the same checks (image, commit, who owns the directory)."""
+        identity, record = self._visible_record(viewer, job_id)
+        if not self._agent.may_control(identity, record):
+            raise NotCancellable(f"job {job_id} may be replayed by its submitter and the admins of its "
+                                 "account only")
+        submitted = (record.decision or {}).get("submitted_workspace")
+        if not isinstance(submitted, str):
+            raise NotReplayable(f"job {job_id} ran a checkout, not a submitted directory: replay it from a "
+                                f"checkout of the same commit with `hpc-runner replay {job_id}`")
+        uid = self._uid_of(identity)
+        try:
+            new, decision = await self._agent.replay(
+                identity, job_id, Path(submitted),
+                submitter_uid=None if uid in (self._agent_uid, 0) else uid)
+        except (ReplayRefused, InputError) as exc:
+            raise NotReplayable(str(exc)) from None
+        if not decision.allowed:
+            raise NotReplayable(f"the replay of job {job_id} ({new.id}) was denied: "
+                                + "; ".join(decision.reasons))
+        return new.id
+
+    @staticmethod
+    def _uid_of(identity: Identity) -> int | None:
+        if identity.user is None:
+            return None
+        try:
+            return pwd.getpwnam(identity.user).pw_uid
+        except KeyError:
+            return None
 
     # -- provenance and outputs --------------------------------------------------------------------
 

@@ -151,6 +151,10 @@ class NotCancellable(Exception):
     """The viewer may see the job but not cancel it."""
 
 
+class NotReplayable(Exception):
+    """The job cannot be replayed from here; the message says why and what to run instead."""
+
+
 class JobBoard(Protocol):
     """The jobs a dashboard shows, as their holder (the hub, an agent) decides for each viewer."""
 
@@ -174,6 +178,14 @@ class JobBoard(Protocol):
 
     async def cancel(self, viewer: Viewer, job_id: str) -> JobDetail:
         """NotVisible, NotCancellable, or the job with its cancel asked for."""
+        ...
+
+    # Whether the holder can start a replay itself (an agent can; the hub only shows the command).
+    replays: bool
+
+    async def replay(self, viewer: Viewer, job_id: str) -> str:
+        """The id of a new job replaying this one as the viewer; NotVisible, NotCancellable (those
+        who may cancel a job may replay it), NotReplayable."""
         ...
 
     async def provenance(self, viewer: Viewer, job_id: str) -> bytes | None:

@@ -11,6 +11,7 @@
     GET  /jobs/ID/provenance            its provenance record (a download), once it ended
     GET  /jobs/ID/outputs/PATH          an output file its record names (a download, never shown)
     POST /jobs/ID/cancel                (CSRF token) cancel it, for its submitter and its admins
+    POST /jobs/ID/replay                (CSRF token) replay it, for the same (an agent's pages only)
     GET  /static/DIGEST/NAME            the pages' own script and stylesheets
 
 A job the viewer may not see is 404, as one that does not exist. Who the viewer is comes from
@@ -40,6 +41,7 @@ from runner.web.board import (
     JobDetail,
     ListQuery,
     NotCancellable,
+    NotReplayable,
     NotVisible,
     OpenedOutput,
     Page,
@@ -133,6 +135,7 @@ class Dashboard:
         app.router.add_get(f"/jobs/{{job_id:{_ID}}}/log/earlier", self._earlier)
         app.router.add_get(f"/jobs/{{job_id:{_ID}}}/log/raw", self._raw)
         app.router.add_post(f"/jobs/{{job_id:{_ID}}}/cancel", self._cancel)
+        app.router.add_post(f"/jobs/{{job_id:{_ID}}}/replay", self._replay)
         app.router.add_get(f"/jobs/{{job_id:{_ID}}}/provenance", self._provenance)
         app.router.add_get(f"/jobs/{{job_id:{_ID}}}/outputs/{{path:.+}}", self._output)
         app.router.add_get("/static/{digest:[0-9a-f]{16}}/{name}", self._static)
@@ -227,7 +230,8 @@ class Dashboard:
         return {"ran": ran, "provenance_url": f"/jobs/{job_id}/provenance",
                 "outputs_url": f"/jobs/{job_id}/outputs",
                 # A replay is asked for by whoever may cancel the job: its submitter, its admins.
-                "may_replay": job.may_cancel, "cluster": job.card.cluster}
+                "may_replay": job.may_cancel, "replays_here": self.board.replays,
+                "replay_url": f"/jobs/{job_id}/replay", "cluster": job.card.cluster}
 
     async def _provenance(self, request: web.Request) -> web.Response:
         viewer = await self._viewer(request)
@@ -366,6 +370,23 @@ class Dashboard:
             raise web.HTTPForbidden(text=f"{exc}\n") from None
         log.info("job cancel asked on the dashboard", job=job_id, viewer=viewer.name)
         raise web.HTTPSeeOther(f"/jobs/{job_id}")
+
+    async def _replay(self, request: web.Request) -> web.Response:
+        viewer = await self._viewer(request)
+        job_id = request.match_info["job_id"]
+        form = await request.post()
+        submitted = form.get(CSRF_FIELD)
+        await check_csrf(request, submitted if isinstance(submitted, str) else None)
+        try:
+            new_id = await self.board.replay(viewer, job_id)
+        except NotVisible:
+            raise web.HTTPNotFound(text=f"no job {job_id} that you may see\n") from None
+        except NotCancellable as exc:
+            raise web.HTTPForbidden(text=f"{exc}\n") from None
+        except NotReplayable as exc:
+            raise web.HTTPConflict(text=f"{exc}\n") from None
+        log.info("job replay asked on the dashboard", job=job_id, replay=new_id, viewer=viewer.name)
+        raise web.HTTPSeeOther(f"/jobs/{new_id}")
 
     async def _static(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

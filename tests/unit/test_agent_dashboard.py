@@ -563,3 +563,66 @@ async def test_a_finished_jobs_page_shows_what_ran_its_outputs_and_to_those_who_
     # The replay (the command to run in a checkout: a browser has none) is for those who may cancel.
     assert f'<pre class="command" id="replay-command">hpc-runner replay {record.id}</pre>' in page
     assert digest in members_page and 'id="replay-command"' not in members_page
+
+
+async def replay_form(client: aiohttp.ClientSession, job_id: str) -> str:
+    """The CSRF token of the job page's Replay form (which must be there)."""
+    async with client.get(f"{ORIGIN}/jobs/{job_id}") as answer:
+        page = await answer.text()
+    assert 'id="replay-button"' in page, page
+    found = re.search(r'id="replay-form">\s*<input type="hidden" name="csrf_token" value="([^"]+)"', page)
+    assert found is not None
+    return found.group(1)
+
+
+async def test_the_replay_button_replays_from_the_submitted_directory_as_the_viewer(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    job_id = await submit(site, ROOT, "to-replay")
+    await site.harness.wait_started(job_id)
+    site.harness.executor.release(job_id)
+    await site.harness.wait_state(job_id, JobState.succeeded)
+    async with site.client() as client:
+        token = await replay_form(client, job_id)
+        # The image at the policy's path is not the one the job ran (here there is none): refused,
+        # saying why, and nothing queued.
+        async with client.post(f"{ORIGIN}/jobs/{job_id}/replay", data={"csrf_token": token},
+                               allow_redirects=False) as answer:
+            assert answer.status == 409
+            assert f"is not the one job {job_id} ran" in await answer.text()
+        assert len(site.harness.store.list_jobs()) == 1
+
+        async def image_unchanged(*_args: object) -> None:  # image verification is stood in for
+            return None
+        monkeypatch.setattr(site.harness.agent, "_check_replayed_image", image_unchanged)
+        async with client.post(f"{ORIGIN}/jobs/{job_id}/replay", data={}) as answer:
+            assert answer.status == 403 and "CSRF" in await answer.text()
+        async with client.post(f"{ORIGIN}/jobs/{job_id}/replay", data={"csrf_token": token},
+                               allow_redirects=False) as answer:
+            assert answer.status == 303
+            new_id = answer.headers["Location"].removeprefix("/jobs/")
+    replayed = site.harness.store.get_job(new_id)
+    assert replayed is not None and replayed.spec == site.harness.store.get_job(job_id).spec  # type: ignore[union-attr]
+    assert replayed.identity["user"] == "root"
+    assert replayed.decision is not None \
+        and replayed.decision["submitted_workspace"] == str(site.harness.workspace)
+    assert [e.detail["job_id"] for e in site.harness.store.audit_entries(job_id=new_id)
+            if e.action == "replay_of"] == [job_id]
+
+
+async def test_only_those_who_may_cancel_a_job_may_replay_it(
+        site: Site) -> None:
+    record = await site.harness.submit(ZED, job("ocean-run"))
+    await site.harness.wait_started(record.id)
+    site.harness.executor.release(record.id)
+    await site.harness.wait_state(record.id, JobState.succeeded)
+    board = site.server.board
+    with pytest.raises(NotCancellable):
+        await board.replay(BOB, record.id)        # a member of ocean: sees it, may not replay it
+    with pytest.raises(NotVisible):
+        await board.replay(STRANGER, record.id)
+    async with site.client() as client:
+        site.peer["uid"] = pwd.getpwnam("hpcr-bob").pw_uid
+        async with client.get(f"{ORIGIN}/jobs/{record.id}") as answer:
+            assert 'id="replay-button"' not in await answer.text()
+        async with client.post(f"{ORIGIN}/jobs/{record.id}/replay", data={}) as answer:
+            assert answer.status == 403

@@ -410,6 +410,8 @@ async def test_the_job_page_shows_what_ran_and_the_replay_command_to_those_who_m
         assert f'href="/jobs/{job_id}/provenance"' in page and sha256(record) in page
         assert 'href="/jobs/01jz0a1b2c3d0"' in page
         assert '<pre class="command" id="replay-command">hpc-runner replay 01agentjob0001</pre>' in page
+        # The hub cannot start a replay (it runs on the agent, from a checkout): no button.
+        assert 'id="replay-button"' not in page
         async with submitter.get(link) as answer:
             assert sha256(await answer.read()) == sha256(PLOT)
             assert answer.headers["Content-Disposition"].startswith("attachment;")
