@@ -144,18 +144,20 @@ class JobDriver:
         return self.ended(job_id)
 
     async def deliver_end(self, job_id: str, outcome: Outcome | None, *, sink: LogSink, offset: int) -> Ended:
-        """A job that ended while no agent watched it (`outcome`, None: not found again): the rest
-        of its log, then its end."""
+        """A job that ended while no agent watched it (`outcome`, None: not found again): its end
+        recorded, what ran ending its log as for a job followed to its end, then the rest of its
+        log to `sink`; the source reports the end after that."""
         record = self.get(job_id)
-        await pump(self.log_path(record), offset=offset, done=lambda: True,
-                   sink=_metered(sink, record.source))
         if outcome is not None:
             await self.end(job_id, outcome)
-        elif not record.state.is_terminal:
-            self.finish(job_id, Outcome("infra_failed", None, "the agent stopped while the job ran and "
-                                                              "cannot find it again"))
-        else:
-            self.report_final(job_id)
+        await pump(self.log_path(record), offset=offset, done=lambda: True,
+                   sink=_metered(sink, record.source))
+        if outcome is None:
+            if not record.state.is_terminal:
+                self.finish(job_id, Outcome("infra_failed", None, "the agent stopped while the job ran "
+                                                                  "and cannot find it again"))
+            else:
+                self.report_final(job_id)
         return self.ended(job_id)
 
     async def _streamed(self, record: JobRecord, work: Coroutine[Any, Any, None], *, sink: LogSink,
