@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import re
 import signal
 import sqlite3
@@ -131,6 +132,16 @@ def stored_jobs(site: RunnerSite) -> list[tuple[str, str, str | None]]:
     uri = f"file:{site.state_dir / DB_FILENAME}?mode=ro"
     with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
         return [(r[0], r[1], r[2]) for r in db.execute("SELECT id, state, slurm_id FROM jobs")]
+
+
+def runner_workspace(site: RunnerSite, bk_id: str) -> Path:
+    """The workspace (/work) of the runner job of a Buildkite job."""
+    uri = f"file:{site.state_dir / DB_FILENAME}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+        row = db.execute("SELECT decision FROM jobs WHERE source = 'buildkite' AND external_id = ?",
+                         (bk_id,)).fetchone()
+    assert row is not None and row[0], f"no decided runner job for Buildkite job {bk_id}"
+    return Path(json.loads(row[0])["workspace"])
 
 
 def runner_job(site: RunnerSite, bk_id: str) -> str:
@@ -291,11 +302,15 @@ def test_sigterm_lets_the_job_finish_and_disconnects_a_second_cancels_it_as_agen
         emulator: EmulatorThread, signer: StepSigner, repo: Path, serve: Serve,
         agents: Callable[[RunnerSite], AgentProcess]) -> None:
     site, agent = serve(workers=1)
-    first = emulator.queue(signed_job(signer, "echo started\nsleep 3\necho done", repo=str(repo),
-                                      plugins=[PLUGIN]))
+    # It runs until the test lets it end: Buildkite's job starts once Slurm's runs, and only a
+    # job still running when the agent's tracker looks is seen running.
+    waiting = "echo started\nwhile [ ! -e go ]; do sleep 0.1; done\necho done"
+    first = emulator.queue(signed_job(signer, waiting, repo=str(repo), plugins=[PLUGIN]))
     emulator.wait_running_with(first, b"started\n", "the first job to start")
 
     agent.send(signal.SIGTERM)
+    agent.wait_for_log("draining", timeout=10)
+    (runner_workspace(site, first) / "go").touch()
     body = emulator.wait_finished(first, timeout=60)
     assert body["exit_status"] == "0" and b"done\n" in unstamped(emulator.log(first))
     assert agent.wait_exit(30) == 0
