@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from runner import exitcodes
-from runner.config import AgentConfig, default_config, load_config
 from runner.errors import InputError
-from runner.localqueue.client import LocalQueueClient, LogGone
+from runner.localqueue.client import LocalQueueClient, LogGone, client_for
 from runner.spec import parse_job_text
 
 
@@ -38,8 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _client(args: argparse.Namespace) -> LocalQueueClient:
-    config: AgentConfig = load_config(args.config) if args.config else default_config()
-    return LocalQueueClient(config.socket_path())
+    return client_for(args.config)
 
 
 def run_submit(args: argparse.Namespace) -> int:

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from runner import exitcodes
-from runner.config import AgentConfig, default_config, load_config
 from runner.errors import InputError
-from runner.localqueue.client import LocalQueueClient, NoRecord
+from runner.localqueue.client import LocalQueueClient, NoRecord, client_for
 from runner.provenance.statement import subjects
 
 CHUNK = 1024 * 1024
@@ -51,8 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _client(args: argparse.Namespace) -> LocalQueueClient:
-    config: AgentConfig = load_config(args.config) if args.config else default_config()
-    return LocalQueueClient(config.socket_path())
+    return client_for(args.config)
 
 
 # -- provenance --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from runner.config import default_config, load_config
 from runner.errors import HpcRunnerError
 from runner.localqueue.paths import check_socket_path
 from runner.localqueue.protocol import ProtocolError, decode_response, encode
@@ -145,3 +146,10 @@ def _read_line(sock: socket.socket) -> bytes:
             break
         data += chunk
     return bytes(data)
+
+
+def client_for(config: str | None) -> LocalQueueClient:
+    """The client of the agent whose config is `config` (the embedded default's when None): the
+    commands' `--config` tells where its socket is."""
+    agent_config = load_config(config) if config else default_config()
+    return LocalQueueClient(agent_config.socket_path())

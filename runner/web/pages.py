@@ -356,12 +356,16 @@ class Dashboard:
         await response.write_eof()
         return response
 
-    async def _cancel(self, request: web.Request) -> web.Response:
+    async def _posted(self, request: web.Request) -> tuple[Viewer, str]:
+        """The viewer and the job of a form posted to a job's page, its CSRF token checked."""
         viewer = await self._viewer(request)
-        job_id = request.match_info["job_id"]
         form = await request.post()
         submitted = form.get(CSRF_FIELD)
         await check_csrf(request, submitted if isinstance(submitted, str) else None)
+        return viewer, request.match_info["job_id"]
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        viewer, job_id = await self._posted(request)
         try:
             await self.board.cancel(viewer, job_id)
         except NotVisible:
@@ -372,11 +376,7 @@ class Dashboard:
         raise web.HTTPSeeOther(f"/jobs/{job_id}")
 
     async def _replay(self, request: web.Request) -> web.Response:
-        viewer = await self._viewer(request)
-        job_id = request.match_info["job_id"]
-        form = await request.post()
-        submitted = form.get(CSRF_FIELD)
-        await check_csrf(request, submitted if isinstance(submitted, str) else None)
+        viewer, job_id = await self._posted(request)
         try:
             new_id = await self.board.replay(viewer, job_id)
         except NotVisible:
