@@ -8,6 +8,7 @@ never by path: what is collected is what the job left, and nothing else the agen
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -234,18 +235,24 @@ class _Copier:
         self._top = top
         self._destination = destination
         self._parent: tuple[str, int] | None = None
-        self._made: set[str] = set()
+        # The target directory of the last file, open: names are made in it relative to it.
+        self._target: tuple[str, int] | None = None
         self._buffer = bytearray(CHUNK)
 
     def close(self) -> None:
         if self._parent is not None:
             os.close(self._parent[1])
             self._parent = None
+        if self._target is not None:
+            os.close(self._target[1])
+            self._target = None
 
     def _directory(self, relative: str) -> int:
         if self._parent is not None and self._parent[0] == relative:
             return self._parent[1]
-        self.close()
+        if self._parent is not None:
+            os.close(self._parent[1])
+            self._parent = None
         fd = os.dup(self._top)
         try:
             for part in relative.split("/") if relative else []:
@@ -258,12 +265,18 @@ class _Copier:
         self._parent = (relative, fd)
         return fd
 
-    def _target_directory(self, relative: str) -> Path:
+    def _target_directory(self, relative: str) -> int:
+        """The open target directory for files of the workspace's directory `relative` (made
+        here; the destination is the agent's own, so its path is taken as it is)."""
+        if self._target is not None and self._target[0] == relative:
+            return self._target[1]
+        if self._target is not None:
+            os.close(self._target[1])
+            self._target = None
         target = self._destination / relative if relative else self._destination
-        if relative not in self._made:
-            target.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._made.add(relative)
-        return target
+        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._target = (relative, os.open(target, _DIRECTORY_FLAGS))
+        return self._target[1]
 
     def copy(self, relative: str, *, room: int) -> OutputFile | Full | str:
         """The collected file, or why it was left out."""
@@ -281,18 +294,19 @@ class _Copier:
             if info.st_size > room:
                 return Full(f"{info.st_size} bytes would pass the account's max_output_bytes "
                             f"({max(room, 0)} bytes were left)")
-            target = self._target_directory(parent) / name
+            target = self._target_directory(parent)
             if info.st_nlink == 1:
                 linked = self._link(name, parent, target, info, source, room)
                 if linked is not None:
                     return linked
-            out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                          dir_fd=target)
             try:
                 copied = self._pump(source, out, room)
             finally:
                 os.close(out)
             if copied is None:
-                target.unlink(missing_ok=True)
+                os.unlink(name, dir_fd=target)
                 return Full(f"grew past the account's max_output_bytes while it was collected "
                             f"({room} bytes were left)")
             digest, size = copied
@@ -300,9 +314,10 @@ class _Copier:
         finally:
             os.close(source)
 
-    def _link(self, name: str, parent: str, target: Path, info: os.stat_result, source: int,
+    def _link(self, name: str, parent: str, target: int, info: os.stat_result, source: int,
               room: int) -> OutputFile | Full | None:
-        """The file kept under a second name of its own inode instead of a copy (None: copy it).
+        """The file kept under a second name of its own inode, in the open directory `target`,
+        instead of a copy (None: copy it).
 
         The job has ended and nothing writes its workspace any more, so the inode is as good as
         a copy, costs no space and no copying: creating 20,000 small copies costs far more than
@@ -311,19 +326,21 @@ class _Copier:
         and is digested: a name swapped meanwhile is removed again and the file copied.
         """
         try:
-            os.link(name, target, src_dir_fd=self._directory(parent), follow_symlinks=False)
+            os.link(name, name, src_dir_fd=self._directory(parent), dst_dir_fd=target, follow_symlinks=False)
         except OSError:
             return None  # another file system, or links refused here
         try:
-            linked = os.lstat(target)
+            linked = os.stat(name, dir_fd=target, follow_symlinks=False)
+            same = (linked.st_dev, linked.st_ino) == (info.st_dev, info.st_ino)
         except OSError:
-            return None
-        if (linked.st_dev, linked.st_ino) != (info.st_dev, info.st_ino):
-            target.unlink(missing_ok=True)
+            same = False
+        if not same:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=target)
             return None
         digested = self._pump(source, None, room)
         if digested is None:
-            target.unlink(missing_ok=True)
+            os.unlink(name, dir_fd=target)
             return Full(f"grew past the account's max_output_bytes while it was collected "
                         f"({room} bytes were left)")
         digest, size = digested
