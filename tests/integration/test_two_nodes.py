@@ -124,11 +124,15 @@ def slurm_ids(log: bytes) -> list[str]:
 
 
 def sacct_fields(two_nodes: TwoNodes, slurm_id: str, *fields: str) -> dict[str, str]:
-    """The allocation's line of `sacct -X` (what accounting recorded), fields by name."""
-    result = two_nodes.slurm("sacct", "-n", "-X", "-P", "-j", slurm_id, "-o", ",".join(fields))
-    values = result.stdout.strip().splitlines()
-    assert len(values) == 1, result.stdout
-    return dict(zip(fields, values[0].split("|"), strict=True))
+    """The allocation's line of `sacct -X` (what accounting recorded), fields by name: the one
+    submitted last under that id, as a cluster whose controller state was made anew numbers its
+    jobs from the start again while accounting keeps the earlier ones (`-D` lists them all)."""
+    columns = ",".join(("Submit", *fields))
+    result = two_nodes.slurm("sacct", "-n", "-X", "-P", "-D", "-j", slurm_id, "-o", columns)
+    lines = [line.split("|") for line in result.stdout.strip().splitlines()]
+    assert lines, result.stdout
+    latest = max(lines, key=lambda values: values[0])
+    return dict(zip(fields, latest[1:], strict=True))
 
 
 def job_node(two_nodes: TwoNodes, slurm_id: str) -> str:
