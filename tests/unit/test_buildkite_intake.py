@@ -236,7 +236,11 @@ def test_any_accepted_job_ends_in_one_finish_or_runs_and_never_reaches_the_catch
         assert finishes[0]["signal_reason"] in ("signature_rejected", "agent_refused")
         # The reason is in the job's log.
         assert any(name == "chunks" for name, _ in session.sent)
-    assert [name for name, _ in session.sent][:2] == ["accept", "start"]
+    names = [name for name, _ in session.sent]
+    # Started before any log or finish; a job that runs is started once its runner job runs, and
+    # until then the source only asks whether it was cancelled at Buildkite.
+    assert names[0] == "accept" and "start" in names, names
+    assert set(names[1:names.index("start")]) <= {"job_state"}, names
 
 
 def test_an_accept_answer_json_cannot_read_is_not_taken_and_the_session_goes_on(
